@@ -1,0 +1,318 @@
+"""The chaos upstream: an OpenAI-compatible LLM engine that the harness scripts.
+
+How a race becomes deterministic
+--------------------------------
+The harness puts a marker ``[[sessctl:TAG]]`` in the last message of each chat
+it sends. Any session server forwards messages, so when the call reaches this
+upstream we know which scenario step it belongs to, and we play that step's
+script: respond, delay, hold until released, answer a status, abort, reset the
+connection, hang, or answer garbage. Scripts are lists, one behaviour per
+call, the last repeating, so ``[abort, respond]`` means "abort once, then answer".
+
+What happened is recorded per tag as events (``received``, ``answered``,
+``cancelled`` when the server under test hung up before the answer, ``dropped``
+after a reset) that scenarios wait on and assert.
+
+Standalone (``sessctl upstream``), the same is reachable over HTTP::
+
+    POST /_sessctl/steps/{tag}          {"script": ["hold"]}     set a script
+    POST /_sessctl/steps/{tag}/release                           release holds
+    GET  /_sessctl/events                                        every event so far
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+
+from refserver.fake_upstream import Flavor, completion_for
+
+from .errors import ScriptError
+from .http11 import Exchange, serve_http11
+
+MARKER_PATTERN = re.compile(r"\[\[sessctl:([A-Za-z0-9_.:/-]+)\]\]")
+
+
+def marker(tag: str) -> str:
+    return f"[[sessctl:{tag}]]"
+
+
+class Action(enum.Enum):
+    RESPOND = "respond"
+    DELAY = "delay"
+    HOLD = "hold"
+    STATUS = "status"
+    ABORT = "abort"
+    RESET = "reset"
+    HANG = "hang"
+    GARBAGE = "garbage"
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    action: Action = Action.RESPOND
+    delay: float = 0.0
+    status: int = 0
+
+    def describe(self) -> str:
+        if self.action is Action.DELAY:
+            return f"delay {self.delay:g}s"
+        if self.action is Action.STATUS:
+            return f"status {self.status}"
+        return str(self.action.value)
+
+
+_SIMPLE_ACTIONS = {a.value: a for a in Action if a not in (Action.DELAY, Action.STATUS)}
+
+
+def parse_behaviour(spec: object) -> Behaviour:
+    """``"hold"``, ``{"delay": 0.5}``, ``{"status": 503}``, ... -> Behaviour."""
+    if isinstance(spec, str) and spec in _SIMPLE_ACTIONS:
+        return Behaviour(_SIMPLE_ACTIONS[spec])
+    if isinstance(spec, Mapping) and len(spec) == 1:
+        ((key, value),) = spec.items()
+        if key == "delay" and isinstance(value, int | float) and value >= 0:
+            return Behaviour(Action.DELAY, delay=float(value))
+        if key == "status" and isinstance(value, int) and 100 <= value <= 599:
+            return Behaviour(Action.STATUS, status=value)
+    raise ScriptError(
+        f"unknown upstream behaviour {spec!r}; expected one of "
+        f"{sorted(_SIMPLE_ACTIONS)}, {{delay: SECONDS}} or {{status: CODE}}"
+    )
+
+
+class EventKind(enum.Enum):
+    RECEIVED = "received"
+    ANSWERED = "answered"
+    CANCELLED = "cancelled"
+    DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    tag: str
+    kind: EventKind
+    call: int
+    """1 for the tag's first call, 2 for its first retry, ..."""
+    at: float
+    """trio.current_time() when it happened."""
+    behaviour: str
+
+
+@dataclass
+class _Waiter:
+    predicate: Callable[[], bool]
+    event: trio.Event
+
+
+def tag_of(body: Mapping[str, Any]) -> str | None:
+    """The marker tag in the request's messages, the last message first."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        if isinstance(content, str):
+            found = MARKER_PATTERN.findall(content)
+            if found:
+                return str(found[-1])
+    return None
+
+
+class ChaosUpstream:
+    def __init__(self, flavor: Flavor = "openai") -> None:
+        self.flavor = flavor
+        self._scripts: dict[str, tuple[Behaviour, ...]] = {}
+        self._releases: dict[str, trio.Event] = {}
+        self._released_everything = False
+        self._events: list[StepEvent] = []
+        self._calls: dict[str, int] = {}
+        self._waiters: list[_Waiter] = []
+        self.url: str | None = None
+        """The OpenAI base URL, once serving."""
+
+    # -- scripting --------------------------------------------------------------
+
+    def script(self, tag: str, behaviours: Sequence[Behaviour]) -> None:
+        self._scripts[tag] = tuple(behaviours) or (Behaviour(),)
+
+    def release(self, tag: str) -> None:
+        self._release_event(tag).set()
+
+    def release_all(self) -> None:
+        """End of a run: every hold, present and future, answers."""
+        self._released_everything = True
+        for event in self._releases.values():
+            event.set()
+
+    def forget(self, tags: Sequence[str]) -> None:
+        """Drop a finished scenario's state, so long runs stay small."""
+        dropped = set(tags)
+        for tag in dropped:
+            self._scripts.pop(tag, None)
+            self._releases.pop(tag, None)
+            self._calls.pop(tag, None)
+        self._events = [e for e in self._events if e.tag not in dropped]
+
+    # -- observing --------------------------------------------------------------
+
+    def events(self, tag: str | None = None) -> list[StepEvent]:
+        return [e for e in self._events if tag is None or e.tag == tag]
+
+    def count(self, tag: str, kind: EventKind) -> int:
+        return sum(1 for e in self._events if e.tag == tag and e.kind is kind)
+
+    def calls(self, tag: str) -> int:
+        return self._calls.get(tag, 0)
+
+    async def wait_for(self, tag: str, kind: EventKind, count: int = 1) -> None:
+        def reached() -> bool:
+            return self.count(tag, kind) >= count
+
+        if reached():
+            return
+        waiter = _Waiter(reached, trio.Event())
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        finally:
+            self._waiters.remove(waiter)
+
+    def _record(self, tag: str, kind: EventKind, call: int, behaviour: Behaviour) -> None:
+        self._events.append(StepEvent(tag, kind, call, trio.current_time(), behaviour.describe()))
+        for waiter in self._waiters:
+            if waiter.predicate():
+                waiter.event.set()
+
+    def _release_event(self, tag: str) -> trio.Event:
+        event = self._releases.get(tag)
+        if event is None:
+            event = self._releases[tag] = trio.Event()
+            if self._released_everything:
+                event.set()
+        return event
+
+    # -- serving ----------------------------------------------------------------
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; started() gives the OpenAI base URL (``.../v1``)."""
+        async with trio.open_nursery() as nursery:
+            self.url = await nursery.start(serve_http11, self.handle, host, port) + "/v1"
+            task_status.started(self.url)
+
+    async def handle(self, exchange: Exchange) -> None:
+        request = exchange.request
+        if request.method == "POST" and request.path.endswith("/chat/completions"):
+            await self._chat(exchange)
+        elif request.path.startswith("/_sessctl/"):
+            await self._control(exchange)
+        else:
+            await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
+
+    async def _chat(self, exchange: Exchange) -> None:
+        try:
+            body = json.loads(exchange.request.body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            await _respond_json(exchange, 400, _error("invalid_request", "invalid JSON"))
+            return
+        if not isinstance(body, dict):
+            await _respond_json(exchange, 400, _error("invalid_request", "expected an object"))
+            return
+        tag = tag_of(body)
+        if tag is None:
+            await _respond_json(exchange, 200, completion_for(body, flavor=self.flavor))
+            return
+        call = self._calls[tag] = self._calls.get(tag, 0) + 1
+        script = self._scripts.get(tag, (Behaviour(),))
+        behaviour = script[min(call, len(script)) - 1]
+        self._record(tag, EventKind.RECEIVED, call, behaviour)
+        if not await self._wait_unless_hung_up(exchange, behaviour, tag):
+            self._record(tag, EventKind.CANCELLED, call, behaviour)
+            return
+        if behaviour.action is Action.RESET:
+            self._record(tag, EventKind.DROPPED, call, behaviour)
+            await exchange.reset()
+            return
+        status, payload = self._answer(body, behaviour)
+        await exchange.respond(status, payload)
+        self._record(tag, EventKind.ANSWERED, call, behaviour)
+
+    async def _wait_unless_hung_up(
+        self, exchange: Exchange, behaviour: Behaviour, tag: str
+    ) -> bool:
+        wait: Callable[[], Awaitable[None]]
+        if behaviour.action is Action.HOLD:
+            wait = self._release_event(tag).wait
+        elif behaviour.action is Action.HANG:
+            wait = trio.sleep_forever
+        elif behaviour.action is Action.DELAY:
+
+            async def wait() -> None:
+                await trio.sleep(behaviour.delay)
+        else:
+            return True
+        finished = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_hangup() -> None:
+                await exchange.wait_for_hangup()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_hangup)
+            await wait()
+            finished = True
+            nursery.cancel_scope.cancel()
+        return finished
+
+    def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> tuple[int, bytes]:
+        if behaviour.action is Action.STATUS:
+            message = f"chaos upstream scripted status {behaviour.status}"
+            return behaviour.status, json.dumps(_error("upstream_chaos", message)).encode()
+        if behaviour.action is Action.GARBAGE:
+            return 200, b'{"choices": [{"message": <<not json>>'
+        finish_reason = "abort" if behaviour.action is Action.ABORT else "stop"
+        completion = completion_for(body, flavor=self.flavor, finish_reason=finish_reason)
+        return 200, json.dumps(completion).encode()
+
+    async def _control(self, exchange: Exchange) -> None:
+        request = exchange.request
+        parts = request.path.strip("/").split("/")
+        try:
+            if request.method == "GET" and parts == ["_sessctl", "events"]:
+                events = [asdict(e) | {"kind": e.kind.value} for e in self._events]
+                await _respond_json(exchange, 200, {"events": events})
+            elif request.method == "POST" and len(parts) == 3 and parts[1] == "steps":
+                spec = json.loads(request.body or b"{}").get("script", ["respond"])
+                if not isinstance(spec, list):
+                    raise ScriptError("'script' must be a list of behaviours")
+                self.script(parts[2], [parse_behaviour(item) for item in spec])
+                await _respond_json(exchange, 200, {"tag": parts[2], "script": spec})
+            elif request.method == "POST" and len(parts) == 4 and parts[3] == "release":
+                self.release(parts[2])
+                await _respond_json(exchange, 200, {"released": parts[2]})
+            else:
+                await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
+        except (ScriptError, ValueError, AttributeError) as error:
+            await _respond_json(exchange, 400, _error("invalid_request", str(error)))
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": kind, "message": message}}
+
+
+async def _respond_json(exchange: Exchange, status: int, payload: Any) -> None:
+    await exchange.respond(status, json.dumps(payload).encode())

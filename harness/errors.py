@@ -1,0 +1,44 @@
+"""Every error the harness reports to its user, in one place.
+
+Hierarchy::
+
+    HarnessError                     exit status
+    ├── UsageError                   2   bad command-line arguments
+    ├── ScenarioFileError            2   a scenario file is malformed (file:line:col)
+    ├── ScriptError                  2   an upstream behaviour cannot be understood
+    └── TargetUnreachable            3   the server under test does not answer at all
+
+Failures *of the server under test* are not exceptions: they are verdicts
+(FAIL, ERROR) in the report. Foreign exceptions (httpx, YAML, pydantic) are
+translated into these where they are met: ``client.py``, ``loader.py``.
+"""
+
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    exit_code = 2
+
+
+class UsageError(HarnessError):
+    exit_code = 2
+
+
+class ScenarioFileError(HarnessError):
+    exit_code = 2
+
+    def __init__(self, path: str, line: int | None, column: int | None, message: str) -> None:
+        location = path if line is None else f"{path}:{line}:{column or 1}"
+        super().__init__(f"{location}: {message}")
+        self.path = path
+        self.line = line
+        self.column = column
+        self.message = message
+
+
+class ScriptError(HarnessError):
+    exit_code = 2
+
+
+class TargetUnreachable(HarnessError):
+    exit_code = 3

@@ -1,0 +1,136 @@
+"""A small HTTP/1.1 server on trio sockets and h11, for the chaos upstream.
+
+Why not hypercorn here: the chaos upstream must do what an ASGI app cannot.
+It must drop a connection without answering (``reset``), and it must see the
+exact moment the server under test hangs up on a held call, which is the
+evidence that the server really stopped the LLM work. Owning the socket
+gives both.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import h11
+import trio
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+READ_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Exchange:
+    """One request on one connection, and the ways to answer it (or not)."""
+
+    def __init__(self, stream: trio.SocketStream, connection: h11.Connection, request: HttpRequest):
+        self._stream = stream
+        self._connection = connection
+        self.request = request
+        self.closed = False
+
+    async def respond(
+        self, status: int, body: bytes, content_type: str = "application/json"
+    ) -> None:
+        headers = [("content-type", content_type), ("content-length", str(len(body)))]
+        await self._send(h11.Response(status_code=status, headers=headers))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    async def reset(self) -> None:
+        """Close the connection at once, with a TCP RST and no answer."""
+        # SO_LINGER with a zero timeout turns close() into an RST, which is
+        # what a crashed engine or a dropped load-balancer connection looks like.
+        self._stream.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + bytes(4)
+        )
+        self.closed = True
+        await self._stream.aclose()
+
+    async def wait_for_hangup(self) -> None:
+        """Return when the client closes the connection (it sent its whole request already)."""
+        while True:
+            data = await self._stream.receive_some(READ_CHUNK)
+            if not data:
+                return
+
+    async def _send(self, event: h11.Event) -> None:
+        payload = self._connection.send(event)
+        if payload:
+            await self._stream.send_all(payload)
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+async def serve_http11(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+    shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    task_status.started(f"http://{shown_host}:{bound_port}")
+    await trio.serve_listeners(partial(_serve_connection, handler), listeners)
+
+
+async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+    try:
+        while True:
+            request = await _read_request(stream, connection)
+            if request is None:
+                return
+            exchange = Exchange(stream, connection, request)
+            await handler(exchange)
+            if exchange.closed or connection.our_state is not h11.DONE:
+                return
+            if connection.their_state is not h11.DONE:
+                return
+            connection.start_next_cycle()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        return
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _read_request(
+    stream: trio.SocketStream, connection: h11.Connection
+) -> HttpRequest | None:
+    head: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(READ_CHUNK)
+            connection.receive_data(data)
+            continue
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if isinstance(event, h11.Request):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY_BYTES:
+                raise h11.RemoteProtocolError("request body too large")
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return HttpRequest(
+                method=head.method.decode(),
+                path=head.target.decode().split("?", 1)[0],
+                headers={k.decode().lower(): v.decode() for k, v in head.headers},
+                body=bytes(body),
+            )

@@ -1,0 +1,157 @@
+"""Running the reference server: hypercorn on trio, plus the embedded upstream.
+
+``serve`` is the long-running entry point; it reports the bound URLs through
+``task_status.started`` so callers (tests, the harness, the CLI) can bind
+port 0 and learn the port.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import httpx
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+from starlette.types import ASGIApp
+
+from .app import HttpLimits, create_app
+from .fake_upstream import create_fake_upstream_app
+from .service import SessionService
+from .upstream import HttpUpstream, RetryPolicy, Upstream
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    upstream_url: str | None = None
+    """OpenAI-compatible base URL; None starts the embedded fake upstream."""
+    upstream_delay: float = 0.0
+    """Delay of the embedded fake upstream, in seconds."""
+    upstream_timeout: float = 300.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    limits: HttpLimits = field(default_factory=HttpLimits)
+    grace_period: float = 5.0
+    log_requests: bool = False
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str
+    upstream_url: str
+    upstream_is_embedded: bool
+
+
+UpstreamFactory = Callable[[str, httpx.AsyncClient], Upstream]
+"""Builds the upstream client; the self-test variants wrap it."""
+
+
+def _hypercorn_config(host: str, port: int, *, log_requests: bool, grace: float) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.graceful_timeout = grace
+    config.accesslog = "-" if log_requests else None
+    config.errorlog = "-" if log_requests else None
+    config.access_log_format = '%(h)s "%(r)s" %(s)s %(b)sB %(L)ss'
+    return config
+
+
+async def serve_asgi(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    shutdown_trigger: Callable[[], object] | None = None,
+    log_requests: bool = False,
+    grace_period: float = 5.0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve any ASGI app with hypercorn's trio worker; started() gives its base URL."""
+    config = _hypercorn_config(host, port, log_requests=log_requests, grace=grace_period)
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(
+                hypercorn.trio.serve,
+                app,  # type: ignore[arg-type]
+                config,
+                shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
+            )
+        )
+        task_status.started(binds[0])
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    upstream_factory: UpstreamFactory | None = None,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until ``shutdown`` is set; in-flight turns then answer 503 and commit nothing."""
+    if shutdown is None:
+        shutdown = trio.Event()
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    # No read timeout here: the deadline of a whole turn is the upstream's own.
+    timeout = httpx.Timeout(None, connect=10.0)
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=timeout) as client,
+        trio.open_nursery() as nursery,
+    ):
+        upstream_url = config.upstream_url
+        if upstream_url is None:
+            fake = create_fake_upstream_app(delay=config.upstream_delay)
+            upstream_url = await nursery.start(partial(serve_asgi, fake, "127.0.0.1", 0)) + "/v1"
+
+        if upstream_factory is None:
+            upstream: Upstream = HttpUpstream(
+                upstream_url, client, timeout=config.upstream_timeout, retry=config.retry
+            )
+        else:
+            upstream = upstream_factory(upstream_url, client)
+        service = SessionService(upstream)
+
+        async def shutdown_trigger() -> None:
+            await shutdown.wait()
+            service.shutdown()
+
+        async def run_session_server(task_status: trio.TaskStatus[str]) -> None:
+            await serve_asgi(
+                create_app(service, config.limits),
+                config.host,
+                config.port,
+                shutdown_trigger=shutdown_trigger,
+                log_requests=config.log_requests,
+                grace_period=config.grace_period,
+                task_status=task_status,
+            )
+            nursery.cancel_scope.cancel()  # the embedded upstream goes with us
+
+        url = await nursery.start(run_session_server)
+        task_status.started(
+            RunningServer(url, upstream_url, upstream_is_embedded=config.upstream_url is None)
+        )
+
+
+async def serve_until_signalled(
+    config: ServerConfig, on_started: Callable[[RunningServer], None]
+) -> None:
+    """The CLI's entry point: serve until SIGINT or SIGTERM, then shut down gracefully."""
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(partial(serve, config, shutdown=shutdown))
+            on_started(running)
+
+            async def wait_for_signal() -> None:
+                async for _ in signals:
+                    shutdown.set()
+                    return
+
+            nursery.start_soon(wait_for_signal)
+            # When serve() returns the nursery still waits for wait_for_signal,
+            # which is fine: serve() only returns after a signal.

@@ -1,0 +1,186 @@
+"""Sessions in memory, and the concurrency that carries out ``rules.py``.
+
+Three mechanisms do all the work:
+
+* ``Session.lock`` (strict FIFO) is held by a turn from validation through
+  the upstream call to the commit.
+* ``Session.turn`` is the turn holding the lock. Its cancel scope is how a
+  DELETE (410) or a shutdown (503) preempts it; the reason is written on the
+  turn *before* the scope is cancelled, so the turn can tell which it was.
+* A client that hangs up cancels the handler's own, outer scope (see
+  ``app.py``); that ``trio.Cancelled`` passes straight through here, so the
+  turn commits nothing and the lock is released on the way out.
+
+The commit happens after the upstream call with no checkpoint in between,
+so nothing can interleave between "the answer arrived" and "it is committed".
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import rules
+from .errors import (
+    ServerShuttingDown,
+    SessionDeleted,
+    SessionNotFound,
+    SessionServerError,
+    TrajectoryConflict,
+)
+from .protocol import ChatRequest
+from .upstream import Upstream, assistant_message
+
+
+@dataclass
+class Turn:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    preempted_by: SessionServerError | None = None
+
+    def preempt(self, reason: SessionServerError) -> None:
+        if self.preempted_by is None:
+            self.preempted_by = reason
+        self.scope.cancel()
+
+
+@dataclass(frozen=True)
+class Record:
+    request: dict[str, Any]
+    response: dict[str, Any]
+    started_at: float
+    ended_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request": self.request,
+            "response": self.response,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+        }
+
+
+@dataclass
+class Session:
+    session_id: str
+    state: rules.SessionState = rules.SessionState.OPEN
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    lock: trio.StrictFIFOLock = field(default_factory=trio.StrictFIFOLock)
+    turn: Turn | None = None
+
+    def apply(self, transition: rules.Transition) -> None:
+        self.state = rules.next_state(self.state, transition)
+
+    @property
+    def num_assistant(self) -> int:
+        return len(self.records)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "messages": self.messages,
+            "num_assistant": self.num_assistant,
+            "in_flight": self.turn is not None,
+            "records": [record.to_json() for record in self.records],
+        }
+
+
+def new_session_id() -> str:
+    # 128 bits from the OS CSPRNG: ids are capabilities, they must not be guessable.
+    return secrets.token_hex(16)
+
+
+class SessionService:
+    def __init__(self, upstream: Upstream, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self._upstream = upstream
+        self._wall_clock = wall_clock
+        self._sessions: dict[str, Session] = {}
+        self._shutting_down = False
+
+    # -- trainer operations ---------------------------------------------------
+
+    def create(self) -> str:
+        if self._shutting_down:
+            raise ServerShuttingDown("the server is shutting down")
+        session_id = new_session_id()
+        self._sessions[session_id] = Session(session_id)
+        return session_id
+
+    def get(self, session_id: str) -> dict[str, Any]:
+        return self._visible(session_id).to_json()
+
+    async def delete(self, session_id: str) -> None:
+        session = self._visible(session_id)
+        session.apply(rules.Transition.DELETE_ACCEPTED)
+        if session.turn is not None:
+            session.turn.preempt(SessionDeleted("the session was deleted while this turn ran"))
+        # Shielded: once accepted, a DELETE must finish even if its own client
+        # hangs up, or the session would stay CLOSING forever. It cannot block
+        # for long: the turn in flight is cancelled and queued turns see CLOSING.
+        with trio.CancelScope(shield=True):
+            async with session.lock:
+                session.apply(rules.Transition.REMOVED)
+                del self._sessions[session_id]
+
+    # -- agent operation --------------------------------------------------------
+
+    async def chat(self, session_id: str, request: ChatRequest) -> dict[str, Any]:
+        session = self._visible(session_id)
+        async with session.lock:
+            # Re-check: a DELETE may have landed while this turn was queued.
+            if not rules.is_visible(session.state):
+                raise SessionNotFound(f"session {session_id} was deleted")
+            if self._shutting_down:
+                raise ServerShuttingDown("the server is shutting down")
+            last_request = session.records[-1].request["messages"] if session.records else None
+            decision = rules.classify_turn(session.messages, last_request, request.messages)
+            if isinstance(decision, rules.Replay):
+                return session.records[-1].response
+            if isinstance(decision, rules.Conflict):
+                raise TrajectoryConflict(
+                    f"trajectory conflict: {decision.reason}",
+                    committed_length=decision.committed_length,
+                    diverging_index=decision.diverging_index,
+                )
+            return await self._proxy_and_commit(session, request)
+
+    async def _proxy_and_commit(self, session: Session, request: ChatRequest) -> dict[str, Any]:
+        turn = Turn()
+        session.turn = turn
+        started_at = self._wall_clock()
+        completion: dict[str, Any] | None = None
+        try:
+            with turn.scope:
+                completion = await self._upstream.complete(request.body)
+        finally:
+            session.turn = None
+        # Checked even when the call finished: a DELETE that lands as the answer
+        # arrives still wins, because its 204 promised the session is gone.
+        if turn.preempted_by is not None:
+            raise turn.preempted_by
+        assert completion is not None
+        session.messages = [*request.messages, assistant_message(completion)]
+        session.records.append(
+            Record(request.body, completion, started_at, ended_at=self._wall_clock())
+        )
+        return completion
+
+    # -- server lifecycle -------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Refuse new work and preempt every turn in flight with 503."""
+        self._shutting_down = True
+        for session in self._sessions.values():
+            if session.turn is not None:
+                session.turn.preempt(ServerShuttingDown("the server is shutting down"))
+
+    def _visible(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or not rules.is_visible(session.state):
+            raise SessionNotFound(f"no session {session_id}")
+        return session

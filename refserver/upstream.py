@@ -1,0 +1,118 @@
+"""The client for the LLM engine: POST ``{base}/chat/completions`` with retries.
+
+This is the only module that meets httpx; its exceptions become
+``UpstreamError`` / ``UpstreamTimeout`` here.
+
+Retried, with exponential backoff, a bounded number of times: connection
+errors, 429, 503, and completions whose ``finish_reason`` is ``"abort"``
+(SGLang aborts requests while it updates weights). Everything else that is
+not a usable completion fails at once. The whole call, retries included,
+runs under one deadline, and under the caller's cancel scope, so a DELETE
+preempts a backoff sleep as surely as a pending request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from .errors import UpstreamError, UpstreamTimeout
+
+RETRYABLE_STATUS = frozenset({429, 503})
+
+
+class Upstream(Protocol):
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    """Calls in all, the first included."""
+    backoff_initial: float = 0.05
+    backoff_max: float = 1.0
+
+    def backoff(self, failed_attempts: int) -> float:
+        delay: float = self.backoff_initial * 2 ** (failed_attempts - 1)
+        return min(self.backoff_max, delay)
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way the next attempt may not."""
+
+
+class HttpUpstream:
+    def __init__(
+        self,
+        base_url: str,
+        client: httpx.AsyncClient,
+        *,
+        timeout: float,
+        retry: RetryPolicy,
+    ) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._client = client
+        self._timeout = timeout
+        self._retry = retry
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        with trio.move_on_after(self._timeout):
+            return await self._complete_with_retries(body)
+        raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
+
+    async def _complete_with_retries(self, body: dict[str, Any]) -> dict[str, Any]:
+        last_failure = ""
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                return await self._attempt(body)
+            except _Retryable as failure:
+                last_failure = str(failure)
+            if attempt < self._retry.attempts:
+                await trio.sleep(self._retry.backoff(attempt))
+        raise UpstreamError(
+            f"the upstream failed {self._retry.attempts} times; last: {last_failure}",
+            attempts=self._retry.attempts,
+        )
+
+    async def _attempt(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._client.post(self._url, json=body)
+        except httpx.TransportError as error:
+            raise _Retryable(f"{type(error).__name__}: {error or 'connection failed'}") from None
+        if response.status_code in RETRYABLE_STATUS:
+            raise _Retryable(f"HTTP {response.status_code}")
+        if response.status_code != 200:
+            raise UpstreamError(
+                f"the upstream answered HTTP {response.status_code}: {response.text[:200]}",
+                upstream_status=response.status_code,
+            )
+        completion = _parse_completion(response.content)
+        if completion["choices"][0].get("finish_reason") == "abort":
+            raise _Retryable("the completion was aborted (finish_reason: abort)")
+        return completion
+
+
+def _parse_completion(content: bytes) -> dict[str, Any]:
+    try:
+        completion = json.loads(content)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UpstreamError(
+            f"the upstream answered 200 with invalid JSON: {content[:80]!r}"
+        ) from None
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamError("the upstream's completion has no choices")
+    message = choices[0].get("message")
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        raise UpstreamError("the upstream's first choice has no assistant message")
+    assert isinstance(completion, dict)
+    return completion
+
+
+def assistant_message(completion: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = completion["choices"][0]["message"]
+    return message

@@ -1,0 +1,101 @@
+"""Fixtures: a chaos upstream and a reference server, both on 127.0.0.1:0 in the test's nursery."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from harness.chaos_upstream import Behaviour, ChaosUpstream, marker, parse_behaviour
+from refserver.server import RunningServer, ServerConfig, serve
+from refserver.upstream import RetryPolicy
+
+# Backoff 0: retries are exercised by count, and the suite stays fast.
+FAST_RETRY = RetryPolicy(attempts=3, backoff_initial=0.0)
+
+# The server's own upstream deadline must never be what ends a test: a turn
+# that is cancelled only because it timed out would pass the preemption and
+# disconnect tests by luck.
+NO_UPSTREAM_DEADLINE = 3600.0
+
+# A hang guard, not a timing assertion: a broken server makes a test fail
+# here instead of hanging the suite.
+HANG_GUARD = 10.0
+
+
+class Api:
+    """The trainer's and the agent's calls, spelled out once for every test."""
+
+    def __init__(self, client: httpx.AsyncClient, chaos: ChaosUpstream) -> None:
+        self.client = client
+        self.chaos = chaos
+
+    async def create(self) -> str:
+        response = await self.client.post("/sessions")
+        assert response.status_code == 201, response.text
+        session_id: str = response.json()["session_id"]
+        return session_id
+
+    async def chat(self, session_id: str, messages: list[dict[str, Any]]) -> httpx.Response:
+        return await self.client.post(
+            f"/sessions/{session_id}/v1/chat/completions",
+            json={"model": "test", "messages": messages},
+        )
+
+    async def get(self, session_id: str) -> httpx.Response:
+        return await self.client.get(f"/sessions/{session_id}")
+
+    async def delete(self, session_id: str) -> httpx.Response:
+        return await self.client.delete(f"/sessions/{session_id}")
+
+    def script(self, tag: str, *specs: object) -> None:
+        self.chaos.script(tag, [parse_behaviour(spec) for spec in specs])
+
+
+def user(tag: str, text: str = "hello") -> dict[str, Any]:
+    """A user message carrying the chaos upstream's marker for ``tag``."""
+    return {"role": "user", "content": f"{text} {marker(tag)}"}
+
+
+@pytest.fixture
+async def chaos(nursery: trio.Nursery) -> ChaosUpstream:
+    upstream = ChaosUpstream()
+    await nursery.start(upstream.serve)
+    return upstream
+
+
+ServerStarter = Callable[..., Any]
+
+
+@pytest.fixture
+def start_server(nursery: trio.Nursery, chaos: ChaosUpstream) -> ServerStarter:
+    async def start(**overrides: Any) -> RunningServer:
+        fields: dict[str, Any] = {
+            "port": 0,
+            "upstream_url": chaos.url,
+            "retry": FAST_RETRY,
+            "upstream_timeout": NO_UPSTREAM_DEADLINE,
+        }
+        fields.update(overrides)
+        running: RunningServer = await nursery.start(serve, ServerConfig(**fields))
+        return running
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: ServerStarter) -> RunningServer:
+    running: RunningServer = await start_server()
+    return running
+
+
+@pytest.fixture
+async def api(server: RunningServer, chaos: ChaosUpstream) -> AsyncIterator[Api]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=HANG_GUARD) as client:
+        yield Api(client, chaos)
+
+
+__all__ = ["Api", "Behaviour", "user"]

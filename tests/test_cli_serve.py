@@ -1,0 +1,96 @@
+"""`sessctl serve` as a user runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import trio
+
+from harness.chaos_upstream import ChaosUpstream, EventKind
+from refserver.server import RunningServer, ServerConfig, serve_until_signalled
+
+from .conftest import FAST_RETRY, HANG_GUARD, Api, user
+
+
+async def test_sigterm_answers_the_turn_in_flight_503_and_stops(chaos: ChaosUpstream) -> None:
+    started: list[RunningServer] = []
+    config = ServerConfig(port=0, upstream_url=chaos.url, retry=FAST_RETRY)
+    async with trio.open_nursery() as nursery:
+        ready = trio.Event()
+
+        def on_started(running: RunningServer) -> None:
+            started.append(running)
+            ready.set()
+
+        nursery.start_soon(serve_until_signalled, config, on_started)
+        await ready.wait()
+        async with httpx.AsyncClient(base_url=started[0].url, timeout=HANG_GUARD) as client:
+            api = Api(client, chaos)
+            session_id = await api.create()
+            api.script("term", "hold")
+            result: list[httpx.Response] = []
+
+            async def chat() -> None:
+                result.append(await api.chat(session_id, [user("term")]))
+
+            async with trio.open_nursery() as requests:
+                requests.start_soon(chat)
+                await chaos.wait_for("term", EventKind.RECEIVED)
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert result[0].status_code == 503
+        # serve_until_signalled returns by itself; the nursery would hang otherwise.
+    assert chaos.count("term", EventKind.ANSWERED) == 0
+
+
+def test_serve_prints_its_url_logs_requests_and_exits_on_sigint() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = ""
+        for line in process.stdout:
+            if line.startswith("sessctl reference server on "):
+                url = line.split(" on ", 1)[1].strip()
+                break
+        assert url.startswith("http://127.0.0.1:")
+        with httpx.Client(base_url=url) as client:
+            session_id = client.post("/sessions").json()["session_id"]
+            reply = client.post(
+                f"/sessions/{session_id}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert reply.status_code == 200
+            assert reply.json()["object"] == "chat.completion"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=HANG_GUARD)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert f'"POST /sessions/{session_id}/v1/chat/completions 1.1" 200' in output
+    assert "Traceback" not in output
+
+
+def test_serve_on_a_busy_port_says_so_without_a_traceback() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "sessctl", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD,
+        )
+    assert done.returncode == 3
+    assert "cannot listen" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout

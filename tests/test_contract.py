@@ -1,0 +1,480 @@
+"""docs/contract.md, line by line, against the reference server over real HTTP.
+
+Races are placed with chaos-upstream holds and events, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import trio
+import trio.testing
+
+from harness.chaos_upstream import ChaosUpstream, EventKind
+from refserver.server import RunningServer
+
+from .conftest import HANG_GUARD, Api, ServerStarter, user
+
+
+async def _in_background(nursery: trio.Nursery, fn: Any, *args: Any) -> dict[str, Any]:
+    """Start fn(*args) and return a dict that will hold its result under "response"."""
+    box: dict[str, Any] = {}
+
+    async def run() -> None:
+        box["response"] = await fn(*args)
+
+    nursery.start_soon(run)
+    return box
+
+
+# -- health and trainer endpoints --------------------------------------------------
+
+
+async def test_healthz(api: Api) -> None:
+    response = await api.client.get("/healthz")
+    assert response.status_code == 200
+
+
+async def test_create_returns_201_with_a_fresh_32_hex_id(api: Api) -> None:
+    ids = [await api.create() for _ in range(20)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+async def test_get_shows_the_committed_trajectory_and_records(api: Api) -> None:
+    session_id = await api.create()
+    fresh = (await api.get(session_id)).json()
+    assert fresh == {
+        "session_id": session_id,
+        "messages": [],
+        "num_assistant": 0,
+        "in_flight": False,
+        "records": [],
+    }
+    first = [user("t1")]
+    answer = (await api.chat(session_id, first)).json()
+    state = (await api.get(session_id)).json()
+    assert state["messages"] == [*first, answer["choices"][0]["message"]]
+    assert state["num_assistant"] == 1
+    (record,) = state["records"]
+    assert record["request"]["messages"] == first
+    assert record["response"] == answer
+    assert record["started_at"] <= record["ended_at"]
+
+
+async def test_get_unknown_session_is_404(api: Api) -> None:
+    response = await api.get("0" * 32)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "session_not_found"
+
+
+async def test_get_never_waits_for_a_turn_in_flight(api: Api, nursery: trio.Nursery) -> None:
+    session_id = await api.create()
+    api.script("held", "hold")
+    chat = await _in_background(nursery, api.chat, session_id, [user("held")])
+    await api.chaos.wait_for("held", EventKind.RECEIVED)
+    state = (await api.get(session_id)).json()
+    assert state["in_flight"] is True
+    assert state["num_assistant"] == 0
+    api.chaos.release("held")
+    await api.chaos.wait_for("held", EventKind.ANSWERED)
+    await trio.testing.wait_all_tasks_blocked()
+    assert chat["response"].status_code == 200
+
+
+# -- DELETE -----------------------------------------------------------------------
+
+
+async def test_double_delete_sequential_second_is_404(api: Api) -> None:
+    session_id = await api.create()
+    assert (await api.delete(session_id)).status_code == 204
+    second = await api.delete(session_id)
+    assert second.status_code == 404
+    assert second.json()["error"]["type"] == "session_not_found"
+
+
+async def test_double_delete_concurrent_exactly_one_204(api: Api) -> None:
+    for _ in range(10):
+        session_id = await api.create()
+        statuses: list[int] = []
+
+        async def delete(sid: str = session_id, seen: list[int] = statuses) -> None:
+            seen.append((await api.delete(sid)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delete)
+            nursery.start_soon(delete)
+        assert sorted(statuses) == [204, 404]
+
+
+async def test_delete_mid_proxy_preempts_the_turn_with_410(api: Api, nursery: trio.Nursery) -> None:
+    session_id = await api.create()
+    api.script("c1", "hold")
+    chat = await _in_background(nursery, api.chat, session_id, [user("c1")])
+    await api.chaos.wait_for("c1", EventKind.RECEIVED)
+    # The upstream is still holding c1: DELETE must not wait for it.
+    assert (await api.delete(session_id)).status_code == 204
+    with trio.fail_after(HANG_GUARD):
+        await api.chaos.wait_for("c1", EventKind.CANCELLED)
+    await trio.testing.wait_all_tasks_blocked()
+    assert chat["response"].status_code == 410
+    assert chat["response"].json()["error"]["type"] == "session_deleted"
+    assert api.chaos.count("c1", EventKind.ANSWERED) == 0
+    assert (await api.get(session_id)).status_code == 404
+
+
+async def test_chats_queued_then_delete_in_flight_410_queued_404(
+    api: Api, nursery: trio.Nursery
+) -> None:
+    session_id = await api.create()
+    api.script("first", "hold")
+    first = await _in_background(nursery, api.chat, session_id, [user("first")])
+    await api.chaos.wait_for("first", EventKind.RECEIVED)
+    queued = [
+        await _in_background(nursery, api.chat, session_id, [user(f"queued{i}")]) for i in range(3)
+    ]
+    await trio.testing.wait_all_tasks_blocked()  # the queued turns now wait on the lock
+    assert (await api.delete(session_id)).status_code == 204
+    await trio.testing.wait_all_tasks_blocked()
+    assert first["response"].status_code == 410
+    for box in queued:
+        assert box["response"].status_code == 404
+        assert box["response"].json()["error"]["type"] == "session_not_found"
+    assert all(api.chaos.calls(f"queued{i}") == 0 for i in range(3))
+
+
+async def test_chat_during_delete_never_succeeds(api: Api) -> None:
+    for i in range(10):
+        session_id = await api.create()
+        api.script(f"race{i}", "hold")
+        results: dict[str, int] = {}
+
+        async def chat(
+            sid: str = session_id, tag: str = f"race{i}", seen: dict[str, int] = results
+        ) -> None:
+            seen["chat"] = (await api.chat(sid, [user(tag)])).status_code
+
+        async def delete(sid: str = session_id, seen: dict[str, int] = results) -> None:
+            seen["delete"] = (await api.delete(sid)).status_code
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chat)
+            nursery.start_soon(delete)
+        assert results["delete"] == 204
+        assert results["chat"] in {404, 410}
+        assert api.chaos.count(f"race{i}", EventKind.ANSWERED) == 0
+
+
+async def test_chat_and_get_after_delete_are_404_and_nothing_is_created(api: Api) -> None:
+    session_id = await api.create()
+    assert (await api.chat(session_id, [user("before")])).status_code == 200
+    assert (await api.delete(session_id)).status_code == 204
+    chat = await api.chat(session_id, [user("after")])
+    assert chat.status_code == 404
+    assert chat.json()["error"]["type"] == "session_not_found"
+    assert (await api.get(session_id)).status_code == 404
+    assert api.chaos.calls("after") == 0
+
+
+async def test_chat_on_an_id_that_never_existed_is_404_without_auto_create(api: Api) -> None:
+    ghost = "f" * 32
+    response = await api.chat(ghost, [user("ghost")])
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "session_not_found"
+    assert (await api.get(ghost)).status_code == 404
+    assert api.chaos.calls("ghost") == 0
+
+
+async def test_rapid_create_chat_delete_cycles(api: Api) -> None:
+    for i in range(30):
+        session_id = await api.create()
+        assert (await api.chat(session_id, [user(f"cycle{i}")])).status_code == 200
+        assert (await api.delete(session_id)).status_code == 204
+        assert (await api.get(session_id)).status_code == 404
+
+
+async def test_delete_of_one_session_leaves_another_in_flight_turn_alone(
+    api: Api, nursery: trio.Nursery
+) -> None:
+    keep, drop = await api.create(), await api.create()
+    api.script("keep", "hold")
+    api.script("drop", "hold")
+    kept = await _in_background(nursery, api.chat, keep, [user("keep")])
+    dropped = await _in_background(nursery, api.chat, drop, [user("drop")])
+    await api.chaos.wait_for("keep", EventKind.RECEIVED)
+    await api.chaos.wait_for("drop", EventKind.RECEIVED)
+    assert (await api.delete(drop)).status_code == 204
+    await api.chaos.wait_for("drop", EventKind.CANCELLED)
+    assert api.chaos.count("keep", EventKind.CANCELLED) == 0
+    api.chaos.release("keep")
+    await api.chaos.wait_for("keep", EventKind.ANSWERED)
+    await trio.testing.wait_all_tasks_blocked()
+    assert kept["response"].status_code == 200
+    assert dropped["response"].status_code == 410
+    assert (await api.get(keep)).json()["num_assistant"] == 1
+
+
+async def test_turns_of_different_sessions_run_in_parallel(api: Api, nursery: trio.Nursery) -> None:
+    slow, fast = await api.create(), await api.create()
+    api.script("slow", "hold")
+    await _in_background(nursery, api.chat, slow, [user("slow")])
+    await api.chaos.wait_for("slow", EventKind.RECEIVED)
+    # While slow is held, another session's turn completes.
+    assert (await api.chat(fast, [user("fast")])).status_code == 200
+    api.chaos.release("slow")
+
+
+# -- validation -------------------------------------------------------------------
+
+
+async def test_extending_the_trajectory_over_several_turns(api: Api) -> None:
+    session_id = await api.create()
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "be brief"}, user("t1")]
+    for turn in range(1, 4):
+        response = await api.chat(session_id, messages)
+        assert response.status_code == 200
+        messages = [*messages, response.json()["choices"][0]["message"], user(f"t{turn + 1}")]
+    state = (await api.get(session_id)).json()
+    assert state["num_assistant"] == 3
+    assert state["messages"] == messages[:-1]
+
+
+async def test_client_added_keys_are_ignored_when_comparing(api: Api) -> None:
+    session_id = await api.create()
+    first = [user("k1")]
+    answer = (await api.chat(session_id, first)).json()["choices"][0]["message"]
+    echoed = {**answer, "refusal": None, "audio": None, "annotations": []}
+    second = [{**first[0], "client_id": 7}, echoed, user("k2")]
+    assert (await api.chat(session_id, second)).status_code == 200
+
+
+async def test_exact_retry_replays_the_stored_response_without_calling_upstream(
+    api: Api,
+) -> None:
+    session_id = await api.create()
+    messages = [user("retry")]
+    original = await api.chat(session_id, messages)
+    replay = await api.chat(session_id, messages)
+    assert replay.status_code == 200
+    assert replay.json() == original.json()
+    assert api.chaos.calls("retry") == 1
+    assert (await api.get(session_id)).json()["num_assistant"] == 1
+
+
+async def test_conflicting_request_is_409_with_length_and_diverging_index(api: Api) -> None:
+    session_id = await api.create()
+    first = [user("a")]
+    answer = (await api.chat(session_id, first)).json()["choices"][0]["message"]
+    before = (await api.get(session_id)).json()
+
+    forked = [user("a"), {"role": "assistant", "content": "something else"}, user("b")]
+    response = await api.chat(session_id, forked)
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["type"] == "trajectory_conflict"
+    assert error["committed_length"] == 2
+    assert error["diverging_index"] == 1
+
+    ends_with_assistant = [*first, answer]
+    shorter = await api.chat(session_id, [user("other")])
+    assert shorter.json()["error"]["diverging_index"] == 0
+    assert (await api.chat(session_id, ends_with_assistant)).status_code == 409
+    assert (await api.get(session_id)).json() == before
+
+
+async def test_concurrent_different_writers_one_200_one_409_and_the_200_is_durable(
+    api: Api, nursery: trio.Nursery
+) -> None:
+    session_id = await api.create()
+    api.script("w1", "hold")
+    w1 = await _in_background(nursery, api.chat, session_id, [user("w1", "writer one")])
+    await api.chaos.wait_for("w1", EventKind.RECEIVED)
+    w2 = await _in_background(nursery, api.chat, session_id, [user("w2", "writer two")])
+    await trio.testing.wait_all_tasks_blocked()  # w2 waits on the session lock
+    api.chaos.release("w1")
+    await api.chaos.wait_for("w1", EventKind.ANSWERED)
+    await trio.testing.wait_all_tasks_blocked()
+    assert w1["response"].status_code == 200
+    assert w2["response"].status_code == 409
+    assert api.chaos.calls("w2") == 0
+    state = (await api.get(session_id)).json()
+    assert state["messages"][-1] == w1["response"].json()["choices"][0]["message"]
+    assert state["num_assistant"] == 1
+
+
+# -- upstream failures --------------------------------------------------------------
+
+
+async def test_upstream_failures_give_502_leave_state_unchanged_and_release_the_lock(
+    api: Api,
+) -> None:
+    session_id = await api.create()
+    ok = await api.chat(session_id, [user("ok")])
+    before = (await api.get(session_id)).json()
+    trajectory = [*before["messages"]]
+    for tag, spec, calls in [
+        ("s503", {"status": 503}, 3),
+        ("s429", {"status": 429}, 3),
+        ("reset", "reset", 3),
+        ("garbage", "garbage", 1),
+        ("s400", {"status": 400}, 1),
+    ]:
+        api.script(tag, spec)
+        response = await api.chat(session_id, [*trajectory, user(tag)])
+        assert response.status_code == 502, tag
+        assert response.json()["error"]["type"] == "upstream_error"
+        assert api.chaos.calls(tag) == calls, tag
+        assert (await api.get(session_id)).json() == before
+    after = await api.chat(session_id, [*trajectory, user("next")])
+    assert after.status_code == 200
+    assert ok.status_code == 200
+
+
+async def test_abort_then_success_is_retried_transparently(api: Api) -> None:
+    session_id = await api.create()
+    api.script("abort", "abort", "respond")
+    response = await api.chat(session_id, [user("abort")])
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
+    assert api.chaos.calls("abort") == 2
+    assert (await api.get(session_id)).json()["num_assistant"] == 1
+
+
+async def test_upstream_timeout_is_504_and_commits_nothing(
+    start_server: ServerStarter, chaos: ChaosUpstream
+) -> None:
+    server: RunningServer = await start_server(upstream_timeout=0.2)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        api = Api(client, chaos)
+        session_id = await api.create()
+        api.script("hang", "hang")
+        response = await api.chat(session_id, [user("hang")])
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "upstream_timeout"
+        await chaos.wait_for("hang", EventKind.CANCELLED)
+        assert (await api.get(session_id)).json()["num_assistant"] == 0
+
+
+# -- client disconnect --------------------------------------------------------------
+
+
+async def test_client_disconnect_mid_turn_cancels_upstream_and_commits_nothing(
+    api: Api, server: RunningServer
+) -> None:
+    session_id = await api.create()
+    api.script("gone", "hold")
+    async with httpx.AsyncClient(base_url=server.url) as impatient, trio.open_nursery() as n:
+        n.start_soon(
+            lambda: impatient.post(
+                f"/sessions/{session_id}/v1/chat/completions",
+                json={"messages": [user("gone")]},
+            )
+        )
+        await api.chaos.wait_for("gone", EventKind.RECEIVED)
+        n.cancel_scope.cancel()  # the agent hangs up mid-turn
+    with trio.fail_after(HANG_GUARD):
+        await api.chaos.wait_for("gone", EventKind.CANCELLED)
+    api.chaos.release("gone")
+    state = (await api.get(session_id)).json()
+    assert state["num_assistant"] == 0
+    assert state["in_flight"] is False
+    # The lock was released: the next turn goes through.
+    assert (await api.chat(session_id, [user("again")])).status_code == 200
+
+
+# -- bad input ----------------------------------------------------------------------
+
+
+async def test_bad_chat_bodies_are_400_invalid_request(api: Api) -> None:
+    session_id = await api.create()
+    url = f"/sessions/{session_id}/v1/chat/completions"
+    bodies: list[bytes] = [
+        b"{not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"model": "m"}',
+        b'{"messages": "hi"}',
+        b'{"messages": []}',
+        b'{"messages": [42]}',
+        b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+        b'{"messages": [{"content": "hi"}]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}',
+    ]
+    for body in bodies:
+        response = await api.client.post(url, content=body)
+        assert response.status_code == 400, body
+        assert response.json()["error"]["type"] == "invalid_request", body
+    assert (await api.get(session_id)).json()["num_assistant"] == 0
+
+
+async def test_stream_true_says_why(api: Api) -> None:
+    session_id = await api.create()
+    response = await api.client.post(
+        f"/sessions/{session_id}/v1/chat/completions",
+        json={"messages": [user("s")], "stream": True},
+    )
+    assert "stream" in response.json()["error"]["message"]
+
+
+async def test_body_over_the_limit_is_413(start_server: ServerStarter) -> None:
+    from refserver.app import HttpLimits
+
+    server: RunningServer = await start_server(limits=HttpLimits(max_body_bytes=1024))
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        session_id = (await client.post("/sessions")).json()["session_id"]
+        big = {"messages": [{"role": "user", "content": "x" * 2048}]}
+        response = await client.post(f"/sessions/{session_id}/v1/chat/completions", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"]["type"] == "request_too_large"
+
+        async def chunked() -> Any:
+            for _ in range(4):
+                yield b"x" * 512
+
+        # Without a Content-Length the limit still holds, counted as it streams in.
+        response = await client.post(
+            f"/sessions/{session_id}/v1/chat/completions", content=chunked()
+        )
+        assert response.status_code == 413
+
+
+async def test_unknown_route_is_404_and_wrong_method_is_405(api: Api) -> None:
+    missing = await api.client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found"
+    wrong = await api.client.put(f"/sessions/{await api.create()}")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["type"] == "method_not_allowed"
+    assert set(wrong.headers["allow"].split(", ")) >= {"GET", "DELETE"}
+    assert (await api.client.get("/sessions")).status_code == 405
+
+
+# -- shutdown -----------------------------------------------------------------------
+
+
+async def test_shutdown_answers_turns_in_flight_503_and_returns(chaos: ChaosUpstream) -> None:
+    from refserver.server import ServerConfig, serve
+
+    from .conftest import FAST_RETRY
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        config = ServerConfig(port=0, upstream_url=chaos.url, retry=FAST_RETRY)
+        server: RunningServer = await nursery.start(
+            lambda task_status: serve(config, shutdown=shutdown, task_status=task_status)
+        )
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            api = Api(client, chaos)
+            session_id = await api.create()
+            api.script("inflight", "hold")
+            async with trio.open_nursery() as requests:
+                chat = await _in_background(requests, api.chat, session_id, [user("inflight")])
+                await chaos.wait_for("inflight", EventKind.RECEIVED)
+                shutdown.set()
+        assert chat["response"].status_code == 503
+        assert chat["response"].json()["error"]["type"] == "server_shutting_down"
+        # serve() returns by itself once the in-flight turn has answered:
+        # this nursery would hang otherwise.
+    assert chaos.count("inflight", EventKind.ANSWERED) == 0
