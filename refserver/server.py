@@ -21,7 +21,8 @@ from starlette.types import ASGIApp
 from .app import HttpLimits, create_app
 from .fake_upstream import create_fake_upstream_app
 from .service import SessionService
-from .upstream import HttpUpstream, RetryPolicy, Upstream
+from .upstream import HttpUpstream, RetryPolicy
+from .variants import VARIANTS
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ServerConfig:
     limits: HttpLimits = field(default_factory=HttpLimits)
     grace_period: float = 5.0
     log_requests: bool = False
+    emulate: str | None = None
+    """A known-broken variant from refserver.variants, for self-tests and demos."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,6 @@ class RunningServer:
     url: str
     upstream_url: str
     upstream_is_embedded: bool
-
-
-UpstreamFactory = Callable[[str, httpx.AsyncClient], Upstream]
-"""Builds the upstream client; the self-test variants wrap it."""
 
 
 def _hypercorn_config(host: str, port: int, *, log_requests: bool, grace: float) -> HypercornConfig:
@@ -89,7 +88,6 @@ async def serve(
     config: ServerConfig,
     *,
     shutdown: trio.Event | None = None,
-    upstream_factory: UpstreamFactory | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until ``shutdown`` is set; in-flight turns then answer 503 and commit nothing."""
@@ -107,13 +105,13 @@ async def serve(
             fake = create_fake_upstream_app(delay=config.upstream_delay)
             upstream_url = await nursery.start(partial(serve_asgi, fake, "127.0.0.1", 0)) + "/v1"
 
-        if upstream_factory is None:
-            upstream: Upstream = HttpUpstream(
-                upstream_url, client, timeout=config.upstream_timeout, retry=config.retry
-            )
-        else:
-            upstream = upstream_factory(upstream_url, client)
-        service = SessionService(upstream)
+        service_class: type[SessionService] = SessionService
+        retry = config.retry
+        if config.emulate is not None:
+            variant = VARIANTS[config.emulate]
+            service_class, retry = variant.service, variant.retry or retry
+        upstream = HttpUpstream(upstream_url, client, timeout=config.upstream_timeout, retry=retry)
+        service = service_class(upstream)
 
         async def shutdown_trigger() -> None:
             await shutdown.wait()

@@ -90,6 +90,14 @@ class Session:
         }
 
 
+def conflict_error(conflict: rules.Conflict) -> TrajectoryConflict:
+    return TrajectoryConflict(
+        f"trajectory conflict: {conflict.reason}",
+        committed_length=conflict.committed_length,
+        diverging_index=conflict.diverging_index,
+    )
+
+
 def new_session_id() -> str:
     # 128 bits from the OS CSPRNG: ids are capabilities, they must not be guessable.
     return secrets.token_hex(16)
@@ -117,8 +125,7 @@ class SessionService:
     async def delete(self, session_id: str) -> None:
         session = self._visible(session_id)
         session.apply(rules.Transition.DELETE_ACCEPTED)
-        if session.turn is not None:
-            session.turn.preempt(SessionDeleted("the session was deleted while this turn ran"))
+        self._preempt_turn_in_flight(session)
         # Shielded: once accepted, a DELETE must finish even if its own client
         # hangs up, or the session would stay CLOSING forever. It cannot block
         # for long: the turn in flight is cancelled and queued turns see CLOSING.
@@ -130,23 +137,16 @@ class SessionService:
     # -- agent operation --------------------------------------------------------
 
     async def chat(self, session_id: str, request: ChatRequest) -> dict[str, Any]:
-        session = self._visible(session_id)
+        session = self._session_for_chat(session_id)
         async with session.lock:
-            # Re-check: a DELETE may have landed while this turn was queued.
-            if not rules.is_visible(session.state):
-                raise SessionNotFound(f"session {session_id} was deleted")
+            self._admit_queued_turn(session)
             if self._shutting_down:
                 raise ServerShuttingDown("the server is shutting down")
-            last_request = session.records[-1].request["messages"] if session.records else None
-            decision = rules.classify_turn(session.messages, last_request, request.messages)
+            decision = self._decide(session, request)
             if isinstance(decision, rules.Replay):
                 return session.records[-1].response
             if isinstance(decision, rules.Conflict):
-                raise TrajectoryConflict(
-                    f"trajectory conflict: {decision.reason}",
-                    committed_length=decision.committed_length,
-                    diverging_index=decision.diverging_index,
-                )
+                raise conflict_error(decision)
             return await self._proxy_and_commit(session, request)
 
     async def _proxy_and_commit(self, session: Session, request: ChatRequest) -> dict[str, Any]:
@@ -156,7 +156,7 @@ class SessionService:
         completion: dict[str, Any] | None = None
         try:
             with turn.scope:
-                completion = await self._upstream.complete(request.body)
+                completion = await self._call_upstream(turn, request.body)
         finally:
             session.turn = None
         # Checked even when the call finished: a DELETE that lands as the answer
@@ -164,11 +164,45 @@ class SessionService:
         if turn.preempted_by is not None:
             raise turn.preempted_by
         assert completion is not None
+        self._commit(session, request, completion, started_at)
+        return completion
+
+    def _commit(
+        self,
+        session: Session,
+        request: ChatRequest,
+        completion: dict[str, Any],
+        started_at: float,
+    ) -> None:
         session.messages = [*request.messages, assistant_message(completion)]
         session.records.append(
             Record(request.body, completion, started_at, ended_at=self._wall_clock())
         )
-        return completion
+
+    # -- the seams: one method per step of the contract ---------------------------
+    # The clean behaviour lives here; refserver/variants.py overrides exactly
+    # one of these per historical bug, so the core never asks "which variant?".
+
+    def _session_for_chat(self, session_id: str) -> Session:
+        """A chat never creates a session."""
+        return self._visible(session_id)
+
+    def _admit_queued_turn(self, session: Session) -> None:
+        """Re-check on taking the lock: a DELETE may have landed while this turn queued."""
+        if not rules.is_visible(session.state):
+            raise SessionNotFound(f"session {session.session_id} was deleted")
+
+    def _decide(self, session: Session, request: ChatRequest) -> rules.TurnDecision:
+        last_request = session.records[-1].request["messages"] if session.records else None
+        return rules.classify_turn(session.messages, last_request, request.messages)
+
+    async def _call_upstream(self, turn: Turn, body: dict[str, Any]) -> dict[str, Any]:
+        """Runs inside the turn's cancel scope, so DELETE and disconnects stop the LLM work."""
+        return await self._upstream.complete(body)
+
+    def _preempt_turn_in_flight(self, session: Session) -> None:
+        if session.turn is not None:
+            session.turn.preempt(SessionDeleted("the session was deleted while this turn ran"))
 
     # -- server lifecycle -------------------------------------------------------
 

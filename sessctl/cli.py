@@ -5,14 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import trio
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from harness.chaos_upstream import ChaosUpstream
+from harness.errors import HarnessError
 from refserver import RunningServer, ServerConfig
+from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import serve_until_signalled
+
+from .run import RunOptions, list_scenarios, parse_listen, run_scenarios
 
 app = typer.Typer(
     help="Race-test LLM session servers.",
@@ -22,6 +29,11 @@ app = typer.Typer(
 )
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+
+def print_error(message: str) -> None:
+    # Text, not markup: messages quote user input, which may contain [brackets].
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
 @app.callback()
@@ -82,8 +94,133 @@ def serve(
 
     bind_error = _run_trio(partial(serve_until_signalled, config, announce))
     if bind_error is not None:
-        err_console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {bind_error}")
+        print_error(f"cannot listen on {host}:{port}: {bind_error}")
         raise typer.Exit(3)
+
+
+@app.command("run-scenarios")
+def run_scenarios_command(
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="Scenario files or directories; default: the built-in library."),
+    ] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Server under test, URL or NAME=URL; repeatable. Default: the reference "
+            "server, in-process."
+        ),
+    ] = None,
+    upstream_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT for the chaos upstream (default 127.0.0.1:8900 with --target, "
+            "a free port otherwise)."
+        ),
+    ] = None,
+    flavor: Annotated[
+        str, typer.Option(help="Upstream dialect: openai, or sglang (adds meta_info).")
+    ] = "openai",
+    filter: Annotated[
+        str | None, typer.Option("--filter", help="Only scenarios whose name matches GLOB[,GLOB].")
+    ] = None,
+    repeat: Annotated[int | None, typer.Option(help="Run every scenario N times.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Scenario runs in flight at once.")] = 8,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds before a request's cell reads 'no answer'.")
+    ] = 10.0,
+    target_wait: Annotated[
+        float, typer.Option(help="Seconds to keep probing a target that is not up yet.")
+    ] = 5.0,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")] = None,
+    json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report here.")] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="List the selected scenarios and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option(help="Show every scenario's matrix.")] = False,
+) -> None:
+    """Replay race scenarios against session servers; report a status-code matrix.
+
+    Exit status: 0 all passed, 1 a scenario failed, 2 usage or scenario-file
+    error, 3 a target was unreachable or not wired to the chaos upstream.
+    """
+    options = RunOptions(
+        paths=paths or [],
+        targets=target or [],
+        upstream_listen=upstream_listen,
+        flavor=_parse_flavor(flavor),
+        name_filter=filter,
+        repeat=repeat,
+        concurrency=concurrency,
+        request_timeout=request_timeout,
+        target_wait=target_wait,
+        junit=junit,
+        json=json,
+        markdown=markdown,
+        verbose=verbose,
+    )
+    command = list_scenarios if list_only else run_scenarios
+    raise typer.Exit(_run_harness(lambda: command(options, console)))
+
+
+@app.command("list-scenarios")
+def list_scenarios_command(
+    paths: Annotated[
+        list[str] | None, typer.Argument(help="Scenario files or directories.")
+    ] = None,
+    filter: Annotated[str | None, typer.Option("--filter", help="GLOB[,GLOB]")] = None,
+) -> None:
+    """List scenarios: name, runs, description, file."""
+    options = RunOptions(paths=paths or [], name_filter=filter)
+    raise typer.Exit(_run_harness(lambda: list_scenarios(options, console)))
+
+
+@app.command()
+def upstream(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8900",
+    flavor: Annotated[str, typer.Option(help="openai, or sglang (adds meta_info).")] = "openai",
+) -> None:
+    """Run the chaos upstream on its own (scriptable over /_sessctl/...)."""
+    try:
+        host, port = parse_listen(listen)
+    except HarnessError as problem:
+        _usage_error(str(problem))
+    chaos = ChaosUpstream(_parse_flavor(flavor))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(chaos.serve, host, port)
+            console.print(f"chaos upstream ({flavor}) on {url}")
+            console.print(f"point a session server's LLM upstream at {url}")
+
+    bind_error = _run_trio(main)
+    if bind_error is not None:
+        print_error(f"cannot listen on {listen}: {bind_error}")
+        raise typer.Exit(3)
+
+
+def _run_harness(command: Callable[[], int]) -> int:
+    try:
+        return command()
+    except HarnessError as error:
+        print_error(str(error))
+        return error.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+def _parse_flavor(value: str) -> Flavor:
+    for flavor in FLAVORS:
+        if value == flavor:
+            return flavor
+    _usage_error(f"--flavor must be one of {', '.join(FLAVORS)}")
+
+
+def _usage_error(message: str) -> NoReturn:
+    print_error(f"{message}")
+    raise typer.Exit(2)
 
 
 def _run_trio(entry: Callable[[], Awaitable[object]]) -> str | None:

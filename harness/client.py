@@ -1,0 +1,101 @@
+"""Talking to the server under test: every httpx error becomes an Observation here."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import trio
+import trio.testing
+
+from .results import Observation, SentRequest
+
+
+class TargetClient:
+    def __init__(self, base_url: str, *, request_timeout: float, in_process: bool = False) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.in_process = in_process
+        self._timeout = request_timeout
+        # A server that misbehaves may leave a pooled connection half-dead;
+        # a small pool with short keep-alive limits the blast radius.
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(request_timeout),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def send(
+        self,
+        step: str,
+        op: str,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        raw_body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Observation:
+        request = SentRequest(method, self.base_url + path, json_body, raw_body)
+        started = trio.current_time()
+        try:
+            if raw_body is not None:
+                response = await self._client.request(
+                    method, path, content=raw_body, headers=headers
+                )
+            else:
+                response = await self._client.request(method, path, json=json_body, headers=headers)
+        except httpx.TimeoutException:
+            return Observation(
+                step,
+                op,
+                request,
+                None,
+                started,
+                trio.current_time(),
+                transport_error=f"no answer within {self._timeout:g} s",
+            )
+        except httpx.HTTPError as error:
+            return Observation(
+                step,
+                op,
+                request,
+                None,
+                started,
+                trio.current_time(),
+                transport_error=f"{type(error).__name__}: {error or 'connection failed'}",
+            )
+        ended = trio.current_time()
+        return Observation(step, op, request, response.status_code, started, ended, _body(response))
+
+    async def settle(self) -> None:
+        """Give the target the chance to take in every request already sent."""
+        if self.in_process:
+            # The server shares our trio loop: once every task is blocked, every
+            # request sent so far has been read and is waiting on whatever it waits on.
+            await trio.testing.wait_all_tasks_blocked()
+            return
+        # An external server is a black box; each round trip forces its event
+        # loop around at least once more, behind the requests that came first.
+        for _ in range(3):
+            await self.send("settle", "get", "GET", "/healthz")
+
+    async def probe(self) -> str | None:
+        """None if the target answers HTTP at all (any status), else why not."""
+        try:
+            await self._client.get("/healthz", timeout=min(self._timeout, 3.0))
+        except httpx.HTTPError as error:
+            return f"{type(error).__name__}: {error or 'no answer'}"
+        return None
+
+
+def _body(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"_raw": response.text[:500]}

@@ -1,0 +1,143 @@
+"""Machine-readable reports: JSON, JUnit XML and Markdown. No rich here."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from .results import Finding, RunResult, ScenarioResult, SuiteResult, Verdict
+
+
+def reproduce_command(result: ScenarioResult, target_url: str | None) -> str:
+    target = f" --target {target_url}" if target_url else ""
+    # Built-in scenarios are found by name; a file of the user's is named by path.
+    source = "" if result.source.startswith("builtin:") else f"{result.source} "
+    return f"sessctl run-scenarios {source}--filter {result.name}{target}"
+
+
+def _finding(f: Finding) -> dict[str, Any]:
+    return {"step": f.step, "expected": f.expected, "actual": f.actual, "reproduce": f.reproduce}
+
+
+def _run(run: RunResult) -> dict[str, Any]:
+    return {
+        "index": run.index,
+        "verdict": run.verdict.value,
+        "observations": {
+            step: {
+                "op": o.op,
+                "status": o.status,
+                "error_type": o.error_type,
+                "latency_ms": round(o.latency_ms, 3),
+                "transport_error": o.transport_error,
+                "hung_up_by_harness": o.cancelled_by_scenario,
+            }
+            for step, o in run.observations.items()
+        },
+        "failures": [_finding(f) for f in run.failures],
+        "errors": [_finding(f) for f in run.errors],
+        "upstream_events": run.upstream_events,
+    }
+
+
+def to_json(suite: SuiteResult, target_urls: dict[str, str | None]) -> dict[str, Any]:
+    return {
+        "summary": {
+            "passed": suite.count(Verdict.PASS),
+            "failed": suite.count(Verdict.FAIL),
+            "errors": suite.count(Verdict.ERROR),
+            "exit_code": suite.exit_code,
+            "unreachable": suite.unreachable,
+        },
+        "scenarios": [
+            {
+                "name": s.name,
+                "target": s.target,
+                "verdict": s.verdict.value,
+                "source": s.source,
+                "description": s.description,
+                "reproduce": reproduce_command(s, target_urls.get(s.target)),
+                "steps": [
+                    {
+                        "step": step.step,
+                        "op": step.op,
+                        "expected": step.expected,
+                        "observed": dict(step.cells),
+                    }
+                    for step in s.steps
+                ],
+                "runs": [_run(run) for run in s.runs],
+            }
+            for s in suite.scenarios
+        ],
+    }
+
+
+def write_json(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
+    path.write_text(json.dumps(to_json(suite, target_urls), indent=2) + "\n", encoding="utf-8")
+
+
+def write_junit(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
+    root = ET.Element("testsuites", name="sessctl")
+    for target in suite.targets:
+        results = [s for s in suite.scenarios if s.target == target]
+        element = ET.SubElement(
+            root,
+            "testsuite",
+            name=f"sessctl.{target}",
+            tests=str(len(results)),
+            failures=str(sum(1 for s in results if s.verdict is Verdict.FAIL)),
+            errors=str(sum(1 for s in results if s.verdict is Verdict.ERROR)),
+        )
+        for result in results:
+            case = ET.SubElement(
+                element, "testcase", classname=f"sessctl.{target}", name=result.name
+            )
+            run = result.first_problem_run
+            if run is None:
+                continue
+            findings = run.errors or run.failures
+            tag = "error" if result.verdict is Verdict.ERROR else "failure"
+            detail = ET.SubElement(case, tag, message=_one_line(findings[0]) if findings else tag)
+            lines = [_one_line(f) for f in findings]
+            lines.append(f"reproduce: {reproduce_command(result, target_urls.get(target))}")
+            detail.text = "\n".join(lines)
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def write_markdown(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
+    lines = ["# sessctl scenario report", ""]
+    lines.append(
+        f"{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.FAIL)} failed, "
+        f"{suite.count(Verdict.ERROR)} errors"
+    )
+    lines.append("")
+    names = list(dict.fromkeys(s.name for s in suite.scenarios))
+    lines.append("| scenario | " + " | ".join(suite.targets) + " |")
+    lines.append("|---|" + "---|" * len(suite.targets))
+    by_key = {(s.name, s.target): s for s in suite.scenarios}
+    for name in names:
+        cells = [
+            by_key[(name, t)].verdict.value.upper() if (name, t) in by_key else "-"
+            for t in suite.targets
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    problems = [s for s in suite.scenarios if s.verdict is not Verdict.PASS]
+    if problems:
+        lines += ["", "## Failures", ""]
+    for result in problems:
+        run = result.first_problem_run
+        lines.append(f"### {result.name} on {result.target}: {result.verdict.value.upper()}")
+        lines.append("")
+        for finding in (run.errors + run.failures) if run else []:
+            lines.append(f"- {_one_line(finding)}")
+        lines += ["", "```", reproduce_command(result, target_urls.get(result.target)), "```", ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _one_line(finding: Finding) -> str:
+    where = f"{finding.step}: " if finding.step else ""
+    return f"{where}expected {finding.expected}; got {finding.actual}"

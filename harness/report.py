@@ -1,0 +1,169 @@
+"""The terminal report: status-code matrices, failures explained, a summary.
+
+Rich renders colour on a terminal and plain text elsewhere (and honours
+NO_COLOR); tables switch to ASCII boxes when the output is not a terminal,
+so CI logs stay readable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .exporters import reproduce_command
+from .results import ScenarioResult, SuiteResult, Verdict
+from .suite import SuiteHooks
+
+VERDICT_STYLE = {
+    Verdict.PASS: "bold green",
+    Verdict.FAIL: "bold red",
+    Verdict.ERROR: "bold magenta",
+}
+
+
+def _box(console: Console) -> box.Box:
+    return box.SIMPLE_HEAD if console.is_terminal else box.ASCII2
+
+
+def verdict_text(verdict: Verdict) -> Text:
+    return Text(verdict.value.upper(), style=VERDICT_STYLE[verdict])
+
+
+def render_scenario(console: Console, result: ScenarioResult, target_url: str | None) -> None:
+    runs = len(result.runs)
+    title = Text.assemble(
+        verdict_text(result.verdict),
+        f"  {result.name}",
+        (f"  on {result.target}", "dim"),
+        (f"  ({runs} run{'s' if runs != 1 else ''})", "dim"),
+    )
+    console.print(title)
+    if result.steps:
+        columns = sorted({cell for step in result.steps for cell in step.cells}, key=_cell_order)
+        table = Table(box=_box(console), show_edge=False, pad_edge=False, padding=(0, 1))
+        table.add_column("step")
+        table.add_column("op", style="dim")
+        table.add_column("expected")
+        for column in columns:
+            table.add_column(column, justify="right")
+        for step in result.steps:
+            row: list[Text | str] = [step.step, step.op, step.expected or "-"]
+            for column in columns:
+                count = step.cells.get(column, 0)
+                if not count:
+                    row.append("")
+                elif step.expected is None:
+                    row.append(Text(str(count), style="dim"))
+                elif column in step.expected_cells:
+                    row.append(Text(f"{count} ok", style="green"))
+                else:
+                    row.append(Text(f"{count} !!", style="bold red"))
+            table.add_row(*row)
+        console.print(table)
+    run = result.first_problem_run
+    if run is not None:
+        failed_runs = sum(1 for r in result.runs if r.verdict is not Verdict.PASS)
+        if runs > 1:
+            console.print(f"  {failed_runs} of {runs} runs did not pass; run {run.index} was:")
+        for finding in run.errors + run.failures:
+            where = f"[bold]{finding.step}[/bold]: " if finding.step else ""
+            console.print(f"  {where}expected [green]{finding.expected}[/green]", highlight=False)
+            console.print(
+                f"  {' ' * len(finding.step or '')}{'  ' if finding.step else ''}"
+                f"got      [red]{finding.actual}[/red]",
+                highlight=False,
+            )
+            if finding.reproduce:
+                console.print(
+                    f"    [dim]{finding.reproduce}[/dim]", highlight=False, soft_wrap=True
+                )
+        console.print(
+            f"  reproduce: [cyan]{reproduce_command(result, target_url)}[/cyan]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if run.upstream_events:
+            events = ", ".join(f"{e['step']}.{e['kind']}#{e['call']}" for e in run.upstream_events)
+            console.print(f"  upstream saw: [dim]{events}[/dim]", soft_wrap=True)
+    console.print()
+
+
+def _cell_order(cell: str) -> tuple[int, str]:
+    return (0, cell) if cell.isdigit() else (1, cell)
+
+
+def render_suite(
+    console: Console, suite: SuiteResult, target_urls: dict[str, str | None], *, verbose: bool
+) -> None:
+    for result in suite.scenarios:
+        if verbose or result.verdict is not Verdict.PASS or len(suite.scenarios) <= 40:
+            render_scenario(console, result, target_urls.get(result.target))
+    if len(suite.targets) > 1:
+        render_target_matrix(console, suite)
+    for target, problem in suite.unreachable.items():
+        console.print(f"[bold magenta]target {target} unusable:[/bold magenta] {problem}")
+    console.print(summary_line(suite))
+
+
+def render_target_matrix(console: Console, suite: SuiteResult) -> None:
+    table = Table(title="scenario x target", box=_box(console))
+    table.add_column("scenario")
+    for target in suite.targets:
+        table.add_column(target, justify="center")
+    by_key = {(s.name, s.target): s for s in suite.scenarios}
+    for name in dict.fromkeys(s.name for s in suite.scenarios):
+        cells: list[Text | str] = []
+        for target in suite.targets:
+            result = by_key.get((name, target))
+            cells.append(verdict_text(result.verdict) if result else "-")
+        table.add_row(name, *cells)
+    console.print(table)
+
+
+def summary_line(suite: SuiteResult) -> Text:
+    passed, failed, errors = (suite.count(v) for v in (Verdict.PASS, Verdict.FAIL, Verdict.ERROR))
+    style = "bold green" if failed == errors == 0 else "bold red"
+    return Text(
+        f"{len(suite.scenarios)} scenario results: {passed} passed, {failed} failed, "
+        f"{errors} errors",
+        style=style,
+    )
+
+
+@contextmanager
+def progress_hooks(console: Console, announce_upstream: bool) -> Iterator[SuiteHooks]:
+    """A progress bar on a terminal; nothing but the upstream line elsewhere."""
+    progress = Progress(
+        TextColumn("[bold]running scenarios"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}", style="dim"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("runs", total=None, last="")
+
+    def on_upstream_ready(url: str) -> None:
+        if announce_upstream:
+            console.print(
+                f"chaos upstream listening on [bold]{url}[/bold]\n"
+                f"the server under test must use it as its LLM upstream "
+                f"(OpenAI base URL; calls go to {url}/chat/completions)"
+            )
+
+    def on_start(total: int) -> None:
+        progress.update(task, total=total)
+
+    def on_run_done(target: str, name: str, verdict: Verdict) -> None:
+        progress.update(task, advance=1, last=f"{name} {verdict.value}")
+
+    with progress:
+        yield SuiteHooks(on_upstream_ready, on_start, on_run_done)

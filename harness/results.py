@@ -1,0 +1,148 @@
+"""What a run observed and concluded: frozen records, no I/O, no rendering."""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    ERROR = "error"
+
+    @staticmethod
+    def worst(verdicts: list[Verdict]) -> Verdict:
+        if Verdict.ERROR in verdicts:
+            return Verdict.ERROR
+        if Verdict.FAIL in verdicts:
+            return Verdict.FAIL
+        return Verdict.PASS
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    method: str
+    url: str
+    json_body: Any = None
+    raw_body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One HTTP step's outcome in one run."""
+
+    step: str
+    op: str
+    request: SentRequest | None
+    status: int | None
+    """None when no HTTP answer came back; ``transport_error`` says why."""
+    started: float
+    ended: float
+    body: Any = None
+    transport_error: str | None = None
+    cancelled_by_scenario: bool = False
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.ended - self.started) * 1000
+
+    @property
+    def error_type(self) -> str | None:
+        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
+            kind = self.body["error"].get("type")
+            return str(kind) if kind is not None else None
+        return None
+
+    @property
+    def cell(self) -> str:
+        """The status as the matrix shows it."""
+        if self.cancelled_by_scenario:
+            return "hung up"
+        if self.status is None:
+            return "no answer"
+        return str(self.status)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One expectation that did not hold, or a reason the run could not complete."""
+
+    step: str | None
+    expected: str
+    actual: str
+    reproduce: str | None = None
+    """A curl line for the step, with the ids of this run."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    index: int
+    verdict: Verdict
+    observations: dict[str, Observation]
+    failures: list[Finding] = field(default_factory=list)
+    errors: list[Finding] = field(default_factory=list)
+    upstream_events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    step: str
+    op: str
+    expected: str | None
+    cells: Counter[str]
+    """Observed cell -> how many runs saw it."""
+    expected_cells: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    name: str
+    description: str
+    source: str
+    target: str
+    runs: list[RunResult]
+    steps: list[StepSummary]
+
+    @property
+    def verdict(self) -> Verdict:
+        return Verdict.worst([run.verdict for run in self.runs])
+
+    @property
+    def first_problem_run(self) -> RunResult | None:
+        for run in self.runs:
+            if run.verdict is not Verdict.PASS:
+                return run
+        return None
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    targets: list[str]
+    scenarios: list[ScenarioResult]
+    unreachable: dict[str, str] = field(default_factory=dict)
+    """Target name -> why it could not be reached."""
+
+    def count(self, verdict: Verdict) -> int:
+        return sum(1 for s in self.scenarios if s.verdict is verdict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.unreachable:
+            return 3
+        if any(s.verdict is not Verdict.PASS for s in self.scenarios):
+            return 1
+        return 0
+
+
+def answer_of(observation: Observation | None) -> dict[str, Any] | None:
+    if observation is None or not isinstance(observation.body, dict):
+        return None
+    choices = observation.body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict):
+            return message
+    return None

@@ -1,0 +1,414 @@
+"""Running one scenario once against one target.
+
+Order is forced, never hoped for: a race is set up by holding a chat at the
+chaos upstream (``upstream: hold``), waiting for the upstream to *receive* it
+(``wait: c1.received``), doing the racing operation, and releasing. Every
+wait has a timeout, so a server that never forwards a call fails the step
+instead of hanging the run.
+
+After the steps: upstream-event expectations are checked while holds are
+still in place (so a leaked call cannot be mistaken for an answered one),
+then this run's holds are released, background steps are awaited, and the
+final trajectories are read for the durability checks.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .chaos_upstream import ChaosUpstream, EventKind, marker
+from .checks import check_run
+from .client import TargetClient
+from .results import Finding, Observation, RunResult, Verdict, answer_of
+from .scenario import (
+    AwaitStep,
+    CancelStep,
+    ChatStep,
+    CreateStep,
+    DeleteStep,
+    GetStep,
+    GhostStep,
+    ReleaseStep,
+    RequestStep,
+    Scenario,
+    SessionStep,
+    SettleStep,
+    Step,
+    UpstreamExpect,
+    WaitStep,
+)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    request_timeout: float = 10.0
+    """How long one HTTP request may take before its cell reads "no answer"."""
+    event_grace: float = 2.0
+    """How long an expected upstream event may lag behind the HTTP answer."""
+
+
+class _Abort(Exception):
+    """Stop the remaining steps of this run; the finding says why."""
+
+    def __init__(self, finding: Finding, *, is_error: bool) -> None:
+        super().__init__(finding.actual)
+        self.finding = finding
+        self.is_error = is_error
+
+
+@dataclass
+class _Background:
+    scope: trio.CancelScope
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class RunContext:
+    """What a run has learned so far; read by ``checks.py`` afterwards."""
+
+    sessions: dict[str, str] = field(default_factory=dict)
+    """Session step name -> the server's session id."""
+    latest_session: str | None = None
+    session_of_step: dict[str, str] = field(default_factory=dict)
+    """HTTP step id -> the session id it addressed."""
+    views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Session id -> the trajectory as this client last saw it committed."""
+    sent_messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    observations: dict[str, Observation] = field(default_factory=dict)
+    final_trajectories: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
+    """Session id -> its messages at the end, or None if it no longer exists."""
+
+
+class ScenarioRun:
+    def __init__(
+        self,
+        scenario: Scenario,
+        client: TargetClient,
+        chaos: ChaosUpstream,
+        index: int,
+        settings: RunSettings,
+    ) -> None:
+        self.scenario = scenario
+        self.client = client
+        self.chaos = chaos
+        self.index = index
+        self.settings = settings
+        self.run_id = f"{scenario.name}.{index}.{secrets.token_hex(3)}"
+        self.context = RunContext()
+        self._background: dict[str, _Background] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def tag(self, step_id: str) -> str:
+        return f"{self.run_id}.{step_id}"
+
+    async def run(self) -> RunResult:
+        failures: list[Finding] = []
+        errors: list[Finding] = []
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with trio.move_on_after(self.scenario.timeout) as deadline:
+                try:
+                    for step in self.scenario.steps:
+                        await self._run_step(step)
+                except _Abort as abort:
+                    (errors if abort.is_error else failures).append(abort.finding)
+                failures.extend(await self._check_upstream_expectations())
+            if deadline.cancelled_caught:
+                errors.append(
+                    Finding(
+                        None,
+                        f"the scenario finishes within {self.scenario.timeout:g} s",
+                        "it did not; the target may hang",
+                    )
+                )
+            await self._wind_down()
+            nursery.cancel_scope.cancel()
+        await self._read_final_trajectories()
+        events = [
+            {"step": e.tag.rsplit(".", 1)[-1], "kind": e.kind.value, "call": e.call}
+            for e in self._own_events()
+        ]
+        self.chaos.forget([self.tag(s.id) for s in self.scenario.steps])
+
+        failures.extend(check_run(self.scenario, self.context))
+        errors.extend(
+            Finding(obs.step, "an HTTP answer", obs.transport_error or "none")
+            for obs in self.context.observations.values()
+            if obs.status is None and not obs.cancelled_by_scenario
+        )
+        verdict = Verdict.ERROR if errors else Verdict.FAIL if failures else Verdict.PASS
+        return RunResult(
+            self.index, verdict, dict(self.context.observations), failures, errors, events
+        )
+
+    # -- steps ----------------------------------------------------------------------
+
+    async def _run_step(self, step: Step) -> None:
+        if step.background:
+            self._start_background(step)
+        elif isinstance(step, WaitStep):
+            await self._wait(step)
+        elif isinstance(step, ReleaseStep):
+            for chat in step.steps:
+                self.chaos.release(self.tag(chat))
+        elif isinstance(step, AwaitStep):
+            await self._await(step)
+        elif isinstance(step, SettleStep):
+            await self.client.settle()
+        elif isinstance(step, CancelStep):
+            for name in step.steps:
+                self._background[name].scope.cancel()
+                await self._background[name].done.wait()
+        elif isinstance(step, GhostStep):
+            self._name_session(step.id, secrets.token_hex(16))
+        else:
+            await self._http_step(step)
+
+    def _start_background(self, step: Step) -> None:
+        assert self._nursery is not None
+        background = self._background[step.id] = _Background(trio.CancelScope())
+
+        async def run() -> None:
+            started = trio.current_time()
+            with background.scope:
+                await self._http_step(step)
+            if background.scope.cancelled_caught:
+                self.context.observations[step.id] = Observation(
+                    step.id,
+                    step.op,
+                    None,
+                    None,
+                    started,
+                    trio.current_time(),
+                    cancelled_by_scenario=True,
+                )
+            background.done.set()
+
+        self._nursery.start_soon(run)
+
+    async def _wait(self, step: WaitStep) -> None:
+        with trio.move_on_after(step.timeout):
+            await self.chaos.wait_for(self.tag(step.chat_step), step.event, step.count)
+            return
+        seen = self.chaos.count(self.tag(step.chat_step), step.event)
+        raise _Abort(
+            Finding(
+                step.id,
+                f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s",
+                f"seen {seen} time(s); the remaining steps were not run",
+            ),
+            is_error=False,
+        )
+
+    async def _await(self, step: AwaitStep) -> None:
+        timeout = step.timeout or self.settings.request_timeout
+        with trio.move_on_after(timeout):
+            for name in step.steps:
+                await self._background[name].done.wait()
+            return
+        pending = [name for name in step.steps if not self._background[name].done.is_set()]
+        raise _Abort(
+            Finding(
+                step.id,
+                f"{', '.join(step.steps)} answered within {timeout:g} s",
+                f"{', '.join(pending)} still waiting; the remaining steps were not run",
+            ),
+            is_error=False,
+        )
+
+    async def _http_step(self, step: Step) -> None:
+        if isinstance(step, CreateStep):
+            observation = await self.client.send(step.id, "create", "POST", "/sessions")
+            session_id = _session_id_of(observation)
+            self.context.observations[step.id] = observation
+            if session_id is None:
+                raise _Abort(
+                    Finding(step.id, "a created session", _describe(observation)),
+                    is_error=observation.status is None,
+                )
+            self._name_session(step.id, session_id)
+            return
+        assert isinstance(step, SessionStep)
+        session_id = self._session_id(step)
+        self.context.session_of_step[step.id] = session_id
+        if isinstance(step, ChatStep):
+            observation = await self._chat(step, session_id)
+        elif isinstance(step, DeleteStep):
+            observation = await self.client.send(
+                step.id, "delete", "DELETE", f"/sessions/{session_id}"
+            )
+        elif isinstance(step, GetStep):
+            observation = await self.client.send(step.id, "get", "GET", f"/sessions/{session_id}")
+        else:
+            assert isinstance(step, RequestStep)
+            observation = await self._raw_request(step, session_id)
+        self.context.observations[step.id] = observation
+
+    async def _chat(self, step: ChatStep, session_id: str) -> Observation:
+        tag = self.tag(step.id)
+        messages = self._messages_for(step, session_id, tag)
+        self.context.sent_messages[step.id] = messages
+        # An exact retry carries the original's marker, so the upstream files
+        # its calls under the original step: script that tag for this attempt.
+        scripted = self.tag(step.retry) if step.retry is not None else tag
+        self.chaos.script(scripted, step.behaviours)
+        observation = await self.client.send(
+            step.id,
+            "chat",
+            "POST",
+            f"/sessions/{session_id}/v1/chat/completions",
+            json_body={"model": "sessctl-chaos", "messages": messages},
+        )
+        answer = answer_of(observation)
+        if observation.status == 200 and answer is not None:
+            self.context.views[session_id] = [*messages, answer]
+        return observation
+
+    def _messages_for(self, step: ChatStep, session_id: str, tag: str) -> list[dict[str, Any]]:
+        if step.retry is not None:
+            return list(self.context.sent_messages[step.retry])
+        new_user = {"role": "user", "content": f"{step.content or 'turn ' + step.id} {marker(tag)}"}
+        if step.messages is not None:
+            messages = [dict(m) for m in step.messages]
+            last = messages[-1]
+            last["content"] = f"{last.get('content') or ''} {marker(tag)}".strip()
+            return messages
+        if step.after is not None:
+            base = list(self.context.sent_messages[step.after])
+            answer = answer_of(self.context.observations.get(step.after))
+            if answer is not None:
+                base.append(answer)
+            return [*base, new_user]
+        return [*self.context.views.get(session_id, []), new_user]
+
+    async def _raw_request(self, step: RequestStep, session_id: str) -> Observation:
+        path = step.path.replace("{session}", session_id)
+        if step.body_bytes is not None:
+            return await self.client.send(
+                step.id,
+                "request",
+                step.method,
+                path,
+                raw_body=_padded_chat_body(step.body_bytes),
+                headers={"content-type": "application/json", **step.headers},
+            )
+        if step.body is not None:
+            return await self.client.send(
+                step.id,
+                "request",
+                step.method,
+                path,
+                raw_body=step.body.encode(),
+                headers={"content-type": "application/json", **step.headers},
+            )
+        return await self.client.send(
+            step.id,
+            "request",
+            step.method,
+            path,
+            json_body=step.json_body,
+            headers=step.headers or None,
+        )
+
+    def _name_session(self, name: str, session_id: str) -> None:
+        self.context.sessions[name] = session_id
+        self.context.latest_session = name
+
+    def _session_id(self, step: SessionStep) -> str:
+        name = step.session or self.context.latest_session
+        if name is None:  # only raw requests may run before any session exists
+            return "no-session"
+        return self.context.sessions[name]
+
+    # -- the end of a run -----------------------------------------------------------
+
+    async def _check_upstream_expectations(self) -> list[Finding]:
+        findings: list[Finding] = []
+        expected = self.scenario.expect.upstream
+        # Positive expectations may lag the HTTP answer a little: wait for them first.
+        with trio.move_on_after(self.settings.event_grace):
+            for step_id, spec in expected.items():
+                for kind, wanted in _positive_targets(spec):
+                    await self.chaos.wait_for(self.tag(step_id), kind, wanted)
+        for step_id, spec in expected.items():
+            tag = self.tag(step_id)
+            if spec.calls is not None and self.chaos.calls(tag) != spec.calls:
+                findings.append(
+                    Finding(
+                        step_id,
+                        f"{step_id}: {spec.calls} upstream call(s)",
+                        f"{self.chaos.calls(tag)} call(s)",
+                    )
+                )
+            for kind in EventKind:
+                wanted = getattr(spec, kind.value)
+                if wanted is None:
+                    continue
+                seen = self.chaos.count(tag, kind)
+                ok = seen >= 1 if wanted is True else seen == int(wanted)
+                if not ok:
+                    shown = "at least once" if wanted is True else f"{int(wanted)} time(s)"
+                    findings.append(
+                        Finding(step_id, f"{step_id}.{kind.value} {shown}", f"{seen} time(s)")
+                    )
+        return findings
+
+    async def _wind_down(self) -> None:
+        for step in self.scenario.steps:
+            if isinstance(step, ChatStep):
+                self.chaos.release(self.tag(step.id))
+        with trio.move_on_after(self.settings.request_timeout):
+            for background in self._background.values():
+                await background.done.wait()
+
+    async def _read_final_trajectories(self) -> None:
+        for name, session_id in self.context.sessions.items():
+            observation = await self.client.send(
+                f"final-{name}", "get", "GET", f"/sessions/{session_id}"
+            )
+            messages = (
+                observation.body.get("messages") if isinstance(observation.body, dict) else None
+            )
+            ok = observation.status == 200 and isinstance(messages, list)
+            self.context.final_trajectories[session_id] = messages if ok else None
+
+    def _own_events(self) -> list[Any]:
+        prefix = self.run_id + "."
+        return [e for e in self.chaos.events() if e.tag.startswith(prefix)]
+
+
+def _positive_targets(spec: UpstreamExpect) -> list[tuple[EventKind, int]]:
+    targets: list[tuple[EventKind, int]] = []
+    for kind in EventKind:
+        wanted = getattr(spec, kind.value)
+        if wanted is True:
+            targets.append((kind, 1))
+        elif isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
+            targets.append((kind, wanted))
+    return targets
+
+
+def _session_id_of(observation: Observation) -> str | None:
+    if observation.status is None or observation.status // 100 != 2:
+        return None
+    body = observation.body
+    if isinstance(body, dict) and isinstance(body.get("session_id"), str):
+        return str(body["session_id"])
+    return None
+
+
+def _describe(observation: Observation) -> str:
+    if observation.status is None:
+        return observation.transport_error or "no answer"
+    return f"{observation.status} {json.dumps(observation.body)[:200]}"
+
+
+def _padded_chat_body(size: int) -> bytes:
+    head = b'{"model": "sessctl-chaos", "messages": [{"role": "user", "content": "'
+    tail = b'"}]}'
+    return head + b"x" * max(0, size - len(head) - len(tail)) + tail

@@ -1,0 +1,421 @@
+"""The scenario model: what a YAML scenario file may say (see scenarios/README.md).
+
+A step is a mapping whose *operation key* names the step::
+
+    - chat: c1            # op "chat", step id "c1"
+      session: s1
+      upstream: hold
+      background: true
+
+Validation happens in two passes: pydantic checks each field's shape, then
+``check_references`` checks that every name a step uses was defined by an
+earlier step. ``loader.py`` turns both kinds of error into file:line:col.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .chaos_upstream import Behaviour, EventKind, parse_behaviour
+from .errors import ScriptError
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=40)]
+
+
+# -- status expectations ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusMatcher:
+    codes: frozenset[int]
+    classes: frozenset[int]
+    """Hundreds digits for "2xx"-style entries."""
+
+    def matches(self, status: int | None) -> bool:
+        if status is None:
+            return False
+        return status in self.codes or status // 100 in self.classes
+
+    def describe(self) -> str:
+        parts = [str(c) for c in sorted(self.codes)] + [f"{c}xx" for c in sorted(self.classes)]
+        return " or ".join(parts)
+
+
+_STATUS_CLASS = re.compile(r"^([1-5])xx$")
+
+
+def parse_status(spec: int | str | Sequence[int | str]) -> StatusMatcher:
+    items = [spec] if isinstance(spec, int | str) else list(spec)
+    codes: set[int] = set()
+    classes: set[int] = set()
+    for item in items:
+        if isinstance(item, int) and 100 <= item <= 599:
+            codes.add(item)
+            continue
+        if isinstance(item, str):
+            if item.isdigit() and 100 <= int(item) <= 599:
+                codes.add(int(item))
+                continue
+            match = _STATUS_CLASS.match(item)
+            if match:
+                classes.add(int(match.group(1)))
+                continue
+        raise ValueError(f"{item!r} is not a status: use a code like 404, or a class like 2xx")
+    if not codes and not classes:
+        raise ValueError("expected at least one status")
+    return StatusMatcher(frozenset(codes), frozenset(classes))
+
+
+StatusSpec = int | str | list[int | str]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Expect(_Model):
+    status: StatusSpec | None = None
+    error_type: str | list[str] | None = None
+    within_ms: float | None = Field(default=None, gt=0)
+    # For get steps: the committed trajectory as the server reports it.
+    num_assistant: int | None = Field(default=None, ge=0)
+    length: int | None = Field(default=None, ge=0)
+    in_flight: bool | None = None
+    contains: list[Identifier] = []
+    """Chat steps whose answer must be in the trajectory."""
+    excludes: list[Identifier] = []
+    """Chat steps whose new user message must not be in the trajectory."""
+
+    @field_validator("status")
+    @classmethod
+    def _status_is_parseable(cls, value: StatusSpec | None) -> StatusSpec | None:
+        if value is not None:
+            parse_status(value)
+        return value
+
+    @property
+    def status_matcher(self) -> StatusMatcher | None:
+        return None if self.status is None else parse_status(self.status)
+
+    @property
+    def error_types(self) -> frozenset[str]:
+        if self.error_type is None:
+            return frozenset()
+        return frozenset([self.error_type] if isinstance(self.error_type, str) else self.error_type)
+
+
+# -- steps ----------------------------------------------------------------------
+
+
+class Step(_Model):
+    id: Identifier
+    background: bool = False
+    expect: Expect | None = None
+    note: str | None = None
+    """Why this step is here; shown in the report."""
+
+    op: str = ""
+
+    def references(self) -> list[tuple[str, str]]:
+        """(field, step id) pairs this step refers to, for the reference check."""
+        return []
+
+
+class SessionStep(Step):
+    session: Identifier | None = None
+    """A session created (or ghosted) by an earlier step; default: the latest one."""
+
+
+class CreateStep(Step):
+    op: Literal["create"] = "create"
+
+
+class GhostStep(Step):
+    """Names a fresh random session id that was never created."""
+
+    op: Literal["ghost"] = "ghost"
+
+
+class ChatStep(SessionStep):
+    op: Literal["chat"] = "chat"
+    upstream: Any = "respond"
+    """One behaviour, or a list (one per upstream call, the last repeating)."""
+    after: Identifier | None = None
+    """Build on the trajectory as this earlier chat's client saw it."""
+    retry: Identifier | None = None
+    """Send exactly the messages that earlier chat sent (an exact retry)."""
+    messages: list[dict[str, Any]] | None = None
+    """Explicit messages; the harness marker is appended to the last one."""
+    content: str | None = None
+    """Text of the new user message (default: "turn <id>")."""
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_is_a_script(cls, value: Any) -> Any:
+        try:
+            behaviours_of(value)
+        except ScriptError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @property
+    def behaviours(self) -> list[Behaviour]:
+        return behaviours_of(self.upstream)
+
+    def references(self) -> list[tuple[str, str]]:
+        return [(f, v) for f, v in (("after", self.after), ("retry", self.retry)) if v]
+
+
+def behaviours_of(spec: Any) -> list[Behaviour]:
+    items = spec if isinstance(spec, list) else [spec]
+    if not items:
+        raise ScriptError("the upstream script is empty")
+    return [parse_behaviour(item) for item in items]
+
+
+class DeleteStep(SessionStep):
+    op: Literal["delete"] = "delete"
+
+
+class GetStep(SessionStep):
+    op: Literal["get"] = "get"
+
+
+class RequestStep(SessionStep):
+    """A raw HTTP request, for bad input. ``{session}`` in the path is the session id."""
+
+    op: Literal["request"] = "request"
+    method: str = "POST"
+    path: str
+    body: str | None = None
+    json_body: Any = Field(default=None, alias="json")
+    body_bytes: int | None = Field(default=None, ge=1, le=256 * 1024 * 1024)
+    """Send a syntactically valid chat body padded to this many bytes."""
+    headers: dict[str, str] = {}
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class WaitStep(Step):
+    op: Literal["wait"] = "wait"
+    target: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*\.(received|answered|cancelled|dropped)$")
+    """``STEP.EVENT``: an upstream event of a chat step."""
+    count: int = Field(default=1, ge=1)
+    timeout: float = Field(default=5.0, gt=0)
+
+    @property
+    def chat_step(self) -> str:
+        return self.target.split(".", 1)[0]
+
+    @property
+    def event(self) -> EventKind:
+        return EventKind(self.target.split(".", 1)[1])
+
+    def references(self) -> list[tuple[str, str]]:
+        return [("wait", self.chat_step)]
+
+
+class StepListStep(Step):
+    steps: list[Identifier]
+
+    def references(self) -> list[tuple[str, str]]:
+        return [(self.op, s) for s in self.steps]
+
+
+class ReleaseStep(StepListStep):
+    op: Literal["release"] = "release"
+
+
+class AwaitStep(StepListStep):
+    op: Literal["await"] = "await"
+    timeout: float | None = Field(default=None, gt=0)
+    """Fail the run if the steps have not answered by then (default: the request timeout)."""
+
+
+class SettleStep(Step):
+    """Let the target take in every request already sent (e.g. queue on a session lock).
+
+    Exact against the in-process reference server (every task is blocked);
+    against an external target, a best-effort barrier of a few round trips.
+    """
+
+    op: Literal["settle"] = "settle"
+
+
+class CancelStep(StepListStep):
+    """The harness hangs up on background chats: a client disconnect mid-turn."""
+
+    op: Literal["cancel"] = "cancel"
+
+
+STEP_TYPES: dict[str, type[Step]] = {
+    "create": CreateStep,
+    "ghost": GhostStep,
+    "chat": ChatStep,
+    "delete": DeleteStep,
+    "get": GetStep,
+    "request": RequestStep,
+    "wait": WaitStep,
+    "release": ReleaseStep,
+    "await": AwaitStep,
+    "cancel": CancelStep,
+    "settle": SettleStep,
+}
+HTTP_OPS = frozenset({"create", "chat", "delete", "get", "request"})
+"""Steps that send a request and so get a status."""
+
+
+def step_fields(op: str, value: Any, rest: dict[str, Any], position: int) -> dict[str, Any]:
+    """Map ``{op: value, **rest}`` onto the step model's fields."""
+    fields = dict(rest)
+    if op == "wait":
+        fields["target"] = value
+        fields.setdefault("id", f"wait{position}")
+    elif op in ("release", "await", "cancel"):
+        fields["steps"] = value if isinstance(value, list) else [value]
+        fields.setdefault("id", f"{op}{position}")
+    elif op == "settle":
+        fields.setdefault("id", f"settle{position}")
+    else:
+        fields["id"] = value
+    return fields
+
+
+# -- scenario-level expectations ----------------------------------------------------
+
+
+class UpstreamExpect(_Model):
+    received: int | bool | None = None
+    answered: int | bool | None = None
+    cancelled: int | bool | None = None
+    dropped: int | bool | None = None
+    calls: int | None = Field(default=None, ge=0)
+
+
+class Group(_Model):
+    """A constraint over several steps' statuses, e.g. exactly one 204."""
+
+    exactly_one: list[Identifier] | None = None
+    at_most_one: list[Identifier] | None = None
+    at_least_one: list[Identifier] | None = None
+    status: StatusSpec
+
+    @field_validator("status")
+    @classmethod
+    def _status_is_parseable(cls, value: StatusSpec) -> StatusSpec:
+        parse_status(value)
+        return value
+
+    @property
+    def kind_and_steps(self) -> tuple[str, list[str]]:
+        given = [
+            (kind, steps)
+            for kind, steps in (
+                ("exactly_one", self.exactly_one),
+                ("at_most_one", self.at_most_one),
+                ("at_least_one", self.at_least_one),
+            )
+            if steps is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("a group needs exactly one of exactly_one, at_most_one, at_least_one")
+        return given[0]
+
+
+class ScenarioExpect(_Model):
+    upstream: dict[Identifier, UpstreamExpect] = {}
+    groups: list[Group] = []
+    durable: bool = True
+    """Every chat answered 200 is a prefix of its session's final trajectory."""
+    no_success_after_delete: bool = True
+    """No step on a session gets 2xx once a DELETE of it has completed with 2xx."""
+
+
+class Scenario(_Model):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=80)]
+    description: str
+    why: str = ""
+    """Why the expected codes are right (every built-in scenario says)."""
+    mirrors: str | None = None
+    """The seed test this scenario mirrors, where there is one."""
+    repeat: int = Field(default=1, ge=1, le=10_000)
+    timeout: float = Field(default=30.0, gt=0)
+    steps: list[Step]
+    expect: ScenarioExpect = ScenarioExpect()
+    source: str = ""
+    """The file it came from (set by the loader)."""
+
+    def step(self, step_id: str) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+
+@dataclass(frozen=True)
+class ReferenceProblem:
+    step_index: int | None
+    field: str
+    message: str
+
+
+def check_references(scenario: Scenario) -> list[ReferenceProblem]:
+    """Names must be defined before use; ids must be unique."""
+    problems: list[ReferenceProblem] = []
+    seen: dict[str, Step] = {}
+    sessions: set[str] = set()
+    for index, step in enumerate(scenario.steps):
+        if step.id in seen:
+            problems.append(ReferenceProblem(index, "id", f"step id {step.id!r} is used twice"))
+        if isinstance(step, SessionStep):
+            if step.session is not None and step.session not in sessions:
+                problems.append(
+                    ReferenceProblem(
+                        index,
+                        "session",
+                        f"session {step.session!r} is not created before this step",
+                    )
+                )
+            if step.session is None and not sessions and not isinstance(step, RequestStep):
+                problems.append(
+                    ReferenceProblem(index, "session", "no session exists yet: add a create step")
+                )
+        for field, ref in step.references():
+            target = seen.get(ref)
+            if target is None:
+                problems.append(ReferenceProblem(index, field, f"{ref!r} is not an earlier step"))
+            elif field in ("wait", "release", "after", "retry", "cancel") and not isinstance(
+                target, ChatStep
+            ):
+                problems.append(ReferenceProblem(index, field, f"{ref!r} is not a chat step"))
+            elif field == "cancel" and not target.background:
+                problems.append(
+                    ReferenceProblem(index, field, f"{ref!r} must be a background step to cancel")
+                )
+        if step.expect is not None:
+            for ref in [*step.expect.contains, *step.expect.excludes]:
+                if not isinstance(seen.get(ref), ChatStep):
+                    problems.append(
+                        ReferenceProblem(index, "expect", f"{ref!r} is not an earlier chat step")
+                    )
+        if isinstance(step, CreateStep | GhostStep):
+            sessions.add(step.id)
+        seen[step.id] = step
+    for name in scenario.expect.upstream:
+        if not isinstance(seen.get(name), ChatStep):
+            problems.append(ReferenceProblem(None, "expect", f"{name!r} is not a chat step"))
+    for group in scenario.expect.groups:
+        try:
+            _, steps = group.kind_and_steps
+        except ValueError as error:
+            problems.append(ReferenceProblem(None, "expect", str(error)))
+            continue
+        for ref in steps:
+            if ref not in seen:
+                problems.append(ReferenceProblem(None, "expect", f"{ref!r} is not a step"))
+    return problems

@@ -1,0 +1,220 @@
+"""Running many scenarios against one or more targets, with one chaos upstream.
+
+With no target, the reference server is started in-process on loopback and
+wired to the chaos upstream: the embedded default. An external target must
+be started with the chaos upstream's URL as its LLM backend; a pre-flight
+chat checks that it really is, so a mis-wired setup is reported as such
+instead of as a wall of confusing failures.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from refserver.fake_upstream import Flavor
+from refserver.server import ServerConfig, serve
+
+from .chaos_upstream import ChaosUpstream, marker
+from .client import TargetClient
+from .results import Finding, RunResult, ScenarioResult, StepSummary, SuiteResult, Verdict
+from .runner import RunSettings, ScenarioRun
+from .scenario import HTTP_OPS, Scenario
+
+EMBEDDED = "reference"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str | None
+    """None: start the reference server in-process."""
+    emulate: str | None = None
+    """For in-process targets only: a known-broken variant of the reference server."""
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    concurrency: int = 8
+    repeat: int | None = None
+    """Overrides every scenario's ``repeat``."""
+    flavor: Flavor = "openai"
+    upstream_host: str = "127.0.0.1"
+    upstream_port: int = 0
+    target_wait: float = 5.0
+    """How long to keep probing a target that does not answer yet."""
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+@dataclass(frozen=True)
+class SuiteHooks:
+    on_upstream_ready: Callable[[str], None] = lambda url: None
+    on_start: Callable[[int], None] = lambda total_runs: None
+    on_run_done: Callable[[str, str, Verdict], None] = lambda target, name, verdict: None
+
+
+def runs_of(scenario: Scenario, settings: SuiteSettings) -> int:
+    return settings.repeat or scenario.repeat
+
+
+async def run_suite(
+    scenarios: Sequence[Scenario],
+    targets: Sequence[Target],
+    settings: SuiteSettings,
+    hooks: SuiteHooks | None = None,
+) -> SuiteResult:
+    hooks = hooks or SuiteHooks()
+    chaos = ChaosUpstream(settings.flavor)
+    results: list[ScenarioResult] = []
+    unreachable: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        upstream_url = await nursery.start(
+            partial(chaos.serve, settings.upstream_host, settings.upstream_port)
+        )
+        hooks.on_upstream_ready(upstream_url)
+        hooks.on_start(len(targets) * sum(runs_of(s, settings) for s in scenarios))
+        for target in targets:
+            url = target.url
+            if url is None:
+                config = ServerConfig(port=0, upstream_url=upstream_url, emulate=target.emulate)
+                running = await nursery.start(serve, config)
+                url = running.url
+            client = TargetClient(
+                url, request_timeout=settings.run.request_timeout, in_process=target.url is None
+            )
+            try:
+                problem = await _probe(client, settings.target_wait)
+                if problem is None and target.url is not None:
+                    problem = await _check_wiring(client, chaos, upstream_url)
+                if problem is not None:
+                    unreachable[target.name] = problem
+                    results.extend(_unreachable_results(scenarios, target.name, problem))
+                    for scenario in scenarios:
+                        for _ in range(runs_of(scenario, settings)):
+                            hooks.on_run_done(target.name, scenario.name, Verdict.ERROR)
+                    continue
+                results.extend(
+                    await _run_scenarios(scenarios, target.name, client, chaos, settings, hooks)
+                )
+            finally:
+                await client.aclose()
+        nursery.cancel_scope.cancel()
+    return SuiteResult([t.name for t in targets], results, unreachable)
+
+
+async def _run_scenarios(
+    scenarios: Sequence[Scenario],
+    target: str,
+    client: TargetClient,
+    chaos: ChaosUpstream,
+    settings: SuiteSettings,
+    hooks: SuiteHooks,
+) -> list[ScenarioResult]:
+    limiter = trio.CapacityLimiter(settings.concurrency)
+    runs: dict[str, list[RunResult]] = {s.name: [] for s in scenarios}
+
+    async def one(scenario: Scenario, index: int) -> None:
+        async with limiter:
+            result = await ScenarioRun(scenario, client, chaos, index, settings.run).run()
+        runs[scenario.name].append(result)
+        hooks.on_run_done(target, scenario.name, result.verdict)
+
+    async with trio.open_nursery() as nursery:
+        for scenario in scenarios:
+            for index in range(runs_of(scenario, settings)):
+                nursery.start_soon(one, scenario, index)
+    return [
+        summarise(scenario, target, sorted(runs[scenario.name], key=lambda r: r.index))
+        for scenario in scenarios
+    ]
+
+
+def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> ScenarioResult:
+    steps: list[StepSummary] = []
+    for step in scenario.steps:
+        if step.op not in HTTP_OPS:
+            continue
+        cells: Counter[str] = Counter()
+        expected_cells: set[str] = set()
+        matcher = step.expect.status_matcher if step.expect else None
+        for run in runs:
+            observation = run.observations.get(step.id)
+            if observation is None:
+                cells["not run"] += 1
+                continue
+            cells[observation.cell] += 1
+            if matcher is not None and matcher.matches(observation.status):
+                expected_cells.add(observation.cell)
+        steps.append(
+            StepSummary(
+                step.id,
+                step.op,
+                matcher.describe() if matcher else None,
+                cells,
+                frozenset(expected_cells),
+            )
+        )
+    return ScenarioResult(
+        scenario.name, scenario.description.strip(), scenario.source, target, runs, steps
+    )
+
+
+async def _probe(client: TargetClient, wait: float) -> str | None:
+    problem = await client.probe()
+    with trio.move_on_after(wait):
+        while problem is not None:
+            await trio.sleep(0.2)  # polling a server that is still starting up
+            problem = await client.probe()
+    return problem
+
+
+async def _check_wiring(
+    client: TargetClient, chaos: ChaosUpstream, upstream_url: str
+) -> str | None:
+    """A target that answers chats without calling our upstream cannot be raced."""
+    created = await client.send("preflight", "create", "POST", "/sessions")
+    body = created.body if isinstance(created.body, dict) else {}
+    session_id = body.get("session_id")
+    if created.status is None or created.status // 100 != 2 or not isinstance(session_id, str):
+        return None  # the scenarios will say what is wrong with create
+    tag = f"preflight.{session_id}"
+    chat = await client.send(
+        "preflight",
+        "chat",
+        "POST",
+        f"/sessions/{session_id}/v1/chat/completions",
+        json_body={
+            "model": "sessctl-chaos",
+            "messages": [{"role": "user", "content": marker(tag)}],
+        },
+    )
+    calls = chaos.calls(tag)
+    chaos.forget([tag])
+    await client.send("preflight", "delete", "DELETE", f"/sessions/{session_id}")
+    if chat.status == 200 and calls == 0:
+        return (
+            f"it answered a chat without calling the chaos upstream; start it with "
+            f"{upstream_url} as its LLM upstream (see --upstream-listen)"
+        )
+    return None
+
+
+def _unreachable_results(
+    scenarios: Sequence[Scenario], target: str, problem: str
+) -> list[ScenarioResult]:
+    finding = Finding(None, "a reachable target", problem)
+    return [
+        ScenarioResult(
+            s.name,
+            s.description.strip(),
+            s.source,
+            target,
+            [RunResult(0, Verdict.ERROR, {}, [], [finding])],
+            [],
+        )
+        for s in scenarios
+    ]

@@ -1,0 +1,179 @@
+"""Known-broken variants of the reference server, one historical bug each.
+
+``sessctl serve --emulate NAME`` runs one; ``sessctl selftest`` proves the
+scenario library catches every one. Each bug is one small override of a seam
+of ``SessionService`` (or of the retry policy); the clean server never asks
+which variant it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import rules
+from .errors import SessionNotFound, SessionServerError
+from .protocol import ChatRequest
+from .service import Session, SessionService, Turn, conflict_error
+from .upstream import RetryPolicy
+
+
+class AutocreateAfterDelete(SessionService):
+    def _session_for_chat(self, session_id: str) -> Session:
+        # get_or_create: an unknown or deleted id silently becomes a new session.
+        session = self._sessions.get(session_id)
+        if session is None or not rules.is_visible(session.state):
+            session = self._sessions[session_id] = Session(session_id)
+        return session
+
+
+class SplitLock(SessionService):
+    async def chat(self, session_id: str, request: ChatRequest) -> dict[str, Any]:
+        # The lock is released around the upstream call (to keep DELETE
+        # non-blocking), so two writers can both validate against the same state.
+        session = self._session_for_chat(session_id)
+        async with session.lock:
+            self._admit_queued_turn(session)
+            decision = self._decide(session, request)
+            if isinstance(decision, rules.Replay):
+                return session.records[-1].response
+            if isinstance(decision, rules.Conflict):
+                raise conflict_error(decision)
+            expected_turns = session.num_assistant
+        turn = Turn()
+        session.turn = turn
+        started_at = self._wall_clock()
+        try:
+            with turn.scope:
+                completion = await self._call_upstream(turn, request.body)
+        finally:
+            session.turn = None
+        if turn.preempted_by is not None:
+            raise turn.preempted_by
+        async with session.lock:
+            if session.num_assistant != expected_turns:
+                return completion  # "skipping state update": the phantom commit
+            self._commit(session, request, completion, started_at)
+        return completion
+
+
+class DeleteWaits(SessionService):
+    def _preempt_turn_in_flight(self, session: Session) -> None:
+        pass  # DELETE queues on the lock behind the turn and waits out its upstream call
+
+
+class QueuedProceed(SessionService):
+    def _admit_queued_turn(self, session: Session) -> None:
+        pass  # no re-check after the lock: queued turns commit into a deleted session
+
+
+class DoubleDeleteOk(SessionService):
+    async def delete(self, session_id: str) -> None:
+        # "Idempotent" DELETE: a second one also answers 204.
+        with contextlib.suppress(SessionNotFound):
+            await super().delete(session_id)
+
+
+class LeakUpstream(SessionService):
+    async def _call_upstream(self, turn: Turn, body: dict[str, Any]) -> dict[str, Any]:
+        # The upstream call runs in a task of its own that DELETE never cancels:
+        # the caller gets its 410 while the LLM work runs on.
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        failures: list[SessionServerError] = []
+
+        async def detached_call() -> None:
+            async with send:
+                try:
+                    completion = await self._upstream.complete(body)
+                except SessionServerError as failure:
+                    failures.append(failure)
+                    return
+                with contextlib.suppress(trio.BrokenResourceError):
+                    send.send_nowait(completion)
+
+        trio.lowlevel.spawn_system_task(detached_call)
+        with receive:
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                raise failures[0] from None
+
+
+class CommitOnDisconnect(SessionService):
+    async def chat(self, session_id: str, request: ChatRequest) -> dict[str, Any]:
+        # Shielded from the handler's cancellation, so a client that hung up
+        # does not stop the turn, which then commits an answer nobody saw.
+        with trio.CancelScope(shield=True):
+            completion = await super().chat(session_id, request)
+        return completion
+
+
+class LastWriterWins(SessionService):
+    def _decide(self, session: Session, request: ChatRequest) -> rules.TurnDecision:
+        decision = super()._decide(session, request)
+        if isinstance(decision, rules.Conflict) and request.messages[-1].get("role") != "assistant":
+            return rules.Extend(new_messages=len(request.messages))  # overwrite the trajectory
+        return decision
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    bug: str
+    service: type[SessionService]
+    retry: RetryPolicy | None = None
+    """Replaces the server's retry policy, for bugs that live there."""
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant(
+            "autocreate-after-delete",
+            "a chat on an unknown or deleted id creates the session (get-or-create)",
+            AutocreateAfterDelete,
+        ),
+        Variant(
+            "split-lock",
+            "the lock is released during the upstream call; a stale commit is skipped "
+            "yet answers 200 (phantom commit)",
+            SplitLock,
+        ),
+        Variant(
+            "delete-waits",
+            "DELETE takes the lock without preempting and waits out the upstream call",
+            DeleteWaits,
+        ),
+        Variant(
+            "queued-proceed",
+            "chats queued on the lock do not re-check for closing and commit into a "
+            "deleted session",
+            QueuedProceed,
+        ),
+        Variant("double-delete-ok", "a second DELETE also returns 204", DoubleDeleteOk),
+        Variant(
+            "leak-upstream",
+            "DELETE answers 410 to the chat but never cancels the upstream call",
+            LeakUpstream,
+        ),
+        Variant(
+            "commit-on-disconnect",
+            "a turn whose client hung up is committed anyway",
+            CommitOnDisconnect,
+        ),
+        Variant(
+            "no-retry",
+            "an upstream abort or 503 is passed through as 502 instead of retried",
+            SessionService,
+            retry=RetryPolicy(attempts=1),
+        ),
+        Variant(
+            "last-writer-wins",
+            "a conflicting request overwrites the trajectory instead of getting 409",
+            LastWriterWins,
+        ),
+    ]
+}

@@ -1,0 +1,1 @@
+"""The built-in race library: YAML data only, read through importlib.resources."""

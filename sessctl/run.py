@@ -1,0 +1,117 @@
+"""``sessctl run-scenarios`` and ``sessctl list-scenarios`` as plain functions."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError, UsageError
+from harness.exporters import write_json, write_junit, write_markdown
+from harness.loader import load_scenarios
+from harness.report import progress_hooks, render_suite
+from harness.runner import RunSettings
+from harness.scenario import Scenario
+from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from refserver.fake_upstream import Flavor
+
+DEFAULT_EXTERNAL_UPSTREAM = "127.0.0.1:8900"
+"""Where the chaos upstream listens when an external target must be pointed at it."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    paths: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    upstream_listen: str | None = None
+    flavor: Flavor = "openai"
+    name_filter: str | None = None
+    repeat: int | None = None
+    concurrency: int = 8
+    request_timeout: float = 10.0
+    target_wait: float = 5.0
+    junit: Path | None = None
+    json: Path | None = None
+    markdown: Path | None = None
+    verbose: bool = False
+
+
+def parse_target(spec: str) -> Target:
+    name, _, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"--target {spec!r}: expected URL or NAME=URL, with an http(s) URL")
+    return Target(name=name or parts.netloc, url=url.rstrip("/"))
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", spec)
+    if not match or int(match.group(2)) > 65535:
+        raise UsageError(f"--upstream-listen {spec!r}: expected HOST:PORT, e.g. 127.0.0.1:8900")
+    return match.group(1), int(match.group(2))
+
+
+def select(options: RunOptions) -> list[Scenario]:
+    scenarios = load_scenarios(options.paths, options.name_filter)
+    if not scenarios:
+        raise UsageError(f"no scenario matches --filter {options.name_filter!r}")
+    return scenarios
+
+
+def list_scenarios(options: RunOptions, console: Console) -> int:
+    table = Table(box=None, pad_edge=False)
+    table.add_column("scenario", style="bold")
+    table.add_column("runs", justify="right")
+    table.add_column("description")
+    table.add_column("file", style="dim")
+    for scenario in select(options):
+        table.add_row(
+            scenario.name, str(scenario.repeat), scenario.description.strip(), scenario.source
+        )
+    console.print(table)
+    return 0
+
+
+def run_scenarios(options: RunOptions, console: Console) -> int:
+    scenarios = select(options)
+    targets = [parse_target(t) for t in options.targets] or [Target(EMBEDDED, None)]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise UsageError("two targets have the same name; name them with NAME=URL")
+    external = any(t.url is not None for t in targets)
+    listen = options.upstream_listen or (DEFAULT_EXTERNAL_UPSTREAM if external else "127.0.0.1:0")
+    host, port = parse_listen(listen)
+    if options.repeat is not None and options.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    settings = SuiteSettings(
+        concurrency=max(1, options.concurrency),
+        repeat=options.repeat,
+        flavor=options.flavor,
+        upstream_host=host,
+        upstream_port=port,
+        target_wait=options.target_wait,
+        run=RunSettings(request_timeout=options.request_timeout),
+    )
+    with progress_hooks(console, announce_upstream=external) as hooks:
+        suite = trio.run(run_suite, scenarios, targets, settings, hooks)
+    target_urls = {t.name: t.url for t in targets}
+    render_suite(console, suite, target_urls, verbose=options.verbose)
+    for path, writer in (
+        (options.json, write_json),
+        (options.junit, write_junit),
+        (options.markdown, write_markdown),
+    ):
+        if path is not None:
+            try:
+                writer(path, suite, target_urls)
+            except OSError as error:
+                raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
+    return suite.exit_code
+
+
+__all__ = ["HarnessError", "RunOptions", "list_scenarios", "run_scenarios"]
