@@ -101,10 +101,7 @@ def parse_scenario(text: str, source: str) -> Scenario:
     except ValidationError as error:
         raise _from_validation(source, root, (), error) from None
     for problem in check_references(scenario):
-        location: tuple[str | int, ...] = ("expect",)
-        if problem.step_index is not None:
-            location = ("steps", problem.step_index, problem.field)
-        raise _error_at(source, root, location, problem.message)
+        raise _error_at(source, root, problem.location, problem.message)
     return scenario
 
 

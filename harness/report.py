@@ -16,8 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from refserver.variants import VARIANTS
+
 from .exporters import reproduce_command
 from .results import ScenarioResult, SuiteResult, Verdict
+from .selftest import CLEAN, SelftestResult
 from .suite import SuiteHooks
 
 VERDICT_STYLE = {
@@ -167,3 +170,68 @@ def progress_hooks(console: Console, announce_upstream: bool) -> Iterator[SuiteH
 
     with progress:
         yield SuiteHooks(on_upstream_ready, on_start, on_run_done)
+
+
+def render_selftest(console: Console, result: SelftestResult) -> None:
+    """Scenario x variant: a cell counts the runs in which the scenario caught the variant."""
+    table = Table(
+        title="scenario x variant: runs in which the scenario caught the bug",
+        box=_box(console),
+        caption="columns are numbered as in the legend below",
+    )
+    table.add_column("scenario", no_wrap=True)
+    table.add_column(CLEAN, justify="center", no_wrap=True)
+    for number, _ in enumerate(result.variants, start=1):
+        table.add_column(str(number), justify="center", no_wrap=True)
+    for scenario in result.scenarios:
+        clean = result.cell(scenario, CLEAN)
+        row: list[Text | str] = [
+            scenario,
+            Text("pass", style="green")
+            if not clean.caught
+            else Text(f"FAIL {clean.caught_runs}/{clean.runs}", style="bold red"),
+        ]
+        for variant in result.variants:
+            cell = result.cell(scenario, variant)
+            if not cell.caught:
+                row.append(Text(".", style="dim"))
+            else:
+                style = "bold green" if cell.caught_runs == cell.runs else "yellow"
+                row.append(Text(f"{cell.caught_runs}/{cell.runs}", style=style))
+        table.add_row(*row)
+    console.print(table)
+    for number, variant in enumerate(result.variants, start=1):
+        caught = result.caught_by(variant)
+        label = Text("caught" if caught else "MISSED", style="bold green" if caught else "bold red")
+        console.print(
+            Text.assemble(
+                f"{number:>2} ", label, " ", (variant, "bold"), f": {VARIANTS[variant].bug}"
+            )
+        )
+        if caught:
+            console.print(Text(f"   by {', '.join(caught)}", style="dim"))
+    if result.idle_scenarios:
+        console.print(
+            Text(
+                f"scenarios that catch no variant: {', '.join(result.idle_scenarios)}",
+                style="yellow",
+            )
+        )
+    if result.clean_problems:
+        console.print(
+            Text(
+                f"the clean server does not pass: {', '.join(result.clean_problems)}",
+                style="bold red",
+            )
+        )
+    for target, problem in result.suite.unreachable.items():
+        console.print(Text(f"target {target} unusable: {problem}", style="bold magenta"))
+    verdict = "self-test passed" if result.exit_code == 0 else "self-test FAILED"
+    console.print(
+        Text(
+            f"{verdict}: clean server {'passes' if not result.clean_problems else 'fails'}, "
+            f"{len(result.variants) - len(result.uncaught_variants)} of {len(result.variants)} "
+            f"variants caught",
+            style="bold green" if result.exit_code == 0 else "bold red",
+        )
+    )

@@ -359,8 +359,8 @@ class Scenario(_Model):
 
 @dataclass(frozen=True)
 class ReferenceProblem:
-    step_index: int | None
-    field: str
+    location: tuple[str | int, ...]
+    """Where in the file, as a path of keys and indexes (``("steps", 3, "session")``)."""
     message: str
 
 
@@ -371,51 +371,65 @@ def check_references(scenario: Scenario) -> list[ReferenceProblem]:
     sessions: set[str] = set()
     for index, step in enumerate(scenario.steps):
         if step.id in seen:
-            problems.append(ReferenceProblem(index, "id", f"step id {step.id!r} is used twice"))
+            problems.append(
+                ReferenceProblem(("steps", index, "id"), f"step id {step.id!r} is used twice")
+            )
         if isinstance(step, SessionStep):
             if step.session is not None and step.session not in sessions:
                 problems.append(
                     ReferenceProblem(
-                        index,
-                        "session",
+                        ("steps", index, "session"),
                         f"session {step.session!r} is not created before this step",
                     )
                 )
             if step.session is None and not sessions and not isinstance(step, RequestStep):
                 problems.append(
-                    ReferenceProblem(index, "session", "no session exists yet: add a create step")
+                    ReferenceProblem(
+                        ("steps", index, "session"), "no session exists yet: add a create step"
+                    )
                 )
         for field, ref in step.references():
             target = seen.get(ref)
             if target is None:
-                problems.append(ReferenceProblem(index, field, f"{ref!r} is not an earlier step"))
+                problems.append(
+                    ReferenceProblem(("steps", index, field), f"{ref!r} is not an earlier step")
+                )
             elif field in ("wait", "release", "after", "retry", "cancel") and not isinstance(
                 target, ChatStep
             ):
-                problems.append(ReferenceProblem(index, field, f"{ref!r} is not a chat step"))
+                problems.append(
+                    ReferenceProblem(("steps", index, field), f"{ref!r} is not a chat step")
+                )
             elif field == "cancel" and not target.background:
                 problems.append(
-                    ReferenceProblem(index, field, f"{ref!r} must be a background step to cancel")
+                    ReferenceProblem(
+                        ("steps", index, field), f"{ref!r} must be a background step to cancel"
+                    )
                 )
         if step.expect is not None:
             for ref in [*step.expect.contains, *step.expect.excludes]:
                 if not isinstance(seen.get(ref), ChatStep):
                     problems.append(
-                        ReferenceProblem(index, "expect", f"{ref!r} is not an earlier chat step")
+                        ReferenceProblem(
+                            ("steps", index, "expect"), f"{ref!r} is not an earlier chat step"
+                        )
                     )
         if isinstance(step, CreateStep | GhostStep):
             sessions.add(step.id)
         seen[step.id] = step
     for name in scenario.expect.upstream:
         if not isinstance(seen.get(name), ChatStep):
-            problems.append(ReferenceProblem(None, "expect", f"{name!r} is not a chat step"))
-    for group in scenario.expect.groups:
+            problems.append(
+                ReferenceProblem(("expect", "upstream", name), f"{name!r} is not a chat step")
+            )
+    for group_index, group in enumerate(scenario.expect.groups):
+        here: tuple[str | int, ...] = ("expect", "groups", group_index)
         try:
-            _, steps = group.kind_and_steps
+            kind, steps = group.kind_and_steps
         except ValueError as error:
-            problems.append(ReferenceProblem(None, "expect", str(error)))
+            problems.append(ReferenceProblem(here, str(error)))
             continue
         for ref in steps:
             if ref not in seen:
-                problems.append(ReferenceProblem(None, "expect", f"{ref!r} is not a step"))
+                problems.append(ReferenceProblem((*here, kind), f"{ref!r} is not a step"))
     return problems

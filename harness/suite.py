@@ -66,15 +66,20 @@ async def run_suite(
     targets: Sequence[Target],
     settings: SuiteSettings,
     hooks: SuiteHooks | None = None,
+    chaos: ChaosUpstream | None = None,
 ) -> SuiteResult:
+    """Run every scenario on every target; ``chaos`` may be one already serving."""
     hooks = hooks or SuiteHooks()
-    chaos = ChaosUpstream(settings.flavor)
     results: list[ScenarioResult] = []
     unreachable: dict[str, str] = {}
     async with trio.open_nursery() as nursery:
-        upstream_url = await nursery.start(
-            partial(chaos.serve, settings.upstream_host, settings.upstream_port)
-        )
+        if chaos is None or chaos.url is None:
+            chaos = chaos or ChaosUpstream(settings.flavor)
+            await nursery.start(
+                partial(chaos.serve, settings.upstream_host, settings.upstream_port)
+            )
+        assert chaos.url is not None
+        upstream_url = chaos.url
         hooks.on_upstream_ready(upstream_url)
         hooks.on_start(len(targets) * sum(runs_of(s, settings) for s in scenarios))
         for target in targets:

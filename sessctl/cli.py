@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -18,8 +19,9 @@ from harness.errors import HarnessError
 from refserver import RunningServer, ServerConfig
 from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import serve_until_signalled
+from refserver.variants import VARIANTS
 
-from .run import RunOptions, list_scenarios, parse_listen, run_scenarios
+from .run import RunOptions, list_scenarios, parse_listen, run_scenarios, selftest
 
 app = typer.Typer(
     help="Race-test LLM session servers.",
@@ -28,6 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(highlight=False)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    # CI logs and files have no width; 80 columns would fold the matrices.
+    console = Console(highlight=False, width=120)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -70,8 +75,20 @@ def serve(
     grace_period: Annotated[
         float, typer.Option(help="Seconds to wait for requests on shutdown.")
     ] = 5.0,
+    emulate: Annotated[
+        str | None,
+        typer.Option(
+            help="Run a known-broken variant (see --emulate list) to see a failing report."
+        ),
+    ] = None,
 ) -> None:
     """Run the reference session server."""
+    if emulate == "list":
+        for variant in VARIANTS.values():
+            console.print(Text.assemble((f"{variant.name:<24}", "bold"), variant.bug))
+        raise typer.Exit(0)
+    if emulate is not None and emulate not in VARIANTS:
+        _usage_error(f"--emulate {emulate!r}: unknown variant; see --emulate list")
     from refserver.app import HttpLimits
 
     logging.getLogger("refserver").addHandler(logging.StreamHandler())
@@ -84,11 +101,16 @@ def serve(
         limits=HttpLimits(max_body_bytes=max_body_bytes),
         grace_period=grace_period,
         log_requests=True,
+        emulate=emulate,
     )
 
     def announce(running: RunningServer) -> None:
         upstream_note = "embedded fake" if running.upstream_is_embedded else "external"
         console.print(f"sessctl reference server on {running.url}")
+        if emulate is not None:
+            console.print(
+                Text(f"EMULATING A BUG ({emulate}): {VARIANTS[emulate].bug}", style="bold red")
+            )
         console.print(f"upstream ({upstream_note}): {running.upstream_url}")
         console.print(f"agents use {running.url}/sessions/{{id}}/v1 as their OpenAI base URL")
 
@@ -162,6 +184,25 @@ def run_scenarios_command(
     )
     command = list_scenarios if list_only else run_scenarios
     raise typer.Exit(_run_harness(lambda: command(options, console)))
+
+
+@app.command("selftest")
+def selftest_command(
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="Scenario files or directories; default: the built-in library."),
+    ] = None,
+    filter: Annotated[str | None, typer.Option("--filter", help="GLOB[,GLOB]")] = None,
+    repeat: Annotated[int | None, typer.Option(help="Run every scenario N times.")] = None,
+    json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
+) -> None:
+    """Prove the scenarios catch real bugs: run them on the clean server and every variant.
+
+    Exit status 0 only if the clean server passes everything and every variant
+    is caught by at least one scenario.
+    """
+    options = RunOptions(paths=paths or [], name_filter=filter, repeat=repeat, json=json)
+    raise typer.Exit(_run_harness(lambda: selftest(options, console)))
 
 
 @app.command("list-scenarios")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ from rich.table import Table
 from harness.errors import HarnessError, UsageError
 from harness.exporters import write_json, write_junit, write_markdown
 from harness.loader import load_scenarios
-from harness.report import progress_hooks, render_suite
+from harness.report import progress_hooks, render_selftest, render_suite
 from harness.runner import RunSettings
 from harness.scenario import Scenario
+from harness.selftest import run_selftest
 from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
 from refserver.fake_upstream import Flavor
 
@@ -77,6 +79,24 @@ def list_scenarios(options: RunOptions, console: Console) -> int:
     return 0
 
 
+def selftest(options: RunOptions, console: Console) -> int:
+    scenarios = select(options)
+    settings = SuiteSettings(
+        concurrency=max(1, options.concurrency),
+        repeat=options.repeat,
+        run=RunSettings(request_timeout=options.request_timeout),
+    )
+    with progress_hooks(console, announce_upstream=False) as hooks:
+        result = trio.run(run_selftest, scenarios, settings, hooks)
+    render_selftest(console, result)
+    if options.json is not None:
+        try:
+            options.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write {options.json}: {error.strerror or error}") from None
+    return result.exit_code
+
+
 def run_scenarios(options: RunOptions, console: Console) -> int:
     scenarios = select(options)
     targets = [parse_target(t) for t in options.targets] or [Target(EMBEDDED, None)]
@@ -114,4 +134,4 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     return suite.exit_code
 
 
-__all__ = ["HarnessError", "RunOptions", "list_scenarios", "run_scenarios"]
+__all__ = ["HarnessError", "RunOptions", "list_scenarios", "run_scenarios", "selftest"]

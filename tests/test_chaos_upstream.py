@@ -1,0 +1,159 @@
+"""The chaos upstream does exactly what a step's script says, and records it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from harness.chaos_upstream import ChaosUpstream, EventKind, marker, parse_behaviour, tag_of
+from harness.errors import ScriptError
+
+from .conftest import HANG_GUARD
+
+
+@pytest.fixture
+async def client(chaos: ChaosUpstream) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=str(chaos.url), timeout=HANG_GUARD) as client:
+        yield client
+
+
+def body(tag: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": f"hi {marker(tag)}"}], **extra}
+
+
+def script(chaos: ChaosUpstream, tag: str, *specs: object) -> None:
+    chaos.script(tag, [parse_behaviour(spec) for spec in specs])
+
+
+async def test_respond_is_a_complete_openai_chat_completion(
+    chaos: ChaosUpstream, client: httpx.AsyncClient
+) -> None:
+    response = await client.post("/chat/completions", json=body("a"))
+    completion = response.json()
+    assert response.status_code == 200
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert set(completion["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    again = await client.post("/chat/completions", json=body("a"))
+    assert again.json()["choices"] == completion["choices"]  # deterministic
+    kinds = [e.kind for e in chaos.events("a")]
+    assert kinds == [EventKind.RECEIVED, EventKind.ANSWERED] * 2
+    assert chaos.calls("a") == 2
+
+
+async def test_sglang_flavor_adds_meta_info_and_echoes_input_ids(nursery: trio.Nursery) -> None:
+    chaos = ChaosUpstream("sglang")
+    url = await nursery.start(chaos.serve)
+    async with httpx.AsyncClient(base_url=url) as client:
+        completion = (
+            await client.post("/chat/completions", json=body("s", input_ids=[1, 2]))
+        ).json()
+    meta = completion["meta_info"]
+    assert meta["completion_tokens"] == len(meta["output_token_logprobs"]) > 0
+    assert meta["prompt_tokens"] >= 1
+    assert completion["prompt_token_ids"] == [1, 2]
+
+
+async def test_status_garbage_and_abort(chaos: ChaosUpstream, client: httpx.AsyncClient) -> None:
+    script(chaos, "st", {"status": 503})
+    assert (await client.post("/chat/completions", json=body("st"))).status_code == 503
+    script(chaos, "gb", "garbage")
+    garbage = await client.post("/chat/completions", json=body("gb"))
+    assert garbage.status_code == 200
+    with pytest.raises(ValueError, match="Expecting"):
+        garbage.json()
+    script(chaos, "ab", "abort", "respond")
+    first = (await client.post("/chat/completions", json=body("ab"))).json()
+    second = (await client.post("/chat/completions", json=body("ab"))).json()
+    assert first["choices"][0]["finish_reason"] == "abort"
+    assert second["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_reset_drops_the_connection_without_an_answer(
+    chaos: ChaosUpstream, client: httpx.AsyncClient
+) -> None:
+    script(chaos, "rs", "reset")
+    with pytest.raises(httpx.TransportError):
+        await client.post("/chat/completions", json=body("rs"))
+    assert chaos.count("rs", EventKind.DROPPED) == 1
+    assert chaos.count("rs", EventKind.ANSWERED) == 0
+
+
+async def test_hold_answers_on_release(chaos: ChaosUpstream, client: httpx.AsyncClient) -> None:
+    script(chaos, "h", "hold")
+    answers: list[int] = []
+
+    async def call() -> None:
+        answers.append((await client.post("/chat/completions", json=body("h"))).status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await chaos.wait_for("h", EventKind.RECEIVED)
+        assert answers == []
+        chaos.release("h")
+    assert answers == [200]
+
+
+@pytest.mark.parametrize("spec", ["hold", "hang", {"delay": 3600}])
+async def test_a_client_that_hangs_up_is_recorded_as_cancelled(
+    chaos: ChaosUpstream, client: httpx.AsyncClient, spec: object
+) -> None:
+    script(chaos, "c", spec)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: client.post("/chat/completions", json=body("c")))
+        await chaos.wait_for("c", EventKind.RECEIVED)
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(HANG_GUARD):
+        await chaos.wait_for("c", EventKind.CANCELLED)
+    assert chaos.count("c", EventKind.ANSWERED) == 0
+
+
+async def test_release_all_answers_future_holds_too(
+    chaos: ChaosUpstream, client: httpx.AsyncClient
+) -> None:
+    chaos.release_all()
+    script(chaos, "late", "hold")
+    assert (await client.post("/chat/completions", json=body("late"))).status_code == 200
+
+
+async def test_untagged_requests_get_a_plain_answer(client: httpx.AsyncClient) -> None:
+    plain = {"messages": [{"role": "user", "content": "no marker"}]}
+    assert (await client.post("/chat/completions", json=plain)).status_code == 200
+    assert (await client.post("/chat/completions", content=b"{nope")).status_code == 400
+
+
+async def test_control_api_for_standalone_use(
+    chaos: ChaosUpstream, client: httpx.AsyncClient
+) -> None:
+    root = str(chaos.url).removesuffix("/v1")
+    async with httpx.AsyncClient(base_url=root) as control:
+        assert (
+            await control.post("/_sessctl/steps/x", json={"script": ["hold"]})
+        ).status_code == 200
+        bad = await control.post("/_sessctl/steps/y", json={"script": ["explode"]})
+        assert bad.status_code == 400
+        assert "unknown upstream behaviour" in bad.json()["error"]["message"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: client.post("/chat/completions", json=body("x")))
+            await chaos.wait_for("x", EventKind.RECEIVED)
+            assert (await control.post("/_sessctl/steps/x/release")).status_code == 200
+        events = (await control.get("/_sessctl/events")).json()["events"]
+    assert [(e["tag"], e["kind"]) for e in events] == [("x", "received"), ("x", "answered")]
+
+
+def test_tag_is_found_in_the_last_message_with_a_marker() -> None:
+    assert tag_of({"messages": [{"role": "user", "content": f"a {marker('one')}"}]}) == "one"
+    parts = [{"type": "text", "text": f"x {marker('two')}"}]
+    assert tag_of({"messages": [{"role": "user", "content": parts}]}) == "two"
+    assert tag_of({"messages": "nope"}) is None
+
+
+def test_unknown_behaviours_are_refused() -> None:
+    for spec in ["explode", {"delay": -1}, {"status": 42}, {"hold": 1, "x": 2}, 7]:
+        with pytest.raises(ScriptError):
+            parse_behaviour(spec)

@@ -1,0 +1,137 @@
+"""`sessctl run-scenarios` as CI and engineers run it: exit codes, reports, plain text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .conftest import HANG_GUARD
+
+WRONG_EXPECTATION = """\
+name: expects-the-wrong-thing
+description: Claims a chat on a fresh session is a 404, which it is not.
+steps:
+  - create: s1
+  - chat: c1
+    expect: {status: 404}
+"""
+
+
+def sessctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sessctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+
+
+def test_passing_run_exits_0_and_writes_json_junit_and_markdown(tmp_path: Path) -> None:
+    reports = {k: tmp_path / f"report.{k}" for k in ("json", "xml", "md")}
+    done = sessctl(
+        "run-scenarios",
+        "--filter",
+        "double-delete-*,delete-mid-proxy",
+        "--json",
+        str(reports["json"]),
+        "--junit",
+        str(reports["xml"]),
+        "--markdown",
+        str(reports["md"]),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\x1b[" not in done.stdout  # plain text when not a terminal
+    assert "PASS  delete-mid-proxy" in done.stdout
+    assert "3 scenario results: 3 passed, 0 failed, 0 errors" in done.stdout
+
+    report = json.loads(reports["json"].read_text())
+    assert report["summary"] == {
+        "passed": 3,
+        "failed": 0,
+        "errors": 0,
+        "exit_code": 0,
+        "unreachable": {},
+    }
+    names = {s["name"] for s in report["scenarios"]}
+    assert names == {"double-delete-sequential", "double-delete-concurrent", "delete-mid-proxy"}
+    mid = next(s for s in report["scenarios"] if s["name"] == "delete-mid-proxy")
+    assert mid["verdict"] == "pass"
+    assert mid["target"] == "reference"
+    assert {"step": "d1", "op": "delete", "expected": "204", "observed": {"204": 1}} in mid["steps"]
+    assert mid["runs"][0]["observations"]["c1"]["status"] == 410
+
+    suite = ET.parse(reports["xml"]).getroot().find("testsuite")
+    assert suite is not None
+    assert suite.get("tests") == "3"
+    assert suite.get("failures") == "0"
+    assert "| delete-mid-proxy | PASS |" in reports["md"].read_text()
+
+
+def test_a_failing_scenario_exits_1_and_explains_itself(tmp_path: Path) -> None:
+    scenario = tmp_path / "wrong.yaml"
+    scenario.write_text(WRONG_EXPECTATION)
+    junit = tmp_path / "junit.xml"
+    done = sessctl("run-scenarios", str(scenario), "--junit", str(junit))
+    assert done.returncode == 1
+    out = done.stdout
+    assert "FAIL  expects-the-wrong-thing" in out
+    assert "expected status 404" in out
+    assert "got      200" in out
+    assert f"reproduce: sessctl run-scenarios {scenario}" in out
+    assert "curl -sS -X POST" in out
+    case = ET.parse(junit).getroot().find("testsuite/testcase/failure")
+    assert case is not None
+    assert "expected status 404" in (case.get("message") or "")
+
+
+def test_a_malformed_file_exits_2_with_its_location(tmp_path: Path) -> None:
+    scenario = tmp_path / "broken.yaml"
+    scenario.write_text("name: x\ndescription: d\nsteps:\n  - chat: c1\n    upstream: explode\n")
+    done = sessctl("run-scenarios", str(scenario))
+    assert done.returncode == 2
+    assert f"{scenario}:5:15: upstream: unknown upstream behaviour 'explode'" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    for args in (
+        ["--target", "not-a-url"],
+        ["--upstream-listen", "nonsense"],
+        ["--flavor", "llama"],
+        ["--filter", "no-such-scenario"],
+        ["/no/such/path.yaml"],
+    ):
+        done = sessctl("run-scenarios", *args)
+        assert done.returncode == 2, args
+        assert "error:" in done.stderr, args
+        assert "Traceback" not in done.stderr, args
+
+
+def test_an_unreachable_target_exits_3() -> None:
+    done = sessctl(
+        "run-scenarios",
+        "--filter",
+        "bad-input",
+        "--target",
+        "dead=http://127.0.0.1:9",
+        "--target-wait",
+        "0",
+        "--upstream-listen",
+        "127.0.0.1:0",
+        timeout=HANG_GUARD * 3,
+    )
+    assert done.returncode == 3
+    assert "target dead unusable" in done.stdout
+    assert "chaos upstream listening on http://127.0.0.1:" in done.stdout
+
+
+def test_list_shows_the_library() -> None:
+    for args in (["run-scenarios", "--list"], ["list-scenarios"]):
+        done = sessctl(*args)
+        assert done.returncode == 0
+        assert "delete-mid-proxy" in done.stdout
+        assert "concurrent-writers-no-phantom" in done.stdout

@@ -1,0 +1,154 @@
+"""Whole harness runs: the reference passes, broken servers fail where they should."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+
+from harness.chaos_upstream import ChaosUpstream
+from harness.http11 import Exchange, serve_http11
+from harness.loader import load_scenarios, parse_scenario
+from harness.results import SuiteResult, Verdict
+from harness.runner import RunSettings
+from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from refserver.server import RunningServer, ServerConfig, serve
+
+FAST = SuiteSettings(target_wait=0, run=RunSettings(request_timeout=2.0))
+
+
+def failing(result: SuiteResult, target: str) -> dict[str, str]:
+    return {
+        s.name: s.verdict.value
+        for s in result.scenarios
+        if s.target == target and s.verdict is not Verdict.PASS
+    }
+
+
+async def test_the_builtin_library_passes_against_the_embedded_reference() -> None:
+    result = await run_suite(load_scenarios([]), [Target(EMBEDDED, None)], SuiteSettings())
+    assert failing(result, EMBEDDED) == {}
+    assert result.exit_code == 0
+    # Every HTTP step of every run was observed.
+    for scenario in result.scenarios:
+        for step in scenario.steps:
+            assert "not run" not in step.cells, (scenario.name, step.step)
+
+
+async def test_an_auto_creating_server_fails_exactly_the_no_auto_create_scenarios() -> None:
+    target = Target("autocreate", None, emulate="autocreate-after-delete")
+    result = await run_suite(load_scenarios([]), [target], SuiteSettings())
+    assert failing(result, "autocreate") == {
+        "chat-and-get-after-delete": "fail",
+        "chat-never-existed": "fail",
+        "chat-during-delete": "fail",
+        "no-resurrection-after-preempt": "fail",
+    }
+    assert result.exit_code == 1
+    never = next(s for s in result.scenarios if s.name == "chat-never-existed")
+    run = never.runs[0]
+    assert any(f.step == "c1" and "404" in f.expected and "200" in f.actual for f in run.failures)
+    assert any(f.reproduce and f.reproduce.startswith("curl ") for f in run.failures)
+
+
+async def test_a_server_that_never_preempts_fails_the_delete_races() -> None:
+    target = Target("waits", None, emulate="delete-waits")
+    scenarios = load_scenarios([], "delete-mid-proxy,chats-queued-then-delete,bad-input")
+    result = await run_suite(scenarios, [target], SuiteSettings())
+    assert failing(result, "waits") == {
+        "delete-mid-proxy": "fail",
+        "chats-queued-then-delete": "fail",
+    }
+    mid = next(s for s in result.scenarios if s.name == "delete-mid-proxy").runs[0]
+    expected = {f.expected for f in mid.failures}
+    assert "d1 answered within 2 s" in expected
+
+
+async def test_a_phantom_commit_is_reported_as_such() -> None:
+    target = Target("split", None, emulate="split-lock")
+    result = await run_suite(
+        load_scenarios([], "concurrent-writers-no-phantom"), [target], SuiteSettings()
+    )
+    (scenario,) = result.scenarios
+    findings = scenario.runs[0].failures
+    assert any("phantom commit" in f.actual for f in findings)
+    assert any("exactly one of c1, c2 gets 200" in f.expected for f in findings)
+
+
+async def test_an_external_target_wired_to_the_chaos_upstream(nursery: trio.Nursery) -> None:
+    chaos = ChaosUpstream()
+    await nursery.start(chaos.serve)
+    server: RunningServer = await nursery.start(serve, ServerConfig(port=0, upstream_url=chaos.url))
+    scenarios = load_scenarios([], "delete-mid-proxy,concurrent-writers-no-phantom")
+    result = await run_suite(scenarios, [Target("ext", server.url)], FAST, chaos=chaos)
+    assert failing(result, "ext") == {}
+    assert {s.verdict for s in result.scenarios} == {Verdict.PASS}
+
+
+async def test_a_target_not_wired_to_the_chaos_upstream_is_reported(nursery: trio.Nursery) -> None:
+    # Its own embedded fake upstream answers, so no race could ever be forced.
+    server: RunningServer = await nursery.start(serve, ServerConfig(port=0))
+    result = await run_suite(load_scenarios([], "bad-input"), [Target("x", server.url)], FAST)
+    assert result.exit_code == 3
+    assert "without calling the chaos upstream" in result.unreachable["x"]
+
+
+async def test_an_unreachable_target_is_error_and_exit_3() -> None:
+    with trio.socket.socket() as placeholder:
+        await placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]  # bound, never listening: connections are refused
+        result = await run_suite(
+            load_scenarios([], "bad-input"), [Target("gone", f"http://127.0.0.1:{port}")], FAST
+        )
+    assert result.exit_code == 3
+    assert [s.verdict for s in result.scenarios] == [Verdict.ERROR]
+
+
+async def _silent_server(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def swallow(stream: trio.SocketStream) -> None:
+        async with stream:
+            while await stream.receive_some(65536):
+                pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(swallow, listeners)
+
+
+async def test_a_hanging_target_gives_error_cells_within_the_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    port = await nursery.start(_silent_server)
+    settings = SuiteSettings(target_wait=0, run=RunSettings(request_timeout=0.3))
+    result = await run_suite(
+        load_scenarios([], "delete-mid-proxy,bad-input"),
+        [Target("hang", f"http://127.0.0.1:{port}")],
+        settings,
+    )
+    assert result.exit_code == 3
+    assert {s.verdict for s in result.scenarios} == {Verdict.ERROR}
+    assert "no answer" in result.unreachable["hang"] or "Timeout" in result.unreachable["hang"]
+
+
+async def _garbage(exchange: Exchange) -> None:
+    await exchange.respond(200, b"<html>I am not a session server</html>", "text/html")
+
+
+async def test_a_garbage_speaking_target_fails_without_crashing(nursery: trio.Nursery) -> None:
+    url = await nursery.start(partial(serve_http11, _garbage, "127.0.0.1", 0))
+    result = await run_suite(load_scenarios([]), [Target("junk", url)], FAST)
+    assert result.exit_code == 1
+    assert all(s.verdict is not Verdict.PASS for s in result.scenarios)
+
+
+async def test_repeat_counts_every_run_in_the_matrix() -> None:
+    scenario = parse_scenario(
+        "name: twice\ndescription: d\nrepeat: 3\nsteps:\n"
+        "  - create: s1\n    expect: {status: 201}\n  - chat: c1\n    expect: {status: 200}\n",
+        "inline",
+    )
+    result = await run_suite([scenario], [Target(EMBEDDED, None)], SuiteSettings())
+    (summary,) = result.scenarios
+    assert len(summary.runs) == 3
+    assert summary.steps[1].cells == {"200": 3}
+    assert summary.steps[1].expected_cells == {"200"}
