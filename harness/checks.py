@@ -206,7 +206,7 @@ def curl_line(observation: Observation) -> str | None:
     if request.json_body is not None:
         parts += ["-H", "content-type: application/json", "-d", json.dumps(request.json_body)]
     elif request.raw_body is not None:
-        if len(request.raw_body) > 2048:
-            return shlex.join(parts) + f"  # with a {len(request.raw_body)}-byte body"
-        parts += ["-d", request.raw_body.decode(errors="replace")]
+        parts += ["--data-binary", request.raw_body.decode(errors="replace")]
+    elif request.raw_size:
+        return shlex.join(parts) + f"  # with a {request.raw_size}-byte body"
     return shlex.join(parts)

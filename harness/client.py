@@ -39,7 +39,7 @@ class TargetClient:
         raw_body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Observation:
-        request = SentRequest(method, self.base_url + path, json_body, raw_body)
+        request = SentRequest.of(method, self.base_url + path, json_body, raw_body)
         started = trio.current_time()
         try:
             if raw_body is not None:

@@ -22,12 +22,24 @@ class Verdict(enum.Enum):
         return Verdict.PASS
 
 
+KEPT_BODY_BYTES = 4096
+"""Raw bodies up to this size are kept for the curl line; bigger ones only by size."""
+
+
 @dataclass(frozen=True)
 class SentRequest:
     method: str
     url: str
     json_body: Any = None
     raw_body: bytes | None = None
+    raw_size: int = 0
+
+    @staticmethod
+    def of(method: str, url: str, json_body: Any, raw_body: bytes | None) -> SentRequest:
+        # A suite keeps every observation until it reports; holding on to a
+        # 9 MiB oversized body per run would cost gigabytes over a --repeat run.
+        kept = raw_body if raw_body is not None and len(raw_body) <= KEPT_BODY_BYTES else None
+        return SentRequest(method, url, json_body, kept, len(raw_body or b""))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ port 0 and learn the port.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from .fake_upstream import create_fake_upstream_app
 from .service import SessionService
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
+
+
+UPSTREAM_CLIENT_SHARDS = 8
+"""httpx clients the upstream calls are spread over (see upstream.HttpUpstream)."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,16 @@ async def serve(
     """Run until ``shutdown`` is set; in-flight turns then answer 503 and commit nothing."""
     if shutdown is None:
         shutdown = trio.Event()
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     # No read timeout here: the deadline of a whole turn is the upstream's own.
     timeout = httpx.Timeout(None, connect=10.0)
-    async with (
-        httpx.AsyncClient(limits=limits, timeout=timeout) as client,
-        trio.open_nursery() as nursery,
-    ):
+    async with contextlib.AsyncExitStack() as clients_stack, trio.open_nursery() as nursery:
+        clients = [
+            await clients_stack.enter_async_context(
+                httpx.AsyncClient(limits=limits, timeout=timeout)
+            )
+            for _ in range(UPSTREAM_CLIENT_SHARDS)
+        ]
         upstream_url = config.upstream_url
         if upstream_url is None:
             fake = create_fake_upstream_app(delay=config.upstream_delay)
@@ -110,7 +118,7 @@ async def serve(
         if config.emulate is not None:
             variant = VARIANTS[config.emulate]
             service_class, retry = variant.service, variant.retry or retry
-        upstream = HttpUpstream(upstream_url, client, timeout=config.upstream_timeout, retry=retry)
+        upstream = HttpUpstream(upstream_url, clients, timeout=config.upstream_timeout, retry=retry)
         service = service_class(upstream)
 
         async def shutdown_trigger() -> None:

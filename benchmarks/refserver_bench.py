@@ -1,0 +1,274 @@
+"""Reference-server benchmark: DELETE preemption latency and proxy throughput.
+
+    python benchmarks/refserver_bench.py [--trials 200] [--seconds 5] [--sessions 64]
+
+Measured side by side in one run, each against its baseline:
+
+1. DELETE latency while the session's turn is held at the upstream (upstream
+   delay 30 s), against GET /healthz on the same server at the same moment.
+   Goal: DELETE p99 within 3x of healthz p99, and under 20 ms.
+2. Chat turns per second through the proxy at N concurrent sessions (zero-delay
+   upstream), against calling the same upstream directly, in alternating
+   phases. Goal: proxy throughput at least half of the direct upstream's.
+   Measured twice, because the ratio depends on the floor: against the lean
+   chaos upstream (raw h11 on trio sockets, the cheapest possible engine) and
+   against the embedded default's fake upstream (hypercorn + Starlette).
+
+Every server runs in its own process (started with the installed ``sessctl``),
+so the load generator does not share a trio loop with what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+
+@contextmanager
+def process(*args: str, url_prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """Start ``sessctl ARGS`` and yield the URL from its first line starting with url_prefix."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(url_prefix):
+                # Keep draining: a server whose access log fills the pipe blocks.
+                threading.Thread(target=lambda: [*proc.stdout], daemon=True).start()  # type: ignore[misc]
+                yield line.rsplit(" ", 1)[-1].strip(), lines
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    samples_ms: list[float]
+
+    def row(self) -> str:
+        s = self.samples_ms
+        return (
+            f"{self.name:<28} n={len(s):<5} p50={statistics.median(s):7.2f} ms  "
+            f"p90={percentile(s, 90):7.2f} ms  p99={percentile(s, 99):7.2f} ms  "
+            f"max={max(s):7.2f} ms"
+        )
+
+
+async def delete_latency(trials: int) -> tuple[Summary, Summary]:
+    with process(
+        "serve", "--port", "0", "--upstream-delay", "30", url_prefix="sessctl reference server on"
+    ) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            deletes: list[float] = []
+            healthz: list[float] = []
+            for _ in range(trials):
+                session_id = (await client.post("/sessions")).json()["session_id"]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        lambda sid=session_id: client.post(
+                            f"/sessions/{sid}/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "hold me"}]},
+                        )
+                    )
+                    # The turn is at the (30 s) upstream once GET says it is in flight.
+                    while not (await client.get(f"/sessions/{session_id}")).json()["in_flight"]:
+                        await trio.sleep(0.001)
+                    start = trio.current_time()
+                    await client.get("/healthz")
+                    healthz.append((trio.current_time() - start) * 1000)
+                    start = trio.current_time()
+                    response = await client.delete(f"/sessions/{session_id}")
+                    deletes.append((trio.current_time() - start) * 1000)
+                    assert response.status_code == 204, response.text
+            return Summary("DELETE, turn held 30 s", deletes), Summary(
+                "GET /healthz (baseline)", healthz
+            )
+
+
+@dataclass(frozen=True)
+class Throughput:
+    name: str
+    turns: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.turns / self.seconds
+
+    def row(self) -> str:
+        s = self.latencies_ms
+        return (
+            f"{self.name:<28} {self.per_second:8.0f} turns/s  "
+            f"p50={statistics.median(s):6.2f} ms  p99={percentile(s, 99):6.2f} ms"
+        )
+
+
+async def load(
+    base_url: str, name: str, sessions: int, seconds: float, *, direct_url: str | None
+) -> Throughput:
+    latencies: list[float] = []
+    turns = 0
+
+    async def worker(index: int) -> None:
+        # One client per simulated agent, as in a real rollout fleet; a single
+        # shared httpx pool tops out near 270 requests/s at this concurrency
+        # and would measure itself rather than the servers.
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            await agent(client, index)
+
+    async def agent(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal turns
+        while True:
+            session_id = None
+            if direct_url is None:
+                session_id = (await client.post("/sessions")).json()["session_id"]
+            messages: list[dict[str, object]] = []
+            for turn in range(8):  # short trajectories, like real agent rollouts
+                messages = [*messages, {"role": "user", "content": f"worker {index} turn {turn}"}]
+                url = (
+                    f"{direct_url}/chat/completions"
+                    if direct_url is not None
+                    else f"/sessions/{session_id}/v1/chat/completions"
+                )
+                start = trio.current_time()
+                response = await client.post(url, json={"model": "m", "messages": messages})
+                latencies.append((trio.current_time() - start) * 1000)
+                assert response.status_code == 200, response.text
+                turns += 1
+                messages.append(response.json()["choices"][0]["message"])
+            if session_id is not None:
+                await client.delete(f"/sessions/{session_id}")
+
+    start = trio.current_time()
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            for index in range(sessions):
+                nursery.start_soon(worker, index)
+    return Throughput(name, turns, trio.current_time() - start, latencies)
+
+
+FAKE_UPSTREAM = (
+    "import trio, functools, sys\n"
+    "from refserver.fake_upstream import create_fake_upstream_app\n"
+    "from refserver.server import serve_asgi\n"
+    "async def main():\n"
+    "    async with trio.open_nursery() as n:\n"
+    "        url = await n.start(functools.partial(serve_asgi, create_fake_upstream_app(), '127.0.0.1', 0))\n"
+    "        print('point a session server at', url + '/v1', flush=True)\n"
+    "trio.run(main)\n"
+)
+"""The embedded default's fake upstream (hypercorn + Starlette), in a process of its own."""
+
+
+@contextmanager
+def upstream_process(kind: str) -> Iterator[str]:
+    if kind == "chaos":
+        with process(
+            "upstream", "--listen", "127.0.0.1:0", url_prefix="point a session server"
+        ) as (
+            url,
+            _,
+        ):
+            yield url
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_UPSTREAM], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    try:
+        yield proc.stdout.readline().rsplit(" ", 1)[-1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def throughput(
+    kind: str, sessions: int, seconds: float, rounds: int
+) -> tuple[Throughput, Throughput]:
+    with (
+        upstream_process(kind) as upstream,
+        process(
+            "serve", "--port", "0", "--upstream", upstream, url_prefix="sessctl reference server on"
+        ) as (server, _),
+    ):
+        await load(server, "warm-up", sessions, 1.0, direct_url=upstream)
+        await load(server, "warm-up", sessions, 1.0, direct_url=None)
+        direct: list[Throughput] = []
+        proxied: list[Throughput] = []
+        for _ in range(rounds):  # alternate, so drift hits both alike
+            direct.append(
+                await load(
+                    server, f"direct to {kind} upstream", sessions, seconds, direct_url=upstream
+                )
+            )
+            proxied.append(
+                await load(server, f"proxy -> {kind} upstream", sessions, seconds, direct_url=None)
+            )
+
+    def merge(runs: list[Throughput]) -> Throughput:
+        return Throughput(
+            runs[0].name,
+            sum(r.turns for r in runs),
+            sum(r.seconds for r in runs),
+            [x for r in runs for x in r.latencies_ms],
+        )
+
+    return merge(direct), merge(proxied)
+
+
+async def main(args: argparse.Namespace) -> int:
+    print(
+        f"sessctl reference-server benchmark ({args.trials} DELETE trials, "
+        f"{args.sessions} sessions x {args.rounds} rounds of {args.seconds:g} s)"
+    )
+    delete, healthz = await delete_latency(args.trials)
+    print(delete.row())
+    print(healthz.row())
+    p99_ratio = percentile(delete.samples_ms, 99) / percentile(healthz.samples_ms, 99)
+    delete_ok = p99_ratio <= 3 and percentile(delete.samples_ms, 99) < 20
+    print(
+        f"DELETE p99 / healthz p99 = {p99_ratio:.2f}  (goal <= 3 and p99 < 20 ms: "
+        f"{'met' if delete_ok else 'NOT met'})"
+    )
+    ratios: list[float] = []
+    for kind in ("chaos", "fake"):
+        direct, proxied = await throughput(kind, args.sessions, args.seconds, args.rounds)
+        print(direct.row())
+        print(proxied.row())
+        ratios.append(proxied.per_second / direct.per_second)
+        verdict = "met" if ratios[-1] >= 0.5 else "NOT met"
+        print(f"proxy / direct throughput = {ratios[-1]:.2f}  (goal >= 0.5: {verdict})")
+    return 0 if delete_ok and min(ratios) >= 0.5 else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sessions", type=int, default=64)
+    sys.exit(trio.run(main, parser.parse_args()))
