@@ -93,8 +93,9 @@ async def delete_latency(trials: int) -> tuple[Summary, Summary]:
                             json={"messages": [{"role": "user", "content": "hold me"}]},
                         )
                     )
-                    # The turn is at the (30 s) upstream once GET says it is in flight.
-                    while not (await client.get(f"/sessions/{session_id}")).json()["in_flight"]:
+                    # The turn is at the (30 s) upstream once GET says it is in flight;
+                    # the server is another process, so there is no event to wait on.
+                    while not (await client.get(f"/sessions/{session_id}")).json()["in_flight"]:  # noqa: ASYNC110
                         await trio.sleep(0.001)
                     start = trio.current_time()
                     await client.get("/healthz")
@@ -177,7 +178,8 @@ FAKE_UPSTREAM = (
     "from refserver.server import serve_asgi\n"
     "async def main():\n"
     "    async with trio.open_nursery() as n:\n"
-    "        url = await n.start(functools.partial(serve_asgi, create_fake_upstream_app(), '127.0.0.1', 0))\n"
+    "        app = create_fake_upstream_app()\n"
+    "        url = await n.start(functools.partial(serve_asgi, app, '127.0.0.1', 0))\n"
     "        print('point a session server at', url + '/v1', flush=True)\n"
     "trio.run(main)\n"
 )

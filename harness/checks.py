@@ -57,7 +57,9 @@ def check_step(
     if expect.error_types and observation.error_type not in expect.error_types:
         fail(
             f"error.type {' or '.join(sorted(expect.error_types))}",
-            f"error.type {observation.error_type!r} ({describe_answer(observation)})",
+            f"error.type {observation.error_type}"
+            if observation.error_type
+            else f"no error.type ({describe_answer(observation)})",
         )
     if expect.within_ms is not None and observation.latency_ms > expect.within_ms:
         fail(f"an answer within {expect.within_ms:g} ms", f"{observation.latency_ms:.1f} ms")

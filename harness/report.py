@@ -7,6 +7,7 @@ so CI logs stay readable.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,7 +20,7 @@ from rich.text import Text
 from refserver.variants import VARIANTS
 
 from .exporters import reproduce_command
-from .results import ScenarioResult, SuiteResult, Verdict
+from .results import Finding, ScenarioResult, SuiteResult, Verdict
 from .selftest import CLEAN, SelftestResult
 from .suite import SuiteHooks
 
@@ -47,6 +48,7 @@ def render_scenario(console: Console, result: ScenarioResult, target_url: str | 
         (f"  ({runs} run{'s' if runs != 1 else ''})", "dim"),
     )
     console.print(title)
+    step_order = [step.step for step in result.steps]
     if result.steps:
         columns = sorted({cell for step in result.steps for cell in step.cells}, key=_cell_order)
         table = Table(box=_box(console), show_edge=False, pad_edge=False, padding=(0, 1))
@@ -74,27 +76,42 @@ def render_scenario(console: Console, result: ScenarioResult, target_url: str | 
         failed_runs = sum(1 for r in result.runs if r.verdict is not Verdict.PASS)
         if runs > 1:
             console.print(f"  {failed_runs} of {runs} runs did not pass; run {run.index} was:")
-        for finding in run.errors + run.failures:
-            where = f"[bold]{finding.step}[/bold]: " if finding.step else ""
-            console.print(f"  {where}expected [green]{finding.expected}[/green]", highlight=False)
-            console.print(
-                f"  {' ' * len(finding.step or '')}{'  ' if finding.step else ''}"
-                f"got      [red]{finding.actual}[/red]",
-                highlight=False,
-            )
-            if finding.reproduce:
-                console.print(
-                    f"    [dim]{finding.reproduce}[/dim]", highlight=False, soft_wrap=True
-                )
+        render_findings(console, run.errors + run.failures, step_order)
         console.print(
-            f"  reproduce: [cyan]{reproduce_command(result, target_url)}[/cyan]",
-            highlight=False,
+            Text.assemble("  reproduce: ", (reproduce_command(result, target_url), "cyan")),
             soft_wrap=True,
         )
         if run.upstream_events:
             events = ", ".join(f"{e['step']}.{e['kind']}#{e['call']}" for e in run.upstream_events)
-            console.print(f"  upstream saw: [dim]{events}[/dim]", soft_wrap=True)
+            console.print(Text.assemble("  upstream saw: ", (events, "dim")), soft_wrap=True)
     console.print()
+
+
+def render_findings(console: Console, findings: list[Finding], step_order: list[str]) -> None:
+    """Findings grouped by step, in scenario order; one curl line per step.
+
+    Everything is printed as Text, never markup: findings quote the server's
+    answers and the harness's [[sessctl:...]] markers verbatim.
+    """
+
+    def position(finding: Finding) -> int:
+        return step_order.index(finding.step) if finding.step in step_order else len(step_order)
+
+    for step, group in itertools.groupby(sorted(findings, key=position), key=lambda f: f.step):
+        items = list(group)
+        label = f"  {step}: " if step else "  "
+        pad = " " * len(label)
+        for index, finding in enumerate(items):
+            console.print(
+                Text.assemble(
+                    label if index == 0 else pad, "expected ", (finding.expected, "green")
+                ),
+                soft_wrap=True,
+            )
+            console.print(Text.assemble(pad, "got      ", (finding.actual, "red")), soft_wrap=True)
+        repro = next((f.reproduce for f in items if f.reproduce), None)
+        if repro:
+            console.print(Text.assemble(pad, (repro, "dim")), soft_wrap=True)
 
 
 def _cell_order(cell: str) -> tuple[int, str]:

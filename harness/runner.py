@@ -341,7 +341,7 @@ class ScenarioRun:
                 findings.append(
                     Finding(
                         step_id,
-                        f"{step_id}: {spec.calls} upstream call(s)",
+                        f"{spec.calls} upstream call(s)",
                         f"{self.chaos.calls(tag)} call(s)",
                     )
                 )
@@ -354,7 +354,7 @@ class ScenarioRun:
                 if not ok:
                     shown = "at least once" if wanted is True else f"{int(wanted)} time(s)"
                     findings.append(
-                        Finding(step_id, f"{step_id}.{kind.value} {shown}", f"{seen} time(s)")
+                        Finding(step_id, f"upstream {kind.value} {shown}", f"{seen} time(s)")
                     )
         return findings
 

@@ -25,7 +25,6 @@ from .service import SessionService
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
 
-
 UPSTREAM_CLIENT_SHARDS = 8
 """httpx clients the upstream calls are spread over (see upstream.HttpUpstream)."""
 
