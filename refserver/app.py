@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import (
     BodyTooLarge,
@@ -73,7 +73,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
             return
 
 
-def create_app(service: SessionService, limits: HttpLimits | None = None) -> Starlette:
+def create_app(service: SessionService, limits: HttpLimits | None = None) -> ASGIApp:
     limits = limits or HttpLimits()
 
     async def healthz(request: Request) -> Response:
@@ -122,13 +122,15 @@ def create_app(service: SessionService, limits: HttpLimits | None = None) -> Sta
         return error_response(error, headers=dict(exc.headers or {}))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, CLIENT_GONE):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         body: dict[str, Any] = {
             "error": {"type": "server_error", "code": "server_error", "message": "internal error"}
         }
         return JSONResponse(body, status_code=500)
 
-    return Starlette(
+    starlette = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/sessions", create_session, methods=["POST"]),
@@ -141,3 +143,21 @@ def create_app(service: SessionService, limits: HttpLimits | None = None) -> Sta
             Exception: on_unexpected,
         },
     )
+    return _QuietWhenClientGone(starlette)
+
+
+# A client that hangs up while its response is being written is not a server
+# error. Hypercorn can even race its own EOF against our send, which surfaces
+# as BusyResourceError.
+CLIENT_GONE = (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError)
+
+
+class _QuietWhenClientGone:
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._app(scope, receive, send)
+        except CLIENT_GONE:
+            logger.debug("client went away while %s was answered", scope.get("path"))

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -478,3 +479,50 @@ async def test_shutdown_answers_turns_in_flight_503_and_returns(chaos: ChaosUpst
         # serve() returns by itself once the in-flight turn has answered:
         # this nursery would hang otherwise.
     assert chaos.count("inflight", EventKind.ANSWERED) == 0
+
+
+async def test_a_body_that_never_finishes_arriving_is_408(start_server: ServerStarter) -> None:
+    from refserver.app import HttpLimits
+
+    server: RunningServer = await start_server(limits=HttpLimits(body_read_timeout=0.2))
+    host, port = server.url.removeprefix("http://").split(":")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        session_id = (await client.post("/sessions")).json()["session_id"]
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        head = (
+            f"POST /sessions/{session_id}/v1/chat/completions HTTP/1.1\r\n"
+            f"host: {host}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+            '{"messages": ['
+        )
+        await stream.send_all(head.encode())  # ...and the rest never comes
+        answer = b""
+        with trio.fail_after(HANG_GUARD):
+            while b"}}" not in answer:
+                chunk = await stream.receive_some(65536)
+                assert chunk, answer
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"request_timeout" in answer
+
+
+async def test_a_client_gone_while_its_answer_is_written_is_not_logged_as_an_error(
+    start_server: ServerStarter, caplog: pytest.LogCaptureFixture
+) -> None:
+    from refserver.app import HttpLimits
+
+    server: RunningServer = await start_server(limits=HttpLimits(body_read_timeout=0.05))
+    host, port = server.url.removeprefix("http://").split(":")
+    for _ in range(5):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            head = (
+                f"POST /sessions/x/v1/chat/completions HTTP/1.1\r\nhost: {host}\r\n"
+                "content-length: 100\r\n\r\n{"
+            )
+            await stream.send_all(head.encode())
+            with trio.fail_after(HANG_GUARD):
+                await stream.receive_some(65536)  # the 408's head; then hang up at once
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []

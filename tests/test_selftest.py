@@ -1,0 +1,56 @@
+"""The self-test: which scenario catches which variant, and its verdict."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from harness.loader import load_scenarios
+from harness.selftest import run_selftest
+from harness.suite import SuiteSettings
+
+
+async def test_selftest_matrix_and_verdict() -> None:
+    scenarios = load_scenarios([], "chat-never-existed,delete-mid-proxy,rapid-create-*")
+    result = await run_selftest(
+        scenarios, SuiteSettings(), variants=["autocreate-after-delete", "commit-on-disconnect"]
+    )
+    assert result.clean_problems == []
+    assert result.caught_by("autocreate-after-delete") == ["chat-never-existed"]
+    assert result.reliably_caught_by("autocreate-after-delete") == ["chat-never-existed"]
+    assert result.uncaught_variants == ["commit-on-disconnect"]
+    assert result.idle_scenarios == ["delete-mid-proxy", "rapid-create-chat-delete-cycles"]
+    assert result.exit_code == 1  # a variant went uncaught
+    report = result.to_json()
+    assert report["variants"]["autocreate-after-delete"]["caught_by"] == ["chat-never-existed"]
+    assert report["matrix"]["chat-never-existed"]["clean"] == {"caught_runs": 0, "runs": 1}
+
+
+async def test_selftest_passes_when_every_variant_is_caught() -> None:
+    scenarios = load_scenarios([], "client-disconnect-mid-proxy,chat-never-existed")
+    result = await run_selftest(
+        scenarios, SuiteSettings(), variants=["autocreate-after-delete", "commit-on-disconnect"]
+    )
+    assert result.uncaught_variants == []
+    assert result.exit_code == 0
+
+
+def test_emulate_list_names_every_variant_with_its_bug() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sessctl", "serve", "--emulate", "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0
+    for name in ("split-lock", "delete-waits", "queued-proceed", "leak-upstream"):
+        assert name in done.stdout
+    assert "phantom commit" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "sessctl", "serve", "--emulate", "nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "unknown variant" in bad.stderr
