@@ -20,55 +20,138 @@ from typing import TYPE_CHECKING
 
 from refserver.rules import comparable
 
-from .results import Finding, Observation, answer_of
+from .profile import REFERENCE_PROFILE, Profile, read_trajectory
+from .results import Finding, Kind, Observation, answer_of
 from .scenario import ChatStep, Expect, Scenario, parse_status
 
 if TYPE_CHECKING:
     from .runner import RunContext
 
 
-def check_run(scenario: Scenario, context: RunContext) -> list[Finding]:
+def check_run(
+    scenario: Scenario, context: RunContext, profile: Profile = REFERENCE_PROFILE
+) -> list[Finding]:
     findings: list[Finding] = []
     for step in scenario.steps:
         observation = context.observations.get(step.id)
-        if step.expect is None or observation is None or observation.status is None:
+        if observation is None or observation.status is None:
             continue
-        findings.extend(check_step(step.id, step.expect, observation, context))
+        if step.expect is not None:
+            findings.extend(
+                check_step(scenario, step.id, step.expect, observation, context, profile)
+            )
+        if isinstance(step, ChatStep):
+            findings.extend(_check_chat_body(scenario, step.id, observation))
     findings.extend(_check_groups(scenario, context))
     if scenario.expect.durable:
-        findings.extend(_check_durable(scenario, context))
+        findings.extend(_check_durable(scenario, context, profile))
     if scenario.expect.no_success_after_delete:
         findings.extend(_check_no_success_after_delete(context))
     return findings
 
 
 def check_step(
-    step_id: str, expect: Expect, observation: Observation, context: RunContext
+    scenario: Scenario,
+    step_id: str,
+    expect: Expect,
+    observation: Observation,
+    context: RunContext,
+    profile: Profile = REFERENCE_PROFILE,
 ) -> list[Finding]:
     findings: list[Finding] = []
     repro = curl_line(observation)
+    guards = scenario.property_of(step_id)
 
-    def fail(expected: str, actual: str) -> None:
-        findings.append(Finding(step_id, expected, actual, repro))
+    def safety(expected: str, actual: str) -> None:
+        if expect.convention:  # the scenario says this step only checks a convention
+            convention(expected, actual, expect.convention)
+            return
+        findings.append(Finding(step_id, expected, actual, repro, Kind.SAFETY, guards))
+
+    def convention(expected: str, actual: str, label: str) -> None:
+        findings.append(Finding(step_id, expected, actual, repro, Kind.CONVENTION, label))
 
     matcher = expect.status_matcher
     if matcher is not None and not matcher.matches(observation.status):
-        fail(f"status {matcher.describe()}", describe_answer(observation))
+        status = observation.status or 0
+        wanted_success = matcher.outcome
+        if wanted_success is not None and (status // 100 == 2) != wanted_success:
+            safety(f"status {matcher.describe()}", describe_answer(observation))
+        else:
+            convention(
+                f"status {matcher.describe()}",
+                describe_answer(observation),
+                _status_label(step_id, observation, matcher.describe(), profile),
+            )
     if expect.error_types and observation.error_type not in expect.error_types:
-        fail(
-            f"error.type {' or '.join(sorted(expect.error_types))}",
-            f"error.type {observation.error_type}"
-            if observation.error_type
-            else f"no error.type ({describe_answer(observation)})",
-        )
+        wanted = " or ".join(sorted(expect.error_types))
+        if observation.error_type is None:
+            convention(
+                f"error.type {wanted}",
+                f"no error.type ({describe_answer(observation)}; body {_shape(observation)})",
+                _declared("error shape: not OpenAI-shaped", profile.error_shape != "openai"),
+            )
+        else:
+            convention(
+                f"error.type {wanted}",
+                f"error.type {observation.error_type}",
+                f"error.type {observation.error_type} for {wanted}",
+            )
     if expect.within_ms is not None and observation.latency_ms > expect.within_ms:
-        fail(f"an answer within {expect.within_ms:g} ms", f"{observation.latency_ms:.1f} ms")
-    findings.extend(_check_trajectory(step_id, expect, observation, context, repro))
+        safety(f"an answer within {expect.within_ms:g} ms", f"{observation.latency_ms:.1f} ms")
+    findings.extend(_check_trajectory(scenario, step_id, expect, observation, context, profile))
     return findings
 
 
+def _status_label(step_id: str, observation: Observation, expected: str, profile: Profile) -> str:
+    actual = observation.status or 0
+    if observation.op == "request" and actual >= 500:
+        return f"bad-input handling: {actual} on {step_id}"
+    if observation.op == "create":
+        return _declared(
+            f"create answers {actual}, not {expected}", actual == profile.create.status
+        )
+    if actual == profile.rejected_status and expected == "409":
+        return _declared(f"rejected requests answer {actual}, not 409", True)
+    return f"{expected} answered as {actual}"
+
+
+def _declared(label: str, declared: bool) -> str:
+    return f"{label} (declared in the profile)" if declared else label
+
+
+def _shape(observation: Observation) -> str:
+    body = observation.body
+    if isinstance(body, dict) and "error" in body:
+        return f"error is a {type(body['error']).__name__}"
+    return type(body).__name__
+
+
+def _check_chat_body(scenario: Scenario, step_id: str, observation: Observation) -> list[Finding]:
+    """A 200 to a non-streaming chat must carry a JSON completion."""
+    if observation.status != 200 or answer_of(observation) is not None:
+        return []
+    raw = observation.body.get("_raw", "") if isinstance(observation.body, dict) else ""
+    what = "an event stream" if str(raw).lstrip().startswith("data:") else "no completion"
+    return [
+        Finding(
+            step_id,
+            "a JSON chat.completion (the request did not ask to stream)",
+            what,
+            curl_line(observation),
+            Kind.CONVENTION,
+            f"protocol: {what} where JSON was expected",
+        )
+    ]
+
+
 def _check_trajectory(
-    step_id: str, expect: Expect, observation: Observation, context: RunContext, repro: str | None
+    scenario: Scenario,
+    step_id: str,
+    expect: Expect,
+    observation: Observation,
+    context: RunContext,
+    profile: Profile,
 ) -> list[Finding]:
     wants_state = (
         expect.num_assistant is not None
@@ -77,39 +160,41 @@ def _check_trajectory(
         or expect.contains
         or expect.excludes
     )
-    if not wants_state:
+    if not wants_state or observation.status != 200:
         return []
-    body = observation.body if isinstance(observation.body, dict) else {}
+    repro = curl_line(observation)
+    guards = scenario.property_of(step_id)
+    state = read_trajectory(profile, observation.body)
     findings: list[Finding] = []
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else None
-    for field, wanted in (
-        ("num_assistant", expect.num_assistant),
-        ("in_flight", expect.in_flight),
+
+    def fail(expected: str, actual: str) -> None:
+        findings.append(Finding(step_id, expected, actual, repro, Kind.SAFETY, guards))
+
+    if expect.num_assistant is not None and state.num_assistant != expect.num_assistant:
+        fail(f"num_assistant = {expect.num_assistant}", f"num_assistant = {state.num_assistant!r}")
+    if (
+        expect.in_flight is not None
+        and state.in_flight is not None
+        and state.in_flight != expect.in_flight
     ):
-        if wanted is not None and body.get(field) != wanted:
-            findings.append(
-                Finding(step_id, f"{field} = {wanted}", f"{field} = {body.get(field)!r}", repro)
-            )
+        fail(f"in_flight = {expect.in_flight}", f"in_flight = {state.in_flight}")
+    messages = state.messages
     if expect.length is not None and (messages is None or len(messages) != expect.length):
-        shown = "no messages" if messages is None else f"{len(messages)} messages"
-        findings.append(Finding(step_id, f"{expect.length} messages", shown, repro))
+        fail(
+            f"{expect.length} messages",
+            "no readable trajectory" if messages is None else f"{len(messages)} messages",
+        )
     committed = {comparable(m) for m in messages or [] if isinstance(m, dict)}
     for chat in expect.contains:
         answer = answer_of(context.observations.get(chat))
         if answer is None:
-            findings.append(
-                Finding(step_id, f"{chat}'s answer in the trajectory", f"{chat} got no answer")
-            )
+            fail(f"{chat}'s answer in the trajectory", f"{chat} got no answer")
         elif comparable(answer) not in committed:
-            findings.append(
-                Finding(step_id, f"{chat}'s answer in the trajectory", "it is missing", repro)
-            )
+            fail(f"{chat}'s answer in the trajectory", "it is missing")
     for chat in expect.excludes:
         sent = context.sent_messages.get(chat)
         if sent and comparable(sent[-1]) in committed:
-            findings.append(
-                Finding(step_id, f"{chat}'s message not in the trajectory", "it is there", repro)
-            )
+            fail(f"{chat}'s message not in the trajectory", "it is there")
     return findings
 
 
@@ -132,15 +217,26 @@ def _check_groups(scenario: Scenario, context: RunContext) -> list[Finding]:
                     None,
                     f"{kind.replace('_', ' ')} of {', '.join(steps)} gets {matcher.describe()}",
                     f"{len(hits)} did ({cells})",
+                    label=group.safety_property or scenario.guards,
                 )
             )
     return findings
 
 
-def _check_durable(scenario: Scenario, context: RunContext) -> list[Finding]:
+def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) -> list[Finding]:
     findings: list[Finding] = []
+    # A server that regenerates on an exact retry replaces the retried turn;
+    # the retry's answer is then the one that must be durable.
+    superseded = {
+        step.retry
+        for step in scenario.steps
+        if isinstance(step, ChatStep)
+        and step.retry is not None
+        and (retry := context.observations.get(step.id)) is not None
+        and retry.status == 200
+    }
     for step in scenario.steps:
-        if not isinstance(step, ChatStep):
+        if not isinstance(step, ChatStep) or step.id in superseded:
             continue
         observation = context.observations.get(step.id)
         answer = answer_of(observation)
@@ -159,6 +255,7 @@ def _check_durable(scenario: Scenario, context: RunContext) -> list[Finding]:
                     f"{step.id} answered 200, so its turn is in the final trajectory",
                     f"it is not (final trajectory has {len(final)} messages): a phantom commit",
                     curl_line(observation),
+                    label="phantom commit",
                 )
             )
     return findings
@@ -184,6 +281,7 @@ def _check_no_success_after_delete(context: RunContext) -> list[Finding]:
                     f"no 2xx for {step_id}: it started after its session's DELETE completed",
                     describe_answer(observation),
                     curl_line(observation),
+                    label="success after DELETE",
                 )
             )
     return findings

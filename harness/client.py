@@ -13,9 +13,18 @@ from .results import Observation, SentRequest
 
 
 class TargetClient:
-    def __init__(self, base_url: str, *, request_timeout: float, in_process: bool = False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        request_timeout: float,
+        in_process: bool = False,
+        health_path: str | None = "/healthz",
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.in_process = in_process
+        # Any answer at all proves a server is up; without a health route, "/" will do.
+        self.health_path = health_path or "/"
         self._timeout = request_timeout
         # A server that misbehaves may leave a pooled connection half-dead;
         # a small pool with short keep-alive limits the blast radius.
@@ -81,12 +90,12 @@ class TargetClient:
         # An external server is a black box; each round trip forces its event
         # loop around at least once more, behind the requests that came first.
         for _ in range(3):
-            await self.send("settle", "get", "GET", "/healthz")
+            await self.send("settle", "get", "GET", self.health_path)
 
     async def probe(self) -> str | None:
         """None if the target answers HTTP at all (any status), else why not."""
         try:
-            await self._client.get("/healthz", timeout=min(self._timeout, 3.0))
+            await self._client.get(self.health_path, timeout=min(self._timeout, 3.0))
         except httpx.HTTPError as error:
             return f"{type(error).__name__}: {error or 'no answer'}"
         return None

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .results import Finding, RunResult, ScenarioResult, SuiteResult, Verdict
+from .results import Finding, Kind, RunResult, ScenarioResult, SuiteResult, Verdict
 
 
 def reproduce_command(result: ScenarioResult, target_url: str | None) -> str:
@@ -18,7 +18,14 @@ def reproduce_command(result: ScenarioResult, target_url: str | None) -> str:
 
 
 def _finding(f: Finding) -> dict[str, Any]:
-    return {"step": f.step, "expected": f.expected, "actual": f.actual, "reproduce": f.reproduce}
+    return {
+        "step": f.step,
+        "kind": f.kind.value,
+        "label": f.label,
+        "expected": f.expected,
+        "actual": f.actual,
+        "reproduce": f.reproduce,
+    }
 
 
 def _run(run: RunResult) -> dict[str, Any]:
@@ -46,10 +53,13 @@ def to_json(suite: SuiteResult, target_urls: dict[str, str | None]) -> dict[str,
     return {
         "summary": {
             "passed": suite.count(Verdict.PASS),
+            "non_strict": suite.count(Verdict.NON_STRICT),
             "failed": suite.count(Verdict.FAIL),
             "errors": suite.count(Verdict.ERROR),
             "exit_code": suite.exit_code,
             "unreachable": suite.unreachable,
+            "safety_failures": suite.labels(Kind.SAFETY),
+            "non_strict_conventions": suite.labels(Kind.CONVENTION),
         },
         "scenarios": [
             {
@@ -99,6 +109,11 @@ def write_junit(path: Path, suite: SuiteResult, target_urls: dict[str, str | Non
             if run is None:
                 continue
             findings = run.errors or run.failures
+            if result.verdict is Verdict.NON_STRICT:
+                # Safe, so the case passes; what differs is kept where CI shows it.
+                notes = ET.SubElement(case, "system-out")
+                notes.text = "non-strict:\n" + "\n".join(_one_line(f) for f in findings)
+                continue
             tag = "error" if result.verdict is Verdict.ERROR else "failure"
             detail = ET.SubElement(case, tag, message=_one_line(findings[0]) if findings else tag)
             lines = [_one_line(f) for f in findings]
@@ -111,8 +126,8 @@ def write_junit(path: Path, suite: SuiteResult, target_urls: dict[str, str | Non
 def write_markdown(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
     lines = ["# sessctl scenario report", ""]
     lines.append(
-        f"{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.FAIL)} failed, "
-        f"{suite.count(Verdict.ERROR)} errors"
+        f"{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.NON_STRICT)} non-strict, "
+        f"{suite.count(Verdict.FAIL)} failed, {suite.count(Verdict.ERROR)} errors"
     )
     lines.append("")
     names = list(dict.fromkeys(s.name for s in suite.scenarios))
@@ -140,4 +155,5 @@ def write_markdown(path: Path, suite: SuiteResult, target_urls: dict[str, str | 
 
 def _one_line(finding: Finding) -> str:
     where = f"{finding.step}: " if finding.step else ""
-    return f"{where}expected {finding.expected}; got {finding.actual}"
+    kind = "[non-strict] " if finding.kind is Kind.CONVENTION else ""
+    return f"{where}{kind}expected {finding.expected}; got {finding.actual}"

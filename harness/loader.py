@@ -12,13 +12,15 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import ScenarioFileError
 from .scenario import STEP_TYPES, Scenario, Step, check_references, step_fields
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -32,7 +34,10 @@ def builtin_scenario_files() -> list[Path]:
 
 
 def is_builtin(path: Path) -> bool:
-    return path.parent == Path(str(resources.files("scenarios")))
+    return path.parent in (
+        Path(str(resources.files("scenarios"))),
+        Path(str(resources.files("profiles"))),
+    )
 
 
 def collect_files(paths: Sequence[str]) -> list[Path]:
@@ -79,7 +84,8 @@ def load_file(path: Path) -> Scenario:
     return parse_scenario(text, shown)
 
 
-def parse_scenario(text: str, source: str) -> Scenario:
+def read_yaml_mapping(text: str, source: str) -> tuple[yaml.Node, dict[str, Any]]:
+    """Parse YAML into data plus the node tree that knows every value's line."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -90,40 +96,59 @@ def parse_scenario(text: str, source: str) -> Scenario:
     except yaml.YAMLError as error:
         raise ScenarioFileError(source, None, None, f"invalid YAML: {error}") from None
     if not isinstance(data, dict) or root is None:
-        raise ScenarioFileError(source, 1, 1, "a scenario file must be a mapping")
+        raise ScenarioFileError(source, 1, 1, "the file must be a YAML mapping")
+    return root, data
+
+
+def load_model(path: Path, model: type[ModelT]) -> ModelT:
+    """Any YAML file validated against a pydantic model, with file:line:col errors."""
+    shown = _shown_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ScenarioFileError(shown, None, None, f"cannot read: {error}") from None
+    root, data = read_yaml_mapping(text, shown)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise error_from_validation(shown, root, (), error) from None
+
+
+def parse_scenario(text: str, source: str) -> Scenario:
+    root, data = read_yaml_mapping(text, source)
 
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
-        raise _error_at(source, root, ("steps",), "'steps' must be a non-empty list")
+        raise error_at(source, root, ("steps",), "'steps' must be a non-empty list")
     steps = [_parse_step(source, root, index, raw) for index, raw in enumerate(raw_steps)]
     try:
         scenario = Scenario.model_validate({**data, "steps": steps, "source": source})
     except ValidationError as error:
-        raise _from_validation(source, root, (), error) from None
+        raise error_from_validation(source, root, (), error) from None
     for problem in check_references(scenario):
-        raise _error_at(source, root, problem.location, problem.message)
+        raise error_at(source, root, problem.location, problem.message)
     return scenario
 
 
 def _parse_step(source: str, root: yaml.Node, index: int, raw: Any) -> Step:
     here: tuple[str | int, ...] = ("steps", index)
     if not isinstance(raw, dict):
-        raise _error_at(source, root, here, "a step must be a mapping like '- chat: c1'")
+        raise error_at(source, root, here, "a step must be a mapping like '- chat: c1'")
     ops = [key for key in raw if key in STEP_TYPES]
     if len(ops) != 1:
         known = ", ".join(STEP_TYPES)
         found = f"found {ops}" if ops else "found none"
-        raise _error_at(source, root, here, f"a step needs exactly one of: {known} ({found})")
+        raise error_at(source, root, here, f"a step needs exactly one of: {known} ({found})")
     op = ops[0]
     rest = {k: v for k, v in raw.items() if k != op}
     model = STEP_TYPES[op]
     try:
         return model.model_validate(step_fields(op, raw[op], rest, index + 1))
     except ValidationError as error:
-        raise _from_validation(source, root, here, error, op_key=op) from None
+        raise error_from_validation(source, root, here, error, op_key=op) from None
 
 
-def _from_validation(
+def error_from_validation(
     source: str,
     root: yaml.Node,
     prefix: tuple[str | int, ...],
@@ -142,10 +167,10 @@ def _from_validation(
     elif first["type"] == "missing":
         message = f"missing field {loc[-1]!r}"
         loc = loc[:-1]
-    return _error_at(source, root, (*prefix, *loc), f"{field}: {message}")
+    return error_at(source, root, (*prefix, *loc), f"{field}: {message}")
 
 
-def _error_at(
+def error_at(
     source: str, root: yaml.Node, location: Iterable[str | int], message: str
 ) -> ScenarioFileError:
     node = _node_at(root, location)

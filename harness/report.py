@@ -20,7 +20,7 @@ from rich.text import Text
 from refserver.variants import VARIANTS
 
 from .exporters import reproduce_command
-from .results import Finding, ScenarioResult, SuiteResult, Verdict
+from .results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
 from .selftest import CLEAN, SelftestResult
 from .suite import SuiteHooks
 
@@ -67,6 +67,8 @@ def render_scenario(console: Console, result: ScenarioResult, target_url: str | 
                     row.append(Text(str(count), style="dim"))
                 elif column in step.expected_cells:
                     row.append(Text(f"{count} ok", style="green"))
+                elif column in step.convention_cells:
+                    row.append(Text(f"{count} ~", style="yellow"))
                 else:
                     row.append(Text(f"{count} !!", style="bold red"))
             table.add_row(*row)
@@ -147,13 +149,29 @@ def render_target_matrix(console: Console, suite: SuiteResult) -> None:
 
 
 def summary_line(suite: SuiteResult) -> Text:
-    passed, failed, errors = (suite.count(v) for v in (Verdict.PASS, Verdict.FAIL, Verdict.ERROR))
-    style = "bold green" if failed == errors == 0 else "bold red"
-    return Text(
-        f"{len(suite.scenarios)} scenario results: {passed} passed, {failed} failed, "
-        f"{errors} errors",
-        style=style,
+    """Counts, then what broke in words: the safety properties first, then conventions."""
+    passed, non_strict, failed, errors = (
+        suite.count(v) for v in (Verdict.PASS, Verdict.NON_STRICT, Verdict.FAIL, Verdict.ERROR)
     )
+    counts = (
+        f"{len(suite.scenarios)} scenario results: {passed} passed, {non_strict} non-strict, "
+        f"{failed} failed, {errors} errors"
+    )
+    safety = suite.labels(Kind.SAFETY)
+    conventions = suite.labels(Kind.CONVENTION)
+    line = Text(counts, style="bold green" if failed == errors == 0 else "bold red")
+    if safety or conventions:
+        line.append("\n")
+        plural = "s" if len(safety) != 1 else ""
+        line.append(
+            f"{len(safety)} safety failure{plural}" + (f" ({', '.join(safety)})" if safety else ""),
+            style="bold red" if safety else "bold green",
+        )
+        plural = "s" if len(conventions) != 1 else ""
+        line.append(f"; {len(conventions)} non-strict convention{plural}", style="yellow")
+        if conventions:
+            line.append(f" ({'; '.join(conventions)})", style="yellow")
+    return line
 
 
 @contextmanager

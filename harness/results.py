@@ -10,16 +10,26 @@ from typing import Any
 
 class Verdict(enum.Enum):
     PASS = "pass"
+    NON_STRICT = "non-strict"
+    """Only conventions differ from docs/contract.md (201 vs 200, 409 vs 400...); safe."""
     FAIL = "fail"
+    """A safety property broke."""
     ERROR = "error"
+    """The run could not complete."""
 
     @staticmethod
     def worst(verdicts: list[Verdict]) -> Verdict:
-        if Verdict.ERROR in verdicts:
-            return Verdict.ERROR
-        if Verdict.FAIL in verdicts:
-            return Verdict.FAIL
+        for verdict in (Verdict.ERROR, Verdict.FAIL, Verdict.NON_STRICT):
+            if verdict in verdicts:
+                return verdict
         return Verdict.PASS
+
+
+class Kind(enum.Enum):
+    SAFETY = "safety"
+    """Must hold on every server: no phantom commit, no auto-create, preemption..."""
+    CONVENTION = "convention"
+    """How the contract spells things: 201 vs 200, 409 vs 400, 410, the error shape."""
 
 
 KEPT_BODY_BYTES = 4096
@@ -87,6 +97,9 @@ class Finding:
     actual: str
     reproduce: str | None = None
     """A curl line for the step, with the ids of this run."""
+    kind: Kind = Kind.SAFETY
+    label: str = ""
+    """The property in a few words ("phantom commit"); the summary line lists these."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,8 @@ class StepSummary:
     cells: Counter[str]
     """Observed cell -> how many runs saw it."""
     expected_cells: frozenset[str]
+    convention_cells: frozenset[str] = frozenset()
+    """Unexpected, but on the expected side of success/refusal: NON-STRICT, not FAIL."""
 
 
 @dataclass(frozen=True)
@@ -140,11 +155,21 @@ class SuiteResult:
     def count(self, verdict: Verdict) -> int:
         return sum(1 for s in self.scenarios if s.verdict is verdict)
 
+    def labels(self, kind: Kind) -> list[str]:
+        """Distinct labels of the findings of this kind, in order of first appearance."""
+        found: dict[str, None] = {}
+        for scenario in self.scenarios:
+            for run in scenario.runs:
+                for finding in run.failures:
+                    if finding.kind is kind and finding.label:
+                        found.setdefault(finding.label)
+        return list(found)
+
     @property
     def exit_code(self) -> int:
         if self.unreachable:
             return 3
-        if any(s.verdict is not Verdict.PASS for s in self.scenarios):
+        if any(s.verdict in (Verdict.FAIL, Verdict.ERROR) for s in self.scenarios):
             return 1
         return 0
 

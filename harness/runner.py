@@ -24,7 +24,8 @@ import trio
 from .chaos_upstream import ChaosUpstream, EventKind, marker
 from .checks import check_run
 from .client import TargetClient
-from .results import Finding, Observation, RunResult, Verdict, answer_of
+from .profile import REFERENCE_PROFILE, Profile
+from .results import Finding, Kind, Observation, RunResult, Verdict, answer_of
 from .scenario import (
     AwaitStep,
     CancelStep,
@@ -50,6 +51,23 @@ class RunSettings:
     """How long one HTTP request may take before its cell reads "no answer"."""
     event_grace: float = 2.0
     """How long an expected upstream event may lag behind the HTTP answer."""
+    profile: Profile = REFERENCE_PROFILE
+    strict: bool = False
+    """Conventions count as failures too."""
+
+
+# Offered on every chat when the profile says only tool results may follow an
+# assistant turn: the chaos upstream then answers with a call to this tool.
+AGENT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "sessctl_step",
+            "description": "Run the next step of the scenario.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+]
 
 
 class _Abort(Exception):
@@ -112,12 +130,17 @@ class ScenarioRun:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             with trio.move_on_after(self.scenario.timeout) as deadline:
+                completed = True
                 try:
                     for step in self.scenario.steps:
                         await self._run_step(step)
                 except _Abort as abort:
                     (errors if abort.is_error else failures).append(abort.finding)
-                failures.extend(await self._check_upstream_expectations())
+                    completed = False
+                # After an abort only "must never happen" expectations can still be
+                # judged; one that waits for something would fail only because the
+                # steps that bring it about were skipped.
+                failures.extend(await self._check_upstream_expectations(positive=completed))
             if deadline.cancelled_caught:
                 errors.append(
                     Finding(
@@ -135,16 +158,23 @@ class ScenarioRun:
         ]
         self.chaos.forget([self.tag(s.id) for s in self.scenario.steps])
 
-        failures.extend(check_run(self.scenario, self.context))
+        failures.extend(check_run(self.scenario, self.context, self.settings.profile))
         errors.extend(
             Finding(obs.step, "an HTTP answer", obs.transport_error or "none")
             for obs in self.context.observations.values()
             if obs.status is None and not obs.cancelled_by_scenario
         )
-        verdict = Verdict.ERROR if errors else Verdict.FAIL if failures else Verdict.PASS
+        verdict = self._verdict(failures, errors)
         return RunResult(
             self.index, verdict, dict(self.context.observations), failures, errors, events
         )
+
+    def _verdict(self, failures: list[Finding], errors: list[Finding]) -> Verdict:
+        if errors:
+            return Verdict.ERROR
+        if any(f.kind is Kind.SAFETY or self.settings.strict for f in failures):
+            return Verdict.FAIL
+        return Verdict.NON_STRICT if failures else Verdict.PASS
 
     # -- steps ----------------------------------------------------------------------
 
@@ -201,6 +231,7 @@ class ScenarioRun:
                 step.id,
                 f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s",
                 f"seen {seen} time(s); the remaining steps were not run",
+                label=self.scenario.property_of(step.chat_step),
             ),
             is_error=False,
         )
@@ -217,6 +248,7 @@ class ScenarioRun:
                 step.id,
                 f"{', '.join(step.steps)} answered within {timeout:g} s",
                 f"{', '.join(pending)} still waiting; the remaining steps were not run",
+                label=self.scenario.property_of(pending[0]),
             ),
             is_error=False,
         )
@@ -224,7 +256,7 @@ class ScenarioRun:
     async def _http_step(self, step: Step) -> None:
         if isinstance(step, CreateStep):
             observation = await self.client.send(step.id, "create", "POST", "/sessions")
-            session_id = _session_id_of(observation)
+            session_id = _session_id_of(observation, self.settings.profile.create.id_field)
             self.context.observations[step.id] = observation
             if session_id is None:
                 raise _Abort(
@@ -257,12 +289,11 @@ class ScenarioRun:
         # its calls under the original step: script that tag for this attempt.
         scripted = self.tag(step.retry) if step.retry is not None else tag
         self.chaos.script(scripted, step.behaviours)
+        body: dict[str, Any] = {"model": "sessctl-chaos", "messages": messages}
+        if self.settings.profile.appends_tool_results:
+            body["tools"] = AGENT_TOOLS
         observation = await self.client.send(
-            step.id,
-            "chat",
-            "POST",
-            f"/sessions/{session_id}/v1/chat/completions",
-            json_body={"model": "sessctl-chaos", "messages": messages},
+            step.id, "chat", "POST", f"/sessions/{session_id}/v1/chat/completions", json_body=body
         )
         answer = answer_of(observation)
         if observation.status == 200 and answer is not None:
@@ -272,7 +303,7 @@ class ScenarioRun:
     def _messages_for(self, step: ChatStep, session_id: str, tag: str) -> list[dict[str, Any]]:
         if step.retry is not None:
             return list(self.context.sent_messages[step.retry])
-        new_user = {"role": "user", "content": f"{step.content or 'turn ' + step.id} {marker(tag)}"}
+        text = f"{step.content or 'turn ' + step.id} {marker(tag)}"
         if step.messages is not None:
             messages = [dict(m) for m in step.messages]
             last = messages[-1]
@@ -283,11 +314,25 @@ class ScenarioRun:
             answer = answer_of(self.context.observations.get(step.after))
             if answer is not None:
                 base.append(answer)
-            return [*base, new_user]
-        return [*self.context.views.get(session_id, []), new_user]
+        else:
+            base = list(self.context.views.get(session_id, []))
+        return [*base, self._next_message(base, text)]
+
+    def _next_message(self, base: list[dict[str, Any]], text: str) -> dict[str, Any]:
+        """A user message; or, where the profile allows only tool results after an
+        assistant turn, the result of the tool call that turn made."""
+        last = base[-1] if base else None
+        calls = last.get("tool_calls") if last and last.get("role") == "assistant" else None
+        if self.settings.profile.appends_tool_results and isinstance(calls, list) and calls:
+            return {"role": "tool", "tool_call_id": calls[0].get("id"), "content": text}
+        return {"role": "user", "content": text}
 
     async def _raw_request(self, step: RequestStep, session_id: str) -> Observation:
         path = step.path.replace("{session}", session_id)
+        # Bad input may make a server drop the connection after answering (a 500
+        # and a close, say): ask for a connection of its own so no later step
+        # inherits a dead one from the pool.
+        headers = {"connection": "close", **step.headers}
         if step.body_bytes is not None:
             return await self.client.send(
                 step.id,
@@ -295,7 +340,7 @@ class ScenarioRun:
                 step.method,
                 path,
                 raw_body=_padded_chat_body(step.body_bytes),
-                headers={"content-type": "application/json", **step.headers},
+                headers={"content-type": "application/json", **headers},
             )
         if step.body is not None:
             return await self.client.send(
@@ -304,7 +349,7 @@ class ScenarioRun:
                 step.method,
                 path,
                 raw_body=step.body.encode(),
-                headers={"content-type": "application/json", **step.headers},
+                headers={"content-type": "application/json", **headers},
             )
         return await self.client.send(
             step.id,
@@ -327,36 +372,66 @@ class ScenarioRun:
 
     # -- the end of a run -----------------------------------------------------------
 
-    async def _check_upstream_expectations(self) -> list[Finding]:
+    async def _check_upstream_expectations(self, *, positive: bool) -> list[Finding]:
         findings: list[Finding] = []
         expected = self.scenario.expect.upstream
         # Positive expectations may lag the HTTP answer a little: wait for them first.
-        with trio.move_on_after(self.settings.event_grace):
-            for step_id, spec in expected.items():
-                for kind, wanted in _positive_targets(spec):
-                    await self.chaos.wait_for(self.tag(step_id), kind, wanted)
+        if positive:
+            with trio.move_on_after(self.settings.event_grace):
+                for step_id, spec in expected.items():
+                    for kind, wanted in _positive_targets(spec):
+                        await self.chaos.wait_for(self.tag(step_id), kind, wanted)
         for step_id, spec in expected.items():
             tag = self.tag(step_id)
-            if spec.calls is not None and self.chaos.calls(tag) != spec.calls:
+            calls_expected = spec.calls is not None and (positive or spec.calls == 0)
+            if calls_expected and self.chaos.calls(tag) != spec.calls:
                 findings.append(
-                    Finding(
+                    self._upstream_finding(
                         step_id,
+                        spec,
+                        None,
                         f"{spec.calls} upstream call(s)",
                         f"{self.chaos.calls(tag)} call(s)",
                     )
                 )
             for kind in EventKind:
                 wanted = getattr(spec, kind.value)
-                if wanted is None:
+                if wanted is None or (not positive and wanted not in (0, False)):
                     continue
                 seen = self.chaos.count(tag, kind)
                 ok = seen >= 1 if wanted is True else seen == int(wanted)
                 if not ok:
                     shown = "at least once" if wanted is True else f"{int(wanted)} time(s)"
                     findings.append(
-                        Finding(step_id, f"upstream {kind.value} {shown}", f"{seen} time(s)")
+                        self._upstream_finding(
+                            step_id, spec, kind, f"upstream {kind.value} {shown}", f"{seen} time(s)"
+                        )
                     )
         return findings
+
+    def _upstream_finding(
+        self,
+        step_id: str,
+        spec: UpstreamExpect,
+        kind: EventKind | None,
+        expected: str,
+        actual: str,
+    ) -> Finding:
+        if spec.convention:
+            return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=spec.convention)
+        label = self.scenario.property_of(step_id)
+        if kind is EventKind.CANCELLED and self._answered_as_expected(step_id):
+            # The caller was told its turn was stopped, yet the LLM work ran on.
+            label = "LLM work leaked (upstream call not cancelled)"
+        return Finding(step_id, expected, actual, label=label)
+
+    def _answered_as_expected(self, step_id: str) -> bool:
+        step = self.scenario.step(step_id)
+        observation = self.context.observations.get(step_id)
+        matcher = step.expect.status_matcher if step.expect else None
+        return (
+            observation is not None and matcher is not None and matcher.matches(observation.status)
+        )
 
     async def _wind_down(self) -> None:
         for step in self.scenario.steps:
@@ -393,12 +468,12 @@ def _positive_targets(spec: UpstreamExpect) -> list[tuple[EventKind, int]]:
     return targets
 
 
-def _session_id_of(observation: Observation) -> str | None:
+def _session_id_of(observation: Observation, id_field: str) -> str | None:
     if observation.status is None or observation.status // 100 != 2:
         return None
     body = observation.body
-    if isinstance(body, dict) and isinstance(body.get("session_id"), str):
-        return str(body["session_id"])
+    if isinstance(body, dict) and isinstance(body.get(id_field), str | int):
+        return str(body[id_field])
     return None
 
 

@@ -45,6 +45,17 @@ class StatusMatcher:
         parts = [str(c) for c in sorted(self.codes)] + [f"{c}xx" for c in sorted(self.classes)]
         return " or ".join(parts)
 
+    @property
+    def outcome(self) -> bool | None:
+        """True if every accepted status is a success, False if none is, None if mixed.
+
+        This is the safety half of a status expectation: a 2xx where a refusal was
+        expected (or the reverse) breaks the contract on any server; which exact
+        code a refusal uses is a convention.
+        """
+        successes = {c // 100 == 2 for c in self.codes} | {c == 2 for c in self.classes}
+        return next(iter(successes)) if len(successes) == 1 else None
+
 
 _STATUS_CLASS = re.compile(r"^([1-5])xx$")
 
@@ -75,7 +86,7 @@ StatusSpec = int | str | list[int | str]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Expect(_Model):
@@ -90,6 +101,8 @@ class Expect(_Model):
     """Chat steps whose answer must be in the trajectory."""
     excludes: list[Identifier] = []
     """Chat steps whose new user message must not be in the trajectory."""
+    convention: str | None = None
+    """Set when every expectation here is a convention, not safety; says which."""
 
     @field_validator("status")
     @classmethod
@@ -118,6 +131,8 @@ class Step(_Model):
     expect: Expect | None = None
     note: str | None = None
     """Why this step is here; shown in the report."""
+    safety_property: str | None = Field(default=None, alias="property")
+    """The safety property this step's expectations guard (default: the scenario's)."""
 
     op: str = ""
 
@@ -295,10 +310,14 @@ class UpstreamExpect(_Model):
     cancelled: int | bool | None = None
     dropped: int | bool | None = None
     calls: int | None = Field(default=None, ge=0)
+    convention: str | None = None
+    """Set when these counts are a convention, not safety; says which (shown when they differ)."""
 
 
 class Group(_Model):
     """A constraint over several steps' statuses, e.g. exactly one 204."""
+
+    safety_property: str | None = Field(default=None, alias="property")
 
     exactly_one: list[Identifier] | None = None
     at_most_one: list[Identifier] | None = None
@@ -341,6 +360,8 @@ class Scenario(_Model):
     description: str
     why: str = ""
     """Why the expected codes are right (every built-in scenario says)."""
+    safety_property: str = Field(default="", alias="property")
+    """The safety property it guards, in a few words; labels its failures (default: name)."""
     mirrors: str | None = None
     """The seed test this scenario mirrors, where there is one."""
     repeat: int = Field(default=1, ge=1, le=10_000)
@@ -349,6 +370,17 @@ class Scenario(_Model):
     expect: ScenarioExpect = ScenarioExpect()
     source: str = ""
     """The file it came from (set by the loader)."""
+
+    @property
+    def guards(self) -> str:
+        return self.safety_property or self.name
+
+    def property_of(self, step_id: str | None) -> str:
+        if step_id is not None:
+            for step in self.steps:
+                if step.id == step_id and step.safety_property:
+                    return step.safety_property
+        return self.guards
 
     def step(self, step_id: str) -> Step:
         for step in self.steps:

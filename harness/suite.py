@@ -89,12 +89,17 @@ async def run_suite(
                 running = await nursery.start(serve, config)
                 url = running.url
             client = TargetClient(
-                url, request_timeout=settings.run.request_timeout, in_process=target.url is None
+                url,
+                request_timeout=settings.run.request_timeout,
+                in_process=target.url is None,
+                health_path=settings.run.profile.health_path,
             )
             try:
                 problem = await _probe(client, settings.target_wait)
                 if problem is None and target.url is not None:
-                    problem = await _check_wiring(client, chaos, upstream_url)
+                    problem = await _check_wiring(
+                        client, chaos, upstream_url, settings.run.profile.create.id_field
+                    )
                 if problem is not None:
                     unreachable[target.name] = problem
                     results.extend(_unreachable_results(scenarios, target.name, problem))
@@ -145,6 +150,7 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
             continue
         cells: Counter[str] = Counter()
         expected_cells: set[str] = set()
+        convention_cells: set[str] = set()
         matcher = step.expect.status_matcher if step.expect else None
         for run in runs:
             observation = run.observations.get(step.id)
@@ -152,8 +158,12 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
                 cells["not run"] += 1
                 continue
             cells[observation.cell] += 1
-            if matcher is not None and matcher.matches(observation.status):
+            if matcher is None or observation.status is None:
+                continue
+            if matcher.matches(observation.status):
                 expected_cells.add(observation.cell)
+            elif matcher.outcome is None or matcher.outcome == (observation.status // 100 == 2):
+                convention_cells.add(observation.cell)
         steps.append(
             StepSummary(
                 step.id,
@@ -161,6 +171,7 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
                 matcher.describe() if matcher else None,
                 cells,
                 frozenset(expected_cells),
+                frozenset(convention_cells),
             )
         )
     return ScenarioResult(
@@ -178,12 +189,12 @@ async def _probe(client: TargetClient, wait: float) -> str | None:
 
 
 async def _check_wiring(
-    client: TargetClient, chaos: ChaosUpstream, upstream_url: str
+    client: TargetClient, chaos: ChaosUpstream, upstream_url: str, id_field: str
 ) -> str | None:
     """A target that answers chats without calling our upstream cannot be raced."""
     created = await client.send("preflight", "create", "POST", "/sessions")
     body = created.body if isinstance(created.body, dict) else {}
-    session_id = body.get("session_id")
+    session_id = body.get(id_field)
     if created.status is None or created.status // 100 != 2 or not isinstance(session_id, str):
         return None  # the scenarios will say what is wrong with create
     tag = f"preflight.{session_id}"

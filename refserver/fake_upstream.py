@@ -29,6 +29,24 @@ def completion_for(
     text = f"answer {digest[:12]} to turn {sum(1 for m in messages if _role(m) == 'user')}"
     prompt_tokens = sum(len(str(_content(m)).split()) for m in messages)
     completion_tokens = len(text.split())
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    tool = _first_tool_name(body)
+    if tool is not None:
+        # An agent that offered tools gets a tool call, so its next turn can be
+        # the tool's result (some servers only accept tool messages after a turn).
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": f"call_{digest[:16]}",
+                    "type": "function",
+                    "function": {"name": tool, "arguments": json.dumps({"turn": digest[:8]})},
+                }
+            ],
+        }
+        if finish_reason == "stop":
+            finish_reason = "tool_calls"
     completion: dict[str, Any] = {
         "id": f"chatcmpl-{digest[:24]}",
         "object": "chat.completion",
@@ -37,7 +55,7 @@ def completion_for(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
             }
         ],
@@ -61,6 +79,15 @@ def completion_for(
         if isinstance(input_ids, list):
             completion["prompt_token_ids"] = input_ids
     return completion
+
+
+def _first_tool_name(body: dict[str, Any]) -> str | None:
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+        return None
+    function = tools[0].get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _role(message: Any) -> Any:

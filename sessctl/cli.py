@@ -161,11 +161,25 @@ def run_scenarios_command(
         bool, typer.Option("--list", help="List the selected scenarios and exit.")
     ] = False,
     verbose: Annotated[bool, typer.Option(help="Show every scenario's matrix.")] = False,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            help="How the target differs in conventions: a profile YAML file, or the name of "
+            "a built-in one (reference, records-tool-400). Default: reference."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Convention differences (NON-STRICT) fail the run too.")
+    ] = False,
 ) -> None:
     """Replay race scenarios against session servers; report a status-code matrix.
 
-    Exit status: 0 all passed, 1 a scenario failed, 2 usage or scenario-file
-    error, 3 a target was unreachable or not wired to the chaos upstream.
+    Verdicts: PASS; NON-STRICT (only conventions differ: safe); FAIL (a safety
+    property broke); ERROR (the run could not complete).
+
+    Exit status: 0 nothing failed (NON-STRICT included, unless --strict), 1 a
+    scenario failed, 2 usage or scenario-file error, 3 a target was unreachable
+    or not wired to the chaos upstream.
     """
     options = RunOptions(
         paths=paths or [],
@@ -181,6 +195,8 @@ def run_scenarios_command(
         json=json,
         markdown=markdown,
         verbose=verbose,
+        profile=profile,
+        strict=strict,
     )
     command = list_scenarios if list_only else run_scenarios
     raise typer.Exit(_run_harness(lambda: command(options, console)))

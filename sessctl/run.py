@@ -15,6 +15,7 @@ from rich.table import Table
 from harness.errors import HarnessError, UsageError
 from harness.exporters import write_json, write_junit, write_markdown
 from harness.loader import load_scenarios
+from harness.profile import load_profile
 from harness.report import progress_hooks, render_selftest, render_suite
 from harness.runner import RunSettings
 from harness.scenario import Scenario
@@ -41,6 +42,8 @@ class RunOptions:
     json: Path | None = None
     markdown: Path | None = None
     verbose: bool = False
+    profile: str | None = None
+    strict: bool = False
 
 
 def parse_target(spec: str) -> Target:
@@ -115,8 +118,18 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
         upstream_host=host,
         upstream_port=port,
         target_wait=options.target_wait,
-        run=RunSettings(request_timeout=options.request_timeout),
+        run=RunSettings(
+            request_timeout=options.request_timeout,
+            profile=load_profile(options.profile),
+            strict=options.strict,
+        ),
     )
+    if settings.run.profile.name != "reference":
+        differences = settings.run.profile.differences()
+        console.print(
+            f"profile {settings.run.profile.name}: "
+            + ("; ".join(differences) if differences else "the reference conventions")
+        )
     with progress_hooks(console, announce_upstream=external) as hooks:
         suite = trio.run(run_suite, scenarios, targets, settings, hooks)
     target_urls = {t.name: t.url for t in targets}

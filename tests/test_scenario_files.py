@@ -46,7 +46,7 @@ HEAD = "name: x\ndescription: d\nsteps:\n  - create: s1\n"
         (HEAD + "  - chat: c1\n  - cancel: c1\n", 6, 13, "must be a background step"),
         ("name: x\nsteps:\n  - create: s1\n", 1, 1, "missing field 'description'"),
         ("name: Bad Name\ndescription: d\nsteps: []\n", 3, 8, "'steps' must be a non-empty list"),
-        ("- just a list\n", 1, 1, "must be a mapping"),
+        ("- just a list\n", 1, 1, "must be a YAML mapping"),
         (
             HEAD + "expect:\n  groups:\n    - exactly_one: [d1]\n      status: 204\n",
             7,

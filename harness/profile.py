@@ -1,0 +1,148 @@
+"""Target profiles: how a server differs from docs/contract.md in its *conventions*.
+
+A profile adapts how the harness talks to a server (where the session id is,
+whether there is a health route, how to read the committed trajectory, which
+roles a turn may append). It never excuses a difference: a server that answers
+200 where the contract says 201 still gets a NON-STRICT finding, labelled as
+declared in the profile, so ``--strict`` can fail it.
+
+The default is ``profiles/reference.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import UsageError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateConvention(_Model):
+    status: int = Field(default=201, ge=200, le=299)
+    id_field: str = "session_id"
+
+
+class TrajectoryConvention(_Model):
+    source: Literal["messages", "records"] = "messages"
+    """``messages``: GET has the committed messages. ``records``: they are the last
+    record's ``request.messages`` plus its ``response.choices[0].message``."""
+    num_assistant: str = "num_assistant"
+    """A field of the GET body, or ``len(records)``."""
+
+
+class Profile(_Model):
+    name: str = "reference"
+    description: str = ""
+    create: CreateConvention = CreateConvention()
+    health_path: str | None = "/healthz"
+    trajectory: TrajectoryConvention = TrajectoryConvention()
+    append_after_assistant: list[Literal["user", "tool"]] = Field(
+        default=["user", "tool"], min_length=1
+    )
+    retry: Literal["replay", "regenerate"] = "replay"
+    rejected_status: int = Field(default=409, ge=400, le=499)
+    error_shape: Literal["openai", "string"] = "openai"
+
+    @property
+    def appends_tool_results(self) -> bool:
+        """Turns after an assistant message must be tool results, not user messages."""
+        return "user" not in self.append_after_assistant
+
+    def differences(self) -> list[str]:
+        """Where this profile departs from the reference conventions, in words."""
+        reference = REFERENCE_PROFILE
+        found: list[str] = []
+        if self.create.status != reference.create.status:
+            found.append(f"create answers {self.create.status}, not 201")
+        if self.health_path != reference.health_path:
+            found.append(f"health route {self.health_path or 'none'}, not /healthz")
+        if self.trajectory != reference.trajectory:
+            found.append("the trajectory is derived from records")
+        if self.appends_tool_results:
+            found.append("only tool messages may follow an assistant turn")
+        if self.retry != reference.retry:
+            found.append("an exact retry regenerates instead of replaying")
+        if self.rejected_status != reference.rejected_status:
+            found.append(f"rejected requests answer {self.rejected_status}, not 409")
+        if self.error_shape != reference.error_shape:
+            found.append("errors are plain strings, not OpenAI-shaped")
+        return found
+
+
+REFERENCE_PROFILE = Profile()
+
+
+@dataclass(frozen=True)
+class TrajectoryState:
+    messages: list[dict[str, Any]] | None
+    num_assistant: int | None
+    in_flight: bool | None
+
+
+def read_trajectory(profile: Profile, body: Any) -> TrajectoryState:
+    """The committed trajectory in a GET body, read the way the profile says."""
+    if not isinstance(body, dict):
+        return TrajectoryState(None, None, None)
+    records = body.get("records") if isinstance(body.get("records"), list) else None
+    in_flight = body.get("in_flight") if isinstance(body.get("in_flight"), bool) else None
+    convention = profile.trajectory
+    if convention.num_assistant == "len(records)":
+        num_assistant = len(records) if records is not None else None
+    else:
+        value = body.get(convention.num_assistant)
+        num_assistant = value if isinstance(value, int) else None
+    if convention.source == "messages":
+        messages = body.get("messages")
+        return TrajectoryState(
+            messages if isinstance(messages, list) else None, num_assistant, in_flight
+        )
+    return TrajectoryState(_messages_from_records(records), num_assistant, in_flight)
+
+
+def _messages_from_records(records: list[Any] | None) -> list[dict[str, Any]] | None:
+    if records is None:
+        return None
+    if not records:
+        return []
+    last = records[-1]
+    try:
+        request_messages = last["request"]["messages"]
+        answer = last["response"]["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(request_messages, list) or not isinstance(answer, dict):
+        return None
+    return [*request_messages, answer]
+
+
+def builtin_profiles() -> dict[str, Path]:
+    root = resources.files("profiles")
+    return {
+        entry.name.removesuffix(".yaml"): Path(str(entry))
+        for entry in root.iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+def load_profile(spec: str | None) -> Profile:
+    """A profile file, or the name of a built-in one; None is the reference profile."""
+    from .loader import load_model
+
+    if spec is None:
+        return REFERENCE_PROFILE
+    builtin = builtin_profiles()
+    path = builtin[spec] if spec in builtin else Path(spec)
+    if not path.is_file():
+        raise UsageError(
+            f"--profile {spec!r}: no such file, and not a built-in profile "
+            f"({', '.join(sorted(builtin))})"
+        )
+    return load_model(path, Profile)

@@ -1,0 +1,1 @@
+"""Target profiles shipped with sessctl: YAML data only, read through importlib.resources."""

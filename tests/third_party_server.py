@@ -1,0 +1,168 @@
+"""A session server in the style of a widely forked third-party one, for tests.
+
+It differs from docs/contract.md in its conventions (profiles/records-tool-400.yaml):
+create answers 200, there is no /healthz, GET returns records, only tool messages
+may follow an assistant turn, an exact retry regenerates, rejections are 400 with
+plain-string errors, malformed JSON gets a 500 and a closed connection, and
+``stream: true`` gets an event stream.
+
+And it has exactly three planted safety bugs, the ones seen in the field:
+
+1. phantom commit: the lock is released during the upstream call, and a commit
+   that finds the state moved on is skipped while its caller still gets 200;
+2. queued chats proceed after DELETE: nothing re-checks the session after the wait;
+3. in-flight turn not preempted: DELETE removes the session at once without
+   cancelling the turn, which later gets 200 for a turn that is never recorded.
+
+Everything else it does right: upstream retries, client disconnects, body limits.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+MAX_BODY = 8 * 1024 * 1024
+
+
+@dataclass
+class _Session:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def committed(self) -> list[Any]:
+        if not self.records:
+            return []
+        last = self.records[-1]
+        return [*last["request"]["messages"], last["response"]["choices"][0]["message"]]
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    keys = ("role", "content", "tool_calls", "tool_call_id", "name")
+    return len(a) == len(b) and all(
+        {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def create_third_party_app(upstream_url: str) -> Starlette:
+    sessions: dict[str, _Session] = {}
+    client = httpx.AsyncClient(timeout=httpx.Timeout(60.0))
+
+    async def create(request: Request) -> Response:
+        session_id = secrets.token_hex(16)
+        sessions[session_id] = _Session()
+        return JSONResponse({"session_id": session_id})  # 200, not 201
+
+    async def session(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        if session_id not in sessions:
+            return _error(404, "session not found")
+        if request.method == "DELETE":
+            del sessions[session_id]  # BUG 3: the turn in flight is not cancelled
+            return Response(status_code=204)
+        return JSONResponse({"session_id": session_id, "records": sessions[session_id].records})
+
+    async def call_upstream(body: dict[str, Any]) -> dict[str, Any] | None:
+        for attempt in range(4):
+            if attempt:
+                await trio.sleep(0.02 * attempt)
+            try:
+                answer = await client.post(f"{upstream_url}/chat/completions", json=body)
+            except httpx.TransportError:
+                continue
+            if answer.status_code in (429, 503):
+                continue
+            if answer.status_code != 200:
+                return None
+            try:
+                completion = answer.json()
+                finish = completion["choices"][0]["finish_reason"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                return None
+            if finish != "abort":
+                return dict(completion)
+        return None
+
+    async def chat(request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return _error(413, "request too large")
+        try:
+            body = json.loads(raw)
+            messages = body["messages"]
+        except (ValueError, KeyError, TypeError):
+            # A 500 and a dropped connection on malformed JSON, as seen in the field.
+            return _error(500, "internal server error", connection="close")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "messages must be a non-empty list")
+        if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages):
+            return _error(400, "unknown role")
+        if body.get("stream"):
+            return Response(
+                b'data: {"choices": []}\n\ndata: [DONE]\n\n', media_type="text/event-stream"
+            )
+        session_id = request.path_params["session_id"]
+        state = sessions.get(session_id)
+        if state is None:
+            return _error(404, "session not found")
+
+        async with state.lock:  # BUG 2: nobody re-checks the session after this wait
+            committed = state.committed()
+            last_request = state.records[-1]["request"]["messages"] if state.records else None
+            if last_request is not None and _same(last_request, messages):
+                state.records.pop()  # an exact retry is a rollback: regenerate the turn
+                committed = state.committed()
+            elif not _same(committed, messages[: len(committed)]) or len(messages) <= len(
+                committed
+            ):
+                return _error(400, "trajectory conflict")
+            new = messages[len(committed) :]
+            if committed and any(m.get("role") != "tool" for m in new):
+                return _error(400, "only tool messages may follow an assistant message")
+            expected_records = len(state.records)
+        # BUG 1: the lock is released for the upstream call.
+        completion: dict[str, Any] | None = None
+        hung_up = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                nonlocal hung_up
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                hung_up = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            completion = await call_upstream(body)
+            nursery.cancel_scope.cancel()
+        if hung_up:
+            return Response(status_code=499)  # the client hung up: nothing committed
+        if completion is None:
+            return _error(502, "upstream failed")
+        async with state.lock:
+            if len(state.records) == expected_records:
+                state.records.append({"request": body, "response": completion})
+            # else: "stale state, skipping update", and the 200 goes out anyway
+        return JSONResponse(completion)
+
+    return Starlette(
+        routes=[
+            Route("/sessions", create, methods=["POST"]),
+            Route("/sessions/{session_id}", session, methods=["GET", "DELETE"]),
+            Route("/sessions/{session_id}/v1/chat/completions", chat, methods=["POST"]),
+        ]
+    )
