@@ -6,6 +6,7 @@ Hierarchy::
     ├── UsageError                   2   bad command-line arguments
     ├── ScenarioFileError            2   a scenario file is malformed (file:line:col)
     ├── ScriptError                  2   an upstream behaviour cannot be understood
+    ├── ProbeFailed                  1   profile check: the server's answers fit no profile
     └── TargetUnreachable            3   the server under test does not answer at all
 
 Failures *of the server under test* are not exceptions: they are verdicts
@@ -38,6 +39,10 @@ class ScenarioFileError(HarnessError):
 
 class ScriptError(HarnessError):
     exit_code = 2
+
+
+class ProbeFailed(HarnessError):
+    exit_code = 1
 
 
 class TargetUnreachable(HarnessError):

@@ -163,7 +163,11 @@ def error_from_validation(
     field = ".".join(str(part) for part in loc) or "scenario"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = f"unknown field {loc[-1]!r}"
+        # Point at the misspelt key itself, not at its value.
+        mark = _key_node_at(root, (*prefix, *loc)).start_mark
+        return ScenarioFileError(
+            source, mark.line + 1, mark.column + 1, f"{field}: unknown field {loc[-1]!r}"
+        )
     elif first["type"] == "missing":
         message = f"missing field {loc[-1]!r}"
         loc = loc[:-1]
@@ -176,6 +180,16 @@ def error_at(
     node = _node_at(root, location)
     mark = node.start_mark
     return ScenarioFileError(source, mark.line + 1, mark.column + 1, message)
+
+
+def _key_node_at(root: yaml.Node, location: tuple[str | int, ...]) -> yaml.Node:
+    parent = _node_at(root, location[:-1])
+    if isinstance(parent, yaml.MappingNode):
+        for key_node, _ in parent.value:
+            if key_node.value == str(location[-1]):
+                found: yaml.Node = key_node
+                return found
+    return _node_at(root, location)
 
 
 def _node_at(root: yaml.Node, location: Iterable[str | int]) -> yaml.Node:

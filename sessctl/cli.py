@@ -21,7 +21,15 @@ from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import serve_until_signalled
 from refserver.variants import VARIANTS
 
-from .run import RunOptions, list_scenarios, parse_listen, run_scenarios, selftest
+from .run import (
+    DEFAULT_EXTERNAL_UPSTREAM,
+    RunOptions,
+    list_scenarios,
+    parse_listen,
+    profile_check,
+    run_scenarios,
+    selftest,
+)
 
 app = typer.Typer(
     help="Race-test LLM session servers.",
@@ -231,6 +239,32 @@ def list_scenarios_command(
     """List scenarios: name, runs, description, file."""
     options = RunOptions(paths=paths or [], name_filter=filter)
     raise typer.Exit(_run_harness(lambda: list_scenarios(options, console)))
+
+
+profile_app = typer.Typer(
+    help="Target profiles: how a server differs from docs/contract.md in its conventions.",
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.command("check")
+def profile_check_command(
+    target: Annotated[str, typer.Option(help="The server to probe, URL.")],
+    upstream_listen: Annotated[
+        str, typer.Option(help="HOST:PORT for the chaos upstream the server must use.")
+    ] = DEFAULT_EXTERNAL_UPSTREAM,
+    output: Annotated[
+        Path | None, typer.Option(help="Also write the suggested profile to this file.")
+    ] = None,
+    request_timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 10.0,
+) -> None:
+    """Probe a server and suggest a profile (YAML) for --profile."""
+    raise typer.Exit(
+        _run_harness(
+            lambda: profile_check(target, upstream_listen, output, request_timeout, console)
+        )
+    )
 
 
 @app.command()

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -16,6 +17,7 @@ from harness.errors import HarnessError, UsageError
 from harness.exporters import write_json, write_junit, write_markdown
 from harness.loader import load_scenarios
 from harness.profile import load_profile
+from harness.profile_probe import check_profile
 from harness.report import progress_hooks, render_selftest, render_suite
 from harness.runner import RunSettings
 from harness.scenario import Scenario
@@ -100,6 +102,38 @@ def selftest(options: RunOptions, console: Console) -> int:
     return result.exit_code
 
 
+def profile_check(
+    target: str, listen: str, output: Path | None, request_timeout: float, console: Console
+) -> int:
+    url = parse_target(target).url
+    assert url is not None
+    host, port = parse_listen(listen)
+    console.print(
+        f"chaos upstream on http://{host}:{port}/v1: the server under test must use it "
+        "as its LLM upstream"
+    )
+    result = trio.run(check_profile, url, host, port, request_timeout)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    differences = result.profile.differences()
+    console.print(
+        "differs from the reference conventions: " + "; ".join(differences)
+        if differences
+        else "follows the reference conventions"
+    )
+    document = yaml.safe_dump(
+        result.profile.model_dump(mode="json"), sort_keys=False, default_flow_style=None
+    )
+    console.print(document, highlight=False, markup=False)
+    if output is not None:
+        try:
+            output.write_text(document, encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write {output}: {error.strerror or error}") from None
+        console.print(f"written to {output}; use it with --profile {output}")
+    return 0
+
+
 def run_scenarios(options: RunOptions, console: Console) -> int:
     scenarios = select(options)
     targets = [parse_target(t) for t in options.targets] or [Target(EMBEDDED, None)]
@@ -147,4 +181,11 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     return suite.exit_code
 
 
-__all__ = ["HarnessError", "RunOptions", "list_scenarios", "run_scenarios", "selftest"]
+__all__ = [
+    "HarnessError",
+    "RunOptions",
+    "list_scenarios",
+    "profile_check",
+    "run_scenarios",
+    "selftest",
+]

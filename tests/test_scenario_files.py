@@ -36,7 +36,7 @@ HEAD = "name: x\ndescription: d\nsteps:\n  - create: s1\n"
         ("name: x\ndescription: d\nsteps:\n  - create: s1\n   - chat: c1\n", 5, 4, "invalid YAML"),
         (HEAD + "  - chat: c1\n    upstream: holdd\n", 6, 15, "unknown upstream behaviour 'holdd'"),
         (HEAD + "  - chat: c1\n    expect: {status: 99x}\n", 6, 22, "'99x' is not a status"),
-        (HEAD + "  - chat: c1\n    sesion: s1\n", 6, 13, "unknown field 'sesion'"),
+        (HEAD + "  - chat: c1\n    sesion: s1\n", 6, 5, "unknown field 'sesion'"),
         (HEAD + "  - wait: c9.received\n", 5, 11, "'c9' is not an earlier step"),
         (HEAD + "  - wait: c1.exploded\n", 5, 11, "wait"),
         (HEAD + "  - frobnicate: z\n", 5, 5, "a step needs exactly one of"),

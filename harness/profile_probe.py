@@ -1,0 +1,203 @@
+"""``sessctl profile check``: probe a server and suggest the profile that fits it.
+
+It is a short conversation with the server, wired to the chaos upstream like a
+scenario run, that answers each question of the profile in turn:
+
+1. Is there a /healthz?
+2. What does POST /sessions answer, and under which key is the id?
+3. Does GET /sessions/{id} carry ``messages``, or ``records`` to derive them from?
+4. May a user message follow an assistant turn, or only a tool result?
+5. Does an exact retry of the last turn replay it (no upstream call) or regenerate it?
+6. How is a conflicting request rejected: which status, which error shape?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import trio
+
+from .chaos_upstream import ChaosUpstream, marker
+from .client import TargetClient
+from .errors import ProbeFailed, TargetUnreachable
+from .profile import CreateConvention, Profile, TrajectoryConvention
+from .results import Observation, answer_of
+from .runner import AGENT_TOOLS
+
+
+@dataclass
+class ProbeResult:
+    profile: Profile
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Probe:
+    client: TargetClient
+    chaos: ChaosUpstream
+    notes: list[str] = field(default_factory=list)
+    turns: int = 0
+
+    async def chat(
+        self, session_id: str, messages: list[dict[str, Any]], *, tools: bool = False
+    ) -> Observation:
+        body: dict[str, Any] = {"model": "sessctl-probe", "messages": messages}
+        if tools:
+            body["tools"] = AGENT_TOOLS
+        return await self.client.send(
+            "probe", "chat", "POST", f"/sessions/{session_id}/v1/chat/completions", json_body=body
+        )
+
+    def user(self, text: str) -> tuple[str, dict[str, Any]]:
+        self.turns += 1
+        tag = f"probe.{self.turns}"
+        return tag, {"role": "user", "content": f"{text} {marker(tag)}"}
+
+    async def create(self) -> tuple[Observation, str]:
+        created = await self.client.send("probe", "create", "POST", "/sessions")
+        body = created.body if isinstance(created.body, dict) else {}
+        if created.status is None or created.status // 100 != 2:
+            raise ProbeFailed(f"POST /sessions answered {_shown(created)}")
+        id_field = "session_id" if "session_id" in body else _id_like_field(body)
+        if id_field is None:
+            raise ProbeFailed(f"POST /sessions answered {body!r}: no field looks like an id")
+        return created, id_field
+
+
+async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResult:
+    probe = _Probe(client, chaos)
+    health = await client.send("probe", "get", "GET", "/healthz")
+    health_path = "/healthz" if health.status is not None and health.status // 100 == 2 else None
+    if health_path is None:
+        probe.notes.append(f"GET /healthz answered {_shown(health)}: no health route")
+
+    created, id_field = await probe.create()
+    session_id = str(created.body[id_field])
+    tag, first = probe.user("probe turn one")
+    turn = await probe.chat(session_id, [first])
+    answer = answer_of(turn)
+    if turn.status != 200 or answer is None:
+        raise ProbeFailed(f"the first chat answered {_shown(turn)}")
+    if chaos.calls(tag) == 0:
+        raise ProbeFailed(
+            f"the server answered a chat without calling the chaos upstream at {chaos.url}; "
+            "start it with that as its LLM upstream"
+        )
+
+    state = await client.send("probe", "get", "GET", f"/sessions/{session_id}")
+    trajectory = _trajectory_convention(state)
+
+    # May a user message follow an assistant turn?
+    messages: list[dict[str, Any]] = [first, answer]
+    next_tag, follow_up = probe.user("probe turn two")
+    second = await probe.chat(session_id, [*messages, follow_up])
+    appends: list[Any] = ["user", "tool"]
+    tools = False
+    if second.status == 200 and (second_answer := answer_of(second)) is not None:
+        messages = [*messages, follow_up, second_answer]
+        last_tag = next_tag
+    else:
+        probe.notes.append(f"a user message after an assistant turn got {_shown(second)}")
+        session_id, messages, last_tag = await _try_tool_results(probe, id_field)
+        appends, tools = ["tool"], True
+
+    # Replay or regenerate? Count upstream calls for an exact retry of the last turn.
+    calls_before = chaos.calls(last_tag)
+    retried = await probe.chat(session_id, messages[:-1], tools=tools)
+    if retried.status != 200:
+        probe.notes.append(f"an exact retry of the last turn got {_shown(retried)}")
+    retry: Literal["replay", "regenerate"] = (
+        "replay" if chaos.calls(last_tag) == calls_before else "regenerate"
+    )
+
+    # How is a conflicting request rejected?
+    _, stranger = probe.user("a different first turn")
+    conflict = await probe.chat(session_id, [stranger], tools=tools)
+    rejected_status = 409
+    if conflict.status is not None and 400 <= conflict.status < 500:
+        rejected_status = conflict.status
+    else:
+        probe.notes.append(f"a conflicting request got {_shown(conflict)}, not a 4xx")
+    error = conflict.body.get("error") if isinstance(conflict.body, dict) else None
+    error_shape: Literal["openai", "string"] = "string" if isinstance(error, str) else "openai"
+
+    await client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
+    profile = Profile(
+        name="suggested",
+        description=f"suggested by sessctl profile check against {client.base_url}",
+        create=CreateConvention(status=created.status or 201, id_field=id_field),
+        health_path=health_path,
+        trajectory=trajectory,
+        append_after_assistant=appends,
+        retry=retry,
+        rejected_status=rejected_status,
+        error_shape=error_shape,
+    )
+    return ProbeResult(profile, probe.notes)
+
+
+async def _try_tool_results(probe: _Probe, id_field: str) -> tuple[str, list[dict[str, Any]], str]:
+    """On a fresh session: offer a tool, then answer the tool call with its result."""
+    created, _ = await probe.create()
+    session_id = str(created.body[id_field])
+    _, first = probe.user("probe with tools")
+    turn = await probe.chat(session_id, [first], tools=True)
+    answer = answer_of(turn)
+    calls = answer.get("tool_calls") if answer else None
+    if turn.status != 200 or not answer or not isinstance(calls, list) or not calls:
+        raise ProbeFailed(f"a chat offering a tool answered {_shown(turn)}")
+    tag, _ = probe.user("unused")
+    result = {"role": "tool", "tool_call_id": calls[0].get("id"), "content": f"ok {marker(tag)}"}
+    second = await probe.chat(session_id, [first, answer, result], tools=True)
+    second_answer = answer_of(second)
+    if second.status != 200 or second_answer is None:
+        raise ProbeFailed(
+            f"neither a user message nor a tool result may follow an assistant turn "
+            f"(the tool result got {_shown(second)})"
+        )
+    probe.notes.append("a tool result after an assistant turn was accepted")
+    return session_id, [first, answer, result, second_answer], tag
+
+
+def _trajectory_convention(state: Observation) -> TrajectoryConvention:
+    body = state.body if isinstance(state.body, dict) else {}
+    if state.status != 200:
+        raise ProbeFailed(f"GET /sessions/{{id}} answered {_shown(state)}")
+    count = "num_assistant" if isinstance(body.get("num_assistant"), int) else "len(records)"
+    if isinstance(body.get("messages"), list):
+        return TrajectoryConvention(source="messages", num_assistant=count)
+    if isinstance(body.get("records"), list):
+        return TrajectoryConvention(source="records", num_assistant=count)
+    raise ProbeFailed(f"GET /sessions/{{id}} has neither messages nor records: {sorted(body)}")
+
+
+def _id_like_field(body: dict[str, Any]) -> str | None:
+    for key, value in body.items():
+        if "id" in key.lower() and isinstance(value, str | int):
+            return key
+    return None
+
+
+def _shown(observation: Observation) -> str:
+    if observation.status is None:
+        return observation.transport_error or "no answer"
+    return f"{observation.status} {str(observation.body)[:120]}"
+
+
+async def check_profile(url: str, host: str, port: int, request_timeout: float) -> ProbeResult:
+    chaos = ChaosUpstream()
+    client = TargetClient(url, request_timeout=request_timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(chaos.serve, host, port))
+            problem = await client.probe()
+            if problem is not None:
+                raise TargetUnreachable(f"{url} is unreachable: {problem}")
+            try:
+                return await probe_profile(client, chaos)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await client.aclose()

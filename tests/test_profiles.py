@@ -1,0 +1,96 @@
+"""Profiles: loading, reading trajectories through them, and `profile check`."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from harness.chaos_upstream import ChaosUpstream
+from harness.client import TargetClient
+from harness.errors import ScenarioFileError, UsageError
+from harness.profile import REFERENCE_PROFILE, Profile, load_profile, read_trajectory
+from harness.profile_probe import probe_profile
+from refserver.server import RunningServer, ServerConfig, serve, serve_asgi
+
+from .third_party_server import create_third_party_app
+
+
+def comparable(profile: Profile) -> dict[str, object]:
+    return profile.model_dump(exclude={"name", "description"})
+
+
+def test_builtin_profiles_load_by_name() -> None:
+    assert comparable(load_profile("reference")) == comparable(REFERENCE_PROFILE)
+    assert load_profile(None) is REFERENCE_PROFILE
+    example = load_profile("records-tool-400")
+    assert example.differences() == [
+        "create answers 200, not 201",
+        "health route none, not /healthz",
+        "the trajectory is derived from records",
+        "only tool messages may follow an assistant turn",
+        "an exact retry regenerates instead of replaying",
+        "rejected requests answer 400, not 409",
+        "errors are plain strings, not OpenAI-shaped",
+    ]
+
+
+def test_a_bad_profile_file_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ncreate:\n  status: 201\n  id_feld: id\n")
+    with pytest.raises(ScenarioFileError) as raised:
+        load_profile(str(path))
+    assert (raised.value.line, raised.value.column) == (4, 3)
+    assert "unknown field 'id_feld'" in raised.value.message
+    with pytest.raises(UsageError, match="not a built-in profile"):
+        load_profile("no-such-profile")
+
+
+def test_reading_a_trajectory_from_records() -> None:
+    profile = load_profile("records-tool-400")
+    user = {"role": "user", "content": "hi"}
+    answer = {"role": "assistant", "content": "hello"}
+    body = {
+        "records": [
+            {"request": {"messages": [user]}, "response": {"choices": [{"message": answer}]}}
+        ]
+    }
+    state = read_trajectory(profile, body)
+    assert state.messages == [user, answer]
+    assert state.num_assistant == 1
+    assert read_trajectory(profile, {"records": []}).messages == []
+    assert read_trajectory(profile, {"records": [{"request": {}}]}).messages is None
+    assert read_trajectory(REFERENCE_PROFILE, "not a dict").messages is None
+
+
+async def _probe(nursery: trio.Nursery, third_party: bool) -> Profile:
+    chaos = ChaosUpstream()
+    await nursery.start(chaos.serve)
+    assert chaos.url is not None
+    if third_party:
+        url = await nursery.start(
+            partial(serve_asgi, create_third_party_app(chaos.url), "127.0.0.1", 0)
+        )
+    else:
+        running: RunningServer = await nursery.start(
+            serve, ServerConfig(port=0, upstream_url=chaos.url)
+        )
+        url = running.url
+    client = TargetClient(url, request_timeout=10)
+    try:
+        return (await probe_profile(client, chaos)).profile
+    finally:
+        await client.aclose()
+
+
+async def test_profile_check_recognises_the_reference_server(nursery: trio.Nursery) -> None:
+    assert comparable(await _probe(nursery, third_party=False)) == comparable(REFERENCE_PROFILE)
+
+
+async def test_profile_check_rediscovers_a_third_party_servers_conventions(
+    nursery: trio.Nursery,
+) -> None:
+    suggested = await _probe(nursery, third_party=True)
+    assert comparable(suggested) == comparable(load_profile("records-tool-400"))
