@@ -57,25 +57,14 @@ class TargetClient:
                 )
             else:
                 response = await self._client.request(method, path, json=json_body, headers=headers)
-        except httpx.TimeoutException:
-            return Observation(
-                step,
-                op,
-                request,
-                None,
-                started,
-                trio.current_time(),
-                transport_error=f"no answer within {self._timeout:g} s",
-            )
         except httpx.HTTPError as error:
+            reason = (
+                f"no answer within {self._timeout:g} s"
+                if isinstance(error, httpx.TimeoutException)
+                else f"{type(error).__name__}: {error or 'connection failed'}"
+            )
             return Observation(
-                step,
-                op,
-                request,
-                None,
-                started,
-                trio.current_time(),
-                transport_error=f"{type(error).__name__}: {error or 'connection failed'}",
+                step, op, request, None, started, trio.current_time(), transport_error=reason
             )
         ended = trio.current_time()
         return Observation(step, op, request, response.status_code, started, ended, _body(response))

@@ -121,10 +121,10 @@ def _cell_order(cell: str) -> tuple[int, str]:
 
 
 def render_suite(
-    console: Console, suite: SuiteResult, target_urls: dict[str, str | None], *, verbose: bool
+    console: Console, suite: SuiteResult, target_urls: dict[str, str | None], *, quiet: bool
 ) -> None:
     for result in suite.scenarios:
-        if verbose or result.verdict is not Verdict.PASS or len(suite.scenarios) <= 40:
+        if not quiet or result.verdict is not Verdict.PASS:
             render_scenario(console, result, target_urls.get(result.target))
     if len(suite.targets) > 1:
         render_target_matrix(console, suite)

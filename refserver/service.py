@@ -150,9 +150,15 @@ class SessionService:
             return await self._proxy_and_commit(session, request)
 
     async def _proxy_and_commit(self, session: Session, request: ChatRequest) -> dict[str, Any]:
+        started_at = self._wall_clock()
+        completion = await self._run_turn(session, request)
+        self._commit(session, request, completion, started_at)
+        return completion
+
+    async def _run_turn(self, session: Session, request: ChatRequest) -> dict[str, Any]:
+        """The upstream call as the session's turn in flight, preemptible through its scope."""
         turn = Turn()
         session.turn = turn
-        started_at = self._wall_clock()
         completion: dict[str, Any] | None = None
         try:
             with turn.scope:
@@ -164,7 +170,6 @@ class SessionService:
         if turn.preempted_by is not None:
             raise turn.preempted_by
         assert completion is not None
-        self._commit(session, request, completion, started_at)
         return completion
 
     def _commit(

@@ -43,16 +43,8 @@ class SplitLock(SessionService):
             if isinstance(decision, rules.Conflict):
                 raise conflict_error(decision)
             expected_turns = session.num_assistant
-        turn = Turn()
-        session.turn = turn
         started_at = self._wall_clock()
-        try:
-            with turn.scope:
-                completion = await self._call_upstream(turn, request.body)
-        finally:
-            session.turn = None
-        if turn.preempted_by is not None:
-            raise turn.preempted_by
+        completion = await self._run_turn(session, request)  # outside the lock
         async with session.lock:
             if session.num_assistant != expected_turns:
                 return completion  # "skipping state update": the phantom commit

@@ -168,7 +168,9 @@ def run_scenarios_command(
     list_only: Annotated[
         bool, typer.Option("--list", help="List the selected scenarios and exit.")
     ] = False,
-    verbose: Annotated[bool, typer.Option(help="Show every scenario's matrix.")] = False,
+    quiet: Annotated[
+        bool, typer.Option(help="Show matrices only for scenarios that did not pass.")
+    ] = False,
     profile: Annotated[
         str | None,
         typer.Option(
@@ -202,7 +204,7 @@ def run_scenarios_command(
         junit=junit,
         json=json,
         markdown=markdown,
-        verbose=verbose,
+        quiet=quiet,
         profile=profile,
         strict=strict,
     )

@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError, UsageError
+from harness.errors import UsageError
 from harness.exporters import write_json, write_junit, write_markdown
 from harness.loader import load_scenarios
 from harness.profile import load_profile
@@ -43,7 +43,7 @@ class RunOptions:
     junit: Path | None = None
     json: Path | None = None
     markdown: Path | None = None
-    verbose: bool = False
+    quiet: bool = False
     profile: str | None = None
     strict: bool = False
 
@@ -167,7 +167,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     with progress_hooks(console, announce_upstream=external) as hooks:
         suite = trio.run(run_suite, scenarios, targets, settings, hooks)
     target_urls = {t.name: t.url for t in targets}
-    render_suite(console, suite, target_urls, verbose=options.verbose)
+    render_suite(console, suite, target_urls, quiet=options.quiet)
     for path, writer in (
         (options.json, write_json),
         (options.junit, write_junit),
@@ -182,7 +182,6 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
 
 
 __all__ = [
-    "HarnessError",
     "RunOptions",
     "list_scenarios",
     "profile_check",
