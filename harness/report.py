@@ -20,6 +20,7 @@ from rich.text import Text
 from refserver.variants import VARIANTS
 
 from .exporters import reproduce_command
+from .linearizability import CheckResult
 from .results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
 from .selftest import CLEAN, SelftestResult
 from .suite import SuiteHooks
@@ -270,3 +271,32 @@ def render_selftest(console: Console, result: SelftestResult) -> None:
             style="bold green" if result.exit_code == 0 else "bold red",
         )
     )
+
+
+def render_check(console: Console, result: CheckResult, source: str) -> None:
+    """What `sessctl check` found in a history, with the operations that show it."""
+    style = {"valid": "bold green", "invalid": "bold red", "unknown": "bold yellow"}[result.verdict]
+    console.print(
+        Text.assemble(
+            (result.verdict.upper(), style),
+            f"  {source}: {result.operations} operations in {result.sessions} sessions",
+        )
+    )
+    for finding in result.findings:
+        console.print(
+            Text.assemble(("  " + finding.kind, "bold red"), f" in session {finding.session}: ")
+        )
+        console.print(Text("    " + finding.explanation), soft_wrap=True)
+        for op in finding.window:
+            end = "…" if op.complete is None else f"{op.complete:.3f}"
+            console.print(
+                Text(f"      {op.invoke:.3f}-{end}  {op.describe()}", style="dim"), soft_wrap=True
+            )
+    if result.undecided_sessions:
+        console.print(
+            Text(
+                f"  the search budget ran out for {len(result.undecided_sessions)} session(s): "
+                f"{', '.join(result.undecided_sessions[:5])}",
+                style="yellow",
+            )
+        )

@@ -24,6 +24,7 @@ from refserver.variants import VARIANTS
 from .run import (
     DEFAULT_EXTERNAL_UPSTREAM,
     RunOptions,
+    check,
     list_scenarios,
     parse_listen,
     profile_check,
@@ -241,6 +242,20 @@ def list_scenarios_command(
     """List scenarios: name, runs, description, file."""
     options = RunOptions(paths=paths or [], name_filter=filter)
     raise typer.Exit(_run_harness(lambda: list_scenarios(options, console)))
+
+
+@app.command("check")
+def check_command(
+    history: Annotated[Path, typer.Argument(help="A history file (JSON lines).")],
+    json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
+) -> None:
+    """Check a saved history: linearizability per session, durability, no 2xx after
+    DELETE, no leaked LLM work.
+
+    Exit status: 0 valid, 1 invalid, 2 unreadable history, 4 undecided (the
+    search budget ran out).
+    """
+    raise typer.Exit(_run_harness(lambda: check(history, json, console)))
 
 
 profile_app = typer.Typer(

@@ -15,10 +15,12 @@ from rich.table import Table
 
 from harness.errors import UsageError
 from harness.exporters import write_json, write_junit, write_markdown
+from harness.history import read_history
+from harness.linearizability import check_history
 from harness.loader import load_scenarios
 from harness.profile import load_profile
 from harness.profile_probe import check_profile
-from harness.report import progress_hooks, render_selftest, render_suite
+from harness.report import progress_hooks, render_check, render_selftest, render_suite
 from harness.runner import RunSettings
 from harness.scenario import Scenario
 from harness.selftest import run_selftest
@@ -102,6 +104,37 @@ def selftest(options: RunOptions, console: Console) -> int:
     return result.exit_code
 
 
+CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
+
+
+def check(history: Path, output: Path | None, console: Console) -> int:
+    """Re-check a saved history: 0 valid, 1 invalid, 4 the search budget ran out."""
+    operations = read_history(history)
+    result = check_history(operations)
+    render_check(console, result, str(history))
+    if output is not None:
+        report = {
+            "verdict": result.verdict,
+            "operations": result.operations,
+            "sessions": result.sessions,
+            "undecided_sessions": result.undecided_sessions,
+            "findings": [
+                {
+                    "kind": f.kind,
+                    "session": f.session,
+                    "explanation": f.explanation,
+                    "window": [op.id for op in f.window],
+                }
+                for f in result.findings
+            ],
+        }
+        try:
+            output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write {output}: {error.strerror or error}") from None
+    return CHECK_EXIT[result.verdict]
+
+
 def profile_check(
     target: str, listen: str, output: Path | None, request_timeout: float, console: Console
 ) -> int:
@@ -183,6 +216,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
 
 __all__ = [
     "RunOptions",
+    "check",
     "list_scenarios",
     "profile_check",
     "run_scenarios",

@@ -1,0 +1,114 @@
+"""History-checker benchmark: how long the linearizability check of a big history takes.
+
+    python benchmarks/checker_bench.py [--ops 10000] [--seed 1]
+
+Builds a synthetic history the way chaos mode sees one: sessions shared by
+several clients, overlapping turns (one commits, the others conflict),
+reads, exact retries, unknown outcomes and deletes. It is valid by
+construction, which is the expensive case: every session must be searched to
+the end. The baseline, measured side by side, is the invariant checks alone
+(one pass over the history). Goal: 10,000 operations in at most 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from harness.history import Operation
+from harness.linearizability import check_history, check_invariants
+
+
+def synthetic_history(total: int, seed: int) -> list[Operation]:
+    rng = random.Random(seed)
+    ops: list[Operation] = []
+    clock = 0.0
+
+    def add(
+        op: str, session: str, start: float, end: float | None, status: int | None, **f: Any
+    ) -> None:
+        ops.append(Operation(len(ops), rng.randrange(8), op, session, start, end, status, **f))
+
+    session_index = 0
+    while len(ops) < total:
+        session = f"s{session_index}"
+        session_index += 1
+        add("create", session, clock, clock + 0.001, 201)
+        clock += 0.002
+        committed: list[dict[str, Any]] = []
+        for turn in range(rng.randrange(3, 12)):
+            writers = rng.randrange(1, 4)  # concurrent writers on one trajectory
+            start = clock
+            winner = rng.randrange(writers)
+            for w in range(writers):
+                sent = [*committed, {"role": "user", "content": f"{session} t{turn} w{w}"}]
+                answer = {"role": "assistant", "content": f"answer {session} {turn} {w}"}
+                if w == winner:
+                    if rng.random() < 0.05:  # the winner's client timed out: unknown outcome
+                        add(
+                            "chat",
+                            session,
+                            start,
+                            None,
+                            None,
+                            messages=sent,
+                            answer_if_committed=answer,
+                        )
+                    else:
+                        add(
+                            "chat", session, start, start + 0.010, 200, messages=sent, answer=answer
+                        )
+                    winner_turn = [*sent, answer]
+                else:
+                    add("chat", session, start + 0.001, start + 0.012, 409, messages=sent)
+            committed = winner_turn
+            clock += 0.013
+            if rng.random() < 0.5:  # a trainer reads, concurrently with the next turn's start
+                add(
+                    "get",
+                    session,
+                    clock - 0.004,
+                    clock + 0.001,
+                    200,
+                    messages=committed,
+                    num_assistant=turn + 1,
+                )
+        add("delete", session, clock, clock + 0.001, 204)
+        add("chat", session, clock + 0.002, clock + 0.003, 404, messages=committed)
+        clock += 0.004
+    return ops[:total] if ops[total - 1].op != "create" else ops[: total - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    history = synthetic_history(args.ops, args.seed)
+    full: list[float] = []
+    invariants: list[float] = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        check_invariants(history)
+        invariants.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        result = check_history(history)
+        full.append(time.perf_counter() - start)
+    print(f"{len(history)} operations in {result.sessions} sessions: verdict {result.verdict}")
+    for name, samples in (("full check", full), ("invariants only (baseline)", invariants)):
+        print(
+            f"{name:<28} median {statistics.median(samples):6.3f} s  "
+            f"min {min(samples):6.3f} s  max {max(samples):6.3f} s  (n={len(samples)})"
+        )
+    ok = result.verdict == "valid" and statistics.median(full) <= 5
+    print(f"goal: valid, and at most 5 s for {args.ops} operations: {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

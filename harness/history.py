@@ -1,0 +1,114 @@
+"""A history of operations against a session server, as JSON lines.
+
+One line per operation, with the client that ran it, when it was invoked and
+when it completed (monotonic seconds), its arguments and what came back::
+
+    {"id": 7, "client": 2, "op": "chat", "session": "4f...", "invoke": 1.204,
+     "complete": 1.219, "status": 200, "messages": [...], "answer": {...},
+     "answer_if_committed": {...}, "upstream": [{"kind": "received", "at": 1.205}]}
+
+* ``op`` is ``create``, ``chat``, ``get`` or ``delete``.
+* ``status`` is null, and ``complete`` may be null, when the outcome is unknown
+  (a timeout, a connection error, the client hung up): such an operation may
+  or may not have taken effect.
+* ``chat``: ``messages`` sent; ``answer`` is the assistant message of a 200;
+  ``answer_if_committed`` is what the (deterministic) upstream would answer,
+  so an unknown chat that did commit can be recognised later.
+* ``get``: ``messages`` and ``num_assistant`` as read.
+* ``upstream``: the chaos upstream's events for this operation's calls.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ScenarioFileError
+
+OPS = frozenset({"create", "chat", "get", "delete"})
+
+
+@dataclass(frozen=True)
+class UpstreamEvent:
+    kind: str
+    """received, answered, cancelled or dropped."""
+    at: float
+
+
+@dataclass(frozen=True)
+class Operation:
+    id: int
+    client: int
+    op: str
+    session: str
+    invoke: float
+    complete: float | None
+    status: int | None
+    messages: list[dict[str, Any]] | None = None
+    answer: dict[str, Any] | None = None
+    answer_if_committed: dict[str, Any] | None = None
+    num_assistant: int | None = None
+    upstream: list[UpstreamEvent] = field(default_factory=list)
+
+    @property
+    def unknown(self) -> bool:
+        return self.status is None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and self.status // 100 == 2
+
+    def describe(self) -> str:
+        outcome = "unknown outcome" if self.unknown else str(self.status)
+        return f"#{self.id} client {self.client} {self.op} -> {outcome}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_history(path: Path, operations: Iterable[Operation]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for operation in operations:
+            out.write(json.dumps(operation.to_json(), separators=(",", ":")) + "\n")
+
+
+def read_history(path: Path) -> list[Operation]:
+    shown = str(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ScenarioFileError(shown, None, None, f"cannot read: {error}") from None
+    operations: list[Operation] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            operations.append(_operation(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ScenarioFileError(shown, number, 1, f"not a history operation: {error}") from None
+    return operations
+
+
+def _operation(data: dict[str, Any]) -> Operation:
+    if data["op"] not in OPS:
+        raise ValueError(f"unknown op {data['op']!r}")
+    events = [UpstreamEvent(str(e["kind"]), float(e["at"])) for e in data.get("upstream") or []]
+    complete = data.get("complete")
+    status = data.get("status")
+    return Operation(
+        id=int(data["id"]),
+        client=int(data["client"]),
+        op=str(data["op"]),
+        session=str(data["session"]),
+        invoke=float(data["invoke"]),
+        complete=None if complete is None else float(complete),
+        status=None if status is None else int(status),
+        messages=data.get("messages"),
+        answer=data.get("answer"),
+        answer_if_committed=data.get("answer_if_committed"),
+        num_assistant=data.get("num_assistant"),
+        upstream=events,
+    )

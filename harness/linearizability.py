@@ -1,0 +1,438 @@
+"""Checking a history against the session contract: linearizability plus invariants.
+
+The sequential model is docs/contract.md, decided by the same rules module the
+reference server uses (``refserver.rules.classify_turn``). Sessions are
+independent, so the history is partitioned by session id and each
+sub-history is checked on its own.
+
+The search is Wing and Gong's, with Lowe's memoisation, as in Porcupine: walk
+the call/return events in time order, tentatively linearise any operation
+whose call has been seen, backtrack when a return is reached whose operation
+is not yet linearised, and never revisit a (linearised set, model state) pair.
+Operations with an unknown outcome never return (their return is at +inf),
+and the model lets them either take effect or not; to keep the search
+deterministic, the model state is the *set* of states the session may be in.
+
+Beside linearizability, three invariants are checked on the raw history:
+
+* durable: a chat answered 200 is a prefix of every later read trajectory;
+* no 2xx on a session once a DELETE of it has completed with 2xx;
+* no LLM work leaks: an upstream call that a server makes after a DELETE of
+  its session was invoked, or that is still pending when the DELETE
+  completes, is cancelled within a bound and never answered.
+
+The last one is what catches servers that let queued chats proceed after a
+DELETE: in statuses alone that is linearizable (the queued turn can be placed
+before the DELETE), but the LLM work was done for a session being deleted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from refserver.rules import Conflict, Extend, Replay, classify_turn, comparable
+
+from .history import Operation
+
+Verdict = Literal["valid", "invalid", "unknown"]
+DEFAULT_BUDGET = 2_000_000
+"""Search steps per session before the verdict is "unknown" (never a hang)."""
+DEFAULT_LEAK_BOUND = 1.0
+"""Seconds after a DELETE completes within which pending upstream calls must be cancelled."""
+
+
+# -- the sequential model ----------------------------------------------------------
+
+
+Phase = Literal["new", "alive", "gone"]
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    phase: Phase
+    messages: tuple[Any, ...] = ()
+    last_request: tuple[Any, ...] | None = None
+    stored_answer: Any = None
+    num_assistant: int = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.phase == "alive"
+
+    @property
+    def committed(self) -> tuple[Any, ...]:
+        return tuple(comparable(m) for m in self.messages)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (
+            self.phase,
+            self.committed,
+            None if self.last_request is None else tuple(comparable(m) for m in self.last_request),
+            None if self.stored_answer is None else comparable(self.stored_answer),
+            self.num_assistant,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, State) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+NOT_CREATED = State("new")
+ALIVE = State("alive")
+GONE = State("gone")
+
+
+@dataclass(frozen=True)
+class Step:
+    states: tuple[State, ...]
+    """Where the session may be after the operation; empty if it cannot happen here."""
+    reason: str = ""
+    """Why not, in plain words, when ``states`` is empty."""
+
+
+def step(state: State, op: Operation) -> Step:
+    """What ``op``, with the outcome it observed, does to a session in ``state``."""
+    if op.op == "create":
+        if op.unknown:
+            return Step((state, ALIVE) if state == NOT_CREATED else (state,))
+        if op.ok and state == NOT_CREATED:
+            return Step((ALIVE,))
+        return Step((state,)) if not op.ok else Step((), "a session was created twice")
+    if op.op == "delete":
+        return _delete(state, op)
+    if op.op == "get":
+        return _get(state, op)
+    return _chat(state, op)
+
+
+def _delete(state: State, op: Operation) -> Step:
+    if op.unknown:
+        return Step((state, GONE) if state.alive else (state,))
+    if op.ok:
+        return (
+            Step((GONE,)) if state.alive else Step((), "DELETE succeeded on a session that is gone")
+        )
+    if op.status == 404 and state.alive:
+        return Step((), "DELETE answered 404 while the session exists")
+    return Step((state,))
+
+
+def _get(state: State, op: Operation) -> Step:
+    if op.unknown:
+        return Step((state,))
+    if not state.alive:
+        return Step((), "GET answered 200 for a session that is gone") if op.ok else Step((state,))
+    if op.status == 404:
+        return Step((), "GET answered 404 while the session exists")
+    if not op.ok:
+        return Step((state,))
+    read = tuple(comparable(m) for m in op.messages or [])
+    if read != state.committed:
+        return Step(
+            (),
+            f"GET read {len(op.messages or [])} messages, but the committed trajectory has "
+            f"{len(state.messages)} here",
+        )
+    if op.num_assistant is not None and op.num_assistant != state.num_assistant:
+        return Step(
+            (), f"GET read num_assistant {op.num_assistant}, expected {state.num_assistant}"
+        )
+    return Step((state,))
+
+
+def _chat(state: State, op: Operation) -> Step:
+    messages = op.messages or []
+    if not state.alive:
+        if op.ok:
+            return Step((), "a chat answered 200 on a session that does not exist (auto-create?)")
+        return Step((state,))
+    if op.status in (404, 410):
+        return Step((), f"a chat answered {op.status} while the session exists")
+    decision = classify_turn(list(state.messages), _list(state.last_request), messages)
+    if isinstance(decision, Conflict):
+        if op.ok:
+            return Step((), f"a chat answered 200 although it conflicts: {decision.reason}")
+        return Step((state,))
+    if isinstance(decision, Replay):
+        if op.ok and comparable(op.answer or {}) != comparable(state.stored_answer or {}):
+            return Step((), "an exact retry answered 200 with a different answer than was stored")
+        return Step((state,))
+    assert isinstance(decision, Extend)
+    if op.status == 409:
+        return Step((), "a chat answered 409 although it extends the committed trajectory")
+    if op.ok and op.answer is not None:
+        return Step((_commit(state, messages, op.answer),))
+    if op.unknown and op.answer_if_committed is not None:
+        return Step((state, _commit(state, messages, op.answer_if_committed)))
+    return Step((state,))  # an upstream failure, or unknown: no commit
+
+
+def _commit(state: State, messages: list[dict[str, Any]], answer: dict[str, Any]) -> State:
+    return State(
+        "alive",
+        messages=(*messages, answer),
+        last_request=tuple(messages),
+        stored_answer=answer,
+        num_assistant=state.num_assistant + 1,
+    )
+
+
+def _list(value: tuple[Any, ...] | None) -> list[Any] | None:
+    return None if value is None else list(value)
+
+
+# -- the search ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: Literal["linearizability", "durability", "success-after-delete", "llm-leak"]
+    session: str
+    explanation: str
+    window: tuple[Operation, ...]
+    """The smallest set of operations that shows the problem, in invocation order."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    verdict: Verdict
+    operations: int
+    sessions: int
+    findings: list[Finding] = field(default_factory=list)
+    undecided_sessions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    op_index: int
+    is_call: bool
+    time: float
+    match: _Entry | None = None
+    prev: _Entry | None = None
+    next: _Entry | None = None
+
+
+def check_session(
+    operations: Sequence[Operation], budget: int = DEFAULT_BUDGET
+) -> tuple[Verdict, Finding | None]:
+    """Is this one session's sub-history linearizable?"""
+    ops = sorted(operations, key=lambda o: o.invoke)
+    if not ops:
+        return "valid", None
+    initial = NOT_CREATED if any(o.op == "create" for o in ops) else GONE
+    head = _entries(ops)
+    cache: set[tuple[int, frozenset[State]]] = set()
+    stack: list[tuple[_Entry, frozenset[State]]] = []
+    states: frozenset[State] = frozenset({initial})
+    linearized = 0
+    deepest = (0, states, -1)  # how far the search got, to explain a failure
+    entry = head.next
+    steps = 0
+    while head.next is not None:
+        steps += 1
+        if steps > budget:
+            return "unknown", None
+        assert entry is not None
+        if entry.is_call:
+            op = ops[entry.op_index]
+            successors = _successors(states, op)
+            key = (linearized | (1 << entry.op_index), successors)
+            if successors and key not in cache:
+                cache.add(key)
+                stack.append((entry, states))
+                states = successors
+                linearized |= 1 << entry.op_index
+                _lift(entry)
+                entry = head.next
+            else:
+                if len(stack) >= deepest[0]:
+                    deepest = (len(stack), states, entry.op_index)
+                entry = entry.next
+        else:
+            if not stack:
+                return "invalid", _explain(ops, deepest)
+            entry, states = stack.pop()
+            linearized &= ~(1 << entry.op_index)
+            _unlift(entry)
+            entry = entry.next
+    return "valid", None
+
+
+def _successors(states: frozenset[State], op: Operation) -> frozenset[State]:
+    found: set[State] = set()
+    for state in states:
+        found.update(step(state, op).states)
+    return frozenset(found)
+
+
+def _entries(ops: Sequence[Operation]) -> _Entry:
+    """A doubly linked list of call and return entries in time order, behind a sentinel."""
+    events: list[_Entry] = []
+    for index, op in enumerate(ops):
+        call = _Entry(index, True, op.invoke)
+        ret = _Entry(
+            index, False, float("inf") if op.complete is None or op.unknown else op.complete
+        )
+        call.match = ret
+        events += [call, ret]
+    # Calls before returns at equal times: ties count as concurrent.
+    events.sort(key=lambda e: (e.time, not e.is_call))
+    head = _Entry(-1, False, float("-inf"))
+    previous = head
+    for event in events:
+        previous.next, event.prev = event, previous
+        previous = event
+    return head
+
+
+def _lift(call: _Entry) -> None:
+    for entry in (call, call.match):
+        assert entry is not None
+        assert entry.prev is not None
+        entry.prev.next = entry.next
+        if entry.next is not None:
+            entry.next.prev = entry.prev
+
+
+def _unlift(call: _Entry) -> None:
+    for entry in (call.match, call):
+        assert entry is not None
+        assert entry.prev is not None
+        entry.prev.next = entry
+        if entry.next is not None:
+            entry.next.prev = entry
+
+
+def _explain(ops: Sequence[Operation], deepest: tuple[int, frozenset[State], int]) -> Finding:
+    depth, states, index = deepest
+    culprit = ops[index] if index >= 0 else ops[0]
+    reasons = {step(state, culprit).reason for state in states} - {""}
+    end = culprit.complete if culprit.complete is not None else float("inf")
+    window = tuple(
+        o
+        for o in ops
+        if o is culprit
+        or (o.invoke <= end and (o.complete is None or o.complete >= culprit.invoke))
+    )
+    because = "; ".join(sorted(reasons)) or "no order of the concurrent operations explains it"
+    return Finding(
+        "linearizability",
+        culprit.session,
+        f"after {depth} operations could be ordered, {culprit.describe()} fits nowhere: {because}",
+        window,
+    )
+
+
+# -- invariants beside linearizability -------------------------------------------------
+
+
+def check_invariants(
+    operations: Sequence[Operation], leak_bound: float = DEFAULT_LEAK_BOUND
+) -> list[Finding]:
+    findings: list[Finding] = []
+    by_session: dict[str, list[Operation]] = defaultdict(list)
+    for op in operations:
+        by_session[op.session].append(op)
+    for session, ops in by_session.items():
+        ops.sort(key=lambda o: o.invoke)
+        findings.extend(_durability(session, ops))
+        findings.extend(_success_after_delete(session, ops))
+        findings.extend(_llm_leaks(session, ops, leak_bound))
+    return findings
+
+
+def _durability(session: str, ops: list[Operation]) -> Iterable[Finding]:
+    for chat in ops:
+        if chat.op != "chat" or chat.status != 200 or chat.answer is None or chat.complete is None:
+            continue
+        turn = [comparable(m) for m in [*(chat.messages or []), chat.answer]]
+        for read in ops:
+            if read.op != "get" or read.status != 200 or read.invoke <= chat.complete:
+                continue
+            prefix = [comparable(m) for m in (read.messages or [])[: len(turn)]]
+            if prefix != turn:
+                yield Finding(
+                    "durability",
+                    session,
+                    f"{chat.describe()} was answered 200, but {read.describe()} read a "
+                    "trajectory without that turn: a phantom commit",
+                    (chat, read),
+                )
+                break
+
+
+def _success_after_delete(session: str, ops: list[Operation]) -> Iterable[Finding]:
+    deletes = [o for o in ops if o.op == "delete" and o.ok and o.complete is not None]
+    if not deletes:
+        return
+    first = min(deletes, key=lambda o: o.complete or 0.0)
+    assert first.complete is not None
+    for op in ops:
+        if op.op != "create" and op.ok and op.invoke > first.complete:
+            yield Finding(
+                "success-after-delete",
+                session,
+                f"{op.describe()} started after {first.describe()} had completed",
+                (first, op),
+            )
+
+
+def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Finding]:
+    deletes = [o for o in ops if o.op == "delete" and o.ok and o.complete is not None]
+    if not deletes:
+        return
+    delete = min(deletes, key=lambda o: o.invoke)
+    assert delete.complete is not None
+    for chat in ops:
+        if chat.op != "chat":
+            continue
+        received = [e.at for e in chat.upstream if e.kind == "received"]
+        ended = [e.at for e in chat.upstream if e.kind in ("answered", "cancelled", "dropped")]
+        for at in received:
+            finished = min((t for t in ended if t >= at), default=float("inf"))
+            pending_at_delete = at <= delete.complete and finished > delete.complete
+            started_after_delete = at > delete.invoke
+            if not (pending_at_delete or started_after_delete):
+                continue
+            answered_late = any(
+                e.kind == "answered" and e.at >= max(at, delete.invoke) for e in chat.upstream
+            )
+            if answered_late or finished > delete.complete + bound:
+                yield Finding(
+                    "llm-leak",
+                    session,
+                    f"{chat.describe()}: its upstream call (received at {at:.3f}) ran on for a "
+                    f"session being deleted by {delete.describe()}",
+                    (delete, chat),
+                )
+                break
+
+
+# -- the whole history ---------------------------------------------------------------
+
+
+def check_history(
+    operations: Sequence[Operation],
+    budget: int = DEFAULT_BUDGET,
+    leak_bound: float = DEFAULT_LEAK_BOUND,
+) -> CheckResult:
+    by_session: dict[str, list[Operation]] = defaultdict(list)
+    for op in operations:
+        by_session[op.session].append(op)
+    findings: list[Finding] = []
+    undecided: list[str] = []
+    for session, ops in by_session.items():
+        session_verdict, finding = check_session(ops, budget)
+        if session_verdict == "unknown":
+            undecided.append(session)
+        elif finding is not None:
+            findings.append(finding)
+    findings.extend(check_invariants(operations, leak_bound))
+    verdict: Verdict = "invalid" if findings else "unknown" if undecided else "valid"
+    return CheckResult(verdict, len(operations), len(by_session), findings, undecided)

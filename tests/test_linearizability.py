@@ -1,0 +1,247 @@
+"""The history checker on hand-written histories, linearizable and not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.errors import ScenarioFileError
+from harness.history import Operation, UpstreamEvent, read_history, write_history
+from harness.linearizability import check_history, check_session
+
+S = "s1"
+U1: dict[str, Any] = {"role": "user", "content": "one"}
+U2: dict[str, Any] = {"role": "user", "content": "two"}
+A1: dict[str, Any] = {"role": "assistant", "content": "answer one"}
+A2: dict[str, Any] = {"role": "assistant", "content": "answer two"}
+B1: dict[str, Any] = {"role": "assistant", "content": "answer to writer b"}
+W: dict[str, Any] = {"role": "user", "content": "writer b"}
+
+
+class History:
+    """Builds operations with ids and times, one line each."""
+
+    def __init__(self) -> None:
+        self.ops: list[Operation] = []
+
+    def add(
+        self, op: str, invoke: float, complete: float | None, status: int | None, **fields: Any
+    ) -> Operation:
+        operation = Operation(
+            id=len(self.ops),
+            client=fields.pop("client", 0),
+            op=op,
+            session=fields.pop("session", S),
+            invoke=invoke,
+            complete=complete,
+            status=status,
+            **fields,
+        )
+        self.ops.append(operation)
+        return operation
+
+
+def sequential_life() -> History:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], answer=A1)
+    h.add("get", 4, 5, 200, messages=[U1, A1], num_assistant=1)
+    h.add("chat", 6, 7, 200, messages=[U1], answer=A1)  # exact retry: replayed
+    h.add("chat", 8, 9, 200, messages=[U1, A1, U2], answer=A2)
+    h.add("delete", 10, 11, 204)
+    h.add("chat", 12, 13, 404, messages=[U1, A1, U2, A2, U1])
+    h.add("get", 14, 15, 404)
+    h.add("delete", 16, 17, 404)
+    return h
+
+
+def test_a_sequential_life_is_valid() -> None:
+    result = check_history(sequential_life().ops)
+    assert result.verdict == "valid", result.findings
+    assert (result.operations, result.sessions) == (9, 1)
+
+
+def test_concurrent_writers_one_200_one_409_is_valid_in_either_order() -> None:
+    for first in ("a", "b"):
+        h = History()
+        h.add("create", 0, 1, 201)
+        a_status, b_status = (200, 409) if first == "a" else (409, 200)
+        h.add("chat", 2, 6, a_status, messages=[U1], answer=A1 if a_status == 200 else None)
+        h.add("chat", 3, 7, b_status, messages=[W], answer=B1 if b_status == 200 else None)
+        committed = [U1, A1] if first == "a" else [W, B1]
+        h.add("get", 8, 9, 200, messages=committed, num_assistant=1)
+        assert check_history(h.ops).verdict == "valid"
+
+
+def test_two_writers_both_200_is_a_phantom_commit() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 6, 200, messages=[U1], answer=A1)
+    h.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    h.add("get", 8, 9, 200, messages=[W, B1], num_assistant=1)
+    result = check_history(h.ops)
+    assert result.verdict == "invalid"
+    kinds = {f.kind for f in result.findings}
+    assert kinds == {"linearizability", "durability"}
+    durability = next(f for f in result.findings if f.kind == "durability")
+    assert "phantom commit" in durability.explanation
+    linear = next(f for f in result.findings if f.kind == "linearizability")
+    assert "conflicts" in linear.explanation or "committed trajectory" in linear.explanation
+    assert {op.id for op in linear.window} >= {1, 2}
+
+
+def test_a_chat_served_after_delete_is_not_linearizable() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("delete", 2, 3, 204)
+    h.add("chat", 4, 5, 200, messages=[U1], answer=A1)  # auto-create
+    result = check_history(h.ops)
+    assert result.verdict == "invalid"
+    assert {f.kind for f in result.findings} == {"linearizability", "success-after-delete"}
+    assert "does not exist" in result.findings[0].explanation
+
+
+def test_a_chat_on_an_id_that_never_existed_must_be_404() -> None:
+    h = History()
+    h.add("chat", 0, 1, 404, messages=[U1], session="ghost")
+    assert check_history(h.ops).verdict == "valid"
+    h.add("chat", 2, 3, 200, messages=[U1], answer=A1, session="ghost")
+    assert check_history(h.ops).verdict == "invalid"
+
+
+def test_a_410_is_fine_only_if_the_delete_can_come_first() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 6, 410, messages=[U1])
+    h.add("delete", 3, 4, 204)
+    assert check_history(h.ops).verdict == "valid"
+    late = History()
+    late.add("create", 0, 1, 201)
+    late.add("chat", 2, 3, 410, messages=[U1])
+    late.add("delete", 4, 5, 204)  # began after the chat ended: it cannot explain the 410
+    assert check_history(late.ops).verdict == "invalid"
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_an_unknown_chat_may_or_may_not_have_committed(committed: bool) -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, None, None, messages=[U1], answer_if_committed=A1)
+    read = [U1, A1] if committed else []
+    h.add("get", 5, 6, 200, messages=read, num_assistant=len(read) // 2)
+    assert check_history(h.ops).verdict == "valid"
+
+
+def test_an_unknown_chat_cannot_commit_something_else() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, None, None, messages=[U1], answer_if_committed=A1)
+    h.add("get", 5, 6, 200, messages=[U1, A2], num_assistant=1)
+    result = check_history(h.ops)
+    assert result.verdict == "invalid"
+    assert "GET read" in result.findings[0].explanation
+
+
+def test_an_unknown_delete_may_or_may_not_have_happened() -> None:
+    for status in (200, 404):
+        h = History()
+        h.add("create", 0, 1, 201)
+        h.add("delete", 2, None, None)
+        h.add("get", 5, 6, status, messages=[], num_assistant=0)
+        assert check_history(h.ops).verdict == "valid", status
+
+
+def test_an_exact_retry_must_replay_the_stored_answer() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], answer=A1)
+    h.add("chat", 4, 5, 200, messages=[U1], answer=A2)
+    result = check_history(h.ops)
+    assert result.verdict == "invalid"
+    assert "different answer" in result.findings[0].explanation
+
+
+def test_upstream_work_for_a_deleted_session_must_be_cancelled() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    # The preempted turn: its call is cancelled as the DELETE lands. Fine.
+    h.add(
+        "chat",
+        2,
+        5,
+        410,
+        messages=[U1],
+        upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("cancelled", 4.5)],
+    )
+    h.add("delete", 4, 4.6, 204)
+    assert check_history(h.ops).verdict == "valid"
+    # A queued turn that reaches the upstream after the DELETE and is answered: a leak,
+    # although the statuses alone are linearizable.
+    h.add(
+        "chat",
+        3,
+        4.55,
+        200,
+        messages=[U1],
+        answer=A1,
+        upstream=[UpstreamEvent("received", 4.2), UpstreamEvent("answered", 4.3)],
+    )
+    result = check_history(h.ops)
+    assert [f.kind for f in result.findings] == ["llm-leak"]
+
+
+def test_the_search_gives_up_with_unknown_rather_than_hang() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    for _ in range(12):  # concurrent reads that fit in any order: 2^12 subsets to try
+        h.add("get", 2, 100, 200, messages=[], num_assistant=0)
+    h.add("get", 101, 102, 200, messages=[U1, A1], num_assistant=1)  # fits nowhere
+    assert check_session(h.ops, budget=50)[0] == "unknown"
+    verdict, finding = check_session(h.ops)
+    assert verdict == "invalid"
+    assert finding is not None
+    assert finding.window[-1].id == 13
+
+
+def test_histories_round_trip_through_json_lines(tmp_path: Path) -> None:
+    path = tmp_path / "history.jsonl"
+    ops = sequential_life().ops
+    write_history(path, ops)
+    assert read_history(path) == ops
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(ScenarioFileError) as raised:
+        read_history(path)
+    assert raised.value.line == len(ops) + 1
+
+
+def test_sessctl_check_exit_codes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sessctl", "check", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    valid = tmp_path / "valid.jsonl"
+    write_history(valid, sequential_life().ops)
+    assert check(valid).returncode == 0
+    phantom = History()
+    phantom.add("create", 0, 1, 201)
+    phantom.add("chat", 2, 6, 200, messages=[U1], answer=A1)
+    phantom.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    invalid = tmp_path / "invalid.jsonl"
+    write_history(invalid, phantom.ops)
+    done = check(invalid)
+    assert done.returncode == 1
+    assert "INVALID" in done.stdout
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{nope\n")
+    done = check(broken)
+    assert done.returncode == 2
+    assert f"{broken}:1:1" in done.stderr
