@@ -54,6 +54,8 @@ class RunSettings:
     profile: Profile = REFERENCE_PROFILE
     strict: bool = False
     """Conventions count as failures too."""
+    timing_bounds: bool = True
+    """Check ``within_ms``; the test suite turns it off (no wall-clock assertions in tests)."""
 
 
 # Offered on every chat when the profile says only tool results may follow an
@@ -158,7 +160,14 @@ class ScenarioRun:
         ]
         self.chaos.forget([self.tag(s.id) for s in self.scenario.steps])
 
-        failures.extend(check_run(self.scenario, self.context, self.settings.profile))
+        failures.extend(
+            check_run(
+                self.scenario,
+                self.context,
+                self.settings.profile,
+                timing_bounds=self.settings.timing_bounds,
+            )
+        )
         errors.extend(
             Finding(obs.step, "an HTTP answer", obs.transport_error or "none")
             for obs in self.context.observations.values()

@@ -14,7 +14,11 @@ from harness.runner import RunSettings
 from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
 from refserver.server import RunningServer, ServerConfig, serve
 
-FAST = SuiteSettings(target_wait=0, run=RunSettings(request_timeout=2.0))
+# No wall-clock assertions in tests: the scenarios' within_ms bounds are off here
+# (they stay on for `sessctl run-scenarios`; timing is measured by the benchmarks).
+UNTIMED = RunSettings(timing_bounds=False)
+DEFAULT = SuiteSettings(run=UNTIMED)
+FAST = SuiteSettings(target_wait=0, run=RunSettings(request_timeout=2.0, timing_bounds=False))
 
 
 def failing(result: SuiteResult, target: str) -> dict[str, str]:
@@ -25,9 +29,19 @@ def failing(result: SuiteResult, target: str) -> dict[str, str]:
     }
 
 
+def explain(result: SuiteResult) -> str:
+    """Every finding of every run that did not pass, for assertion messages."""
+    return "\n".join(
+        f"{s.name} run {run.index}: {f.step}: expected {f.expected}; got {f.actual}"
+        for s in result.scenarios
+        for run in s.runs
+        for f in run.failures + run.errors
+    )
+
+
 async def test_the_builtin_library_passes_against_the_embedded_reference() -> None:
-    result = await run_suite(load_scenarios([]), [Target(EMBEDDED, None)], SuiteSettings())
-    assert failing(result, EMBEDDED) == {}
+    result = await run_suite(load_scenarios([]), [Target(EMBEDDED, None)], DEFAULT)
+    assert failing(result, EMBEDDED) == {}, explain(result)
     assert result.exit_code == 0
     # Every HTTP step of every run was observed.
     for scenario in result.scenarios:
@@ -37,7 +51,7 @@ async def test_the_builtin_library_passes_against_the_embedded_reference() -> No
 
 async def test_an_auto_creating_server_fails_exactly_the_no_auto_create_scenarios() -> None:
     target = Target("autocreate", None, emulate="autocreate-after-delete")
-    result = await run_suite(load_scenarios([]), [target], SuiteSettings())
+    result = await run_suite(load_scenarios([]), [target], DEFAULT)
     assert failing(result, "autocreate") == {
         "chat-and-get-after-delete": "fail",
         "chat-never-existed": "fail",
@@ -54,7 +68,7 @@ async def test_an_auto_creating_server_fails_exactly_the_no_auto_create_scenario
 async def test_a_server_that_never_preempts_fails_the_delete_races() -> None:
     target = Target("waits", None, emulate="delete-waits")
     scenarios = load_scenarios([], "delete-mid-proxy,chats-queued-then-delete,bad-input")
-    result = await run_suite(scenarios, [target], SuiteSettings())
+    result = await run_suite(scenarios, [target], DEFAULT)
     assert failing(result, "waits") == {
         "delete-mid-proxy": "fail",
         "chats-queued-then-delete": "fail",
@@ -66,9 +80,7 @@ async def test_a_server_that_never_preempts_fails_the_delete_races() -> None:
 
 async def test_a_phantom_commit_is_reported_as_such() -> None:
     target = Target("split", None, emulate="split-lock")
-    result = await run_suite(
-        load_scenarios([], "concurrent-writers-no-phantom"), [target], SuiteSettings()
-    )
+    result = await run_suite(load_scenarios([], "concurrent-writers-no-phantom"), [target], DEFAULT)
     (scenario,) = result.scenarios
     findings = scenario.runs[0].failures
     assert any("phantom commit" in f.actual for f in findings)
@@ -147,7 +159,7 @@ async def test_repeat_counts_every_run_in_the_matrix() -> None:
         "  - create: s1\n    expect: {status: 201}\n  - chat: c1\n    expect: {status: 200}\n",
         "inline",
     )
-    result = await run_suite([scenario], [Target(EMBEDDED, None)], SuiteSettings())
+    result = await run_suite([scenario], [Target(EMBEDDED, None)], DEFAULT)
     (summary,) = result.scenarios
     assert len(summary.runs) == 3
     assert summary.steps[1].cells == {"200": 3}

@@ -89,3 +89,20 @@ def test_a_chat_script_is_one_behaviour_per_call() -> None:
         "delay 0.5s",
         "respond",
     ]
+
+
+def test_a_timing_bound_is_a_safety_finding_and_can_be_switched_off() -> None:
+    from harness.checks import check_run
+    from harness.results import Kind, Observation
+    from harness.runner import RunContext
+
+    scenario = parse_scenario(
+        HEAD + "  - get: g1\n    expect: {status: 200, within_ms: 100}\n", "x"
+    )
+    slow = Observation("g1", "get", None, 200, started=10.0, ended=10.25, body={})
+    context = RunContext(observations={"g1": slow})
+    (finding,) = check_run(scenario, context)
+    assert finding.kind is Kind.SAFETY
+    assert finding.expected == "an answer within 100 ms"
+    assert finding.actual == "250.0 ms"
+    assert check_run(scenario, context, timing_bounds=False) == []

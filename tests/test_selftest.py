@@ -6,14 +6,17 @@ import subprocess
 import sys
 
 from harness.loader import load_scenarios
+from harness.runner import RunSettings
 from harness.selftest import run_selftest
 from harness.suite import SuiteSettings
+
+UNTIMED = SuiteSettings(run=RunSettings(timing_bounds=False))
 
 
 async def test_selftest_matrix_and_verdict() -> None:
     scenarios = load_scenarios([], "chat-never-existed,delete-mid-proxy,rapid-create-*")
     result = await run_selftest(
-        scenarios, SuiteSettings(), variants=["autocreate-after-delete", "commit-on-disconnect"]
+        scenarios, UNTIMED, variants=["autocreate-after-delete", "commit-on-disconnect"]
     )
     assert result.clean_problems == []
     assert result.caught_by("autocreate-after-delete") == ["chat-never-existed"]
@@ -29,7 +32,7 @@ async def test_selftest_matrix_and_verdict() -> None:
 async def test_selftest_passes_when_every_variant_is_caught() -> None:
     scenarios = load_scenarios([], "client-disconnect-mid-proxy,chat-never-existed")
     result = await run_selftest(
-        scenarios, SuiteSettings(), variants=["autocreate-after-delete", "commit-on-disconnect"]
+        scenarios, UNTIMED, variants=["autocreate-after-delete", "commit-on-disconnect"]
     )
     assert result.uncaught_variants == []
     assert result.exit_code == 0
