@@ -134,6 +134,8 @@ class ChaosUpstream:
         self._releases: dict[str, trio.Event] = {}
         self._released_everything = False
         self._events: list[StepEvent] = []
+        # Indexed by tag too: chaos runs record hundreds of thousands of events.
+        self._events_by_tag: dict[str, list[StepEvent]] = {}
         self._calls: dict[str, int] = {}
         self._waiters: list[_Waiter] = []
         self.url: str | None = None
@@ -160,15 +162,18 @@ class ChaosUpstream:
             self._scripts.pop(tag, None)
             self._releases.pop(tag, None)
             self._calls.pop(tag, None)
+            self._events_by_tag.pop(tag, None)
         self._events = [e for e in self._events if e.tag not in dropped]
 
     # -- observing --------------------------------------------------------------
 
     def events(self, tag: str | None = None) -> list[StepEvent]:
-        return [e for e in self._events if tag is None or e.tag == tag]
+        if tag is None:
+            return list(self._events)
+        return list(self._events_by_tag.get(tag, ()))
 
     def count(self, tag: str, kind: EventKind) -> int:
-        return sum(1 for e in self._events if e.tag == tag and e.kind is kind)
+        return sum(1 for e in self._events_by_tag.get(tag, ()) if e.kind is kind)
 
     def calls(self, tag: str) -> int:
         return self._calls.get(tag, 0)
@@ -187,7 +192,9 @@ class ChaosUpstream:
             self._waiters.remove(waiter)
 
     def _record(self, tag: str, kind: EventKind, call: int, behaviour: Behaviour) -> None:
-        self._events.append(StepEvent(tag, kind, call, trio.current_time(), behaviour.describe()))
+        event = StepEvent(tag, kind, call, trio.current_time(), behaviour.describe())
+        self._events.append(event)
+        self._events_by_tag.setdefault(tag, []).append(event)
         for waiter in self._waiters:
             if waiter.predicate():
                 waiter.event.set()
@@ -248,7 +255,13 @@ class ChaosUpstream:
             await exchange.reset()
             return
         status, payload = self._answer(body, behaviour)
-        await exchange.respond(status, payload)
+        try:
+            await exchange.respond(status, payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The server hung up while the answer was being written: it stopped
+            # the call, which is what "cancelled" means.
+            self._record(tag, EventKind.CANCELLED, call, behaviour)
+            raise
         self._record(tag, EventKind.ANSWERED, call, behaviour)
 
     async def _wait_unless_hung_up(

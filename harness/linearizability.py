@@ -387,31 +387,41 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
     deletes = [o for o in ops if o.op == "delete" and o.ok and o.complete is not None]
     if not deletes:
         return
-    delete = min(deletes, key=lambda o: o.invoke)
+    delete = min(deletes, key=lambda o: o.complete or 0.0)
     assert delete.complete is not None
+    # When had the server certainly accepted the DELETE? By its completion, or
+    # earlier: a turn answered 410 was preempted by it, so the moment the
+    # upstream saw that turn hang up, the DELETE had landed. (The client's
+    # invocation time says nothing: the request may still have been in flight.)
+    accepted = delete.complete
+    for chat in ops:
+        if chat.op == "chat" and chat.status == 410:
+            cancels = [e.at for e in chat.upstream if e.kind == "cancelled"]
+            accepted = min([accepted, *cancels])
     for chat in ops:
         if chat.op != "chat":
             continue
-        received = [e.at for e in chat.upstream if e.kind == "received"]
-        ended = [e.at for e in chat.upstream if e.kind in ("answered", "cancelled", "dropped")]
-        for at in received:
-            finished = min((t for t in ended if t >= at), default=float("inf"))
-            pending_at_delete = at <= delete.complete and finished > delete.complete
-            started_after_delete = at > delete.invoke
-            if not (pending_at_delete or started_after_delete):
-                continue
-            answered_late = any(
-                e.kind == "answered" and e.at >= max(at, delete.invoke) for e in chat.upstream
+        for at in (e.at for e in chat.upstream if e.kind == "received"):
+            ending = min(
+                ((e.at, e.kind) for e in chat.upstream if e.kind != "received" and e.at >= at),
+                default=(float("inf"), "none"),
             )
-            if answered_late or finished > delete.complete + bound:
-                yield Finding(
-                    "llm-leak",
-                    session,
-                    f"{chat.describe()}: its upstream call (received at {at:.3f}) ran on for a "
-                    f"session being deleted by {delete.describe()}",
-                    (delete, chat),
-                )
-                break
+            if at > accepted:
+                problem = "started after the session's DELETE had been accepted"
+            elif ending[0] > delete.complete and (
+                ending[1] == "answered" or ending[0] > delete.complete + bound
+            ):
+                problem = "was still running when the DELETE completed, and was not cancelled"
+            else:
+                continue
+            yield Finding(
+                "llm-leak",
+                session,
+                f"{chat.describe()}: its upstream call (received at {at:.3f}) {problem} "
+                f"({delete.describe()}): LLM work for a deleted session",
+                (delete, chat),
+            )
+            break
 
 
 # -- the whole history ---------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -149,7 +149,12 @@ def create_app(service: SessionService, limits: HttpLimits | None = None) -> ASG
 # A client that hangs up while its response is being written is not a server
 # error. Hypercorn can even race its own EOF against our send, which surfaces
 # as BusyResourceError.
-CLIENT_GONE = (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError)
+CLIENT_GONE = (
+    trio.BrokenResourceError,
+    trio.BusyResourceError,
+    trio.ClosedResourceError,
+    ClientDisconnect,  # hung up while its body was still arriving
+)
 
 
 class _QuietWhenClientGone:

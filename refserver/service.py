@@ -132,7 +132,9 @@ class SessionService:
         with trio.CancelScope(shield=True):
             async with session.lock:
                 session.apply(rules.Transition.REMOVED)
-                del self._sessions[session_id]
+                # Remove this session object, not whatever the id maps to now.
+                if self._sessions.get(session_id) is session:
+                    del self._sessions[session_id]
 
     # -- agent operation --------------------------------------------------------
 

@@ -164,32 +164,70 @@ def test_an_exact_retry_must_replay_the_stored_answer() -> None:
 
 
 def test_upstream_work_for_a_deleted_session_must_be_cancelled() -> None:
-    h = History()
-    h.add("create", 0, 1, 201)
-    # The preempted turn: its call is cancelled as the DELETE lands. Fine.
-    h.add(
+    def preempted_turn(h: History) -> None:
+        h.add("create", 0, 1, 201)
+        # The turn in flight is preempted: the upstream sees it hang up at 4.3.
+        h.add(
+            "chat",
+            2,
+            4.4,
+            410,
+            messages=[U1],
+            upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("cancelled", 4.3)],
+        )
+        h.add("delete", 4, 4.6, 204)
+
+    clean = History()
+    preempted_turn(clean)
+    # A turn that reached the upstream after the DELETE was sent, but before the
+    # server took it in, and finished first: not a leak (the DELETE was in flight).
+    clean.add(
         "chat",
-        2,
-        5,
-        410,
+        3,
+        4.25,
+        200,
         messages=[U1],
-        upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("cancelled", 4.5)],
+        answer=A1,
+        session="s2",
+        upstream=[UpstreamEvent("received", 4.1), UpstreamEvent("answered", 4.2)],
     )
-    h.add("delete", 4, 4.6, 204)
-    assert check_history(h.ops).verdict == "valid"
-    # A queued turn that reaches the upstream after the DELETE and is answered: a leak,
-    # although the statuses alone are linearizable.
-    h.add(
+    clean.add("create", 0, 1, 201, session="s2")
+    clean.add("delete", 4, 4.6, 204, session="s2")
+    assert check_history(clean.ops).verdict == "valid"
+
+    queued = History()
+    preempted_turn(queued)
+    # A queued turn that reaches the upstream after the preemption (so after the
+    # DELETE landed) and is answered: the statuses alone are linearizable, but
+    # LLM work was done for a session being deleted.
+    queued.add(
         "chat",
         3,
         4.55,
         200,
         messages=[U1],
         answer=A1,
-        upstream=[UpstreamEvent("received", 4.2), UpstreamEvent("answered", 4.3)],
+        upstream=[UpstreamEvent("received", 4.35), UpstreamEvent("answered", 4.5)],
     )
-    result = check_history(h.ops)
+    result = check_history(queued.ops)
     assert [f.kind for f in result.findings] == ["llm-leak"]
+    assert "after the session's DELETE had been accepted" in result.findings[0].explanation
+
+    leaked = History()
+    leaked.add("create", 0, 1, 201)
+    # 410 to the caller, but the upstream never saw a hang-up: the call ran on.
+    leaked.add(
+        "chat",
+        2,
+        4.4,
+        410,
+        messages=[U1],
+        upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("answered", 4.9)],
+    )
+    leaked.add("delete", 4, 4.6, 204)
+    result = check_history(leaked.ops)
+    assert [f.kind for f in result.findings] == ["llm-leak"]
+    assert "not cancelled" in result.findings[0].explanation
 
 
 def test_the_search_gives_up_with_unknown_rather_than_hang() -> None:

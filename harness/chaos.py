@@ -1,0 +1,355 @@
+"""Chaos mode: a seeded random concurrent workload, recorded as a history and checked.
+
+Clients share a small pool of sessions, so their operations collide often:
+chats that extend what the client last saw, exact retries, stale writes,
+GETs, DELETEs, and chats the client hangs up on mid-turn. Every chat's
+upstream call gets a random script from the chaos upstream: delays, holds
+released at random moments, 503s, aborts, resets, garbage. Each client draws
+from its own RNG seeded from ``--seed``, so a seed always produces the same
+workload (the interleaving still depends on timing; the checker judges
+whatever happened).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import trio
+
+from refserver.fake_upstream import completion_for
+from refserver.server import ServerConfig, serve
+
+from .chaos_upstream import Behaviour, ChaosUpstream, EventKind, marker, parse_behaviour, tag_of
+from .client import TargetClient
+from .history import Operation, UpstreamEvent
+from .linearizability import CheckResult, check_history
+from .results import Observation, answer_of
+
+
+class Fault(enum.Enum):
+    DELAY = "delay"
+    HOLD = "hold"
+    STATUS = "503"
+    ABORT = "abort"
+    RESET = "reset"
+    GARBAGE = "garbage"
+    DISCONNECT = "disconnect"
+
+
+ALL_FAULTS = frozenset(Fault)
+
+
+@dataclass(frozen=True)
+class ChaosSettings:
+    seed: int = 1
+    ops: int | None = 2_000
+    duration: float | None = None
+    """Run for this many seconds instead of a number of operations."""
+    clients: int = 8
+    sessions: int = 4
+    faults: frozenset[Fault] = ALL_FAULTS
+    request_timeout: float = 5.0
+    fault_rate: float = 0.3
+    """Chance that a chat's upstream call gets a fault rather than a plain answer."""
+
+
+@dataclass
+class _Slot:
+    session: str | None = None
+    creating: bool = False
+
+
+@dataclass
+class _Client:
+    index: int
+    rng: random.Random
+    views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Session -> the trajectory as this client last saw it committed."""
+    last_sent: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class ChaosRun:
+    def __init__(
+        self,
+        client: TargetClient,
+        upstream: ChaosUpstream,
+        settings: ChaosSettings,
+        run_id: str = "chaos",
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.settings = settings
+        self.run_id = run_id
+        self.history: list[Operation] = []
+        self._slots = [_Slot() for _ in range(settings.sessions)]
+        self._issued = 0
+        self._nursery: trio.Nursery | None = None
+        self._op_tags: dict[int, str] = {}
+        """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
+
+    async def run(self) -> list[Operation]:
+        deadline = self.settings.duration
+        with trio.move_on_after(deadline if deadline is not None else float("inf")):
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                async with trio.open_nursery() as clients:
+                    for index in range(self.settings.clients):
+                        rng = random.Random(self.settings.seed * 1_000_003 + index)
+                        clients.start_soon(self._client_loop, _Client(index, rng))
+                nursery.cancel_scope.cancel()  # stop the hold releasers
+        self.upstream.release_all()
+        # Upstream events are attached only now: a call that ran on after its
+        # chat was answered (a leak) is exactly what the checker must see.
+        history = [
+            replace(op, upstream=self._events(self._op_tags[op.id]))
+            if op.id in self._op_tags
+            else op
+            for op in self.history
+        ]
+        return sorted(history, key=lambda op: op.invoke)
+
+    def _take_ticket(self) -> int | None:
+        limit = self.settings.ops
+        if limit is not None and self._issued >= limit:
+            return None
+        self._issued += 1
+        return self._issued
+
+    async def _client_loop(self, client: _Client) -> None:
+        while (ticket := self._take_ticket()) is not None:
+            slot = self._slots[client.rng.randrange(len(self._slots))]
+            if slot.session is None:
+                if slot.creating:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                await self._create(client, slot, ticket)
+                continue
+            session = slot.session
+            roll = client.rng.random()
+            if roll < 0.45:
+                await self._chat(client, session, ticket, self._extend(client, session, ticket))
+            elif roll < 0.55 and client.last_sent.get(session):
+                await self._chat(client, session, ticket, list(client.last_sent[session]))
+            elif roll < 0.63:
+                await self._chat(client, session, ticket, self._stale(client, session, ticket))
+            elif roll < 0.83:
+                await self._get(client, session, ticket)
+            elif roll < 0.91:
+                await self._delete(client, slot, session, ticket)
+            elif Fault.DISCONNECT in self.settings.faults:
+                await self._chat(
+                    client, session, ticket, self._extend(client, session, ticket), hang_up=True
+                )
+            else:
+                await self._get(client, session, ticket)
+
+    # -- operations -------------------------------------------------------------------
+
+    async def _create(self, client: _Client, slot: _Slot, ticket: int) -> None:
+        slot.creating = True
+        try:
+            observation = await self.client.send("chaos", "create", "POST", "/sessions")
+            body = observation.body if isinstance(observation.body, dict) else {}
+            session = body.get("session_id")
+            if observation.status is not None and observation.status // 100 == 2 and session:
+                self._record(client, ticket, "create", str(session), observation)
+                slot.session = str(session)
+        finally:
+            slot.creating = False
+
+    def _extend(self, client: _Client, session: str, ticket: int) -> list[dict[str, Any]]:
+        text = f"client {client.index} op {ticket} {marker(self._tag(ticket))}"
+        return [*client.views.get(session, []), {"role": "user", "content": text}]
+
+    def _stale(self, client: _Client, session: str, ticket: int) -> list[dict[str, Any]]:
+        """A writer that missed the latest turns: it builds on an older trajectory."""
+        view = client.views.get(session, [])
+        cut = client.rng.randrange(0, max(1, len(view) - 1), 2) if len(view) > 1 else 0
+        text = f"stale client {client.index} op {ticket} {marker(self._tag(ticket))}"
+        return [*view[:cut], {"role": "user", "content": text}]
+
+    async def _chat(
+        self,
+        client: _Client,
+        session: str,
+        ticket: int,
+        messages: list[dict[str, Any]],
+        *,
+        hang_up: bool = False,
+    ) -> None:
+        tag = self._tag(ticket)
+        self.upstream.script(tag, self._script(client, tag))
+        body = {"model": "sessctl-chaos", "messages": messages}
+        client.last_sent[session] = messages
+        path = f"/sessions/{session}/v1/chat/completions"
+        if hang_up:
+            observation = await self._hang_up_on(client, ticket, path, body)
+        else:
+            observation = await self.client.send("chaos", "chat", "POST", path, json_body=body)
+        answer = answer_of(observation)
+        if observation.status == 200 and answer is not None:
+            client.views[session] = [*messages, answer]
+        elif observation.status == 404:
+            client.views.pop(session, None)
+        self._record(
+            client,
+            ticket,
+            "chat",
+            session,
+            observation,
+            messages=messages,
+            answer=answer,
+            answer_if_committed=completion_for(body)["choices"][0]["message"],
+        )
+        carried = tag_of({"messages": messages})
+        if carried is not None:
+            self._op_tags[ticket] = carried
+
+    async def _hang_up_on(
+        self, client: _Client, ticket: int, path: str, body: dict[str, Any]
+    ) -> Observation:
+        started = trio.current_time()
+        patience = client.rng.uniform(0.0, 0.03)
+        with trio.move_on_after(patience):
+            return await self.client.send("chaos", "chat", "POST", path, json_body=body)
+        return Observation(
+            "chaos", "chat", None, None, started, trio.current_time(), cancelled_by_scenario=True
+        )
+
+    async def _get(self, client: _Client, session: str, ticket: int) -> None:
+        observation = await self.client.send("chaos", "get", "GET", f"/sessions/{session}")
+        body = observation.body if isinstance(observation.body, dict) else {}
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else None
+        if observation.status == 200 and messages is not None:
+            client.views[session] = messages
+        self._record(
+            client,
+            ticket,
+            "get",
+            session,
+            observation,
+            messages=messages,
+            num_assistant=body.get("num_assistant"),
+        )
+
+    async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
+        observation = await self.client.send("chaos", "delete", "DELETE", f"/sessions/{session}")
+        if observation.status is not None and observation.status // 100 == 2:
+            if slot.session == session:
+                slot.session = None  # the next client to pick this slot creates a new one
+        self._record(client, ticket, "delete", session, observation)
+
+    # -- upstream scripts -----------------------------------------------------------------
+
+    def _script(self, client: _Client, tag: str) -> list[Behaviour]:
+        faults = sorted(self.settings.faults - {Fault.DISCONNECT}, key=lambda f: f.value)
+        if not faults or client.rng.random() >= self.settings.fault_rate:
+            return [parse_behaviour("respond")]
+        fault = client.rng.choice(faults)
+        if fault is Fault.DELAY:
+            return [parse_behaviour({"delay": round(client.rng.uniform(0.001, 0.02), 4)})]
+        if fault is Fault.HOLD:
+            self._release_later(tag, client.rng.uniform(0.0, 0.05))
+            return [parse_behaviour("hold")]
+        if fault is Fault.STATUS:
+            return [parse_behaviour({"status": 503}), parse_behaviour("respond")]
+        if fault is Fault.ABORT:
+            return [parse_behaviour("abort"), parse_behaviour("respond")]
+        return [parse_behaviour(fault.value)]  # reset, garbage: every attempt
+
+    def _release_later(self, tag: str, after: float) -> None:
+        assert self._nursery is not None
+
+        async def release() -> None:
+            await trio.sleep(after)  # a hold released at a random moment
+            self.upstream.release(tag)
+
+        self._nursery.start_soon(release)
+
+    # -- the history ------------------------------------------------------------------------
+
+    def _tag(self, ticket: int) -> str:
+        return f"{self.run_id}.{ticket}"
+
+    def _events(self, tag: str) -> list[UpstreamEvent]:
+        return [UpstreamEvent(e.kind.value, e.at) for e in self.upstream.events(tag)]
+
+    def _record(
+        self,
+        client: _Client,
+        ticket: int,
+        op: str,
+        session: str,
+        observation: Observation,
+        **fields: Any,
+    ) -> None:
+        unknown = observation.status is None
+        self.history.append(
+            Operation(
+                id=ticket,
+                client=client.index,
+                op=op,
+                session=session,
+                invoke=observation.started,
+                complete=None if unknown else observation.ended,
+                status=observation.status,
+                **fields,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class ChaosReport:
+    history: list[Operation]
+    result: CheckResult
+    elapsed: float
+    """Seconds the workload ran (the check is not included)."""
+    check_seconds: float
+
+    @property
+    def ops_per_second(self) -> float:
+        return len(self.history) / self.elapsed if self.elapsed else 0.0
+
+
+async def run_chaos(
+    settings: ChaosSettings,
+    target_url: str | None = None,
+    *,
+    emulate: str | None = None,
+    upstream_host: str = "127.0.0.1",
+    upstream_port: int = 0,
+) -> ChaosReport:
+    """The workload against a target (default: the reference server, in-process), checked."""
+    upstream = ChaosUpstream()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
+        url = target_url
+        if url is None:
+            config = ServerConfig(port=0, upstream_url=upstream.url, emulate=emulate)
+            url = (await nursery.start(serve, config)).url
+        client = TargetClient(url, request_timeout=settings.request_timeout)
+        try:
+            started = trio.current_time()
+            history = await ChaosRun(client, upstream, settings).run()
+            elapsed = trio.current_time() - started
+        finally:
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    checked = trio.current_time()
+    result = check_history(history)
+    return ChaosReport(history, result, elapsed, trio.current_time() - checked)
+
+
+__all__ = [
+    "ALL_FAULTS",
+    "ChaosReport",
+    "ChaosRun",
+    "ChaosSettings",
+    "EventKind",
+    "Fault",
+    "run_chaos",
+]
