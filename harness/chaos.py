@@ -5,9 +5,12 @@ chats that extend what the client last saw, exact retries, stale writes,
 GETs, DELETEs, and chats the client hangs up on mid-turn. Every chat's
 upstream call gets a random script from the chaos upstream: delays, holds
 released at random moments, 503s, aborts, resets, garbage. Each client draws
-from its own RNG seeded from ``--seed``, so a seed always produces the same
-workload (the interleaving still depends on timing; the checker judges
-whatever happened).
+its plan from its own RNG seeded from ``--seed``, with a fixed number of draws
+per operation and a fixed share of the operations, so a seed always produces
+the same plan: the same kinds of operation on the same session slots with the
+same upstream faults. What each becomes still depends on the answers (a
+DELETE may find its session already gone, and then a create follows), and the
+interleaving depends on timing; the checker judges whatever happened.
 """
 
 from __future__ import annotations
@@ -63,10 +66,34 @@ class _Slot:
     creating: bool = False
 
 
+@dataclass(frozen=True)
+class PlannedOp:
+    slot: int
+    kind: str
+    """chat, retry, stale, get, delete or hangup (a chat the client hangs up on)."""
+    fault: Fault | None
+    delay: float
+    release_after: float
+    patience: float
+    cut: float
+
+
+# Cumulative odds of each kind of operation.
+_KINDS = (
+    (0.45, "chat"),
+    (0.55, "retry"),
+    (0.63, "stale"),
+    (0.83, "get"),
+    (0.91, "delete"),
+    (1.01, "hangup"),
+)
+
+
 @dataclass
 class _Client:
     index: int
     rng: random.Random
+    plan: list[PlannedOp] = field(default_factory=list)
     views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Session -> the trajectory as this client last saw it committed."""
     last_sent: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -86,6 +113,10 @@ class ChaosRun:
         self.run_id = run_id
         self.history: list[Operation] = []
         self._slots = [_Slot() for _ in range(settings.sessions)]
+        self.clients = [
+            _Client(index, random.Random(settings.seed * 1_000_003 + index))
+            for index in range(settings.clients)
+        ]
         self._issued = 0
         self._nursery: trio.Nursery | None = None
         self._op_tags: dict[int, str] = {}
@@ -97,9 +128,8 @@ class ChaosRun:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 async with trio.open_nursery() as clients:
-                    for index in range(self.settings.clients):
-                        rng = random.Random(self.settings.seed * 1_000_003 + index)
-                        clients.start_soon(self._client_loop, _Client(index, rng))
+                    for client in self.clients:
+                        clients.start_soon(self._client_loop, client)
                 nursery.cancel_scope.cancel()  # stop the hold releasers
         self.upstream.release_all()
         # Upstream events are attached only now: a call that ran on after its
@@ -112,40 +142,66 @@ class ChaosRun:
         ]
         return sorted(history, key=lambda op: op.invoke)
 
-    def _take_ticket(self) -> int | None:
-        limit = self.settings.ops
-        if limit is not None and self._issued >= limit:
-            return None
+    def _take_ticket(self) -> int:
         self._issued += 1
         return self._issued
 
+    def _share(self, index: int) -> int | None:
+        """How many operations client ``index`` runs (None: until the deadline)."""
+        if self.settings.ops is None:
+            return None
+        whole, extra = divmod(self.settings.ops, self.settings.clients)
+        return whole + (1 if index < extra else 0)
+
+    def _plan(self, client: _Client) -> PlannedOp:
+        """The next operation, drawn with a fixed number of draws whatever happens,
+        so a seed always yields the same plan for each client."""
+        rng = client.rng
+        slot = rng.randrange(len(self._slots))
+        roll = rng.random()
+        kind = next(k for limit, k in _KINDS if roll < limit)
+        fault_roll, fault_pick = rng.random(), rng.random()
+        delay, release_after, patience, cut = (
+            rng.uniform(0.001, 0.02),
+            rng.uniform(0.0, 0.05),
+            rng.uniform(0.0, 0.03),
+            rng.random(),
+        )
+        faults = sorted(self.settings.faults - {Fault.DISCONNECT}, key=lambda f: f.value)
+        fault = None
+        if faults and fault_roll < self.settings.fault_rate:
+            fault = faults[int(fault_pick * len(faults))]
+        if kind == "hangup" and Fault.DISCONNECT not in self.settings.faults:
+            kind = "get"
+        return PlannedOp(slot, kind, fault, round(delay, 4), release_after, patience, cut)
+
     async def _client_loop(self, client: _Client) -> None:
-        while (ticket := self._take_ticket()) is not None:
-            slot = self._slots[client.rng.randrange(len(self._slots))]
+        share = self._share(client.index)
+        done = 0
+        while share is None or done < share:
+            planned = self._plan(client)
+            client.plan.append(planned)
+            done += 1
+            ticket = self._take_ticket()
+            slot = self._slots[planned.slot]
+            while slot.session is None and slot.creating:
+                await trio.lowlevel.checkpoint()  # another client is re-creating it
             if slot.session is None:
-                if slot.creating:
-                    await trio.lowlevel.checkpoint()
-                    continue
                 await self._create(client, slot, ticket)
                 continue
             session = slot.session
-            roll = client.rng.random()
-            if roll < 0.45:
-                await self._chat(client, session, ticket, self._extend(client, session, ticket))
-            elif roll < 0.55 and client.last_sent.get(session):
-                await self._chat(client, session, ticket, list(client.last_sent[session]))
-            elif roll < 0.63:
-                await self._chat(client, session, ticket, self._stale(client, session, ticket))
-            elif roll < 0.83:
-                await self._get(client, session, ticket)
-            elif roll < 0.91:
-                await self._delete(client, slot, session, ticket)
-            elif Fault.DISCONNECT in self.settings.faults:
-                await self._chat(
-                    client, session, ticket, self._extend(client, session, ticket), hang_up=True
-                )
+            if planned.kind == "retry" and client.last_sent.get(session):
+                messages = list(client.last_sent[session])
+            elif planned.kind == "stale":
+                messages = self._stale(client, session, ticket, planned.cut)
             else:
+                messages = self._extend(client, session, ticket)
+            if planned.kind == "get":
                 await self._get(client, session, ticket)
+            elif planned.kind == "delete":
+                await self._delete(client, slot, session, ticket)
+            else:
+                await self._chat(client, session, ticket, messages, planned)
 
     # -- operations -------------------------------------------------------------------
 
@@ -165,10 +221,12 @@ class ChaosRun:
         text = f"client {client.index} op {ticket} {marker(self._tag(ticket))}"
         return [*client.views.get(session, []), {"role": "user", "content": text}]
 
-    def _stale(self, client: _Client, session: str, ticket: int) -> list[dict[str, Any]]:
+    def _stale(
+        self, client: _Client, session: str, ticket: int, fraction: float
+    ) -> list[dict[str, Any]]:
         """A writer that missed the latest turns: it builds on an older trajectory."""
         view = client.views.get(session, [])
-        cut = client.rng.randrange(0, max(1, len(view) - 1), 2) if len(view) > 1 else 0
+        cut = 2 * int(fraction * (len(view) // 2))  # an even cut: whole turns only
         text = f"stale client {client.index} op {ticket} {marker(self._tag(ticket))}"
         return [*view[:cut], {"role": "user", "content": text}]
 
@@ -178,16 +236,15 @@ class ChaosRun:
         session: str,
         ticket: int,
         messages: list[dict[str, Any]],
-        *,
-        hang_up: bool = False,
+        planned: PlannedOp,
     ) -> None:
         tag = self._tag(ticket)
-        self.upstream.script(tag, self._script(client, tag))
+        self.upstream.script(tag, self._script(planned, tag))
         body = {"model": "sessctl-chaos", "messages": messages}
         client.last_sent[session] = messages
         path = f"/sessions/{session}/v1/chat/completions"
-        if hang_up:
-            observation = await self._hang_up_on(client, ticket, path, body)
+        if planned.kind == "hangup":
+            observation = await self._hang_up_on(planned.patience, path, body)
         else:
             observation = await self.client.send("chaos", "chat", "POST", path, json_body=body)
         answer = answer_of(observation)
@@ -209,11 +266,8 @@ class ChaosRun:
         if carried is not None:
             self._op_tags[ticket] = carried
 
-    async def _hang_up_on(
-        self, client: _Client, ticket: int, path: str, body: dict[str, Any]
-    ) -> Observation:
+    async def _hang_up_on(self, patience: float, path: str, body: dict[str, Any]) -> Observation:
         started = trio.current_time()
-        patience = client.rng.uniform(0.0, 0.03)
         with trio.move_on_after(patience):
             return await self.client.send("chaos", "chat", "POST", path, json_body=body)
         return Observation(
@@ -238,22 +292,21 @@ class ChaosRun:
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
         observation = await self.client.send("chaos", "delete", "DELETE", f"/sessions/{session}")
-        if observation.status is not None and observation.status // 100 == 2:
-            if slot.session == session:
-                slot.session = None  # the next client to pick this slot creates a new one
+        deleted = observation.status is not None and observation.status // 100 == 2
+        if deleted and slot.session == session:
+            slot.session = None  # the next client to pick this slot creates a new one
         self._record(client, ticket, "delete", session, observation)
 
     # -- upstream scripts -----------------------------------------------------------------
 
-    def _script(self, client: _Client, tag: str) -> list[Behaviour]:
-        faults = sorted(self.settings.faults - {Fault.DISCONNECT}, key=lambda f: f.value)
-        if not faults or client.rng.random() >= self.settings.fault_rate:
+    def _script(self, planned: PlannedOp, tag: str) -> list[Behaviour]:
+        fault = planned.fault
+        if fault is None:
             return [parse_behaviour("respond")]
-        fault = client.rng.choice(faults)
         if fault is Fault.DELAY:
-            return [parse_behaviour({"delay": round(client.rng.uniform(0.001, 0.02), 4)})]
+            return [parse_behaviour({"delay": planned.delay})]
         if fault is Fault.HOLD:
-            self._release_later(tag, client.rng.uniform(0.0, 0.05))
+            self._release_later(tag, planned.release_after)
             return [parse_behaviour("hold")]
         if fault is Fault.STATUS:
             return [parse_behaviour({"status": 503}), parse_behaviour("respond")]
@@ -305,6 +358,8 @@ class ChaosRun:
 @dataclass(frozen=True)
 class ChaosReport:
     history: list[Operation]
+    plans: list[list[PlannedOp]]
+    """Each client's plan: what the seed decided, whatever the server answered."""
     result: CheckResult
     elapsed: float
     """Seconds the workload ran (the check is not included)."""
@@ -334,14 +389,16 @@ async def run_chaos(
         client = TargetClient(url, request_timeout=settings.request_timeout)
         try:
             started = trio.current_time()
-            history = await ChaosRun(client, upstream, settings).run()
+            run = ChaosRun(client, upstream, settings)
+            history = await run.run()
+            plans = [list(c.plan) for c in run.clients]
             elapsed = trio.current_time() - started
         finally:
             await client.aclose()
         nursery.cancel_scope.cancel()
     checked = trio.current_time()
     result = check_history(history)
-    return ChaosReport(history, result, elapsed, trio.current_time() - checked)
+    return ChaosReport(history, plans, result, elapsed, trio.current_time() - checked)
 
 
 __all__ = [

@@ -273,6 +273,9 @@ def render_selftest(console: Console, result: SelftestResult) -> None:
     )
 
 
+MAX_FINDINGS_SHOWN = 5
+
+
 def render_check(console: Console, result: CheckResult, source: str) -> None:
     """What `sessctl check` found in a history, with the operations that show it."""
     style = {"valid": "bold green", "invalid": "bold red", "unknown": "bold yellow"}[result.verdict]
@@ -282,7 +285,8 @@ def render_check(console: Console, result: CheckResult, source: str) -> None:
             f"  {source}: {result.operations} operations in {result.sessions} sessions",
         )
     )
-    for finding in result.findings:
+    shown = result.findings[:MAX_FINDINGS_SHOWN]
+    for finding in shown:
         console.print(
             Text.assemble(("  " + finding.kind, "bold red"), f" in session {finding.session}: ")
         )
@@ -292,6 +296,15 @@ def render_check(console: Console, result: CheckResult, source: str) -> None:
             console.print(
                 Text(f"      {op.invoke:.3f}-{end}  {op.describe()}", style="dim"), soft_wrap=True
             )
+    if len(result.findings) > len(shown):
+        kinds = sorted({f.kind for f in result.findings})
+        console.print(
+            Text(
+                f"  (+{len(result.findings) - len(shown)} more findings of kinds "
+                f"{', '.join(kinds)}; all of them are in the JSON report)",
+                style="dim",
+            )
+        )
     if result.undecided_sessions:
         console.print(
             Text(

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from harness.chaos import ChaosSettings, Fault
 from harness.chaos_upstream import ChaosUpstream
 from harness.errors import HarnessError
 from refserver import RunningServer, ServerConfig
@@ -24,6 +25,7 @@ from refserver.variants import VARIANTS
 from .run import (
     DEFAULT_EXTERNAL_UPSTREAM,
     RunOptions,
+    chaos,
     check,
     list_scenarios,
     parse_listen,
@@ -242,6 +244,64 @@ def list_scenarios_command(
     """List scenarios: name, runs, description, file."""
     options = RunOptions(paths=paths or [], name_filter=filter)
     raise typer.Exit(_run_harness(lambda: list_scenarios(options, console)))
+
+
+@app.command("chaos")
+def chaos_command(
+    target: Annotated[
+        str | None, typer.Option(help="Server under test, URL. Default: the reference server.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seeds every client's choices.")] = 1,
+    ops: Annotated[int, typer.Option(help="Operations to run (ignored with --duration).")] = 2000,
+    duration: Annotated[
+        float | None, typer.Option(help="Run for this many seconds instead.")
+    ] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
+    sessions: Annotated[int, typer.Option(help="Sessions the clients share.")] = 4,
+    faults: Annotated[
+        str,
+        typer.Option(help="Comma-separated: delay,hold,503,abort,reset,garbage,disconnect."),
+    ] = "delay,hold,503,abort,reset,garbage,disconnect",
+    history: Annotated[Path | None, typer.Option(help="Save the history (JSON lines).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for history.jsonl and report.json.")
+    ] = None,
+    emulate: Annotated[
+        str | None, typer.Option(help="Run the reference server as a known-broken variant.")
+    ] = None,
+    upstream_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for the chaos upstream.")
+    ] = None,
+) -> None:
+    """Random concurrent workload; the history is checked for linearizability and leaks.
+
+    Exit status: 0 valid, 1 invalid, 2 usage error, 4 undecided (search budget).
+    """
+    if emulate is not None and emulate not in VARIANTS:
+        _usage_error(f"--emulate {emulate!r}: unknown variant; see sessctl serve --emulate list")
+    if target is not None and emulate is not None:
+        _usage_error("--emulate runs the in-process reference server; it cannot go with --target")
+    chosen: set[Fault] = set()
+    for name in filter(None, (f.strip() for f in faults.split(","))):
+        try:
+            chosen.add(Fault(name))
+        except ValueError:
+            _usage_error(f"--faults: unknown fault {name!r}")
+    if ops < 1 or clients < 1 or sessions < 1:
+        _usage_error("--ops, --clients and --sessions must be at least 1")
+    settings = ChaosSettings(
+        seed=seed,
+        ops=None if duration is not None else ops,
+        duration=duration,
+        clients=clients,
+        sessions=sessions,
+        faults=frozenset(chosen),
+    )
+    raise typer.Exit(
+        _run_harness(
+            lambda: chaos(settings, target, emulate, upstream_listen, history, out, console)
+        )
+    )
 
 
 @app.command("check")

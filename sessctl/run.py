@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -13,10 +14,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from harness.chaos import ChaosSettings, run_chaos
 from harness.errors import UsageError
 from harness.exporters import write_json, write_junit, write_markdown
-from harness.history import read_history
-from harness.linearizability import check_history
+from harness.history import read_history, write_history
+from harness.linearizability import CheckResult, check_history
 from harness.loader import load_scenarios
 from harness.profile import load_profile
 from harness.profile_probe import check_profile
@@ -107,29 +109,92 @@ def selftest(options: RunOptions, console: Console) -> int:
 CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
 
 
+def chaos(
+    settings: ChaosSettings,
+    target: str | None,
+    emulate: str | None,
+    listen: str | None,
+    history_path: Path | None,
+    out: Path | None,
+    console: Console,
+) -> int:
+    """Run a chaos workload, check its history; exit as `sessctl check` does."""
+    url = parse_target(target).url if target else None
+    host, port = parse_listen(listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0"))
+    if url is not None:
+        console.print(
+            f"chaos upstream on http://{host}:{port}/v1: the server under test must use it "
+            "as its LLM upstream"
+        )
+    what = url or ("the reference server" + (f" emulating {emulate}" if emulate else ""))
+    console.print(
+        f"chaos: seed {settings.seed}, "
+        + (f"{settings.ops} operations" if settings.ops else f"{settings.duration:g} s")
+        + f", {settings.clients} clients on {settings.sessions} sessions, against {what}"
+    )
+    report = trio.run(
+        partial(
+            run_chaos,
+            settings,
+            url,
+            emulate=emulate,
+            upstream_host=host,
+            upstream_port=port,
+        )
+    )
+    console.print(
+        f"{len(report.history)} operations in {report.elapsed:.1f} s "
+        f"({report.ops_per_second:.0f} ops/s); checked in {report.check_seconds:.2f} s"
+    )
+    render_check(console, report.result, "history")
+    paths: list[Path] = []
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create {out}: {error.strerror or error}") from None
+        history_path = history_path or out / "history.jsonl"
+    if history_path is not None:
+        write_history(history_path, report.history)
+        paths.append(history_path)
+    if out is not None:
+        paths.append(out / "report.json")
+        (out / "report.json").write_text(
+            json.dumps(check_report(report.result), indent=2) + "\n", encoding="utf-8"
+        )
+    for path in paths:
+        console.print(f"wrote {path}")
+    if history_path is not None:
+        console.print(f"re-check with: sessctl check {history_path}")
+    return CHECK_EXIT[report.result.verdict]
+
+
+def check_report(result: CheckResult) -> dict[str, object]:
+    return {
+        "verdict": result.verdict,
+        "operations": result.operations,
+        "sessions": result.sessions,
+        "undecided_sessions": result.undecided_sessions,
+        "findings": [
+            {
+                "kind": f.kind,
+                "session": f.session,
+                "explanation": f.explanation,
+                "window": [op.to_json() for op in f.window],
+            }
+            for f in result.findings
+        ],
+    }
+
+
 def check(history: Path, output: Path | None, console: Console) -> int:
     """Re-check a saved history: 0 valid, 1 invalid, 4 the search budget ran out."""
     operations = read_history(history)
     result = check_history(operations)
     render_check(console, result, str(history))
     if output is not None:
-        report = {
-            "verdict": result.verdict,
-            "operations": result.operations,
-            "sessions": result.sessions,
-            "undecided_sessions": result.undecided_sessions,
-            "findings": [
-                {
-                    "kind": f.kind,
-                    "session": f.session,
-                    "explanation": f.explanation,
-                    "window": [op.id for op in f.window],
-                }
-                for f in result.findings
-            ],
-        }
         try:
-            output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            output.write_text(json.dumps(check_report(result), indent=2) + "\n", encoding="utf-8")
         except OSError as error:
             raise UsageError(f"cannot write {output}: {error.strerror or error}") from None
     return CHECK_EXIT[result.verdict]
@@ -216,6 +281,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
 
 __all__ = [
     "RunOptions",
+    "chaos",
     "check",
     "list_scenarios",
     "profile_check",

@@ -1,0 +1,56 @@
+"""Chaos mode end to end: the clean server's history is valid; a split lock is found."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from harness.chaos import ChaosSettings, run_chaos
+
+
+async def test_the_reference_server_gives_a_valid_history() -> None:
+    # Any finding here is a real bug in the reference server or the checker.
+    report = await run_chaos(ChaosSettings(seed=3, ops=800))
+    assert report.result.verdict == "valid", report.result.findings[:3]
+    assert len(report.history) == 800
+    ops = {op.op for op in report.history}
+    assert ops == {"create", "chat", "get", "delete"}
+    assert any(op.unknown for op in report.history)  # hang-ups are in the mix
+    assert any(e.kind == "cancelled" for op in report.history for e in op.upstream)
+
+
+async def test_a_split_lock_server_is_caught() -> None:
+    report = await run_chaos(ChaosSettings(seed=1, ops=3000), emulate="split-lock")
+    assert report.result.verdict == "invalid"
+    kinds = {f.kind for f in report.result.findings}
+    assert "linearizability" in kinds
+
+
+async def test_a_seed_always_makes_the_same_plan() -> None:
+    first = await run_chaos(ChaosSettings(seed=5, ops=300))
+    second = await run_chaos(ChaosSettings(seed=5, ops=300))
+    other = await run_chaos(ChaosSettings(seed=6, ops=300))
+    assert first.plans == second.plans
+    assert first.plans != other.plans
+    assert [len(plan) for plan in first.plans] == [38, 38, 38, 38, 37, 37, 37, 37]
+
+
+def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: Path) -> None:
+    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
+        )
+
+    out = tmp_path / "run"
+    done = sessctl(
+        "chaos", "--ops", "300", "--emulate", "autocreate-after-delete", "--out", str(out)
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "INVALID" in done.stdout
+    rechecked = sessctl("check", str(out / "history.jsonl"))
+    assert rechecked.returncode == 1
+    assert (out / "report.json").read_text().startswith("{")
+    bad = sessctl("chaos", "--faults", "meteor")
+    assert bad.returncode == 2
+    assert "unknown fault 'meteor'" in bad.stderr
