@@ -135,7 +135,7 @@ class ChaosRun:
         # Upstream events are attached only now: a call that ran on after its
         # chat was answered (a leak) is exactly what the checker must see.
         history = [
-            replace(op, upstream=self._events(self._op_tags[op.id]))
+            replace(op, upstream=self._events(self._op_tags[op.id], since=op.invoke))
             if op.id in self._op_tags
             else op
             for op in self.history
@@ -328,8 +328,12 @@ class ChaosRun:
     def _tag(self, ticket: int) -> str:
         return f"{self.run_id}.{ticket}"
 
-    def _events(self, tag: str) -> list[UpstreamEvent]:
-        return [UpstreamEvent(e.kind.value, e.at) for e in self.upstream.events(tag)]
+    def _events(self, tag: str, since: float) -> list[UpstreamEvent]:
+        """The upstream's events for this tag from the operation's invocation on
+        (an exact retry shares the tag of the turn it retries)."""
+        return [
+            UpstreamEvent(e.kind.value, e.at) for e in self.upstream.events(tag) if e.at >= since
+        ]
 
     def _record(
         self,

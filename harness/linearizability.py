@@ -396,7 +396,12 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
     accepted = delete.complete
     for chat in ops:
         if chat.op == "chat" and chat.status == 410:
-            cancels = [e.at for e in chat.upstream if e.kind == "cancelled"]
+            # Only a call this turn made counts: an exact retry shares its
+            # marker, and so its upstream events, with the turn it retries.
+            own = [e.at for e in chat.upstream if e.kind == "received" and e.at >= chat.invoke]
+            cancels = [
+                e.at for e in chat.upstream if e.kind == "cancelled" and own and e.at >= own[0]
+            ]
             accepted = min([accepted, *cancels])
     for chat in ops:
         if chat.op != "chat":

@@ -230,6 +230,24 @@ def test_upstream_work_for_a_deleted_session_must_be_cancelled() -> None:
     assert "not cancelled" in result.findings[0].explanation
 
 
+def test_a_retry_does_not_inherit_the_cancellation_of_the_turn_it_retries() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    shared = [
+        UpstreamEvent("received", 2.1),
+        UpstreamEvent("cancelled", 2.5),  # the original's client hung up
+        UpstreamEvent("received", 4.1),  # the retry's own call...
+        UpstreamEvent("cancelled", 4.5),  # ...preempted by the DELETE
+    ]
+    h.add("chat", 2, None, None, messages=[U1], answer_if_committed=A1, upstream=shared)
+    h.add("chat", 4, 4.6, 410, messages=[U1], upstream=shared)
+    h.add("delete", 4.05, 4.6, 204)
+    # Found in a 100,000-operation run: taking the original's hang-up at 2.5 as
+    # evidence that the DELETE had landed made the retry's call look leaked.
+    result = check_history(h.ops)
+    assert result.verdict == "valid", result.findings
+
+
 def test_the_search_gives_up_with_unknown_rather_than_hang() -> None:
     h = History()
     h.add("create", 0, 1, 201)
