@@ -26,7 +26,7 @@ import trio
 from refserver.fake_upstream import completion_for
 from refserver.server import ServerConfig, serve
 
-from .chaos_upstream import Behaviour, ChaosUpstream, EventKind, marker, parse_behaviour, tag_of
+from .chaos_upstream import Behaviour, ChaosUpstream, marker, parse_behaviour, tag_of
 from .client import TargetClient
 from .history import Operation, UpstreamEvent
 from .linearizability import CheckResult, check_history
@@ -410,7 +410,6 @@ __all__ = [
     "ChaosReport",
     "ChaosRun",
     "ChaosSettings",
-    "EventKind",
     "Fault",
     "run_chaos",
 ]
