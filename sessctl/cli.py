@@ -264,7 +264,8 @@ def chaos_command(
     ] = "delay,hold,503,abort,reset,garbage,disconnect",
     history: Annotated[Path | None, typer.Option(help="Save the history (JSON lines).")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Directory for history.jsonl and report.json.")
+        Path | None,
+        typer.Option(help="Directory for history.jsonl, report.json and timeline.html."),
     ] = None,
     emulate: Annotated[
         str | None, typer.Option(help="Run the reference server as a known-broken variant.")

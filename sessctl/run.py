@@ -27,6 +27,7 @@ from harness.runner import RunSettings
 from harness.scenario import Scenario
 from harness.selftest import run_selftest
 from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from harness.timeline import render_timeline
 from refserver.fake_upstream import Flavor
 
 DEFAULT_EXTERNAL_UPSTREAM = "127.0.0.1:8900"
@@ -158,9 +159,12 @@ def chaos(
         write_history(history_path, report.history)
         paths.append(history_path)
     if out is not None:
-        paths.append(out / "report.json")
+        paths += [out / "report.json", out / "timeline.html"]
         (out / "report.json").write_text(
             json.dumps(check_report(report.result), indent=2) + "\n", encoding="utf-8"
+        )
+        (out / "timeline.html").write_text(
+            render_timeline(report.result, report.history), encoding="utf-8"
         )
     for path in paths:
         console.print(f"wrote {path}")

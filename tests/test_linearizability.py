@@ -301,3 +301,34 @@ def test_sessctl_check_exit_codes(tmp_path: Path) -> None:
     done = check(broken)
     assert done.returncode == 2
     assert f"{broken}:1:1" in done.stderr
+
+
+def test_the_timeline_draws_the_failing_window_per_client() -> None:
+    from harness.timeline import render_timeline
+
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 6, 200, messages=[U1], answer=A1, client=1)
+    h.add(
+        "chat",
+        3,
+        7,
+        200,
+        messages=[W],
+        answer=B1,
+        client=2,
+        upstream=[UpstreamEvent("received", 3.5), UpstreamEvent("answered", 5.0)],
+    )
+    h.add("get", 8, 9, 200, messages=[W, B1], num_assistant=1, client=1)
+    h.add("chat", 8.5, None, None, messages=[{"role": "user", "content": "<script>"}], client=3)
+    result = check_history(h.ops)
+    page = render_timeline(result, h.ops)
+    assert page.startswith("<!doctype html>")
+    assert "sessctl chaos: invalid" in page
+    for lane in ("client 1", "client 2"):
+        assert lane in page
+    assert "#1 chat 200" in page
+    assert "#2 chat 200" in page
+    assert "▲" in page  # the upstream received the call
+    assert "<script>" not in page  # everything from the history is escaped
+    assert render_timeline(check_history(sequential_life().ops), []).count("<svg") == 0
