@@ -39,9 +39,15 @@ class SelftestResult:
     variants: list[str]
 
     def cell(self, scenario: str, target: str) -> Cell:
+        """Runs that caught something: on a variant a FAIL or ERROR (a convention that
+        merely differs catches no bug); on the clean server anything but PASS."""
         result = next(s for s in self.suite.scenarios if s.name == scenario and s.target == target)
-        failed = sum(1 for run in result.runs if run.verdict is not Verdict.PASS)
-        return Cell(failed, len(result.runs))
+        catching = (Verdict.FAIL, Verdict.ERROR)
+        if target == CLEAN:
+            caught = sum(1 for run in result.runs if run.verdict is not Verdict.PASS)
+        else:
+            caught = sum(1 for run in result.runs if run.verdict in catching)
+        return Cell(caught, len(result.runs))
 
     @property
     def clean_problems(self) -> list[str]:

@@ -57,3 +57,22 @@ def test_emulate_list_names_every_variant_with_its_bug() -> None:
     )
     assert bad.returncode == 2
     assert "unknown variant" in bad.stderr
+
+
+def test_a_variant_that_only_differs_in_conventions_is_not_caught() -> None:
+    from harness.results import RunResult, ScenarioResult, SuiteResult, Verdict
+    from harness.selftest import CLEAN, SelftestResult
+
+    def result(target: str, *verdicts: Verdict) -> ScenarioResult:
+        runs = [RunResult(i, v, {}) for i, v in enumerate(verdicts)]
+        return ScenarioResult("s", "", "x", target, runs, [])
+
+    suite = SuiteResult(
+        [CLEAN, "v"],
+        [result(CLEAN, Verdict.PASS, Verdict.PASS), result("v", Verdict.NON_STRICT, Verdict.FAIL)],
+    )
+    selftest = SelftestResult(suite, ["s"], ["v"])
+    assert selftest.cell("s", "v").caught_runs == 1  # the FAIL, not the NON-STRICT
+    assert selftest.cell("s", CLEAN).caught_runs == 0
+    clean_non_strict = SuiteResult([CLEAN], [result(CLEAN, Verdict.NON_STRICT)])
+    assert SelftestResult(clean_non_strict, ["s"], []).clean_problems == ["s"]
