@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ from refserver.server import ServerConfig, serve
 
 from .chaos_upstream import Behaviour, ChaosUpstream, marker, parse_behaviour, tag_of
 from .client import TargetClient
+from .errors import TargetUnreachable
 from .history import Operation, UpstreamEvent
 from .linearizability import CheckResult, check_history
 from .results import Observation, answer_of
@@ -381,17 +383,24 @@ async def run_chaos(
     emulate: str | None = None,
     upstream_host: str = "127.0.0.1",
     upstream_port: int = 0,
+    on_upstream_ready: Callable[[str], None] | None = None,
 ) -> ChaosReport:
     """The workload against a target (default: the reference server, in-process), checked."""
     upstream = ChaosUpstream()
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
+        upstream_url = await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
+        if on_upstream_ready is not None:
+            on_upstream_ready(upstream_url)
         url = target_url
         if url is None:
             config = ServerConfig(port=0, upstream_url=upstream.url, emulate=emulate)
             url = (await nursery.start(serve, config)).url
         client = TargetClient(url, request_timeout=settings.request_timeout)
         try:
+            # A history of nothing but connection errors would check as "valid".
+            problem = await client.probe()
+            if problem is not None:
+                raise TargetUnreachable(f"{url} is unreachable: {problem}")
             started = trio.current_time()
             run = ChaosRun(client, upstream, settings)
             history = await run.run()

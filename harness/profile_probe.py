@@ -13,6 +13,7 @@ scenario run, that answers each question of the profile in turn:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -186,12 +187,18 @@ def _shown(observation: Observation) -> str:
     return f"{observation.status} {str(observation.body)[:120]}"
 
 
-async def check_profile(url: str, host: str, port: int, request_timeout: float) -> ProbeResult:
+async def check_profile(
+    url: str,
+    host: str,
+    port: int,
+    request_timeout: float,
+    on_upstream_ready: Callable[[str], None] = lambda url: None,
+) -> ProbeResult:
     chaos = ChaosUpstream()
     client = TargetClient(url, request_timeout=request_timeout)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(chaos.serve, host, port))
+            on_upstream_ready(await nursery.start(partial(chaos.serve, host, port)))
             problem = await client.probe()
             if problem is not None:
                 raise TargetUnreachable(f"{url} is unreachable: {problem}")

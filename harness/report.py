@@ -175,6 +175,18 @@ def summary_line(suite: SuiteResult) -> Text:
     return line
 
 
+def announce_chaos_upstream(console: Console, url: str) -> None:
+    """Where the server under test must send its LLM calls (the bound URL, port 0 resolved)."""
+    console.print(
+        Text.assemble(
+            "chaos upstream listening on ",
+            (url, "bold"),
+            "\nthe server under test must use it as its LLM upstream "
+            f"(OpenAI base URL; calls go to {url}/chat/completions)",
+        )
+    )
+
+
 @contextmanager
 def progress_hooks(console: Console, announce_upstream: bool) -> Iterator[SuiteHooks]:
     """A progress bar on a terminal; nothing but the upstream line elsewhere."""
@@ -192,11 +204,7 @@ def progress_hooks(console: Console, announce_upstream: bool) -> Iterator[SuiteH
 
     def on_upstream_ready(url: str) -> None:
         if announce_upstream:
-            console.print(
-                f"chaos upstream listening on [bold]{url}[/bold]\n"
-                f"the server under test must use it as its LLM upstream "
-                f"(OpenAI base URL; calls go to {url}/chat/completions)"
-            )
+            announce_chaos_upstream(console, url)
 
     def on_start(total: int) -> None:
         progress.update(task, total=total)

@@ -290,6 +290,8 @@ def chaos_command(
             _usage_error(f"--faults: unknown fault {name!r}")
     if ops < 1 or clients < 1 or sessions < 1:
         _usage_error("--ops, --clients and --sessions must be at least 1")
+    if duration is not None and duration <= 0:
+        _usage_error("--duration must be a positive number of seconds")
     settings = ChaosSettings(
         seed=seed,
         ops=None if duration is not None else ops,
@@ -370,14 +372,24 @@ def upstream(
 
 
 def _run_harness(command: Callable[[], int]) -> int:
+    # except*: a HarnessError raised inside a trio nursery arrives wrapped in an
+    # exception group; unwrapping it here serves every command at once.
+    failure: HarnessError | None = None
+    interrupted = False
     try:
         return command()
-    except HarnessError as error:
-        print_error(str(error))
-        return error.exit_code
-    except KeyboardInterrupt:
+    except* HarnessError as group:
+        leaf = _first_leaf(group)
+        assert isinstance(leaf, HarnessError)
+        failure = leaf
+    except* KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
         err_console.print("interrupted")
         return 130
+    assert failure is not None
+    print_error(str(failure))
+    return failure.exit_code
 
 
 def _parse_flavor(value: str) -> Flavor:

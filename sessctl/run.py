@@ -22,7 +22,13 @@ from harness.linearizability import CheckResult, check_history
 from harness.loader import load_scenarios
 from harness.profile import load_profile
 from harness.profile_probe import check_profile
-from harness.report import progress_hooks, render_check, render_selftest, render_suite
+from harness.report import (
+    announce_chaos_upstream,
+    progress_hooks,
+    render_check,
+    render_selftest,
+    render_suite,
+)
 from harness.runner import RunSettings
 from harness.scenario import Scenario
 from harness.selftest import run_selftest
@@ -122,11 +128,6 @@ def chaos(
     """Run a chaos workload, check its history; exit as `sessctl check` does."""
     url = parse_target(target).url if target else None
     host, port = parse_listen(listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0"))
-    if url is not None:
-        console.print(
-            f"chaos upstream on http://{host}:{port}/v1: the server under test must use it "
-            "as its LLM upstream"
-        )
     what = url or ("the reference server" + (f" emulating {emulate}" if emulate else ""))
     console.print(
         f"chaos: seed {settings.seed}, "
@@ -141,6 +142,7 @@ def chaos(
             emulate=emulate,
             upstream_host=host,
             upstream_port=port,
+            on_upstream_ready=partial(announce_chaos_upstream, console) if url else None,
         )
     )
     console.print(
@@ -210,11 +212,9 @@ def profile_check(
     url = parse_target(target).url
     assert url is not None
     host, port = parse_listen(listen)
-    console.print(
-        f"chaos upstream on http://{host}:{port}/v1: the server under test must use it "
-        "as its LLM upstream"
+    result = trio.run(
+        check_profile, url, host, port, request_timeout, partial(announce_chaos_upstream, console)
     )
-    result = trio.run(check_profile, url, host, port, request_timeout)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     differences = result.profile.differences()

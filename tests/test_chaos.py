@@ -54,3 +54,22 @@ def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: 
     bad = sessctl("chaos", "--faults", "meteor")
     assert bad.returncode == 2
     assert "unknown fault 'meteor'" in bad.stderr
+
+
+def test_unreachable_targets_and_bad_options_are_clear_errors() -> None:
+    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=60
+        )
+
+    dead = ["--target", "http://127.0.0.1:9", "--upstream-listen", "127.0.0.1:0"]
+    for args in (["chaos", "--ops", "20", *dead], ["profile", "check", *dead]):
+        done = sessctl(*args)
+        # Not "VALID, 0 operations", and not a traceback from inside a nursery.
+        assert done.returncode == 3, args
+        assert "is unreachable" in done.stderr, args
+        assert "Traceback" not in done.stderr + done.stdout, args
+        assert "listening on http://127.0.0.1:0/" not in done.stdout, args  # the bound port
+    bad = sessctl("chaos", "--duration", "-1")
+    assert bad.returncode == 2
+    assert "--duration must be a positive number" in bad.stderr
