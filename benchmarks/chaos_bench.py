@@ -1,6 +1,6 @@
 """Chaos-mode benchmark: generation rate, and time to find known bugs.
 
-    python benchmarks/chaos_bench.py [--ops 2000] [--seed 1]
+    python benchmarks/chaos_bench.py [--ops 2000] [--seed 1] [--clean-ops N]
 
 1. Operations per second generated against the in-process reference server,
    with the default fault mix, against a baseline measured side by side: the
@@ -9,6 +9,9 @@
 2. For split-lock, autocreate-after-delete and queued-proceed, with default
    settings and a fixed seed: whether the run finds the bug, and how long the
    workload plus the check took. Goal: found, within 10 s.
+3. With ``--clean-ops N``, a long run against the clean reference server
+   (seed 7), which must check as valid: ``--clean-ops 100000`` is the
+   issue's 100,000-operation goal.
 """
 
 from __future__ import annotations
@@ -67,11 +70,23 @@ async def main(args: argparse.Namespace) -> int:
             f"{variant:<24} {'found' if found else 'MISSED'} in {wall:4.1f} s "
             f"(workload {report.elapsed:.1f} s, check {report.check_seconds:.2f} s) {kinds}"
         )
-    return 0 if clean.result.verdict == "valid" and all_found else 1
+    long_ok = True
+    if args.clean_ops:
+        started = time.perf_counter()
+        long = await run_chaos(ChaosSettings(seed=7, ops=args.clean_ops))
+        long_ok = long.result.verdict == "valid"
+        print(
+            f"clean reference, {len(long.history)} ops (seed 7): {long.result.verdict}, "
+            f"{long.result.sessions} sessions, workload {long.elapsed:.1f} s "
+            f"({long.ops_per_second:.0f} ops/s), check {long.check_seconds:.2f} s, "
+            f"wall {time.perf_counter() - started:.1f} s"
+        )
+    return 0 if clean.result.verdict == "valid" and all_found and long_ok else 1
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--clean-ops", type=int, default=0)
     sys.exit(trio.run(main, parser.parse_args()))

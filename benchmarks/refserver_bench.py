@@ -13,6 +13,8 @@ Measured side by side in one run, each against its baseline:
    Measured twice, because the ratio depends on the floor: against the lean
    chaos upstream (raw h11 on trio sockets, the cheapest possible engine) and
    against the embedded default's fake upstream (hypercorn + Starlette).
+3. The proxy with its upstream calls in one httpx client (one pool) against
+   the default of eight, side by side: why the server spreads them.
 
 Every server runs in its own process (started with the installed ``sessctl``),
 so the load generator does not share a trio loop with what it measures.
@@ -135,9 +137,9 @@ async def load(
     turns = 0
 
     async def worker(index: int) -> None:
-        # One client per simulated agent, as in a real rollout fleet; a single
-        # shared httpx pool tops out near 270 requests/s at this concurrency
-        # and would measure itself rather than the servers.
+        # One client per simulated agent, as in a real rollout fleet: a single
+        # shared httpx pool at this concurrency would measure itself rather
+        # than the servers (the pool comparison below shows how much).
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
             await agent(client, index)
 
@@ -230,16 +232,41 @@ async def throughput(
             proxied.append(
                 await load(server, f"proxy -> {kind} upstream", sessions, seconds, direct_url=None)
             )
-
-    def merge(runs: list[Throughput]) -> Throughput:
-        return Throughput(
-            runs[0].name,
-            sum(r.turns for r in runs),
-            sum(r.seconds for r in runs),
-            [x for r in runs for x in r.latencies_ms],
-        )
-
     return merge(direct), merge(proxied)
+
+
+async def pool_comparison(
+    sessions: int, seconds: float, rounds: int
+) -> tuple[Throughput, Throughput]:
+    """The proxy with its upstream calls in one httpx pool, against the default 8 pools."""
+    serve_args = ("serve", "--port", "0", "--upstream")
+    prefix = "sessctl reference server on"
+    with (
+        upstream_process("chaos") as upstream,
+        process(*serve_args, upstream, "--upstream-clients", "1", url_prefix=prefix) as (one, _),
+        process(*serve_args, upstream, url_prefix=prefix) as (eight, _),
+    ):
+        await load(one, "warm-up", sessions, 1.0, direct_url=None)
+        await load(eight, "warm-up", sessions, 1.0, direct_url=None)
+        single: list[Throughput] = []
+        sharded: list[Throughput] = []
+        for _ in range(rounds):  # alternate, so drift hits both alike
+            single.append(
+                await load(one, "proxy, 1 upstream client", sessions, seconds, direct_url=None)
+            )
+            sharded.append(
+                await load(eight, "proxy, 8 upstream clients", sessions, seconds, direct_url=None)
+            )
+    return merge(single), merge(sharded)
+
+
+def merge(runs: list[Throughput]) -> Throughput:
+    return Throughput(
+        runs[0].name,
+        sum(r.turns for r in runs),
+        sum(r.seconds for r in runs),
+        [x for r in runs for x in r.latencies_ms],
+    )
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -264,6 +291,10 @@ async def main(args: argparse.Namespace) -> int:
         ratios.append(proxied.per_second / direct.per_second)
         verdict = "met" if ratios[-1] >= 0.5 else "NOT met"
         print(f"proxy / direct throughput = {ratios[-1]:.2f}  (goal >= 0.5: {verdict})")
+    single, sharded = await pool_comparison(args.sessions, args.seconds, args.rounds)
+    print(single.row())
+    print(sharded.row())
+    print(f"8 upstream clients / 1 = {sharded.per_second / single.per_second:.2f}x throughput")
     return 0 if delete_ok and min(ratios) >= 0.5 else 1
 
 

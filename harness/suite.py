@@ -83,37 +83,54 @@ async def run_suite(
         hooks.on_upstream_ready(upstream_url)
         hooks.on_start(len(targets) * sum(runs_of(s, settings) for s in scenarios))
         for target in targets:
-            url = target.url
-            if url is None:
-                config = ServerConfig(port=0, upstream_url=upstream_url, emulate=target.emulate)
-                running = await nursery.start(serve, config)
-                url = running.url
-            client = TargetClient(
-                url,
-                request_timeout=settings.run.request_timeout,
-                in_process=target.url is None,
-                health_path=settings.run.profile.health_path,
-            )
-            try:
-                problem = await _probe(client, settings.target_wait)
-                if problem is None and target.url is not None:
-                    problem = await _check_wiring(
-                        client, chaos, upstream_url, settings.run.profile.create.id_field
-                    )
-                if problem is not None:
-                    unreachable[target.name] = problem
-                    results.extend(_unreachable_results(scenarios, target.name, problem))
-                    for scenario in scenarios:
-                        for _ in range(runs_of(scenario, settings)):
-                            hooks.on_run_done(target.name, scenario.name, Verdict.ERROR)
-                    continue
-                results.extend(
-                    await _run_scenarios(scenarios, target.name, client, chaos, settings, hooks)
+            # An in-process server lives only as long as its target's runs, so a
+            # variant's leftovers never run beside the next target's timing bounds.
+            async with trio.open_nursery() as target_nursery:
+                url = target.url
+                if url is None:
+                    config = ServerConfig(port=0, upstream_url=upstream_url, emulate=target.emulate)
+                    url = (await target_nursery.start(serve, config)).url
+                problem, target_results = await _run_target(
+                    target, url, scenarios, chaos, settings, hooks
                 )
-            finally:
-                await client.aclose()
+                target_nursery.cancel_scope.cancel()
+            if problem is not None:
+                unreachable[target.name] = problem
+            results.extend(target_results)
         nursery.cancel_scope.cancel()
     return SuiteResult([t.name for t in targets], results, unreachable)
+
+
+async def _run_target(
+    target: Target,
+    url: str,
+    scenarios: Sequence[Scenario],
+    chaos: ChaosUpstream,
+    settings: SuiteSettings,
+    hooks: SuiteHooks,
+) -> tuple[str | None, list[ScenarioResult]]:
+    """Probe one target, check its wiring, run the scenarios on it."""
+    assert chaos.url is not None
+    client = TargetClient(
+        url,
+        request_timeout=settings.run.request_timeout,
+        in_process=target.url is None,
+        health_path=settings.run.profile.health_path,
+    )
+    try:
+        problem = await _probe(client, settings.target_wait)
+        if problem is None and target.url is not None:
+            problem = await _check_wiring(
+                client, chaos, chaos.url, settings.run.profile.create.id_field
+            )
+        if problem is not None:
+            for scenario in scenarios:
+                for _ in range(runs_of(scenario, settings)):
+                    hooks.on_run_done(target.name, scenario.name, Verdict.ERROR)
+            return problem, _unreachable_results(scenarios, target.name, problem)
+        return None, await _run_scenarios(scenarios, target.name, client, chaos, settings, hooks)
+    finally:
+        await client.aclose()
 
 
 async def _run_scenarios(

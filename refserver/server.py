@@ -25,9 +25,6 @@ from .service import SessionService
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
 
-UPSTREAM_CLIENT_SHARDS = 8
-"""httpx clients the upstream calls are spread over (see upstream.HttpUpstream)."""
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -44,6 +41,8 @@ class ServerConfig:
     log_requests: bool = False
     emulate: str | None = None
     """A known-broken variant from refserver.variants, for self-tests and demos."""
+    upstream_clients: int = 8
+    """httpx clients the upstream calls are spread over (see upstream.HttpUpstream)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ async def serve(
             await clients_stack.enter_async_context(
                 httpx.AsyncClient(limits=limits, timeout=timeout)
             )
-            for _ in range(UPSTREAM_CLIENT_SHARDS)
+            for _ in range(max(1, config.upstream_clients))
         ]
         upstream_url = config.upstream_url
         if upstream_url is None:

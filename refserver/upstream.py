@@ -57,9 +57,9 @@ class HttpUpstream:
         retry: RetryPolicy,
     ) -> None:
         self._url = base_url.rstrip("/") + "/chat/completions"
-        # Calls are spread round-robin over several clients: one httpx pool
-        # serving 64 concurrent calls under trio managed ~270 calls/s here,
-        # eight pools of eight ~1,700/s (benchmarks/refserver_bench.py).
+        # Calls are spread round-robin over several clients: under trio, one
+        # httpx pool serving 64 concurrent calls is itself the bottleneck
+        # (benchmarks/refserver_bench.py compares 1 client with 8).
         self._clients = itertools.cycle(clients)
         self._timeout = timeout
         self._retry = retry

@@ -92,6 +92,12 @@ def serve(
             help="Run a known-broken variant (see --emulate list) to see a failing report."
         ),
     ] = None,
+    upstream_clients: Annotated[
+        int,
+        typer.Option(
+            min=1, help="httpx clients the upstream calls are spread over (one pool each)."
+        ),
+    ] = 8,
 ) -> None:
     """Run the reference session server."""
     if emulate == "list":
@@ -113,6 +119,7 @@ def serve(
         grace_period=grace_period,
         log_requests=True,
         emulate=emulate,
+        upstream_clients=upstream_clients,
     )
 
     def announce(running: RunningServer) -> None:

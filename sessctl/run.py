@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -59,6 +61,20 @@ class RunOptions:
     strict: bool = False
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Around every file a command writes: a path it cannot write is a usage error."""
+    try:
+        yield
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def write_json_file(path: Path, document: object) -> None:
+    with writing(path):
+        path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
 def parse_target(spec: str) -> Target:
     name, _, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
     parts = urlsplit(url)
@@ -106,10 +122,7 @@ def selftest(options: RunOptions, console: Console) -> int:
         result = trio.run(run_selftest, scenarios, settings, hooks)
     render_selftest(console, result)
     if options.json is not None:
-        try:
-            options.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise UsageError(f"cannot write {options.json}: {error.strerror or error}") from None
+        write_json_file(options.json, result.to_json())
     return result.exit_code
 
 
@@ -152,22 +165,19 @@ def chaos(
     render_check(console, report.result, "history")
     paths: list[Path] = []
     if out is not None:
-        try:
+        with writing(out):
             out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create {out}: {error.strerror or error}") from None
         history_path = history_path or out / "history.jsonl"
     if history_path is not None:
-        write_history(history_path, report.history)
+        with writing(history_path):
+            write_history(history_path, report.history)
         paths.append(history_path)
     if out is not None:
-        paths += [out / "report.json", out / "timeline.html"]
-        (out / "report.json").write_text(
-            json.dumps(check_report(report.result), indent=2) + "\n", encoding="utf-8"
-        )
-        (out / "timeline.html").write_text(
-            render_timeline(report.result, report.history), encoding="utf-8"
-        )
+        timeline = out / "timeline.html"
+        write_json_file(out / "report.json", check_report(report.result))
+        with writing(timeline):
+            timeline.write_text(render_timeline(report.result, report.history), encoding="utf-8")
+        paths += [out / "report.json", timeline]
     for path in paths:
         console.print(f"wrote {path}")
     if history_path is not None:
@@ -199,10 +209,7 @@ def check(history: Path, output: Path | None, console: Console) -> int:
     result = check_history(operations)
     render_check(console, result, str(history))
     if output is not None:
-        try:
-            output.write_text(json.dumps(check_report(result), indent=2) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise UsageError(f"cannot write {output}: {error.strerror or error}") from None
+        write_json_file(output, check_report(result))
     return CHECK_EXIT[result.verdict]
 
 
@@ -228,10 +235,8 @@ def profile_check(
     )
     console.print(document, highlight=False, markup=False)
     if output is not None:
-        try:
+        with writing(output):
             output.write_text(document, encoding="utf-8")
-        except OSError as error:
-            raise UsageError(f"cannot write {output}: {error.strerror or error}") from None
         console.print(f"written to {output}; use it with --profile {output}")
     return 0
 
@@ -276,10 +281,8 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
         (options.markdown, write_markdown),
     ):
         if path is not None:
-            try:
+            with writing(path):
                 writer(path, suite, target_urls)
-            except OSError as error:
-                raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
     return suite.exit_code
 
 

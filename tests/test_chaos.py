@@ -73,3 +73,17 @@ def test_unreachable_targets_and_bad_options_are_clear_errors() -> None:
     bad = sessctl("chaos", "--duration", "-1")
     assert bad.returncode == 2
     assert "--duration must be a positive number" in bad.stderr
+
+
+def test_an_output_path_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "sessctl", "chaos", "--ops", "20", "--out", str(blocker / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"cannot write {blocker / 'run'}" in done.stderr
+    assert "Traceback" not in done.stderr
