@@ -27,12 +27,21 @@ import trio
 from refserver.fake_upstream import completion_for
 from refserver.server import ServerConfig, serve
 
-from .chaos_upstream import Behaviour, ChaosUpstream, marker, parse_behaviour, tag_of
+from .chaos_upstream import ChaosUpstream, marker, parse_behaviour, tag_of
 from .client import TargetClient
 from .errors import TargetUnreachable
 from .history import Operation, UpstreamEvent
-from .linearizability import CheckResult, check_history
+from .linearizability import CheckResult, Finding, check_history
 from .results import Observation, answer_of
+from .runner import RunSettings
+from .shrink import (
+    PROPERTY_OF_FINDING,
+    Replayer,
+    ScenarioText,
+    ShrinkResult,
+    ShrinkSettings,
+    shrink,
+)
 
 
 class Fault(enum.Enum):
@@ -133,7 +142,10 @@ class ChaosRun:
                     for client in self.clients:
                         clients.start_soon(self._client_loop, client)
                 nursery.cancel_scope.cancel()  # stop the hold releasers
-        self.upstream.release_all()
+        # Holds still in place answer now (a server may retry a call whose client
+        # is gone). Only this run's tags: the upstream may serve more runs after.
+        for tag in self.tags():
+            self.upstream.release(tag)
         # Upstream events are attached only now: a call that ran on after its
         # chat was answered (a leak) is exactly what the checker must see.
         history = [
@@ -143,6 +155,10 @@ class ChaosRun:
             for op in self.history
         ]
         return sorted(history, key=lambda op: op.invoke)
+
+    def tags(self) -> list[str]:
+        """Every tag this run's chats carried (to clear them from the upstream)."""
+        return sorted(set(self._op_tags.values()))
 
     def _take_ticket(self) -> int:
         self._issued += 1
@@ -240,8 +256,11 @@ class ChaosRun:
         messages: list[dict[str, Any]],
         planned: PlannedOp,
     ) -> None:
-        tag = self._tag(ticket)
-        self.upstream.script(tag, self._script(planned, tag))
+        # An exact retry carries the original's marker, so the upstream files its
+        # calls under the original's tag: that is the tag to script for this attempt.
+        tag = tag_of({"messages": messages}) or self._tag(ticket)
+        script = self._script(planned, tag)
+        self.upstream.script(tag, [parse_behaviour(spec) for spec in script])
         body = {"model": "sessctl-chaos", "messages": messages}
         client.last_sent[session] = messages
         path = f"/sessions/{session}/v1/chat/completions"
@@ -263,10 +282,9 @@ class ChaosRun:
             messages=messages,
             answer=answer,
             answer_if_committed=completion_for(body)["choices"][0]["message"],
+            script=script,
         )
-        carried = tag_of({"messages": messages})
-        if carried is not None:
-            self._op_tags[ticket] = carried
+        self._op_tags[ticket] = tag
 
     async def _hang_up_on(self, patience: float, path: str, body: dict[str, Any]) -> Observation:
         started = trio.current_time()
@@ -301,20 +319,21 @@ class ChaosRun:
 
     # -- upstream scripts -----------------------------------------------------------------
 
-    def _script(self, planned: PlannedOp, tag: str) -> list[Behaviour]:
+    def _script(self, planned: PlannedOp, tag: str) -> list[Any]:
+        """The upstream script for one chat, in scenario syntax (it is recorded too)."""
         fault = planned.fault
         if fault is None:
-            return [parse_behaviour("respond")]
+            return ["respond"]
         if fault is Fault.DELAY:
-            return [parse_behaviour({"delay": planned.delay})]
+            return [{"delay": planned.delay}]
         if fault is Fault.HOLD:
             self._release_later(tag, planned.release_after)
-            return [parse_behaviour("hold")]
+            return ["hold"]
         if fault is Fault.STATUS:
-            return [parse_behaviour({"status": 503}), parse_behaviour("respond")]
+            return [{"status": 503}, "respond"]
         if fault is Fault.ABORT:
-            return [parse_behaviour("abort"), parse_behaviour("respond")]
-        return [parse_behaviour(fault.value)]  # reset, garbage: every attempt
+            return ["abort", "respond"]
+        return [fault.value]  # reset, garbage: every attempt
 
     def _release_later(self, tag: str, after: float) -> None:
         assert self._nursery is not None
@@ -347,6 +366,8 @@ class ChaosRun:
         **fields: Any,
     ) -> None:
         unknown = observation.status is None
+        if unknown:
+            fields["gave_up"] = observation.ended
         self.history.append(
             Operation(
                 id=ticket,
@@ -370,6 +391,9 @@ class ChaosReport:
     elapsed: float
     """Seconds the workload ran (the check is not included)."""
     check_seconds: float
+    shrunk: ShrinkResult | None = None
+    """The failure as a minimal scenario, when the run failed and shrinking was asked for."""
+    shrink_attempted: bool = False
 
     @property
     def ops_per_second(self) -> float:
@@ -384,8 +408,11 @@ async def run_chaos(
     upstream_host: str = "127.0.0.1",
     upstream_port: int = 0,
     on_upstream_ready: Callable[[str], None] | None = None,
+    shrink_settings: ShrinkSettings | None = None,
+    on_shrinking: Callable[[], None] | None = None,
 ) -> ChaosReport:
-    """The workload against a target (default: the reference server, in-process), checked."""
+    """The workload against a target (default: the reference server, in-process), checked;
+    with ``shrink_settings``, a failure is shrunk to a scenario against the same target."""
     upstream = ChaosUpstream()
     async with trio.open_nursery() as nursery:
         upstream_url = await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
@@ -408,10 +435,73 @@ async def run_chaos(
             elapsed = trio.current_time() - started
         finally:
             await client.aclose()
+        checked = trio.current_time()
+        result = check_history(history)
+        check_seconds = trio.current_time() - checked
+        shrunk = None
+        attempt = shrink_settings is not None and bool(result.findings)
+        if attempt:
+            assert shrink_settings is not None
+            if on_shrinking is not None:
+                on_shrinking()
+            shrunk = await _shrink(
+                nursery,
+                upstream,
+                url,
+                target_url is None,
+                history,
+                result,
+                settings,
+                emulate,
+                shrink_settings,
+            )
         nursery.cancel_scope.cancel()
-    checked = trio.current_time()
-    result = check_history(history)
-    return ChaosReport(history, plans, result, elapsed, trio.current_time() - checked)
+    return ChaosReport(history, plans, result, elapsed, check_seconds, shrunk, attempt)
+
+
+async def _shrink(
+    nursery: trio.Nursery,
+    upstream: ChaosUpstream,
+    url: str,
+    in_process: bool,
+    history: list[Operation],
+    result: CheckResult,
+    settings: ChaosSettings,
+    emulate: str | None,
+    shrink_settings: ShrinkSettings,
+) -> ShrinkResult | None:
+    """Shrink against the same target, judged by a fresh reference server."""
+    reference_url = (
+        await nursery.start(serve, ServerConfig(port=0, upstream_url=upstream.url))
+    ).url
+    target = TargetClient(url, request_timeout=settings.request_timeout, in_process=in_process)
+    reference = TargetClient(
+        reference_url, request_timeout=settings.request_timeout, in_process=True
+    )
+    against = (
+        f"the reference server emulating {emulate}"
+        if emulate
+        else ("the reference server" if in_process else url)
+    )
+
+    def text_for(finding: Finding) -> ScenarioText:
+        return ScenarioText(
+            name=f"chaos-seed{settings.seed}-{finding.kind}",
+            description=f"Found by sessctl chaos (seed {settings.seed}, against {against}), "
+            f"then shrunk. {finding.explanation}",
+            safety_property=PROPERTY_OF_FINDING[finding.kind],
+        )
+
+    try:
+        # Settling is exact in-process, so a short grace for upstream events will do.
+        run_settings = RunSettings(
+            request_timeout=settings.request_timeout, event_grace=0.25, timing_bounds=False
+        )
+        replayer = Replayer(upstream, target, reference, run_settings)
+        return await shrink(history, result.findings, replayer, text_for, shrink_settings)
+    finally:
+        await target.aclose()
+        await reference.aclose()
 
 
 __all__ = [

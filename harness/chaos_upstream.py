@@ -132,7 +132,6 @@ class ChaosUpstream:
         self.flavor = flavor
         self._scripts: dict[str, tuple[Behaviour, ...]] = {}
         self._releases: dict[str, trio.Event] = {}
-        self._released_everything = False
         self._events: list[StepEvent] = []
         # Indexed by tag too: chaos runs record hundreds of thousands of events.
         self._events_by_tag: dict[str, list[StepEvent]] = {}
@@ -148,12 +147,6 @@ class ChaosUpstream:
 
     def release(self, tag: str) -> None:
         self._release_event(tag).set()
-
-    def release_all(self) -> None:
-        """End of a run: every hold, present and future, answers."""
-        self._released_everything = True
-        for event in self._releases.values():
-            event.set()
 
     def forget(self, tags: Sequence[str]) -> None:
         """Drop a finished scenario's state, so long runs stay small."""
@@ -203,8 +196,6 @@ class ChaosUpstream:
         event = self._releases.get(tag)
         if event is None:
             event = self._releases[tag] = trio.Event()
-            if self._released_everything:
-                event.set()
         return event
 
     # -- serving ----------------------------------------------------------------

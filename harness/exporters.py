@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from .results import Finding, Kind, RunResult, ScenarioResult, SuiteResult, Verdict
+from .suite import Target
 
 
-def reproduce_command(result: ScenarioResult, target_url: str | None) -> str:
-    target = f" --target {target_url}" if target_url else ""
+def reproduce_command(result: ScenarioResult, target: Target | None) -> str:
+    option = target.command_option if target else ""
     # Built-in scenarios are found by name; a file of the user's is named by path.
     source = "" if result.source.startswith("builtin:") else f"{result.source} "
-    return f"sessctl run-scenarios {source}--filter {result.name}{target}"
+    return f"sessctl run-scenarios {source}--filter {result.name}{option}"
 
 
 def _finding(f: Finding) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def _run(run: RunResult) -> dict[str, Any]:
     }
 
 
-def to_json(suite: SuiteResult, target_urls: dict[str, str | None]) -> dict[str, Any]:
+def to_json(suite: SuiteResult, targets: dict[str, Target]) -> dict[str, Any]:
     return {
         "summary": {
             "passed": suite.count(Verdict.PASS),
@@ -68,7 +69,7 @@ def to_json(suite: SuiteResult, target_urls: dict[str, str | None]) -> dict[str,
                 "verdict": s.verdict.value,
                 "source": s.source,
                 "description": s.description,
-                "reproduce": reproduce_command(s, target_urls.get(s.target)),
+                "reproduce": reproduce_command(s, targets.get(s.target)),
                 "steps": [
                     {
                         "step": step.step,
@@ -85,11 +86,11 @@ def to_json(suite: SuiteResult, target_urls: dict[str, str | None]) -> dict[str,
     }
 
 
-def write_json(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
-    path.write_text(json.dumps(to_json(suite, target_urls), indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> None:
+    path.write_text(json.dumps(to_json(suite, targets), indent=2) + "\n", encoding="utf-8")
 
 
-def write_junit(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
+def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> None:
     root = ET.Element("testsuites", name="sessctl")
     for target in suite.targets:
         results = [s for s in suite.scenarios if s.target == target]
@@ -117,13 +118,13 @@ def write_junit(path: Path, suite: SuiteResult, target_urls: dict[str, str | Non
             tag = "error" if result.verdict is Verdict.ERROR else "failure"
             detail = ET.SubElement(case, tag, message=_one_line(findings[0]) if findings else tag)
             lines = [_one_line(f) for f in findings]
-            lines.append(f"reproduce: {reproduce_command(result, target_urls.get(target))}")
+            lines.append(f"reproduce: {reproduce_command(result, targets.get(target))}")
             detail.text = "\n".join(lines)
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def write_markdown(path: Path, suite: SuiteResult, target_urls: dict[str, str | None]) -> None:
+def write_markdown(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> None:
     lines = ["# sessctl scenario report", ""]
     lines.append(
         f"{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.NON_STRICT)} non-strict, "
@@ -149,7 +150,7 @@ def write_markdown(path: Path, suite: SuiteResult, target_urls: dict[str, str | 
         lines.append("")
         for finding in (run.errors + run.failures) if run else []:
             lines.append(f"- {_one_line(finding)}")
-        lines += ["", "```", reproduce_command(result, target_urls.get(result.target)), "```", ""]
+        lines += ["", "```", reproduce_command(result, targets.get(result.target)), "```", ""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -16,6 +16,9 @@ when it completed (monotonic seconds), its arguments and what came back::
   so an unknown chat that did commit can be recognised later.
 * ``get``: ``messages`` and ``num_assistant`` as read.
 * ``upstream``: the chaos upstream's events for this operation's calls.
+* ``script`` (chat): the upstream script the chaos upstream played for it;
+  ``gave_up``: when the client stopped waiting, if the outcome is unknown.
+  Shrinking a failing run to a scenario replays both.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class Operation:
     answer_if_committed: dict[str, Any] | None = None
     num_assistant: int | None = None
     upstream: list[UpstreamEvent] = field(default_factory=list)
+    script: list[Any] | None = None
+    """``chat``: the upstream script it was sent with (scenario syntax: ``["hold"]``)."""
+    gave_up: float | None = None
+    """When the client stopped waiting, for an unknown outcome (a hang-up, a timeout)."""
 
     @property
     def unknown(self) -> bool:
@@ -111,4 +118,6 @@ def _operation(data: dict[str, Any]) -> Operation:
         answer_if_committed=data.get("answer_if_committed"),
         num_assistant=data.get("num_assistant"),
         upstream=events,
+        script=data.get("script"),
+        gave_up=None if data.get("gave_up") is None else float(data["gave_up"]),
     )

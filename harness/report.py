@@ -23,7 +23,8 @@ from .exporters import reproduce_command
 from .linearizability import CheckResult
 from .results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
 from .selftest import CLEAN, SelftestResult
-from .suite import SuiteHooks
+from .shrink import ShrinkResult
+from .suite import SuiteHooks, Target
 
 VERDICT_STYLE = {
     Verdict.PASS: "bold green",
@@ -40,7 +41,7 @@ def verdict_text(verdict: Verdict) -> Text:
     return Text(verdict.value.upper(), style=VERDICT_STYLE[verdict])
 
 
-def render_scenario(console: Console, result: ScenarioResult, target_url: str | None) -> None:
+def render_scenario(console: Console, result: ScenarioResult, target: Target | None) -> None:
     runs = len(result.runs)
     title = Text.assemble(
         verdict_text(result.verdict),
@@ -81,7 +82,7 @@ def render_scenario(console: Console, result: ScenarioResult, target_url: str | 
             console.print(f"  {failed_runs} of {runs} runs did not pass; run {run.index} was:")
         render_findings(console, run.errors + run.failures, step_order)
         console.print(
-            Text.assemble("  reproduce: ", (reproduce_command(result, target_url), "cyan")),
+            Text.assemble("  reproduce: ", (reproduce_command(result, target), "cyan")),
             soft_wrap=True,
         )
         if run.upstream_events:
@@ -122,11 +123,11 @@ def _cell_order(cell: str) -> tuple[int, str]:
 
 
 def render_suite(
-    console: Console, suite: SuiteResult, target_urls: dict[str, str | None], *, quiet: bool
+    console: Console, suite: SuiteResult, targets: dict[str, Target], *, quiet: bool
 ) -> None:
     for result in suite.scenarios:
         if not quiet or result.verdict is not Verdict.PASS:
-            render_scenario(console, result, target_urls.get(result.target))
+            render_scenario(console, result, targets.get(result.target))
     if len(suite.targets) > 1:
         render_target_matrix(console, suite)
     for target, problem in suite.unreachable.items():
@@ -321,3 +322,41 @@ def render_check(console: Console, result: CheckResult, source: str) -> None:
                 style="yellow",
             )
         )
+
+
+def render_shrink(console: Console, shrunk: ShrinkResult | None, replay: str | None) -> None:
+    """How a failing chaos run was shrunk to a scenario, and how to replay it."""
+    if shrunk is None:
+        console.print(
+            Text(
+                "could not shrink: no failing window tried replays as a scenario under forced "
+                "order (the failure may hang on timing that holds cannot force); the history "
+                "and the timeline show it as it happened",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
+        return
+    runs = shrunk.confirm_runs
+    deterministic = shrunk.target_failures == runs and shrunk.reference_passes == runs
+    console.print(
+        Text.assemble(
+            ("shrunk", "bold"),
+            f" the {shrunk.finding.kind} finding to {shrunk.name}: "
+            f"{shrunk.operations_before} operations of that session down to "
+            f"{shrunk.operations_after} ({shrunk.steps} steps), {shrunk.tests} replays in "
+            f"{shrunk.seconds:.1f} s"
+            + (" (budget ran out: small, maybe not minimal)" if shrunk.exhausted else ""),
+        ),
+        soft_wrap=True,
+    )
+    console.print(
+        Text(
+            f"  fails on the target {shrunk.target_failures}/{runs}, passes on the reference "
+            f"server {shrunk.reference_passes}/{runs}"
+            + ("" if deterministic else ": not deterministic, see the scenario's steps"),
+            style="green" if deterministic else "yellow",
+        )
+    )
+    if replay is not None:
+        console.print(Text.assemble("  replay: ", (replay, "cyan")), soft_wrap=True)

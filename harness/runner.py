@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from .chaos_upstream import ChaosUpstream, EventKind, marker
+from .chaos_upstream import ChaosUpstream, EventKind, StepEvent, marker
 from .checks import check_run
 from .client import TargetClient
 from .profile import REFERENCE_PROFILE, Profile
@@ -461,9 +461,11 @@ class ScenarioRun:
             ok = observation.status == 200 and isinstance(messages, list)
             self.context.final_trajectories[session_id] = messages if ok else None
 
-    def _own_events(self) -> list[Any]:
-        prefix = self.run_id + "."
-        return [e for e in self.chaos.events() if e.tag.startswith(prefix)]
+    def _own_events(self) -> list[StepEvent]:
+        # Through the upstream's index by tag: after a long chaos run its
+        # event list is far too long to scan once per scenario run.
+        events = [e for s in self.scenario.steps for e in self.chaos.events(self.tag(s.id))]
+        return sorted(events, key=lambda e: e.at)
 
 
 def _positive_targets(spec: UpstreamExpect) -> list[tuple[EventKind, int]]:

@@ -36,6 +36,13 @@ class Target:
     emulate: str | None = None
     """For in-process targets only: a known-broken variant of the reference server."""
 
+    @property
+    def command_option(self) -> str:
+        """What ``sessctl run-scenarios`` needs to be told to run against this target again."""
+        if self.url is not None:
+            return f" --target {self.url}"
+        return f" --emulate {self.emulate}" if self.emulate else ""
+
 
 @dataclass(frozen=True)
 class SuiteSettings:

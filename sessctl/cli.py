@@ -17,16 +17,16 @@ from rich.text import Text
 from harness.chaos import ChaosSettings, Fault
 from harness.chaos_upstream import ChaosUpstream
 from harness.errors import HarnessError
+from harness.shrink import ShrinkSettings
 from refserver import RunningServer, ServerConfig
 from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import serve_until_signalled
 from refserver.variants import VARIANTS
 
+from .chaos import chaos, check
 from .run import (
     DEFAULT_EXTERNAL_UPSTREAM,
     RunOptions,
-    chaos,
-    check,
     list_scenarios,
     parse_listen,
     profile_check,
@@ -191,6 +191,13 @@ def run_scenarios_command(
     strict: Annotated[
         bool, typer.Option(help="Convention differences (NON-STRICT) fail the run too.")
     ] = False,
+    emulate: Annotated[
+        str | None,
+        typer.Option(
+            help="Run against the in-process reference server as a known-broken variant "
+            "(see sessctl serve --emulate list)."
+        ),
+    ] = None,
 ) -> None:
     """Replay race scenarios against session servers; report a status-code matrix.
 
@@ -217,6 +224,7 @@ def run_scenarios_command(
         quiet=quiet,
         profile=profile,
         strict=strict,
+        emulate=_known_variant(emulate),
     )
     command = list_scenarios if list_only else run_scenarios
     raise typer.Exit(_run_harness(lambda: command(options, console)))
@@ -280,13 +288,28 @@ def chaos_command(
     upstream_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT for the chaos upstream.")
     ] = None,
+    shrink: Annotated[
+        bool,
+        typer.Option(help="Shrink a failure to a minimal scenario that replays it with holds."),
+    ] = True,
+    shrink_budget: Annotated[
+        float, typer.Option(help="Seconds shrinking may take before it stops where it is.")
+    ] = 60.0,
+    scenario_out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the shrunk scenario (default: in --out, or here)."),
+    ] = None,
 ) -> None:
     """Random concurrent workload; the history is checked for linearizability and leaks.
 
+    A failure is shrunk to a minimal YAML scenario, written out with the command
+    that replays it.
+
     Exit status: 0 valid, 1 invalid, 2 usage error, 4 undecided (search budget).
     """
-    if emulate is not None and emulate not in VARIANTS:
-        _usage_error(f"--emulate {emulate!r}: unknown variant; see sessctl serve --emulate list")
+    _known_variant(emulate)
+    if shrink_budget <= 0:
+        _usage_error("--shrink-budget must be a positive number of seconds")
     if target is not None and emulate is not None:
         _usage_error("--emulate runs the in-process reference server; it cannot go with --target")
     chosen: set[Fault] = set()
@@ -309,7 +332,17 @@ def chaos_command(
     )
     raise typer.Exit(
         _run_harness(
-            lambda: chaos(settings, target, emulate, upstream_listen, history, out, console)
+            lambda: chaos(
+                settings,
+                target,
+                emulate,
+                upstream_listen,
+                history,
+                out,
+                console,
+                ShrinkSettings(time_budget=shrink_budget) if shrink else None,
+                scenario_out,
+            )
         )
     )
 
@@ -404,6 +437,12 @@ def _parse_flavor(value: str) -> Flavor:
         if value == flavor:
             return flavor
     _usage_error(f"--flavor must be one of {', '.join(FLAVORS)}")
+
+
+def _known_variant(emulate: str | None) -> str | None:
+    if emulate is not None and emulate not in VARIANTS:
+        _usage_error(f"--emulate {emulate!r}: unknown variant; see sessctl serve --emulate list")
+    return emulate
 
 
 def _usage_error(message: str) -> NoReturn:

@@ -16,18 +16,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from harness.chaos import ChaosSettings, run_chaos
 from harness.errors import UsageError
 from harness.exporters import write_json, write_junit, write_markdown
-from harness.history import read_history, write_history
-from harness.linearizability import CheckResult, check_history
 from harness.loader import load_scenarios
 from harness.profile import load_profile
 from harness.profile_probe import check_profile
 from harness.report import (
     announce_chaos_upstream,
     progress_hooks,
-    render_check,
     render_selftest,
     render_suite,
 )
@@ -35,7 +31,6 @@ from harness.runner import RunSettings
 from harness.scenario import Scenario
 from harness.selftest import run_selftest
 from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
-from harness.timeline import render_timeline
 from refserver.fake_upstream import Flavor
 
 DEFAULT_EXTERNAL_UPSTREAM = "127.0.0.1:8900"
@@ -59,6 +54,8 @@ class RunOptions:
     quiet: bool = False
     profile: str | None = None
     strict: bool = False
+    emulate: str | None = None
+    """Run against the in-process reference server as this known-broken variant."""
 
 
 @contextmanager
@@ -126,93 +123,6 @@ def selftest(options: RunOptions, console: Console) -> int:
     return result.exit_code
 
 
-CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
-
-
-def chaos(
-    settings: ChaosSettings,
-    target: str | None,
-    emulate: str | None,
-    listen: str | None,
-    history_path: Path | None,
-    out: Path | None,
-    console: Console,
-) -> int:
-    """Run a chaos workload, check its history; exit as `sessctl check` does."""
-    url = parse_target(target).url if target else None
-    host, port = parse_listen(listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0"))
-    what = url or ("the reference server" + (f" emulating {emulate}" if emulate else ""))
-    console.print(
-        f"chaos: seed {settings.seed}, "
-        + (f"{settings.ops} operations" if settings.ops else f"{settings.duration:g} s")
-        + f", {settings.clients} clients on {settings.sessions} sessions, against {what}"
-    )
-    report = trio.run(
-        partial(
-            run_chaos,
-            settings,
-            url,
-            emulate=emulate,
-            upstream_host=host,
-            upstream_port=port,
-            on_upstream_ready=partial(announce_chaos_upstream, console) if url else None,
-        )
-    )
-    console.print(
-        f"{len(report.history)} operations in {report.elapsed:.1f} s "
-        f"({report.ops_per_second:.0f} ops/s); checked in {report.check_seconds:.2f} s"
-    )
-    render_check(console, report.result, "history")
-    paths: list[Path] = []
-    if out is not None:
-        with writing(out):
-            out.mkdir(parents=True, exist_ok=True)
-        history_path = history_path or out / "history.jsonl"
-    if history_path is not None:
-        with writing(history_path):
-            write_history(history_path, report.history)
-        paths.append(history_path)
-    if out is not None:
-        timeline = out / "timeline.html"
-        write_json_file(out / "report.json", check_report(report.result))
-        with writing(timeline):
-            timeline.write_text(render_timeline(report.result, report.history), encoding="utf-8")
-        paths += [out / "report.json", timeline]
-    for path in paths:
-        console.print(f"wrote {path}")
-    if history_path is not None:
-        console.print(f"re-check with: sessctl check {history_path}")
-    return CHECK_EXIT[report.result.verdict]
-
-
-def check_report(result: CheckResult) -> dict[str, object]:
-    return {
-        "verdict": result.verdict,
-        "operations": result.operations,
-        "sessions": result.sessions,
-        "undecided_sessions": result.undecided_sessions,
-        "findings": [
-            {
-                "kind": f.kind,
-                "session": f.session,
-                "explanation": f.explanation,
-                "window": [op.to_json() for op in f.window],
-            }
-            for f in result.findings
-        ],
-    }
-
-
-def check(history: Path, output: Path | None, console: Console) -> int:
-    """Re-check a saved history: 0 valid, 1 invalid, 4 the search budget ran out."""
-    operations = read_history(history)
-    result = check_history(operations)
-    render_check(console, result, str(history))
-    if output is not None:
-        write_json_file(output, check_report(result))
-    return CHECK_EXIT[result.verdict]
-
-
 def profile_check(
     target: str, listen: str, output: Path | None, request_timeout: float, console: Console
 ) -> int:
@@ -243,7 +153,13 @@ def profile_check(
 
 def run_scenarios(options: RunOptions, console: Console) -> int:
     scenarios = select(options)
-    targets = [parse_target(t) for t in options.targets] or [Target(EMBEDDED, None)]
+    if options.emulate is not None and options.targets:
+        raise UsageError("--emulate runs the in-process reference server; not with --target")
+    targets = [parse_target(t) for t in options.targets] or [
+        Target(options.emulate, None, emulate=options.emulate)
+        if options.emulate
+        else Target(EMBEDDED, None)
+    ]
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise UsageError("two targets have the same name; name them with NAME=URL")
@@ -273,8 +189,8 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
         )
     with progress_hooks(console, announce_upstream=external) as hooks:
         suite = trio.run(run_suite, scenarios, targets, settings, hooks)
-    target_urls = {t.name: t.url for t in targets}
-    render_suite(console, suite, target_urls, quiet=options.quiet)
+    by_name = {t.name: t for t in targets}
+    render_suite(console, suite, by_name, quiet=options.quiet)
     for path, writer in (
         (options.json, write_json),
         (options.junit, write_junit),
@@ -282,14 +198,12 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     ):
         if path is not None:
             with writing(path):
-                writer(path, suite, target_urls)
+                writer(path, suite, by_name)
     return suite.exit_code
 
 
 __all__ = [
     "RunOptions",
-    "chaos",
-    "check",
     "list_scenarios",
     "profile_check",
     "run_scenarios",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,15 @@ def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: 
     rechecked = sessctl("check", str(out / "history.jsonl"))
     assert rechecked.returncode == 1
     assert (out / "report.json").read_text().startswith("{")
+    # The failure was shrunk to a scenario that replays it, and the command was printed.
+    (scenario,) = out.glob("chaos-seed1-*.yaml")
+    replay = f"sessctl run-scenarios {scenario} --emulate autocreate-after-delete"
+    assert f"replay: {replay}" in " ".join(done.stdout.split())
+    assert json.loads((out / "report.json").read_text())["shrunk"]["file"] == str(scenario)
+    replayed = sessctl(*replay.split()[1:])
+    assert replayed.returncode == 1, replayed.stdout
+    assert "FAIL" in replayed.stdout
+    assert sessctl("run-scenarios", str(scenario)).returncode == 0  # the reference passes it
     bad = sessctl("chaos", "--faults", "meteor")
     assert bad.returncode == 2
     assert "unknown fault 'meteor'" in bad.stderr

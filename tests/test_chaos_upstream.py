@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from harness.chaos_upstream import ChaosUpstream, EventKind, marker, parse_behaviour, tag_of
 from harness.errors import ScriptError
@@ -113,12 +114,20 @@ async def test_a_client_that_hangs_up_is_recorded_as_cancelled(
     assert chaos.count("c", EventKind.ANSWERED) == 0
 
 
-async def test_release_all_answers_future_holds_too(
+async def test_a_release_before_the_call_arrives_still_counts_and_only_for_its_tag(
     chaos: ChaosUpstream, client: httpx.AsyncClient
 ) -> None:
-    chaos.release_all()
+    # A run that ends releases its own tags; the upstream may be serving other runs.
+    chaos.release("late")
     script(chaos, "late", "hold")
+    script(chaos, "other", "hold")
     assert (await client.post("/chat/completions", json=body("late"))).status_code == 200
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: client.post("/chat/completions", json=body("other")))
+        await chaos.wait_for("other", EventKind.RECEIVED)
+        await trio.testing.wait_all_tasks_blocked()
+        assert chaos.count("other", EventKind.ANSWERED) == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_untagged_requests_get_a_plain_answer(client: httpx.AsyncClient) -> None:

@@ -91,6 +91,14 @@ def test_a_failing_scenario_exits_1_and_explains_itself(tmp_path: Path) -> None:
     assert "expected status 404" in (case.get("message") or "")
 
 
+def test_emulate_runs_a_known_broken_variant_and_says_how_to_rerun_it() -> None:
+    name = "concurrent-writers-no-phantom"
+    done = sessctl("run-scenarios", "--filter", name, "--emulate", "split-lock")
+    assert done.returncode == 1, done.stdout
+    assert "FAIL  concurrent-writers-no-phantom  on split-lock" in done.stdout
+    assert "--filter concurrent-writers-no-phantom --emulate split-lock" in done.stdout
+
+
 def test_a_malformed_file_exits_2_with_its_location(tmp_path: Path) -> None:
     scenario = tmp_path / "broken.yaml"
     scenario.write_text("name: x\ndescription: d\nsteps:\n  - chat: c1\n    upstream: explode\n")
@@ -107,6 +115,8 @@ def test_usage_errors_exit_2() -> None:
         ["--flavor", "llama"],
         ["--filter", "no-such-scenario"],
         ["/no/such/path.yaml"],
+        ["--emulate", "no-such-bug"],
+        ["--emulate", "split-lock", "--target", "http://127.0.0.1:9"],
     ):
         done = sessctl("run-scenarios", *args)
         assert done.returncode == 2, args

@@ -1,0 +1,173 @@
+"""``sessctl chaos`` and ``sessctl check`` as plain functions."""
+
+from __future__ import annotations
+
+import shlex
+from functools import partial
+from pathlib import Path
+
+import trio
+from rich.console import Console
+
+from harness.chaos import ChaosReport, ChaosSettings, run_chaos
+from harness.history import read_history, write_history
+from harness.linearizability import CheckResult, check_history
+from harness.report import announce_chaos_upstream, render_check, render_shrink
+from harness.shrink import ShrinkResult, ShrinkSettings
+from harness.timeline import render_timeline
+
+from .run import DEFAULT_EXTERNAL_UPSTREAM, parse_listen, parse_target, write_json_file, writing
+
+CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
+
+
+def chaos(
+    settings: ChaosSettings,
+    target: str | None,
+    emulate: str | None,
+    listen: str | None,
+    history_path: Path | None,
+    out: Path | None,
+    console: Console,
+    shrink: ShrinkSettings | None = None,
+    scenario_out: Path | None = None,
+) -> int:
+    """Run a chaos workload, check its history, shrink a failure; exit as `sessctl check`."""
+    url = parse_target(target).url if target else None
+    listen = listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0")
+    host, port = parse_listen(listen)
+    what = url or ("the reference server" + (f" emulating {emulate}" if emulate else ""))
+    console.print(
+        f"chaos: seed {settings.seed}, "
+        + (f"{settings.ops} operations" if settings.ops else f"{settings.duration:g} s")
+        + f", {settings.clients} clients on {settings.sessions} sessions, against {what}"
+    )
+    report = trio.run(
+        partial(
+            run_chaos,
+            settings,
+            url,
+            emulate=emulate,
+            upstream_host=host,
+            upstream_port=port,
+            on_upstream_ready=partial(announce_chaos_upstream, console) if url else None,
+            shrink_settings=shrink,
+            on_shrinking=lambda: console.print("shrinking the failure to a scenario..."),
+        )
+    )
+    console.print(
+        f"{len(report.history)} operations in {report.elapsed:.1f} s "
+        f"({report.ops_per_second:.0f} ops/s); checked in {report.check_seconds:.2f} s"
+    )
+    render_check(console, report.result, "history")
+    if out is not None:
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        history_path = history_path or out / "history.jsonl"
+    scenario_path = None
+    if report.shrunk is not None:
+        scenario_path = scenario_out or (out or Path(".")) / f"{report.shrunk.name}.yaml"
+    paths: list[Path] = []
+    if history_path is not None:
+        with writing(history_path):
+            write_history(history_path, report.history)
+        paths.append(history_path)
+    if out is not None:
+        timeline = out / "timeline.html"
+        write_json_file(out / "report.json", chaos_report(report, scenario_path))
+        with writing(timeline):
+            timeline.write_text(render_timeline(report.result, report.history), encoding="utf-8")
+        paths += [out / "report.json", timeline]
+    replay = None
+    if report.shrunk is not None and scenario_path is not None:
+        replay = replay_command(scenario_path, url, emulate, listen)
+        with writing(scenario_path):
+            scenario_path.write_text(
+                scenario_file(report.shrunk, settings, what, replay), encoding="utf-8"
+            )
+        paths.append(scenario_path)
+    for path in paths:
+        console.print(f"wrote {path}")
+    if report.shrink_attempted:
+        render_shrink(console, report.shrunk, replay)
+    if history_path is not None:
+        console.print(f"re-check with: sessctl check {history_path}")
+    return CHECK_EXIT[report.result.verdict]
+
+
+def replay_command(path: Path, url: str | None, emulate: str | None, listen: str) -> str:
+    command = ["sessctl", "run-scenarios", str(path)]
+    if url is not None:
+        command += ["--target", url, "--upstream-listen", listen]
+    elif emulate is not None:
+        command += ["--emulate", emulate]
+    return shlex.join(command)
+
+
+def scenario_file(shrunk: ShrinkResult, settings: ChaosSettings, against: str, replay: str) -> str:
+    """The shrunk scenario, with where it came from and how to replay it on top."""
+    runs = f"{shrunk.confirm_runs} runs"
+    header = [
+        f"Shrunk by sessctl chaos from a failing run (seed {settings.seed}, against {against}):",
+        f"{shrunk.operations_before} operations of the failing session down to "
+        f"{shrunk.operations_after}, in {shrunk.tests} replays.",
+        f"Failed on that target in {shrunk.target_failures} of {runs}; passed on the "
+        f"reference server in {shrunk.reference_passes} of {runs}.",
+        f"Replay: {replay}",
+    ]
+    return "".join(f"# {line}\n" for line in header) + shrunk.text
+
+
+def chaos_report(report: ChaosReport, scenario_path: Path | None) -> dict[str, object]:
+    document = check_report(report.result)
+    shrunk = report.shrunk
+    document["shrunk"] = (
+        None
+        if shrunk is None
+        else {
+            "scenario": shrunk.name,
+            "file": str(scenario_path) if scenario_path else None,
+            "finding": shrunk.finding.kind,
+            "session": shrunk.finding.session,
+            "operations_before": shrunk.operations_before,
+            "operations_after": shrunk.operations_after,
+            "replays": shrunk.tests,
+            "seconds": round(shrunk.seconds, 3),
+            "budget_ran_out": shrunk.exhausted,
+            "confirm_runs": shrunk.confirm_runs,
+            "target_failures": shrunk.target_failures,
+            "reference_passes": shrunk.reference_passes,
+        }
+    )
+    return document
+
+
+def check_report(result: CheckResult) -> dict[str, object]:
+    return {
+        "verdict": result.verdict,
+        "operations": result.operations,
+        "sessions": result.sessions,
+        "undecided_sessions": result.undecided_sessions,
+        "findings": [
+            {
+                "kind": f.kind,
+                "session": f.session,
+                "explanation": f.explanation,
+                "window": [op.to_json() for op in f.window],
+            }
+            for f in result.findings
+        ],
+    }
+
+
+def check(history: Path, output: Path | None, console: Console) -> int:
+    """Re-check a saved history: 0 valid, 1 invalid, 4 the search budget ran out."""
+    operations = read_history(history)
+    result = check_history(operations)
+    render_check(console, result, str(history))
+    if output is not None:
+        write_json_file(output, check_report(result))
+    return CHECK_EXIT[result.verdict]
+
+
+__all__ = ["chaos", "check"]
