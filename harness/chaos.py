@@ -24,8 +24,10 @@ from typing import Any
 
 import trio
 
+from refserver.child import ChildServerFailed, serve_in_child
 from refserver.fake_upstream import completion_for
-from refserver.server import ServerConfig, serve
+from refserver.server import RunningServer, ServerConfig, serve
+from refserver.upstream import RetryPolicy
 
 from .chaos_upstream import ChaosUpstream, marker, parse_behaviour, tag_of
 from .client import TargetClient
@@ -55,6 +57,11 @@ class Fault(enum.Enum):
 
 
 ALL_FAULTS = frozenset(Fault)
+
+CHAOS_RETRY = RetryPolicy(backoff_initial=0.005, backoff_max=0.1)
+"""The embedded server's retry policy in chaos runs. The default backs off
+50 ms, then 100, then 200, holding the session's lock all along: a reset on
+every attempt would stall the other clients of that session for 350 ms."""
 
 
 @dataclass(frozen=True)
@@ -419,9 +426,11 @@ async def run_chaos(
         if on_upstream_ready is not None:
             on_upstream_ready(upstream_url)
         url = target_url
+        embedded = ServerConfig(
+            port=0, upstream_url=upstream.url, emulate=emulate, retry=CHAOS_RETRY
+        )
         if url is None:
-            config = ServerConfig(port=0, upstream_url=upstream.url, emulate=emulate)
-            url = (await nursery.start(serve, config)).url
+            url = (await nursery.start(_serve_embedded, embedded)).url
         client = TargetClient(url, request_timeout=settings.request_timeout)
         try:
             # A history of nothing but connection errors would check as "valid".
@@ -447,8 +456,8 @@ async def run_chaos(
             shrunk = await _shrink(
                 nursery,
                 upstream,
-                url,
-                target_url is None,
+                target_url,
+                embedded,
                 history,
                 result,
                 settings,
@@ -459,21 +468,34 @@ async def run_chaos(
     return ChaosReport(history, plans, result, elapsed, check_seconds, shrunk, attempt)
 
 
+async def _serve_embedded(
+    config: ServerConfig, *, task_status: trio.TaskStatus[RunningServer]
+) -> None:
+    try:
+        await serve_in_child(config, task_status=task_status)
+    except ChildServerFailed as error:
+        raise TargetUnreachable(f"the embedded reference server: {error}") from None
+
+
 async def _shrink(
     nursery: trio.Nursery,
     upstream: ChaosUpstream,
-    url: str,
-    in_process: bool,
+    target_url: str | None,
+    embedded: ServerConfig,
     history: list[Operation],
     result: CheckResult,
     settings: ChaosSettings,
     emulate: str | None,
     shrink_settings: ShrinkSettings,
 ) -> ShrinkResult | None:
-    """Shrink against the same target, judged by a fresh reference server."""
-    reference_url = (
-        await nursery.start(serve, ServerConfig(port=0, upstream_url=upstream.url))
-    ).url
+    """Shrink against the same target, judged by a fresh reference server.
+
+    The embedded server (the reference, or a variant) is replayed in-process,
+    where settling is exact; an external target is replayed where it runs.
+    """
+    reference_url = (await nursery.start(serve, replace(embedded, emulate=None))).url
+    in_process = target_url is None
+    url = target_url or (await nursery.start(serve, embedded)).url
     target = TargetClient(url, request_timeout=settings.request_timeout, in_process=in_process)
     reference = TargetClient(
         reference_url, request_timeout=settings.request_timeout, in_process=True
