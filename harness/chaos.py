@@ -417,9 +417,15 @@ async def run_chaos(
     on_upstream_ready: Callable[[str], None] | None = None,
     shrink_settings: ShrinkSettings | None = None,
     on_shrinking: Callable[[], None] | None = None,
+    embedded_in_child: bool = True,
 ) -> ChaosReport:
-    """The workload against a target (default: the reference server, in-process), checked;
-    with ``shrink_settings``, a failure is shrunk to a scenario against the same target."""
+    """The workload against a target (default: the embedded reference server), checked;
+    with ``shrink_settings``, a failure is shrunk to a scenario against the same target.
+
+    The embedded server runs in a child process, on a core of its own;
+    ``embedded_in_child=False`` keeps it in this trio loop, which
+    ``benchmarks/chaos_bench.py`` measures as the baseline for that choice.
+    """
     upstream = ChaosUpstream()
     async with trio.open_nursery() as nursery:
         upstream_url = await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
@@ -430,7 +436,8 @@ async def run_chaos(
             port=0, upstream_url=upstream.url, emulate=emulate, retry=CHAOS_RETRY
         )
         if url is None:
-            url = (await nursery.start(_serve_embedded, embedded)).url
+            serve_embedded = _serve_embedded if embedded_in_child else serve
+            url = (await nursery.start(serve_embedded, embedded)).url
         client = TargetClient(url, request_timeout=settings.request_timeout)
         try:
             # A history of nothing but connection errors would check as "valid".

@@ -52,7 +52,9 @@ def chaos(
             upstream_port=port,
             on_upstream_ready=partial(announce_chaos_upstream, console) if url else None,
             shrink_settings=shrink,
-            on_shrinking=lambda: console.print("shrinking the failure to a scenario..."),
+            on_shrinking=lambda: console.print(
+                "the history is invalid; shrinking the failure to a scenario..."
+            ),
         )
     )
     console.print(

@@ -305,7 +305,8 @@ def chaos_command(
     A failure is shrunk to a minimal YAML scenario, written out with the command
     that replays it.
 
-    Exit status: 0 valid, 1 invalid, 2 usage error, 4 undecided (search budget).
+    Exit status: 0 valid, 1 invalid, 2 usage error, 3 target unreachable,
+    4 undecided (search budget).
     """
     _known_variant(emulate)
     if shrink_budget <= 0:
