@@ -29,6 +29,7 @@ from refserver.fake_upstream import completion_for
 from refserver.server import RunningServer, ServerConfig, serve
 from refserver.upstream import RetryPolicy
 
+from .case import PROPERTY_OF_FINDING, ScenarioText
 from .chaos_upstream import ChaosUpstream, marker, parse_behaviour, tag_of
 from .client import TargetClient
 from .errors import TargetUnreachable
@@ -36,14 +37,7 @@ from .history import Operation, UpstreamEvent
 from .linearizability import CheckResult, Finding, check_history
 from .results import Observation, answer_of
 from .runner import RunSettings
-from .shrink import (
-    PROPERTY_OF_FINDING,
-    Replayer,
-    ScenarioText,
-    ShrinkResult,
-    ShrinkSettings,
-    shrink,
-)
+from .shrink import Replayer, ShrinkResult, ShrinkSettings, shrink
 
 
 class Fault(enum.Enum):

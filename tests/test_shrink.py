@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import trio
 
+from harness.case import Case, CaseOp, Point, ScenarioText, case_from_history, render
 from harness.chaos_upstream import ChaosUpstream
 from harness.client import TargetClient
 from harness.ddmin import ddmin
@@ -15,17 +16,7 @@ from harness.history import Operation, UpstreamEvent
 from harness.linearizability import Finding, check_history
 from harness.loader import parse_scenario
 from harness.runner import RunSettings
-from harness.shrink import (
-    Case,
-    CaseOp,
-    Point,
-    Replayer,
-    ScenarioText,
-    ShrinkSettings,
-    case_from_history,
-    render,
-    shrink,
-)
+from harness.shrink import Replayer, ShrinkSettings, shrink
 from refserver.server import ServerConfig, serve
 
 S = "s1"
