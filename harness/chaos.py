@@ -24,7 +24,8 @@ from typing import Any
 
 import trio
 
-from refserver.child import ChildServerFailed, serve_in_child
+from refserver.child import serve_in_child
+from refserver.errors import ChildServerFailed
 from refserver.fake_upstream import completion_for
 from refserver.server import RunningServer, ServerConfig, serve
 from refserver.upstream import RetryPolicy

@@ -26,16 +26,9 @@ from typing import Any
 import trio
 
 from .app import HttpLimits
+from .errors import ChildServerFailed
 from .server import RunningServer, ServerConfig, serve_until_signalled
 from .upstream import RetryPolicy
-
-
-class ChildServerFailed(Exception):
-    """The child process exited before it listened, or while serving.
-
-    Not a ``SessionServerError``: no client is ever answered with it. Callers
-    translate it into their own errors (the harness: TargetUnreachable).
-    """
 
 
 def config_to_json(config: ServerConfig) -> str:

@@ -25,6 +25,11 @@ Hierarchy::
 
 Foreign exceptions (httpx, JSON decoding) are translated into these at the
 boundary that meets them (``upstream.py``, ``app.py``) and nowhere else.
+
+Outside that hierarchy, because no client is ever answered with it::
+
+    ChildServerFailed                 a server in a child process (``child.py``)
+                                      exited before it listened, or while serving
 """
 
 from __future__ import annotations
@@ -119,3 +124,11 @@ class UpstreamTimeout(UpstreamFailure):
 class ServerShuttingDown(SessionServerError):
     status_code = 503
     error_type = "server_shutting_down"
+
+
+class ChildServerFailed(Exception):
+    """The server's child process exited before it listened, or while serving.
+
+    Raised to whoever started it; the harness translates it into
+    ``TargetUnreachable``.
+    """

@@ -13,11 +13,11 @@ import pytest
 import trio
 
 from refserver.child import (
-    ChildServerFailed,
     config_from_json,
     config_to_json,
     serve_in_child,
 )
+from refserver.errors import ChildServerFailed
 from refserver.server import ServerConfig
 from refserver.upstream import RetryPolicy
 
