@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from .suite import Target
 def reproduce_command(result: ScenarioResult, target: Target | None) -> str:
     option = target.command_option if target else ""
     # Built-in scenarios are found by name; a file of the user's is named by path.
-    source = "" if result.source.startswith("builtin:") else f"{result.source} "
+    source = "" if result.source.startswith("builtin:") else f"{shlex.quote(result.source)} "
     return f"sessctl run-scenarios {source}--filter {result.name}{option}"
 
 

@@ -9,6 +9,7 @@ instead of as a wall of confusing failures.
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,13 +36,19 @@ class Target:
     """None: start the reference server in-process."""
     emulate: str | None = None
     """For in-process targets only: a known-broken variant of the reference server."""
+    rerun_options: tuple[str, ...] = ()
+    """The run's other options that judged this target and a rerun needs too
+    (``--profile``, ``--flavor``, ``--upstream-listen``, ...)."""
 
     @property
     def command_option(self) -> str:
         """What ``sessctl run-scenarios`` needs to be told to run against this target again."""
         if self.url is not None:
-            return f" --target {self.url}"
-        return f" --emulate {self.emulate}" if self.emulate else ""
+            where = ["--target", self.url]
+        else:
+            where = ["--emulate", self.emulate] if self.emulate else []
+        options = [*where, *self.rerun_options]
+        return f" {shlex.join(options)}" if options else ""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -187,6 +187,8 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
             f"profile {settings.run.profile.name}: "
             + ("; ".join(differences) if differences else "the reference conventions")
         )
+    rerun = rerun_options(options, external)
+    targets = [replace(t, rerun_options=rerun) for t in targets]
     with progress_hooks(console, announce_upstream=external) as hooks:
         suite = trio.run(run_suite, scenarios, targets, settings, hooks)
     by_name = {t.name: t for t in targets}
@@ -200,6 +202,22 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
             with writing(path):
                 writer(path, suite, by_name)
     return suite.exit_code
+
+
+def rerun_options(options: RunOptions, external: bool) -> tuple[str, ...]:
+    """The options a printed rerun command must repeat to get the same verdicts."""
+    rerun: list[str] = []
+    if options.profile is not None:
+        rerun += ["--profile", options.profile]
+    if options.flavor != RunOptions.flavor:
+        rerun += ["--flavor", options.flavor]
+    if external and options.upstream_listen is not None:
+        rerun += ["--upstream-listen", options.upstream_listen]  # where the target calls
+    if options.request_timeout != RunOptions.request_timeout:
+        rerun += ["--request-timeout", f"{options.request_timeout:g}"]
+    if options.strict:
+        rerun.append("--strict")
+    return tuple(rerun)
 
 
 __all__ = [

@@ -93,10 +93,13 @@ def test_a_failing_scenario_exits_1_and_explains_itself(tmp_path: Path) -> None:
 
 def test_emulate_runs_a_known_broken_variant_and_says_how_to_rerun_it() -> None:
     name = "concurrent-writers-no-phantom"
-    done = sessctl("run-scenarios", "--filter", name, "--emulate", "split-lock")
+    judged_by = ["--profile", "reference", "--flavor", "sglang", "--request-timeout", "7"]
+    done = sessctl("run-scenarios", "--filter", name, "--emulate", "split-lock", *judged_by)
     assert done.returncode == 1, done.stdout
     assert "FAIL  concurrent-writers-no-phantom  on split-lock" in done.stdout
-    assert "--filter concurrent-writers-no-phantom --emulate split-lock" in done.stdout
+    # The rerun repeats every option that judged the run, or it may not fail the same way.
+    rerun = " ".join(["--filter", name, "--emulate", "split-lock", *judged_by])
+    assert f"reproduce: sessctl run-scenarios {rerun}" in done.stdout
 
 
 def test_a_malformed_file_exits_2_with_its_location(tmp_path: Path) -> None:
