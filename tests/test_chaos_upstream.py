@@ -42,6 +42,8 @@ async def test_respond_is_a_complete_openai_chat_completion(
     assert set(completion["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     again = await client.post("/chat/completions", json=body("a"))
     assert again.json()["choices"] == completion["choices"]  # deterministic
+    # "answered" is recorded once the answer is written, which the client may see first.
+    await chaos.wait_for("a", EventKind.ANSWERED, count=2)
     kinds = [e.kind for e in chaos.events("a")]
     assert kinds == [EventKind.RECEIVED, EventKind.ANSWERED] * 2
     assert chaos.calls("a") == 2
@@ -151,6 +153,7 @@ async def test_control_api_for_standalone_use(
             nursery.start_soon(lambda: client.post("/chat/completions", json=body("x")))
             await chaos.wait_for("x", EventKind.RECEIVED)
             assert (await control.post("/_sessctl/steps/x/release")).status_code == 200
+        await chaos.wait_for("x", EventKind.ANSWERED)
         events = (await control.get("/_sessctl/events")).json()["events"]
     assert [(e["tag"], e["kind"]) for e in events] == [("x", "received"), ("x", "answered")]
 
