@@ -104,8 +104,7 @@ def serve(
         for variant in VARIANTS.values():
             console.print(Text.assemble((f"{variant.name:<24}", "bold"), variant.bug))
         raise typer.Exit(0)
-    if emulate is not None and emulate not in VARIANTS:
-        _usage_error(f"--emulate {emulate!r}: unknown variant; see --emulate list")
+    _known_variant(emulate)
     from refserver.app import HttpLimits
 
     logging.getLogger("refserver").addHandler(logging.StreamHandler())
@@ -224,7 +223,7 @@ def run_scenarios_command(
         quiet=quiet,
         profile=profile,
         strict=strict,
-        emulate=_known_variant(emulate),
+        emulate=_known_variant(emulate, with_target=bool(target)),
     )
     command = list_scenarios if list_only else run_scenarios
     raise typer.Exit(_run_harness(lambda: command(options, console)))
@@ -308,11 +307,9 @@ def chaos_command(
     Exit status: 0 valid, 1 invalid, 2 usage error, 3 target unreachable,
     4 undecided (search budget).
     """
-    _known_variant(emulate)
+    _known_variant(emulate, with_target=target is not None)
     if shrink_budget <= 0:
         _usage_error("--shrink-budget must be a positive number of seconds")
-    if target is not None and emulate is not None:
-        _usage_error("--emulate runs the in-process reference server; it cannot go with --target")
     chosen: set[Fault] = set()
     for name in filter(None, (f.strip() for f in faults.split(","))):
         try:
@@ -440,9 +437,14 @@ def _parse_flavor(value: str) -> Flavor:
     _usage_error(f"--flavor must be one of {', '.join(FLAVORS)}")
 
 
-def _known_variant(emulate: str | None) -> str | None:
-    if emulate is not None and emulate not in VARIANTS:
+def _known_variant(emulate: str | None, *, with_target: bool = False) -> str | None:
+    """--emulate, checked: a variant that exists, and no --target beside it."""
+    if emulate is None:
+        return None
+    if emulate not in VARIANTS:
         _usage_error(f"--emulate {emulate!r}: unknown variant; see sessctl serve --emulate list")
+    if with_target:
+        _usage_error("--emulate runs the in-process reference server; it cannot go with --target")
     return emulate
 
 

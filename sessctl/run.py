@@ -153,8 +153,6 @@ def profile_check(
 
 def run_scenarios(options: RunOptions, console: Console) -> int:
     scenarios = select(options)
-    if options.emulate is not None and options.targets:
-        raise UsageError("--emulate runs the in-process reference server; not with --target")
     targets = [parse_target(t) for t in options.targets] or [
         Target(options.emulate, None, emulate=options.emulate)
         if options.emulate
