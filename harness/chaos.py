@@ -470,6 +470,13 @@ async def run_chaos(
     return ChaosReport(history, plans, result, elapsed, check_seconds, shrunk, attempt)
 
 
+def describe_target(target_url: str | None, emulate: str | None) -> str:
+    """What a chaos run ran against, in words: its URL, or the embedded server."""
+    if target_url is not None:
+        return target_url
+    return "the reference server" + (f" emulating {emulate}" if emulate else "")
+
+
 async def _serve_embedded(
     config: ServerConfig, *, task_status: trio.TaskStatus[RunningServer]
 ) -> None:
@@ -502,11 +509,7 @@ async def _shrink(
     reference = TargetClient(
         reference_url, request_timeout=settings.request_timeout, in_process=True
     )
-    against = (
-        f"the reference server emulating {emulate}"
-        if emulate
-        else ("the reference server" if in_process else url)
-    )
+    against = describe_target(target_url, emulate)
 
     def text_for(finding: Finding) -> ScenarioText:
         return ScenarioText(
@@ -534,5 +537,6 @@ __all__ = [
     "ChaosRun",
     "ChaosSettings",
     "Fault",
+    "describe_target",
     "run_chaos",
 ]

@@ -9,11 +9,12 @@ from pathlib import Path
 import trio
 from rich.console import Console
 
-from harness.chaos import ChaosReport, ChaosSettings, run_chaos
+from harness.chaos import ChaosReport, ChaosSettings, describe_target, run_chaos
 from harness.history import read_history, write_history
 from harness.linearizability import CheckResult, check_history
 from harness.report import announce_chaos_upstream, render_check, render_shrink
 from harness.shrink import ShrinkResult, ShrinkSettings
+from harness.suite import Target
 from harness.timeline import render_timeline
 
 from .run import DEFAULT_EXTERNAL_UPSTREAM, parse_listen, parse_target, write_json_file, writing
@@ -36,7 +37,7 @@ def chaos(
     url = parse_target(target).url if target else None
     listen = listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0")
     host, port = parse_listen(listen)
-    what = url or ("the reference server" + (f" emulating {emulate}" if emulate else ""))
+    what = describe_target(url, emulate)
     console.print(
         f"chaos: seed {settings.seed}, "
         + (f"{settings.ops} operations" if settings.ops else f"{settings.duration:g} s")
@@ -98,12 +99,12 @@ def chaos(
 
 
 def replay_command(path: Path, url: str | None, emulate: str | None, listen: str) -> str:
-    command = ["sessctl", "run-scenarios", str(path)]
-    if url is not None:
-        command += ["--target", url, "--upstream-listen", listen]
-    elif emulate is not None:
-        command += ["--emulate", emulate]
-    return shlex.join(command)
+    # An external server stays wired to the chaos upstream's address, so the
+    # replay must listen there again.
+    target = Target(
+        "chaos", url, emulate=emulate, rerun_options=("--upstream-listen", listen) if url else ()
+    )
+    return shlex.join(["sessctl", "run-scenarios", str(path)]) + target.command_option
 
 
 def scenario_file(shrunk: ShrinkResult, settings: ChaosSettings, against: str, replay: str) -> str:
