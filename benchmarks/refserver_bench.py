@@ -27,9 +27,10 @@ import statistics
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import trio
@@ -219,20 +220,13 @@ async def throughput(
             "serve", "--port", "0", "--upstream", upstream, url_prefix="sessctl reference server on"
         ) as (server, _),
     ):
-        await load(server, "warm-up", sessions, 1.0, direct_url=upstream)
-        await load(server, "warm-up", sessions, 1.0, direct_url=None)
-        direct: list[Throughput] = []
-        proxied: list[Throughput] = []
-        for _ in range(rounds):  # alternate, so drift hits both alike
-            direct.append(
-                await load(
-                    server, f"direct to {kind} upstream", sessions, seconds, direct_url=upstream
-                )
-            )
-            proxied.append(
-                await load(server, f"proxy -> {kind} upstream", sessions, seconds, direct_url=None)
-            )
-    return merge(direct), merge(proxied)
+        return await side_by_side(
+            partial(load, server, f"direct to {kind} upstream", direct_url=upstream),
+            partial(load, server, f"proxy -> {kind} upstream", direct_url=None),
+            sessions,
+            seconds,
+            rounds,
+        )
 
 
 async def pool_comparison(
@@ -246,18 +240,31 @@ async def pool_comparison(
         process(*serve_args, upstream, "--upstream-clients", "1", url_prefix=prefix) as (one, _),
         process(*serve_args, upstream, url_prefix=prefix) as (eight, _),
     ):
-        await load(one, "warm-up", sessions, 1.0, direct_url=None)
-        await load(eight, "warm-up", sessions, 1.0, direct_url=None)
-        single: list[Throughput] = []
-        sharded: list[Throughput] = []
-        for _ in range(rounds):  # alternate, so drift hits both alike
-            single.append(
-                await load(one, "proxy, 1 upstream client", sessions, seconds, direct_url=None)
-            )
-            sharded.append(
-                await load(eight, "proxy, 8 upstream clients", sessions, seconds, direct_url=None)
-            )
-    return merge(single), merge(sharded)
+        return await side_by_side(
+            partial(load, one, "proxy, 1 upstream client", direct_url=None),
+            partial(load, eight, "proxy, 8 upstream clients", direct_url=None),
+            sessions,
+            seconds,
+            rounds,
+        )
+
+
+async def side_by_side(
+    first: Callable[[int, float], Awaitable[Throughput]],
+    second: Callable[[int, float], Awaitable[Throughput]],
+    sessions: int,
+    seconds: float,
+    rounds: int,
+) -> tuple[Throughput, Throughput]:
+    """Warm both up for a second, then run them in alternate rounds, so drift hits both alike."""
+    await first(sessions, 1.0)
+    await second(sessions, 1.0)
+    first_runs: list[Throughput] = []
+    second_runs: list[Throughput] = []
+    for _ in range(rounds):
+        first_runs.append(await first(sessions, seconds))
+        second_runs.append(await second(sessions, seconds))
+    return merge(first_runs), merge(second_runs)
 
 
 def merge(runs: list[Throughput]) -> Throughput:
