@@ -29,8 +29,8 @@ import time
 import httpx
 import trio
 
-from harness.chaos import ChaosSettings, run_chaos
-from harness.shrink import ShrinkSettings
+from harness.chaos.shrink import ShrinkSettings
+from harness.chaos.workload import ChaosSettings, run_chaos
 from refserver.child import serve_in_child
 from refserver.server import ServerConfig
 

@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any
 
-from harness.history import Operation
-from harness.linearizability import check_history, check_invariants
+from harness.chaos.history import Operation
+from harness.chaos.linearizability import check_history, check_invariants
 
 
 def synthetic_history(total: int, seed: int) -> list[Operation]:

@@ -11,7 +11,7 @@ Hierarchy::
 
 Failures *of the server under test* are not exceptions: they are verdicts
 (FAIL, ERROR) in the report. Foreign exceptions (httpx, YAML, pydantic) are
-translated into these where they are met: ``client.py``, ``loader.py``.
+translated into these where they are met: ``run/client.py``, ``model/loader.py``.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ from pathlib import Path
 import trio
 from rich.console import Console
 
-from harness.chaos import ChaosReport, ChaosSettings, describe_target, run_chaos
-from harness.history import read_history, write_history
-from harness.linearizability import CheckResult, check_history
-from harness.report import announce_chaos_upstream, render_check, render_shrink
-from harness.shrink import ShrinkResult, ShrinkSettings
-from harness.suite import Target
-from harness.timeline import render_timeline
+from harness.chaos.history import read_history, write_history
+from harness.chaos.linearizability import CheckResult, check_history
+from harness.chaos.shrink import ShrinkResult, ShrinkSettings
+from harness.chaos.workload import ChaosReport, ChaosSettings, describe_target, run_chaos
+from harness.report.console import announce_chaos_upstream, render_check, render_shrink
+from harness.report.timeline import render_timeline
+from harness.run.suite import Target
 
 from .run import DEFAULT_EXTERNAL_UPSTREAM, parse_listen, parse_target, write_json_file, writing
 

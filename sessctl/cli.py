@@ -14,10 +14,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from harness.chaos import ChaosSettings, Fault
-from harness.chaos_upstream import ChaosUpstream
+from harness.chaos.shrink import ShrinkSettings
+from harness.chaos.workload import ChaosSettings, Fault
 from harness.errors import HarnessError
-from harness.shrink import ShrinkSettings
+from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver import RunningServer, ServerConfig
 from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import serve_until_signalled

@@ -17,20 +17,20 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import UsageError
-from harness.exporters import write_json, write_junit, write_markdown
-from harness.loader import load_scenarios
-from harness.profile import load_profile
-from harness.profile_probe import check_profile
-from harness.report import (
+from harness.model.loader import load_scenarios
+from harness.model.profile import load_profile
+from harness.model.scenario import Scenario
+from harness.report.console import (
     announce_chaos_upstream,
     progress_hooks,
     render_selftest,
     render_suite,
 )
-from harness.runner import RunSettings
-from harness.scenario import Scenario
-from harness.selftest import run_selftest
-from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from harness.report.exporters import write_json, write_junit, write_markdown
+from harness.run.profile_probe import check_profile
+from harness.run.runner import RunSettings
+from harness.run.selftest import run_selftest
+from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
 from refserver.fake_upstream import Flavor
 
 DEFAULT_EXTERNAL_UPSTREAM = "127.0.0.1:8900"

@@ -9,7 +9,8 @@ import httpx
 import pytest
 import trio
 
-from harness.chaos_upstream import Behaviour, ChaosUpstream, marker, parse_behaviour
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import Behaviour, marker, parse_behaviour
 from refserver.server import RunningServer, ServerConfig, serve
 from refserver.upstream import RetryPolicy
 

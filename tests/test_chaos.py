@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.chaos import ChaosSettings, run_chaos
+from harness.chaos.workload import ChaosSettings, run_chaos
 
 
 async def test_the_reference_server_gives_a_valid_history() -> None:

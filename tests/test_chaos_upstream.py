@@ -10,8 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from harness.chaos_upstream import ChaosUpstream, EventKind, marker, parse_behaviour, tag_of
 from harness.errors import ScriptError
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
 
 from .conftest import HANG_GUARD
 

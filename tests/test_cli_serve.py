@@ -10,7 +10,8 @@ import sys
 import httpx
 import trio
 
-from harness.chaos_upstream import ChaosUpstream, EventKind
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind
 from refserver.server import RunningServer, ServerConfig, serve_until_signalled
 
 from .conftest import FAST_RETRY, HANG_GUARD, Api, user

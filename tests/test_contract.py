@@ -13,7 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from harness.chaos_upstream import ChaosUpstream, EventKind
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind
 from refserver.server import RunningServer
 
 from .conftest import HANG_GUARD, Api, ServerStarter, user

@@ -6,12 +6,12 @@ from functools import partial
 
 import trio
 
-from harness.chaos_upstream import ChaosUpstream
-from harness.http11 import Exchange, serve_http11
-from harness.loader import load_scenarios, parse_scenario
+from harness.model.loader import load_scenarios, parse_scenario
 from harness.results import SuiteResult, Verdict
-from harness.runner import RunSettings
-from harness.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from harness.run.runner import RunSettings
+from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.http11 import Exchange, serve_http11
 from refserver.server import RunningServer, ServerConfig, serve
 
 # No wall-clock assertions in tests: the scenarios' within_ms bounds are off here

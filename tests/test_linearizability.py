@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from harness.chaos.history import Operation, UpstreamEvent, read_history, write_history
+from harness.chaos.linearizability import check_history, check_session
 from harness.errors import ScenarioFileError
-from harness.history import Operation, UpstreamEvent, read_history, write_history
-from harness.linearizability import check_history, check_session
 
 S = "s1"
 U1: dict[str, Any] = {"role": "user", "content": "one"}
@@ -304,7 +304,7 @@ def test_sessctl_check_exit_codes(tmp_path: Path) -> None:
 
 
 def test_the_timeline_draws_the_failing_window_per_client() -> None:
-    from harness.timeline import render_timeline
+    from harness.report.timeline import render_timeline
 
     h = History()
     h.add("create", 0, 1, 201)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from harness.chaos_upstream import ChaosUpstream
-from harness.client import TargetClient
 from harness.errors import ScenarioFileError, UsageError
-from harness.profile import REFERENCE_PROFILE, Profile, load_profile, read_trajectory
-from harness.profile_probe import probe_profile
+from harness.model.profile import REFERENCE_PROFILE, Profile, load_profile, read_trajectory
+from harness.run.client import TargetClient
+from harness.run.profile_probe import probe_profile
+from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import RunningServer, ServerConfig, serve, serve_asgi
 
 from .third_party_server import create_third_party_app

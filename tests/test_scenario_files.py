@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ScenarioFileError
-from harness.loader import builtin_scenario_files, load_scenarios, parse_scenario
-from harness.scenario import ChatStep, parse_status
+from harness.model.loader import builtin_scenario_files, load_scenarios, parse_scenario
+from harness.model.scenario import ChatStep, parse_status
 
 
 def test_every_builtin_scenario_loads_and_explains_itself() -> None:
@@ -92,9 +92,9 @@ def test_a_chat_script_is_one_behaviour_per_call() -> None:
 
 
 def test_a_timing_bound_is_a_safety_finding_and_can_be_switched_off() -> None:
-    from harness.checks import check_run
     from harness.results import Kind, Observation
-    from harness.runner import RunContext
+    from harness.run.checks import check_run
+    from harness.run.context import RunContext
 
     scenario = parse_scenario(
         HEAD + "  - get: g1\n    expect: {status: 200, within_ms: 100}\n", "x"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from harness.loader import load_scenarios
-from harness.runner import RunSettings
-from harness.selftest import run_selftest
-from harness.suite import SuiteSettings
+from harness.model.loader import load_scenarios
+from harness.run.runner import RunSettings
+from harness.run.selftest import run_selftest
+from harness.run.suite import SuiteSettings
 
 UNTIMED = SuiteSettings(run=RunSettings(timing_bounds=False))
 
@@ -61,7 +61,7 @@ def test_emulate_list_names_every_variant_with_its_bug() -> None:
 
 def test_a_variant_that_only_differs_in_conventions_is_not_caught() -> None:
     from harness.results import RunResult, ScenarioResult, SuiteResult, Verdict
-    from harness.selftest import CLEAN, SelftestResult
+    from harness.run.selftest import CLEAN, SelftestResult
 
     def result(target: str, *verdicts: Verdict) -> ScenarioResult:
         runs = [RunResult(i, v, {}) for i, v in enumerate(verdicts)]

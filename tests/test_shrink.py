@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 import trio
 
-from harness.case import Case, CaseOp, Point, ScenarioText, case_from_history, render
-from harness.chaos_upstream import ChaosUpstream
-from harness.client import TargetClient
-from harness.ddmin import ddmin
-from harness.history import Operation, UpstreamEvent
-from harness.linearizability import Finding, check_history
-from harness.loader import parse_scenario
-from harness.runner import RunSettings
-from harness.shrink import Replayer, ShrinkSettings, shrink
+from harness.chaos.case import Case, CaseOp, Point, ScenarioText, case_from_history, render
+from harness.chaos.ddmin import ddmin
+from harness.chaos.history import Operation, UpstreamEvent
+from harness.chaos.linearizability import Finding, check_history
+from harness.chaos.shrink import Replayer, ShrinkSettings, shrink
+from harness.model.loader import parse_scenario
+from harness.run.client import TargetClient
+from harness.run.runner import RunSettings
+from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig, serve
 
 S = "s1"

@@ -10,12 +10,12 @@ from functools import partial
 
 import trio
 
-from harness.chaos_upstream import ChaosUpstream
-from harness.loader import load_scenarios
-from harness.profile import load_profile
+from harness.model.loader import load_scenarios
+from harness.model.profile import load_profile
 from harness.results import Kind, SuiteResult, Verdict
-from harness.runner import RunSettings
-from harness.suite import SuiteSettings, Target, run_suite
+from harness.run.runner import RunSettings
+from harness.run.suite import SuiteSettings, Target, run_suite
+from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import serve_asgi
 
 from .third_party_server import create_third_party_app

@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+from harness.results import RunResult
 from refserver.rules import comparable
 
 from .history import Operation
 from .linearizability import Finding
-from .results import RunResult
 
 PointAction = Literal["start", "release", "cancel"]
 

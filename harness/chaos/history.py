@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ScenarioFileError
+from harness.errors import ScenarioFileError
 
 OPS = frozenset({"create", "chat", "get", "delete"})
 

@@ -37,6 +37,13 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from harness.model.loader import parse_scenario
+from harness.model.scenario import Scenario
+from harness.results import RunResult, Verdict
+from harness.run.client import TargetClient
+from harness.run.runner import RunSettings, ScenarioRun
+from harness.upstream.chaos_upstream import ChaosUpstream
+
 from .case import (
     Case,
     CaseOp,
@@ -45,15 +52,9 @@ from .case import (
     expectations_from,
     render,
 )
-from .chaos_upstream import ChaosUpstream
-from .client import TargetClient
 from .ddmin import ddmin
 from .history import Operation
 from .linearizability import Finding
-from .loader import parse_scenario
-from .results import RunResult, Verdict
-from .runner import RunSettings, ScenarioRun
-from .scenario import Scenario
 
 # -- replaying ---------------------------------------------------------------------------
 

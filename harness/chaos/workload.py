@@ -24,6 +24,12 @@ from typing import Any
 
 import trio
 
+from harness.errors import TargetUnreachable
+from harness.results import Observation, answer_of
+from harness.run.client import TargetClient
+from harness.run.runner import RunSettings
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import marker, parse_behaviour, tag_of
 from refserver.child import serve_in_child
 from refserver.errors import ChildServerFailed
 from refserver.fake_upstream import completion_for
@@ -31,13 +37,8 @@ from refserver.server import RunningServer, ServerConfig, serve
 from refserver.upstream import RetryPolicy
 
 from .case import PROPERTY_OF_FINDING, ScenarioText
-from .chaos_upstream import ChaosUpstream, marker, parse_behaviour, tag_of
-from .client import TargetClient
-from .errors import TargetUnreachable
 from .history import Operation, UpstreamEvent
 from .linearizability import CheckResult, Finding, check_history
-from .results import Observation, answer_of
-from .runner import RunSettings
 from .shrink import Replayer, ShrinkResult, ShrinkSettings, shrink
 
 

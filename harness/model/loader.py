@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ScenarioFileError
+from harness.errors import ScenarioFileError
+
 from .scenario import STEP_TYPES, Scenario, Step, check_references, step_fields
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import UsageError
+from harness.errors import UsageError
 
 
 class _Model(BaseModel):

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .chaos_upstream import Behaviour, EventKind, parse_behaviour
-from .errors import ScriptError
+from harness.errors import ScriptError
+from harness.upstream.script import Behaviour, EventKind, parse_behaviour
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=40)]
 

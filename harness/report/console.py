@@ -17,14 +17,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from harness.chaos.linearizability import CheckResult
+from harness.chaos.shrink import ShrinkResult
+from harness.results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
+from harness.run.selftest import CLEAN, SelftestResult
+from harness.run.suite import SuiteHooks, Target
 from refserver.variants import VARIANTS
 
 from .exporters import reproduce_command
-from .linearizability import CheckResult
-from .results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
-from .selftest import CLEAN, SelftestResult
-from .shrink import ShrinkResult
-from .suite import SuiteHooks, Target
 
 VERDICT_STYLE = {
     Verdict.PASS: "bold green",

@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .results import Finding, Kind, RunResult, ScenarioResult, SuiteResult, Verdict
-from .suite import Target
+from harness.results import Finding, Kind, RunResult, ScenarioResult, SuiteResult, Verdict
+from harness.run.suite import Target
 
 
 def reproduce_command(result: ScenarioResult, target: Target | None) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from .history import Operation
-from .linearizability import CheckResult, Finding
+from harness.chaos.history import Operation
+from harness.chaos.linearizability import CheckResult, Finding
 
 LANE_HEIGHT = 34
 LEFT = 90

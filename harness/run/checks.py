@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import json
 import shlex
-from typing import TYPE_CHECKING
 
+from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
+from harness.model.scenario import ChatStep, Expect, Scenario, parse_status
+from harness.results import Finding, Kind, Observation, answer_of
 from refserver.rules import comparable
 
-from .profile import REFERENCE_PROFILE, Profile, read_trajectory
-from .results import Finding, Kind, Observation, answer_of
-from .scenario import ChatStep, Expect, Scenario, parse_status
-
-if TYPE_CHECKING:
-    from .runner import RunContext
+from .context import RunContext
 
 
 def check_run(

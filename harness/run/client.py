@@ -9,7 +9,7 @@ import httpx
 import trio
 import trio.testing
 
-from .results import Observation, SentRequest
+from harness.results import Observation, SentRequest
 
 
 class TargetClient:

@@ -20,11 +20,13 @@ from typing import Any, Literal
 
 import trio
 
-from .chaos_upstream import ChaosUpstream, marker
+from harness.errors import ProbeFailed, TargetUnreachable
+from harness.model.profile import CreateConvention, Profile, TrajectoryConvention
+from harness.results import Observation, answer_of
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import marker
+
 from .client import TargetClient
-from .errors import ProbeFailed, TargetUnreachable
-from .profile import CreateConvention, Profile, TrajectoryConvention
-from .results import Observation, answer_of
 from .runner import AGENT_TOOLS
 
 

@@ -21,12 +21,8 @@ from typing import Any
 
 import trio
 
-from .chaos_upstream import ChaosUpstream, EventKind, StepEvent, marker
-from .checks import check_run
-from .client import TargetClient
-from .profile import REFERENCE_PROFILE, Profile
-from .results import Finding, Kind, Observation, RunResult, Verdict, answer_of
-from .scenario import (
+from harness.model.profile import REFERENCE_PROFILE, Profile
+from harness.model.scenario import (
     AwaitStep,
     CancelStep,
     ChatStep,
@@ -43,6 +39,13 @@ from .scenario import (
     UpstreamExpect,
     WaitStep,
 )
+from harness.results import Finding, Kind, Observation, RunResult, Verdict, answer_of
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind, StepEvent, marker
+
+from .checks import check_run
+from .client import TargetClient
+from .context import RunContext
 
 
 @dataclass(frozen=True)
@@ -85,23 +88,6 @@ class _Abort(Exception):
 class _Background:
     scope: trio.CancelScope
     done: trio.Event = field(default_factory=trio.Event)
-
-
-@dataclass
-class RunContext:
-    """What a run has learned so far; read by ``checks.py`` afterwards."""
-
-    sessions: dict[str, str] = field(default_factory=dict)
-    """Session step name -> the server's session id."""
-    latest_session: str | None = None
-    session_of_step: dict[str, str] = field(default_factory=dict)
-    """HTTP step id -> the session id it addressed."""
-    views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    """Session id -> the trajectory as this client last saw it committed."""
-    sent_messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    observations: dict[str, Observation] = field(default_factory=dict)
-    final_trajectories: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
-    """Session id -> its messages at the end, or None if it no longer exists."""
 
 
 class ScenarioRun:

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from harness.model.scenario import Scenario
+from harness.results import SuiteResult, Verdict
 from refserver.variants import VARIANTS
 
-from .results import SuiteResult, Verdict
-from .scenario import Scenario
 from .suite import SuiteHooks, SuiteSettings, Target, run_suite
 
 CLEAN = "clean"

@@ -17,14 +17,15 @@ from functools import partial
 
 import trio
 
+from harness.model.scenario import HTTP_OPS, Scenario
+from harness.results import Finding, RunResult, ScenarioResult, StepSummary, SuiteResult, Verdict
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import marker
 from refserver.fake_upstream import Flavor
 from refserver.server import ServerConfig, serve
 
-from .chaos_upstream import ChaosUpstream, marker
 from .client import TargetClient
-from .results import Finding, RunResult, ScenarioResult, StepSummary, SuiteResult, Verdict
 from .runner import RunSettings, ScenarioRun
-from .scenario import HTTP_OPS, Scenario
 
 EMBEDDED = "reference"
 

@@ -1,0 +1,20 @@
+"""The harness: everything that tests a session server from the outside.
+
+Five parts, each a subpackage whose ``__init__`` says what it owns. Imports run
+one way, down this list, never up (``tests/test_layering.py`` enforces it)::
+
+    report     the terminal report (rich), JSON/JUnit/Markdown, the HTML timeline
+      ↓
+    chaos      random concurrent workloads, histories, the checker, shrinking
+      ↓
+    run        running scenarios against targets and judging them; profile check
+      ↓
+    model      what to run: scenarios, their YAML loading, target profiles
+      ↓
+    upstream   the scriptable LLM engine and its script language
+
+``errors`` (every error the harness reports) and ``results`` (frozen records
+of what a run observed and concluded) sit below all five and import nothing of
+the harness. Any part may import ``refserver``; ``refserver`` never imports the
+harness. Only ``report`` (and the CLI in ``sessctl/``) imports rich.
+"""

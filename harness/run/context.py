@@ -1,0 +1,27 @@
+"""What one run learned, shared by the runner (which writes it) and the checks
+(which judge it). It lives here, below both, so neither imports the other's
+module for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.results import Observation
+
+
+@dataclass
+class RunContext:
+    """What a run has learned so far: written by ``runner.py``, read by ``checks.py``."""
+
+    sessions: dict[str, str] = field(default_factory=dict)
+    """Session step name -> the server's session id."""
+    latest_session: str | None = None
+    session_of_step: dict[str, str] = field(default_factory=dict)
+    """HTTP step id -> the session id it addressed."""
+    views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Session id -> the trajectory as this client last saw it committed."""
+    sent_messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    observations: dict[str, Observation] = field(default_factory=dict)
+    final_trajectories: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
+    """Session id -> its messages at the end, or None if it no longer exists."""
