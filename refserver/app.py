@@ -6,7 +6,11 @@ calls and ``SessionServerError`` into OpenAI-shaped JSON.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import secrets
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import (
     BodyTooLarge,
@@ -30,6 +34,7 @@ from .protocol import parse_chat_request
 from .service import SessionService
 
 logger = logging.getLogger("refserver")
+access_logger = logging.getLogger("refserver.access")
 
 # nginx's code for "client closed request": never seen by the client, but it
 # makes the access log say what happened to a turn whose caller hung up.
@@ -73,7 +78,9 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
             return
 
 
-def create_app(service: SessionService, limits: HttpLimits | None = None) -> ASGIApp:
+def create_app(
+    service: SessionService, limits: HttpLimits | None = None, *, access_log: bool = False
+) -> _Boundary:
     limits = limits or HttpLimits()
 
     async def healthz(request: Request) -> Response:
@@ -122,13 +129,10 @@ def create_app(service: SessionService, limits: HttpLimits | None = None) -> ASG
         return error_response(error, headers=dict(exc.headers or {}))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette re-raises after this answer; ``_Boundary`` logs it, once.
         if isinstance(exc, CLIENT_GONE):
             return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        body: dict[str, Any] = {
-            "error": {"type": "server_error", "code": "server_error", "message": "internal error"}
-        }
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(internal_error_body(request_id_of(request.scope)), status_code=500)
 
     starlette = Starlette(
         routes=[
@@ -143,7 +147,10 @@ def create_app(service: SessionService, limits: HttpLimits | None = None) -> ASG
             Exception: on_unexpected,
         },
     )
-    return _QuietWhenClientGone(starlette)
+    # A trailing slash is a 404, never a redirect: Starlette would build the
+    # Location from the request's Host header.
+    starlette.router.redirect_slashes = False
+    return _Boundary(starlette, access_log=access_log)
 
 
 # A client that hangs up while its response is being written is not a server
@@ -157,12 +164,112 @@ CLIENT_GONE = (
 )
 
 
-class _QuietWhenClientGone:
-    def __init__(self, app: ASGIApp) -> None:
+def request_id_of(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", "-"))
+
+
+def internal_error_body(request_id: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "type": "server_error",
+            "code": "server_error",
+            "message": f"internal error (request {request_id}; the server log has its line)",
+            "request_id": request_id,
+        }
+    }
+
+
+class _Boundary:
+    """The outermost ASGI layer: request ids, the access log, and the last resort.
+
+    Every request gets an id (``x-request-id`` on the answer). An exception
+    that escapes everything below is a bug of ours: it becomes a 500 in the
+    OpenAI shape (if nothing was sent yet) and one log line with the request
+    id and where it was raised, and it goes no further, so hypercorn does not
+    log a second traceback. ``unexpected`` counts them; the fuzz suite asserts
+    it stays 0. A client that hung up mid-answer is not an error at all.
+    """
+
+    def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
         self._app = app
+        self._access_log = access_log
+        self.unexpected = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
+            return
+        request_id = secrets.token_hex(6)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status: int | None = None
+        sent_bytes = 0
+        started_at = trio.current_time()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, sent_bytes
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (b"x-request-id", request_id.encode()),
+                    ],
+                }
+            elif message["type"] == "http.response.body":
+                sent_bytes += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_with_id)
         except CLIENT_GONE:
-            logger.debug("client went away while %s was answered", scope.get("path"))
+            logger.debug(
+                "request %s: the client went away while %s was answered", request_id, scope["path"]
+            )
+        except Exception as error:
+            self.unexpected += 1
+            logger.error(
+                "request %s: unexpected %s at %s on %s %s: %s",
+                request_id,
+                type(error).__name__,
+                _where(error),
+                scope["method"],
+                scope["path"],
+                str(error)[:200],
+            )
+            logger.debug("request %s: traceback", request_id, exc_info=error)
+            if status is None:
+                status = 500
+                body = json.dumps(internal_error_body(request_id)).encode()
+                with contextlib.suppress(*CLIENT_GONE):
+                    await send_with_id(
+                        {
+                            "type": "http.response.start",
+                            "status": 500,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                            ],
+                        }
+                    )
+                    await send_with_id({"type": "http.response.body", "body": body})
+        finally:
+            if self._access_log:
+                client = scope.get("client") or ("-", 0)
+                access_logger.info(
+                    '%s:%s "%s %s %s" %s %dB %.3fs %s',
+                    client[0],
+                    client[1],
+                    scope["method"],
+                    scope["path"],
+                    scope.get("http_version", "1.1"),
+                    status if status is not None else "-",
+                    sent_bytes,
+                    trio.current_time() - started_at,
+                    request_id,
+                )
+
+
+def _where(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"

@@ -19,8 +19,10 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from starlette.types import ASGIApp
 
+from . import hypercorn_compat
 from .app import HttpLimits, create_app
 from .fake_upstream import create_fake_upstream_app
+from .hypercorn_compat import ProtocolLimits
 from .service import SessionService
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
@@ -52,13 +54,18 @@ class RunningServer:
     upstream_is_embedded: bool
 
 
-def _hypercorn_config(host: str, port: int, *, log_requests: bool, grace: float) -> HypercornConfig:
+def _hypercorn_config(
+    host: str, port: int, *, log_errors: bool, grace: float, limits: HttpLimits | None
+) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace
-    config.accesslog = "-" if log_requests else None
-    config.errorlog = "-" if log_requests else None
-    config.access_log_format = '%(h)s "%(r)s" %(s)s %(b)sB %(L)ss'
+    # The access log is the app's own (one line per request, with its id):
+    # hypercorn's logs a request twice when its client closes mid-answer.
+    config.accesslog = None
+    config.errorlog = "-" if log_errors else None
+    if limits is not None:
+        hypercorn_compat.enable(config, ProtocolLimits(max_body_bytes=limits.max_body_bytes))
     return config
 
 
@@ -68,12 +75,17 @@ async def serve_asgi(
     port: int,
     *,
     shutdown_trigger: Callable[[], object] | None = None,
-    log_requests: bool = False,
+    log_errors: bool = False,
     grace_period: float = 5.0,
+    limits: HttpLimits | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve any ASGI app with hypercorn's trio worker; started() gives its base URL."""
-    config = _hypercorn_config(host, port, log_requests=log_requests, grace=grace_period)
+    """Serve any ASGI app with hypercorn's trio worker; started() gives its base URL.
+
+    With ``limits``, hypercorn's own answers keep the contract too (see
+    ``hypercorn_compat``); the reference server passes them, plain test apps do not.
+    """
+    config = _hypercorn_config(host, port, log_errors=log_errors, grace=grace_period, limits=limits)
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
@@ -125,12 +137,13 @@ async def serve(
 
         async def run_session_server(task_status: trio.TaskStatus[str]) -> None:
             await serve_asgi(
-                create_app(service, config.limits),
+                create_app(service, config.limits, access_log=config.log_requests),
                 config.host,
                 config.port,
                 shutdown_trigger=shutdown_trigger,
-                log_requests=config.log_requests,
+                log_errors=config.log_requests,
                 grace_period=config.grace_period,
+                limits=config.limits,
                 task_status=task_status,
             )
             nursery.cancel_scope.cancel()  # the embedded upstream goes with us

@@ -14,7 +14,6 @@ preempts a backoff sleep as surely as a pending request.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,9 +21,24 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from .errors import UpstreamError, UpstreamTimeout
+from . import strictjson
+from .errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from .protocol import check_message
 
 RETRYABLE_STATUS = frozenset({429, 503})
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an upstream base URL, or None if it can."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as error:
+        return f"{url!r} is not a URL: {error}"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"{url!r} is not an http(s) URL with a host, such as http://127.0.0.1:30000/v1"
+    if parsed.query or parsed.fragment:
+        return f"{url!r} has a query or fragment; give the base URL only"
+    return None
 
 
 class Upstream(Protocol):
@@ -98,24 +112,32 @@ class HttpUpstream:
         completion = _parse_completion(response.content)
         if completion["choices"][0].get("finish_reason") == "abort":
             raise _Retryable("the completion was aborted (finish_reason: abort)")
+        _check_answer(completion)
         return completion
 
 
 def _parse_completion(content: bytes) -> dict[str, Any]:
+    # The answer is committed and later sent back by clients, so it must be
+    # JSON we can re-encode and a message the contract would accept.
     try:
-        completion = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UpstreamError(
-            f"the upstream answered 200 with invalid JSON: {content[:80]!r}"
-        ) from None
+        completion = strictjson.loads(content)
+    except strictjson.JsonRefused as refused:
+        raise UpstreamError(f"the upstream answered 200 with a refused body: {refused}") from None
     choices = completion.get("choices") if isinstance(completion, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise UpstreamError("the upstream's completion has no choices")
-    message = choices[0].get("message")
-    if not isinstance(message, dict) or message.get("role") != "assistant":
-        raise UpstreamError("the upstream's first choice has no assistant message")
     assert isinstance(completion, dict)
     return completion
+
+
+def _check_answer(completion: dict[str, Any]) -> None:
+    message = completion["choices"][0].get("message")
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        raise UpstreamError("the upstream's first choice has no assistant message")
+    try:
+        check_message(message, "choices[0].message")
+    except InvalidRequest as invalid:
+        raise UpstreamError(f"the upstream's answer is not a valid message: {invalid}") from None
 
 
 def assistant_message(completion: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver import RunningServer, ServerConfig
 from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import serve_until_signalled
+from refserver.upstream import base_url_problem
 from refserver.variants import VARIANTS
 
 from .chaos import chaos, check
@@ -52,6 +53,20 @@ def print_error(message: str) -> None:
     err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
+def _base_url_option(value: str | None) -> str | None:
+    if value is not None:
+        problem = base_url_problem(value)
+        if problem:
+            raise typer.BadParameter(problem)
+    return value
+
+
+def _positive_seconds(value: float) -> float:
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"{value:g} is not a positive, finite number of seconds")
+    return value
+
+
 @app.callback()
 def _group() -> None:
     """Race-test LLM session servers: a reference server, a chaos upstream, a scenario harness."""
@@ -62,29 +77,35 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Interface to bind; loopback unless told otherwise.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one.")
+    ] = 8000,
     upstream: Annotated[
         str | None,
         typer.Option(
+            callback=_base_url_option,
             help=(
                 "OpenAI-compatible base URL of the LLM engine (POSTs go to "
                 "URL/chat/completions). Without it, an embedded deterministic fake "
                 "upstream is started."
-            )
+            ),
         ),
     ] = None,
     upstream_delay: Annotated[
-        float, typer.Option(help="Delay of the embedded fake upstream, in seconds.")
+        float, typer.Option(min=0, help="Delay of the embedded fake upstream, in seconds.")
     ] = 0.0,
     upstream_timeout: Annotated[
         float,
-        typer.Option(help="Deadline of one turn's upstream call, retries included, in seconds."),
+        typer.Option(
+            callback=_positive_seconds,
+            help="Deadline of one turn's upstream call, retries included, in seconds.",
+        ),
     ] = 300.0,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 8
-    * 1024
-    * 1024,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body accepted, in bytes.")
+    ] = 8 * 1024 * 1024,
     grace_period: Annotated[
-        float, typer.Option(help="Seconds to wait for requests on shutdown.")
+        float, typer.Option(min=0, help="Seconds to wait for requests on shutdown.")
     ] = 5.0,
     emulate: Annotated[
         str | None,
@@ -107,7 +128,9 @@ def serve(
     _known_variant(emulate)
     from refserver.app import HttpLimits
 
-    logging.getLogger("refserver").addHandler(logging.StreamHandler())
+    server_log = logging.getLogger("refserver")
+    server_log.addHandler(logging.StreamHandler())
+    server_log.setLevel(logging.INFO)  # the access log, one line per request
     config = ServerConfig(
         host=host,
         port=port,

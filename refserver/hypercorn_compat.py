@@ -1,0 +1,118 @@
+"""Two answers hypercorn gives on its own, before any ASGI app runs, kept to the contract.
+
+1. A request hypercorn cannot parse (a malformed request line, headers over
+   its size limit) is answered 400 or 431 with an *empty* body. The contract
+   says every 4xx has the OpenAI error shape, so such answers get one.
+2. ``Expect: 100-continue`` is answered ``100 Continue`` as soon as the
+   headers arrive, so a client announcing a body over the limit is invited to
+   send it, only to be refused with 413 afterwards. When the declared
+   ``Content-Length`` is over the limit, the 100 is not sent: the app's 413
+   is the answer, and the body is never read.
+
+hypercorn has no hook for either, so both are small wrappers around two
+methods of its HTTP/1.1 protocol class, active only on servers whose config
+carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
+``tests/test_contract.py`` checks both over raw sockets, so a hypercorn
+release that renames these methods fails a test, not a user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import h11
+from hypercorn.config import Config
+from hypercorn.protocol.h11 import H11Protocol
+
+SESSCTL_LIMITS = "sessctl_limits"
+"""The attribute of a hypercorn ``Config`` that turns the wrappers on."""
+
+_ERROR_TYPES = {
+    400: "invalid_request",
+    431: "request_header_fields_too_large",
+    505: "http_version_not_supported",
+}
+
+
+@dataclass(frozen=True)
+class ProtocolLimits:
+    max_body_bytes: int
+
+
+def enable(config: Config, limits: ProtocolLimits) -> None:
+    """Turn the wrappers on for servers started with ``config``."""
+    _install()
+    setattr(config, SESSCTL_LIMITS, limits)
+
+
+def _limits(protocol: H11Protocol) -> ProtocolLimits | None:
+    limits = getattr(protocol.config, SESSCTL_LIMITS, None)
+    return limits if isinstance(limits, ProtocolLimits) else None
+
+
+def error_body(status_code: int) -> bytes:
+    error_type = _ERROR_TYPES.get(status_code, "invalid_request")
+    message = {
+        431: "the request's headers are too large",
+        505: "the HTTP version is not supported",
+    }.get(status_code, "the request could not be parsed as HTTP/1.1")
+    return json.dumps(
+        {"error": {"type": error_type, "code": error_type, "message": message}}
+    ).encode()
+
+
+def _declared_length_over(protocol: H11Protocol, limit: int) -> bool:
+    scope: dict[str, Any] | None = getattr(protocol.stream, "scope", None)
+    if not scope:
+        return False
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            return value.isdigit() and int(value) > limit
+    return False
+
+
+_installed = False
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    original_error: Callable[[H11Protocol, int], Awaitable[None]] = H11Protocol._send_error_response
+    original_send: Callable[[H11Protocol, Any], Awaitable[None]] = H11Protocol._send_h11_event
+
+    async def send_error_response(self: H11Protocol, status_code: int) -> None:
+        if _limits(self) is None:
+            await original_error(self, status_code)
+            return
+        body = error_body(status_code)
+        headers = chain(
+            [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+            self.config.response_headers("h11"),
+        )
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=list(headers)))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    async def send_h11_event(self: H11Protocol, event: Any) -> None:
+        limits = _limits(self)
+        if (
+            limits is not None
+            and isinstance(event, h11.InformationalResponse)
+            and event.status_code == 100
+            and _declared_length_over(self, limits.max_body_bytes)
+        ):
+            return  # the app answers 413 instead; the client never sends the body
+        await original_send(self, event)
+
+    H11Protocol._send_error_response = send_error_response  # type: ignore[method-assign]
+    H11Protocol._send_h11_event = send_h11_event  # type: ignore[method-assign]
