@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from .errors import (
     RouteNotFound,
     SessionServerError,
 )
-from .protocol import parse_chat_request
+from .protocol import ChatRequest, parse_chat_request
 from .service import SessionService
 
 logger = logging.getLogger("refserver")
@@ -79,7 +80,11 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
 
 
 def create_app(
-    service: SessionService, limits: HttpLimits | None = None, *, access_log: bool = False
+    service: SessionService,
+    limits: HttpLimits | None = None,
+    *,
+    access_log: bool = False,
+    parse: Callable[[bytes], ChatRequest] = parse_chat_request,
 ) -> _Boundary:
     limits = limits or HttpLimits()
 
@@ -99,7 +104,7 @@ def create_app(
         return JSONResponse(service.get(session_id))
 
     async def chat_completions(request: Request) -> Response:
-        chat_request = parse_chat_request(await read_body(request, limits))
+        chat_request = parse(await read_body(request, limits))
         response: Response | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)

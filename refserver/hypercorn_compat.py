@@ -26,6 +26,7 @@ from typing import Any
 
 import h11
 from hypercorn.config import Config
+from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 
 SESSCTL_LIMITS = "sessctl_limits"
@@ -87,7 +88,11 @@ def _install() -> None:
     original_send: Callable[[H11Protocol, Any], Awaitable[None]] = H11Protocol._send_h11_event
 
     async def send_error_response(self: H11Protocol, status_code: int) -> None:
-        if _limits(self) is None:
+        # Only where no request was parsed (a bad request line, headers too
+        # large): then nothing else can be writing on this connection. Later
+        # errors (a broken body) race the app's own answer; hypercorn's
+        # empty reply is left to handle those.
+        if _limits(self) is None or self.connection.our_state is not h11.IDLE:
             await original_error(self, status_code)
             return
         body = error_body(status_code)
@@ -99,9 +104,14 @@ def _install() -> None:
             ],
             self.config.response_headers("h11"),
         )
-        await self._send_h11_event(h11.Response(status_code=status_code, headers=list(headers)))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
+        events = (
+            h11.Response(status_code=status_code, headers=list(headers)),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        )
+        # One write: h11's state moves synchronously, the bytes go out at once.
+        data = b"".join(self.connection.send(event) or b"" for event in events)
+        await self.send(RawData(data=data))
 
     async def send_h11_event(self: H11Protocol, event: Any) -> None:
         limits = _limits(self)

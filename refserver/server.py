@@ -23,6 +23,7 @@ from . import hypercorn_compat
 from .app import HttpLimits, create_app
 from .fake_upstream import create_fake_upstream_app
 from .hypercorn_compat import ProtocolLimits
+from .protocol import ChatRequest, parse_chat_request
 from .service import SessionService
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
@@ -125,9 +126,11 @@ async def serve(
 
         service_class: type[SessionService] = SessionService
         retry = config.retry
+        parse: Callable[[bytes], ChatRequest] = parse_chat_request
         if config.emulate is not None:
             variant = VARIANTS[config.emulate]
             service_class, retry = variant.service, variant.retry or retry
+            parse = variant.parse or parse
         upstream = HttpUpstream(upstream_url, clients, timeout=config.upstream_timeout, retry=retry)
         service = service_class(upstream)
 
@@ -137,7 +140,7 @@ async def serve(
 
         async def run_session_server(task_status: trio.TaskStatus[str]) -> None:
             await serve_asgi(
-                create_app(service, config.limits, access_log=config.log_requests),
+                create_app(service, config.limits, access_log=config.log_requests, parse=parse),
                 config.host,
                 config.port,
                 shutdown_trigger=shutdown_trigger,

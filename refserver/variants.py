@@ -9,13 +9,15 @@ which variant it is.
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from . import rules
-from .errors import SessionNotFound, SessionServerError
+from .errors import InvalidRequest, SessionNotFound, SessionServerError
 from .protocol import ChatRequest
 from .service import Session, SessionService, Turn, conflict_error
 from .upstream import RetryPolicy
@@ -111,6 +113,25 @@ class LastWriterWins(SessionService):
         return decision
 
 
+def parse_loosely(raw: bytes) -> ChatRequest:
+    # What the server checked before it had a request model: a JSON object whose
+    # messages are objects with a known role. Python's json reads NaN and lone
+    # surrogates; content, name, tool_calls and tool_call_id are not checked.
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise InvalidRequest(f"the body is not valid JSON: {error}") from None
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in rules.ROLES:
+            raise InvalidRequest(f"messages[{index}] is not a message", param="messages")
+    if body.get("stream"):
+        raise InvalidRequest("stream: true is not supported", param="stream")
+    return ChatRequest(body=body)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -118,6 +139,8 @@ class Variant:
     service: type[SessionService]
     retry: RetryPolicy | None = None
     """Replaces the server's retry policy, for bugs that live there."""
+    parse: Callable[[bytes], ChatRequest] | None = None
+    """Replaces the request parser, for bugs of validation."""
 
 
 VARIANTS: dict[str, Variant] = {
@@ -161,6 +184,12 @@ VARIANTS: dict[str, Variant] = {
             "an upstream abort or 503 is passed through as 502 instead of retried",
             SessionService,
             retry=RetryPolicy(attempts=1),
+        ),
+        Variant(
+            "loose-input",
+            'ill-typed message fields are committed (content: 123, tool_calls: "x")',
+            SessionService,
+            parse=parse_loosely,
         ),
         Variant(
             "last-writer-wins",

@@ -44,6 +44,18 @@ HEAD = "name: x\ndescription: d\nsteps:\n  - create: s1\n"
         (HEAD + "  - chat: c1\n    session: s9\n", 6, 14, "session 's9' is not created"),
         (HEAD + "  - delete: d1\n  - cancel: d1\n", 6, 13, "is not a chat step"),
         (HEAD + "  - chat: c1\n  - cancel: c1\n", 6, 13, "must be a background step"),
+        (
+            HEAD + "  - request: r1\n    path: /x\n    body: '{}'\n    json: {}\n",
+            5,
+            5,
+            "at most one of body, json, body_bytes, generate",
+        ),
+        (
+            HEAD + "  - request: r1\n    path: /x\n    generate: {nesting: 5, integer_digits: 5}\n",
+            7,
+            15,
+            "exactly one of nesting, integer_digits",
+        ),
         ("name: x\nsteps:\n  - create: s1\n", 1, 1, "missing field 'description'"),
         ("name: Bad Name\ndescription: d\nsteps: []\n", 3, 8, "'steps' must be a non-empty list"),
         ("- just a list\n", 1, 1, "must be a YAML mapping"),

@@ -6,7 +6,12 @@ conventions, and PASS elsewhere; --strict turns its conventions into failures.
 
 from __future__ import annotations
 
+import json
+import socket
+import sys
+import xml.etree.ElementTree as ET
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -43,6 +48,7 @@ NON_STRICT = {
     "exact-retry-replays",  # an exact retry regenerates
     "upstream-failures-leave-state-unchanged",  # 502 with a plain-string error
     "bad-input",  # 500 and a closed connection on malformed JSON; stream: true served
+    "bad-input-values",  # 422 for ill-typed fields, 500 for NaN; stream: "false" read as false
     "stale-writer-gets-409",  # 400 instead of 409
 }
 PASSING = {
@@ -82,6 +88,8 @@ async def test_fails_exactly_its_planted_bugs_and_is_non_strict_on_conventions(
     assert "rejected requests answer 400, not 409 (declared in the profile)" in conventions
     assert "bad-input handling: 500 on bad-json" in conventions
     assert "an exact retry regenerates instead of replaying" in conventions
+    assert "bad-input handling: 500 on nan" in conventions
+    assert 'stream: "false" is read as a boolean' in conventions
     assert result.exit_code == 1
     # No harness errors: the 500-and-close, the event stream and the missing
     # health route are findings about the server, not failures of the harness.
@@ -93,3 +101,48 @@ async def test_strict_turns_conventions_into_failures(nursery: trio.Nursery) -> 
     verdicts = {s.name: s.verdict for s in result.scenarios}
     assert {n for n, v in verdicts.items() if v is Verdict.FAIL} == FAILING | NON_STRICT
     assert result.count(Verdict.NON_STRICT) == 0
+
+
+def _free_port() -> int:
+    # The chaos upstream must listen where the server under test was told to
+    # call; this server is started first, as a user's would be.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_the_readme_walkthrough_through_the_cli(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """README's "Validating your own server", step 4, as a user types it."""
+    port = _free_port()
+    app = create_third_party_app(f"http://127.0.0.1:{port}/v1")
+    url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
+    reports = {kind: tmp_path / f"sessctl.{kind}" for kind in ("xml", "json", "md")}
+    done = await trio.run_process(
+        [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
+         "--upstream-listen", f"127.0.0.1:{port}", "--profile", "records-tool-400",
+         "--junit", str(reports["xml"]), "--json", str(reports["json"]),
+         "--markdown", str(reports["md"])],
+        capture_stdout=True, capture_stderr=True, check=False,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "120"},
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 1, out + done.stderr.decode()
+    assert "Traceback" not in out + done.stderr.decode()
+    assert "NON-STRICT  bad-input-values  on " in out
+    assert "FAIL  concurrent-writers-no-phantom  on " in out
+    assert (
+        f"{len(FAILING | NON_STRICT | PASSING)} scenario results: {len(PASSING)} passed, "
+        f"{len(NON_STRICT)} non-strict, {len(FAILING)} failed, 0 errors"
+    ) in out
+    summary = json.loads(reports["json"].read_text())["summary"]
+    assert summary["non_strict"] == len(NON_STRICT)
+    assert sorted(summary["safety_failures"]) == sorted(PLANTED)
+    suites = ET.parse(reports["xml"]).getroot()
+    assert int(suites.get("failures") or suites[0].get("failures") or 0) == len(FAILING)
+    assert "bad-input-values" in reports["md"].read_text()
+    (tmp_path / "walkthrough.txt").write_text(out)
+    print(out)  # README quotes this output (pytest -s shows it)
+    nursery.cancel_scope.cancel()

@@ -3,8 +3,12 @@
 It differs from docs/contract.md in its conventions (profiles/records-tool-400.yaml):
 create answers 200, there is no /healthz, GET returns records, only tool messages
 may follow an assistant turn, an exact retry regenerates, rejections are 400 with
-plain-string errors, malformed JSON gets a 500 and a closed connection, and
-``stream: true`` gets an event stream.
+plain-string errors, malformed JSON gets a 500 and a closed connection,
+``stream: true`` gets an event stream, and messages are checked by a pydantic
+model the FastAPI way: ill-typed fields get 422 with ``detail``, while lax
+coercions pass (``stream: "false"`` is false, a missing ``content`` is null).
+Like any server on Python's ``json``, it reads NaN and lone surrogates and
+then fails to send them on: a 500, which is a convention, not a commit.
 
 And it has exactly three planted safety bugs, the ones seen in the field:
 
@@ -22,16 +26,43 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import trio
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 MAX_BODY = 8 * 1024 * 1024
+
+
+class _Function(BaseModel):
+    name: str
+    arguments: str
+
+
+class _ToolCall(BaseModel):
+    id: str
+    type: str
+    function: _Function
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _ChatBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    messages: list[_Message]
+    stream: bool = False
 
 
 @dataclass
@@ -111,7 +142,12 @@ def create_third_party_app(upstream_url: str) -> Starlette:
             return _error(400, "messages must be a non-empty list")
         if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages):
             return _error(400, "unknown role")
-        if body.get("stream"):
+        try:
+            stream = _ChatBody.model_validate(body).stream
+        except ValidationError as invalid:
+            detail = json.loads(invalid.json(include_url=False, include_input=False))
+            return JSONResponse({"detail": detail}, status_code=422)
+        if stream:
             return Response(
                 b'data: {"choices": []}\n\ndata: [DONE]\n\n', media_type="text/event-stream"
             )

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.errors import ScriptError
 from harness.upstream.script import Behaviour, EventKind, parse_behaviour
@@ -201,6 +201,29 @@ class GetStep(SessionStep):
     op: Literal["get"] = "get"
 
 
+class GeneratedBody(_Model):
+    """A valid chat body with one extra top-level key, ``x``, holding the generated value."""
+
+    nesting: int | None = Field(default=None, ge=1, le=100_000)
+    """``x`` is an array nested this many levels deep."""
+    integer_digits: int | None = Field(default=None, ge=1, le=100_000)
+    """``x`` is an integer with this many digits."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> GeneratedBody:
+        if (self.nesting is None) == (self.integer_digits is None):
+            raise ValueError("give exactly one of nesting, integer_digits")
+        return self
+
+    def render(self) -> bytes:
+        head = b'{"model": "sessctl", "messages": [{"role": "user", "content": "hi"}], "x": '
+        if self.nesting is not None:
+            value = b"[" * self.nesting + b"]" * self.nesting
+        else:
+            value = b"9" * (self.integer_digits or 1)
+        return head + value + b"}"
+
+
 class RequestStep(SessionStep):
     """A raw HTTP request, for bad input. ``{session}`` in the path is the session id."""
 
@@ -211,7 +234,25 @@ class RequestStep(SessionStep):
     json_body: Any = Field(default=None, alias="json")
     body_bytes: int | None = Field(default=None, ge=1, le=256 * 1024 * 1024)
     """Send a syntactically valid chat body padded to this many bytes."""
+    generate: GeneratedBody | None = None
+    """Send a chat body too unwieldy to write in YAML (deep nesting, a huge integer)."""
     headers: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_body(self) -> RequestStep:
+        given = [
+            name
+            for name, value in (
+                ("body", self.body),
+                ("json", self.json_body),
+                ("body_bytes", self.body_bytes),
+                ("generate", self.generate),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of body, json, body_bytes, generate; got {given}")
+        return self
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

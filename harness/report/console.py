@@ -28,6 +28,7 @@ from .exporters import reproduce_command
 
 VERDICT_STYLE = {
     Verdict.PASS: "bold green",
+    Verdict.NON_STRICT: "bold yellow",
     Verdict.FAIL: "bold red",
     Verdict.ERROR: "bold magenta",
 }

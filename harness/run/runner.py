@@ -337,22 +337,20 @@ class ScenarioRun:
                 raw_body=_padded_chat_body(step.body_bytes),
                 headers={"content-type": "application/json", **headers},
             )
-        if step.body is not None:
+        if step.body is not None or step.generate is not None:
+            raw = (
+                step.generate.render() if step.generate is not None else (step.body or "").encode()
+            )
             return await self.client.send(
                 step.id,
                 "request",
                 step.method,
                 path,
-                raw_body=step.body.encode(),
+                raw_body=raw,
                 headers={"content-type": "application/json", **headers},
             )
         return await self.client.send(
-            step.id,
-            "request",
-            step.method,
-            path,
-            json_body=step.json_body,
-            headers=step.headers or None,
+            step.id, "request", step.method, path, json_body=step.json_body, headers=headers
         )
 
     def _name_session(self, name: str, session_id: str) -> None:
