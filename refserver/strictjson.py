@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 MAX_DEPTH = 64
@@ -68,13 +69,69 @@ def loads(raw: bytes) -> Any:
         raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels") from None
     if _skip_whitespace(text, end) != len(text):
         raise JsonRefused(f"not valid JSON: extra data at char {end}")
-    check_tree(value)
+    check_tree(value, strings=_SURROGATE_ESCAPE.search(text) is not None)
     return value
 
 
-def check_tree(value: Any) -> None:
-    """Refuse nesting deeper than MAX_DEPTH and strings that are not valid Unicode."""
-    # Iterative, so that checking depth cannot itself run out of stack.
+def check_tree(value: Any, *, strings: bool = True) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings that are not valid Unicode.
+
+    ``strings=False`` skips the string check, for values parsed from text with
+    no ``\\uD800``-``\\uDFFF`` escape: valid UTF-8 cannot hold a surrogate,
+    so only such an escape can put one in a parsed string.
+    """
+    # Both walks are iterative, so that checking cannot itself run out of
+    # stack, and keep no paths (the first runs on every request): only a
+    # refused value is walked again, by _locate, to say where.
+    if not _shallow_enough(value) or (strings and not _all_unicode(value)):
+        _locate(value)
+
+
+def _shallow_enough(value: Any) -> bool:
+    # Level by level: per container, one type check and one extend (measured
+    # at 17 us for a 62-message body, against 46 us for a stack of tuples).
+    level = [value] if type(value) in (dict, list) else []
+    depth = 1
+    while level:
+        if depth > MAX_DEPTH:
+            return False
+        children: list[Any] = []
+        for node in level:
+            children.extend(node.values() if type(node) is dict else node)
+        level = [child for child in children if type(child) is dict or type(child) is list]
+        depth += 1
+    return True
+
+
+def _all_unicode(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if type(node) is str:
+            if not node.isascii() and not _is_unicode(node):
+                return False
+        elif type(node) is dict:
+            if not all(key.isascii() or _is_unicode(key) for key in node):
+                return False
+            stack.extend(node.values())
+        elif type(node) is list:
+            stack.extend(node)
+    return True
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _locate(value: Any) -> None:
+    """Walk again, with paths, and raise for the first problem found."""
     stack: list[tuple[Any, int, str]] = [(value, 1, "$")]
     while stack:
         node, depth, where = stack.pop()
@@ -82,13 +139,14 @@ def check_tree(value: Any) -> None:
             _check_string(node, where)
         elif isinstance(node, dict | list):
             if depth > MAX_DEPTH:
-                raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels (at {where})")
+                raise JsonRefused(f"nested deeper than {MAX_DEPTH} levels (at {where[:80]}...)")
             if isinstance(node, dict):
                 for key, child in node.items():
                     _check_string(key, where)
                     stack.append((child, depth + 1, f"{where}.{key}"))
             else:
                 stack.extend((child, depth + 1, f"{where}[{i}]") for i, child in enumerate(node))
+    raise AssertionError("check_tree found a problem that _locate did not")
 
 
 def _check_string(text: str, where: str) -> None:
