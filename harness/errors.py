@@ -4,6 +4,7 @@ Hierarchy::
 
     HarnessError                     exit status
     ├── UsageError                   2   bad command-line arguments
+    │   └── ListenFailed             2   the chaos upstream's address is taken or invalid
     ├── ScenarioFileError            2   a scenario file is malformed (file:line:col)
     ├── ScriptError                  2   an upstream behaviour cannot be understood
     ├── ProbeFailed                  1   profile check: the server's answers fit no profile
@@ -23,6 +24,10 @@ class HarnessError(Exception):
 
 class UsageError(HarnessError):
     exit_code = 2
+
+
+class ListenFailed(UsageError):
+    """The chaos upstream cannot listen where it was told (a port in use, say)."""
 
 
 class ScenarioFileError(HarnessError):

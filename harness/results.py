@@ -122,6 +122,10 @@ class StepSummary:
     expected_cells: frozenset[str]
     convention_cells: frozenset[str] = frozenset()
     """Unexpected, but on the expected side of success/refusal: NON-STRICT, not FAIL."""
+    budget_ms: float | None = None
+    """The step's ``within_ms``: a figure to compare against, judged only when asked."""
+    latencies_ms: tuple[float, ...] = ()
+    """The answered runs' latencies, for steps with a budget."""
 
 
 @dataclass(frozen=True)
@@ -156,10 +160,15 @@ class SuiteResult:
         return sum(1 for s in self.scenarios if s.verdict is verdict)
 
     def labels(self, kind: Kind) -> list[str]:
-        """Distinct labels of the findings of this kind, in order of first appearance."""
+        """Distinct labels of the findings of this kind, in order of first appearance.
+
+        Runs that ended in ERROR add none: what they saw is incomplete, and the
+        summary must count only causes that were established."""
         found: dict[str, None] = {}
         for scenario in self.scenarios:
             for run in scenario.runs:
+                if run.verdict is Verdict.ERROR:
+                    continue
                 for finding in run.failures:
                     if finding.kind is kind and finding.label:
                         found.setdefault(finding.label)

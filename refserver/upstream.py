@@ -28,14 +28,14 @@ from .protocol import check_message
 RETRYABLE_STATUS = frozenset({429, 503})
 
 
-def base_url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be an upstream base URL, or None if it can."""
+def base_url_problem(url: str, example: str = "http://127.0.0.1:30000/v1") -> str | None:
+    """Why ``url`` cannot be a base URL (of an upstream, or a target), or None if it can."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as error:
         return f"{url!r} is not a URL: {error}"
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        return f"{url!r} is not an http(s) URL with a host, such as http://127.0.0.1:30000/v1"
+        return f"{url!r} is not an http(s) URL with a host, such as {example}"
     if parsed.query or parsed.fragment:
         return f"{url!r} has a query or fragment; give the base URL only"
     return None

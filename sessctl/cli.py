@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -17,6 +18,8 @@ from rich.text import Text
 from harness.chaos.shrink import ShrinkSettings
 from harness.chaos.workload import ChaosSettings, Fault
 from harness.errors import HarnessError
+from harness.model.profile import load_profile
+from harness.run.profile_probe import ProbeOptions
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver import RunningServer, ServerConfig
 from refserver.fake_upstream import FLAVORS, Flavor
@@ -53,17 +56,54 @@ def print_error(message: str) -> None:
     err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
+def _positive_seconds(value: float) -> float:
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"{value:g} is not a positive, finite number of seconds")
+    return value
+
+
+def _non_negative_seconds(value: float) -> float:
+    if not value >= 0 or value == float("inf"):
+        raise typer.BadParameter(f"{value:g} is not a finite number of seconds >= 0")
+    return value
+
+
+# Target options shared by run-scenarios, chaos and profile check, spelled once.
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        help="How the target differs in conventions: a profile YAML file, or the name of "
+        "a built-in one (reference, records-tool-400). Default: reference.",
+    ),
+]
+FlavorOption = Annotated[
+    str,
+    typer.Option("--flavor", help="Upstream dialect: openai, or sglang (SGLang's own fields)."),
+]
+RequestTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--request-timeout",
+        callback=_positive_seconds,
+        help="Seconds before a request to the target counts as unanswered.",
+    ),
+]
+TargetWaitOption = Annotated[
+    float,
+    typer.Option(
+        "--target-wait",
+        callback=_non_negative_seconds,
+        help="Seconds to keep probing a target that is not up yet.",
+    ),
+]
+
+
 def _base_url_option(value: str | None) -> str | None:
     if value is not None:
         problem = base_url_problem(value)
         if problem:
             raise typer.BadParameter(problem)
-    return value
-
-
-def _positive_seconds(value: float) -> float:
-    if not value > 0 or value == float("inf"):
-        raise typer.BadParameter(f"{value:g} is not a positive, finite number of seconds")
     return value
 
 
@@ -180,20 +220,24 @@ def run_scenarios_command(
             "a free port otherwise)."
         ),
     ] = None,
-    flavor: Annotated[
-        str, typer.Option(help="Upstream dialect: openai, or sglang (adds meta_info).")
-    ] = "openai",
+    flavor: FlavorOption = "openai",
     filter: Annotated[
         str | None, typer.Option("--filter", help="Only scenarios whose name matches GLOB[,GLOB].")
     ] = None,
-    repeat: Annotated[int | None, typer.Option(help="Run every scenario N times.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Scenario runs in flight at once.")] = 8,
-    request_timeout: Annotated[
-        float, typer.Option(help="Seconds before a request's cell reads 'no answer'.")
-    ] = 10.0,
-    target_wait: Annotated[
-        float, typer.Option(help="Seconds to keep probing a target that is not up yet.")
-    ] = 5.0,
+    exclude: Annotated[
+        str | None, typer.Option("--exclude", help="Skip scenarios whose name matches GLOB[,GLOB].")
+    ] = None,
+    repeat: Annotated[int | None, typer.Option(min=1, help="Run every scenario N times.")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Scenario runs in flight at once. Default: 8 in-process; 1 against --target, "
+            "so that one scenario's load never decides another's verdict.",
+        ),
+    ] = None,
+    request_timeout: RequestTimeoutOption = 10.0,
+    target_wait: TargetWaitOption = 5.0,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")] = None,
     json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report here.")] = None,
@@ -203,15 +247,16 @@ def run_scenarios_command(
     quiet: Annotated[
         bool, typer.Option(help="Show matrices only for scenarios that did not pass.")
     ] = False,
-    profile: Annotated[
-        str | None,
-        typer.Option(
-            help="How the target differs in conventions: a profile YAML file, or the name of "
-            "a built-in one (reference, records-tool-400). Default: reference."
-        ),
-    ] = None,
+    profile: ProfileOption = None,
     strict: Annotated[
         bool, typer.Option(help="Convention differences (NON-STRICT) fail the run too.")
+    ] = False,
+    latency_budgets: Annotated[
+        bool,
+        typer.Option(
+            help="Judge the scenarios' within_ms latency budgets (a FAIL when over). Off by "
+            "default: latencies are reported, and a verdict never depends on the wall clock."
+        ),
     ] = False,
     emulate: Annotated[
         str | None,
@@ -236,6 +281,7 @@ def run_scenarios_command(
         upstream_listen=upstream_listen,
         flavor=_parse_flavor(flavor),
         name_filter=filter,
+        exclude=exclude,
         repeat=repeat,
         concurrency=concurrency,
         request_timeout=request_timeout,
@@ -246,6 +292,7 @@ def run_scenarios_command(
         quiet=quiet,
         profile=profile,
         strict=strict,
+        latency_budgets=latency_budgets,
         emulate=_known_variant(emulate, with_target=bool(target)),
     )
     command = list_scenarios if list_only else run_scenarios
@@ -321,6 +368,10 @@ def chaos_command(
         Path | None,
         typer.Option(help="Where to write the shrunk scenario (default: in --out, or here)."),
     ] = None,
+    profile: ProfileOption = None,
+    flavor: FlavorOption = "openai",
+    request_timeout: RequestTimeoutOption = 5.0,
+    target_wait: TargetWaitOption = 5.0,
 ) -> None:
     """Random concurrent workload; the history is checked for linearizability and leaks.
 
@@ -350,11 +401,14 @@ def chaos_command(
         clients=clients,
         sessions=sessions,
         faults=frozenset(chosen),
+        request_timeout=request_timeout,
+        flavor=_parse_flavor(flavor),
+        target_wait=target_wait,
     )
     raise typer.Exit(
         _run_harness(
             lambda: chaos(
-                settings,
+                replace(settings, profile=load_profile(profile)),
                 target,
                 emulate,
                 upstream_listen,
@@ -398,13 +452,19 @@ def profile_check_command(
     output: Annotated[
         Path | None, typer.Option(help="Also write the suggested profile to this file.")
     ] = None,
-    request_timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 10.0,
+    request_timeout: RequestTimeoutOption = 10.0,
+    target_wait: TargetWaitOption = 5.0,
+    flavor: FlavorOption = "openai",
 ) -> None:
-    """Probe a server and suggest a profile (YAML) for --profile."""
+    """Probe a server and suggest a profile (YAML) for --profile.
+
+    Exit status: 0 a profile was suggested, 1 the answers fit no profile,
+    2 usage error, 3 the target is unreachable, not a session server, or not
+    wired to the chaos upstream.
+    """
+    probe = ProbeOptions(request_timeout, target_wait, _parse_flavor(flavor))
     raise typer.Exit(
-        _run_harness(
-            lambda: profile_check(target, upstream_listen, output, request_timeout, console)
-        )
+        _run_harness(lambda: profile_check(target, upstream_listen, output, probe, console))
     )
 
 

@@ -15,6 +15,7 @@ import trio
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from harness.errors import UsageError
 from harness.model.loader import load_scenarios
@@ -27,11 +28,12 @@ from harness.report.console import (
     render_suite,
 )
 from harness.report.exporters import write_json, write_junit, write_markdown
-from harness.run.profile_probe import check_profile
+from harness.run.profile_probe import ProbeOptions, check_profile
 from harness.run.runner import RunSettings
 from harness.run.selftest import run_selftest
 from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
 from refserver.fake_upstream import Flavor
+from refserver.upstream import base_url_problem
 
 DEFAULT_EXTERNAL_UPSTREAM = "127.0.0.1:8900"
 """Where the chaos upstream listens when an external target must be pointed at it."""
@@ -44,8 +46,11 @@ class RunOptions:
     upstream_listen: str | None = None
     flavor: Flavor = "openai"
     name_filter: str | None = None
+    exclude: str | None = None
     repeat: int | None = None
-    concurrency: int = 8
+    concurrency: int | None = None
+    """Scenario runs in flight at once; default 8 in-process, 1 against an external
+    target (so one scenario's load never decides another's verdict)."""
     request_timeout: float = 10.0
     target_wait: float = 5.0
     junit: Path | None = None
@@ -54,6 +59,8 @@ class RunOptions:
     quiet: bool = False
     profile: str | None = None
     strict: bool = False
+    latency_budgets: bool = False
+    """Judge the scenarios' within_ms budgets (off: latencies are reported only)."""
     emulate: str | None = None
     """Run against the in-process reference server as this known-broken variant."""
 
@@ -74,10 +81,10 @@ def write_json_file(path: Path, document: object) -> None:
 
 def parse_target(spec: str) -> Target:
     name, _, url = spec.partition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"--target {spec!r}: expected URL or NAME=URL, with an http(s) URL")
-    return Target(name=name or parts.netloc, url=url.rstrip("/"))
+    problem = base_url_problem(url, example="http://127.0.0.1:8000")
+    if problem is not None:
+        raise UsageError(f"--target {spec!r}: {problem} (URL or NAME=URL)")
+    return Target(name=name or urlsplit(url).netloc, url=url.rstrip("/"))
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -88,9 +95,12 @@ def parse_listen(spec: str) -> tuple[str, int]:
 
 
 def select(options: RunOptions) -> list[Scenario]:
-    scenarios = load_scenarios(options.paths, options.name_filter)
+    scenarios = load_scenarios(options.paths, options.name_filter, options.exclude)
     if not scenarios:
-        raise UsageError(f"no scenario matches --filter {options.name_filter!r}")
+        raise UsageError(
+            f"no scenario matches --filter {options.name_filter!r}"
+            + (f" and --exclude {options.exclude!r}" if options.exclude else "")
+        )
     return scenarios
 
 
@@ -111,7 +121,7 @@ def list_scenarios(options: RunOptions, console: Console) -> int:
 def selftest(options: RunOptions, console: Console) -> int:
     scenarios = select(options)
     settings = SuiteSettings(
-        concurrency=max(1, options.concurrency),
+        concurrency=options.concurrency or SuiteSettings.concurrency,
         repeat=options.repeat,
         run=RunSettings(request_timeout=options.request_timeout),
     )
@@ -124,16 +134,17 @@ def selftest(options: RunOptions, console: Console) -> int:
 
 
 def profile_check(
-    target: str, listen: str, output: Path | None, request_timeout: float, console: Console
+    target: str, listen: str, output: Path | None, options: ProbeOptions, console: Console
 ) -> int:
     url = parse_target(target).url
     assert url is not None
     host, port = parse_listen(listen)
     result = trio.run(
-        check_profile, url, host, port, request_timeout, partial(announce_chaos_upstream, console)
+        check_profile, url, host, port, options, partial(announce_chaos_upstream, console)
     )
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+        # Whole notes, never cut: they quote what the server answered.
+        console.print(Text(f"note: {note}"), soft_wrap=True)
     differences = result.profile.differences()
     console.print(
         "differs from the reference conventions: " + "; ".join(differences)
@@ -167,7 +178,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     if options.repeat is not None and options.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     settings = SuiteSettings(
-        concurrency=max(1, options.concurrency),
+        concurrency=options.concurrency or (1 if external else SuiteSettings.concurrency),
         repeat=options.repeat,
         flavor=options.flavor,
         upstream_host=host,
@@ -177,6 +188,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
             request_timeout=options.request_timeout,
             profile=load_profile(options.profile),
             strict=options.strict,
+            timing_bounds=options.latency_budgets,
         ),
     )
     if settings.run.profile.name != "reference":
@@ -215,6 +227,8 @@ def rerun_options(options: RunOptions, external: bool) -> tuple[str, ...]:
         rerun += ["--request-timeout", f"{options.request_timeout:g}"]
     if options.strict:
         rerun.append("--strict")
+    if options.latency_budgets:
+        rerun.append("--latency-budgets")
     return tuple(rerun)
 
 

@@ -7,7 +7,7 @@ from functools import partial
 import trio
 
 from harness.model.loader import load_scenarios, parse_scenario
-from harness.results import SuiteResult, Verdict
+from harness.results import Kind, SuiteResult, Verdict
 from harness.run.runner import RunSettings
 from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -146,11 +146,15 @@ async def _garbage(exchange: Exchange) -> None:
     await exchange.respond(200, b"<html>I am not a session server</html>", "text/html")
 
 
-async def test_a_garbage_speaking_target_fails_without_crashing(nursery: trio.Nursery) -> None:
+async def test_a_garbage_speaking_target_is_not_a_session_server(nursery: trio.Nursery) -> None:
     url = await nursery.start(partial(serve_http11, _garbage, "127.0.0.1", 0))
     result = await run_suite(load_scenarios([]), [Target("junk", url)], FAST)
-    assert result.exit_code == 1
-    assert all(s.verdict is not Verdict.PASS for s in result.scenarios)
+    assert result.exit_code == 3
+    assert result.unreachable["junk"].startswith(
+        "not a session server: POST /sessions answered 200 <html>I am not a session server</html>"
+    )
+    assert all(s.verdict is Verdict.ERROR for s in result.scenarios)
+    assert result.labels(Kind.SAFETY) == []  # nothing was raced, so nothing is blamed
 
 
 async def test_repeat_counts_every_run_in_the_matrix() -> None:

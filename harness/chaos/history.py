@@ -96,6 +96,9 @@ def read_history(path: Path) -> list[Operation]:
             operations.append(_operation(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ScenarioFileError(shown, number, 1, f"not a history operation: {error}") from None
+    if not operations:
+        # "valid" would be true of nothing, and read as a pass.
+        raise ScenarioFileError(shown, None, None, "the history has no operations to check")
     return operations
 
 

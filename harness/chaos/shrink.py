@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import trio
 
 from harness.model.loader import parse_scenario
+from harness.model.profile import REFERENCE_PROFILE
 from harness.model.scenario import Scenario
 from harness.results import RunResult, Verdict
 from harness.run.client import TargetClient
@@ -70,7 +71,11 @@ class Replayer:
 
     async def run(self, scenario: Scenario, *, on_reference: bool, index: int = 0) -> RunResult:
         client = self.reference if on_reference else self.target
-        return await ScenarioRun(scenario, client, self.upstream, index, self.settings).run()
+        # The target is read through its profile; the reference judge through its own.
+        settings = (
+            replace(self.settings, profile=REFERENCE_PROFILE) if on_reference else self.settings
+        )
+        return await ScenarioRun(scenario, client, self.upstream, index, settings).run()
 
 
 @dataclass(frozen=True)

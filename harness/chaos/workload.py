@@ -25,14 +25,16 @@ from typing import Any
 import trio
 
 from harness.errors import TargetUnreachable
+from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
 from harness.results import Observation, answer_of
 from harness.run.client import TargetClient
-from harness.run.runner import RunSettings
+from harness.run.preflight import check_target, wait_until_up
+from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker, parse_behaviour, tag_of
 from refserver.child import serve_in_child
 from refserver.errors import ChildServerFailed
-from refserver.fake_upstream import completion_for
+from refserver.fake_upstream import Flavor, completion_for
 from refserver.server import RunningServer, ServerConfig, serve
 from refserver.upstream import RetryPolicy
 
@@ -72,6 +74,11 @@ class ChaosSettings:
     request_timeout: float = 5.0
     fault_rate: float = 0.3
     """Chance that a chat's upstream call gets a fault rather than a plain answer."""
+    profile: Profile = REFERENCE_PROFILE
+    """How the target spells create, GET and its turns (as for ``run-scenarios``)."""
+    flavor: Flavor = "openai"
+    target_wait: float = 5.0
+    """How long to keep probing an external target that does not answer yet."""
 
 
 @dataclass
@@ -231,7 +238,7 @@ class ChaosRun:
         try:
             observation = await self.client.send("chaos", "create", "POST", "/sessions")
             body = observation.body if isinstance(observation.body, dict) else {}
-            session = body.get("session_id")
+            session = body.get(self.settings.profile.create.id_field)
             if observation.status is not None and observation.status // 100 == 2 and session:
                 self._record(client, ticket, "create", str(session), observation)
                 slot.session = str(session)
@@ -240,7 +247,8 @@ class ChaosRun:
 
     def _extend(self, client: _Client, session: str, ticket: int) -> list[dict[str, Any]]:
         text = f"client {client.index} op {ticket} {marker(self._tag(ticket))}"
-        return [*client.views.get(session, []), {"role": "user", "content": text}]
+        view = client.views.get(session, [])
+        return [*view, next_message(self.settings.profile, view, text)]
 
     def _stale(
         self, client: _Client, session: str, ticket: int, fraction: float
@@ -264,7 +272,9 @@ class ChaosRun:
         tag = tag_of({"messages": messages}) or self._tag(ticket)
         script = self._script(planned, tag)
         self.upstream.script(tag, [parse_behaviour(spec) for spec in script])
-        body = {"model": "sessctl-chaos", "messages": messages}
+        body: dict[str, Any] = {"model": "sessctl-chaos", "messages": messages}
+        if self.settings.profile.appends_tool_results:
+            body["tools"] = AGENT_TOOLS
         client.last_sent[session] = messages
         path = f"/sessions/{session}/v1/chat/completions"
         if planned.kind == "hangup":
@@ -284,7 +294,9 @@ class ChaosRun:
             observation,
             messages=messages,
             answer=answer,
-            answer_if_committed=completion_for(body)["choices"][0]["message"],
+            answer_if_committed=completion_for(body, flavor=self.settings.flavor)["choices"][0][
+                "message"
+            ],
             script=script,
         )
         self._op_tags[ticket] = tag
@@ -299,8 +311,8 @@ class ChaosRun:
 
     async def _get(self, client: _Client, session: str, ticket: int) -> None:
         observation = await self.client.send("chaos", "get", "GET", f"/sessions/{session}")
-        body = observation.body if isinstance(observation.body, dict) else {}
-        messages = body.get("messages") if isinstance(body.get("messages"), list) else None
+        state = read_trajectory(self.settings.profile, observation.body)
+        messages = state.messages
         if observation.status == 200 and messages is not None:
             client.views[session] = messages
         self._record(
@@ -310,7 +322,7 @@ class ChaosRun:
             session,
             observation,
             messages=messages,
-            num_assistant=body.get("num_assistant"),
+            num_assistant=state.num_assistant,
         )
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
@@ -422,7 +434,7 @@ async def run_chaos(
     ``embedded_in_child=False`` keeps it in this trio loop, which
     ``benchmarks/chaos_bench.py`` measures as the baseline for that choice.
     """
-    upstream = ChaosUpstream()
+    upstream = ChaosUpstream(settings.flavor)
     async with trio.open_nursery() as nursery:
         upstream_url = await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
         if on_upstream_ready is not None:
@@ -434,15 +446,26 @@ async def run_chaos(
         if url is None:
             serve_embedded = _serve_embedded if embedded_in_child else serve
             url = (await nursery.start(serve_embedded, embedded)).url
-        client = TargetClient(url, request_timeout=settings.request_timeout)
+        client = TargetClient(
+            url,
+            request_timeout=settings.request_timeout,
+            health_path=settings.profile.health_path,
+        )
         try:
-            # A history of nothing but connection errors would check as "valid".
-            problem = await client.probe()
+            # A history of nothing but connection errors, or of a server that is
+            # not wired to our upstream, would check as "valid".
+            if target_url is None:
+                problem = await wait_until_up(client, settings.target_wait)
+            else:
+                problem = await check_target(
+                    client, upstream, settings.profile, wait=settings.target_wait
+                )
             if problem is not None:
-                raise TargetUnreachable(f"{url} is unreachable: {problem}")
+                raise TargetUnreachable(problem)
             started = trio.current_time()
             run = ChaosRun(client, upstream, settings)
             history = await run.run()
+            _check_not_vacuous(history, url)
             plans = [list(c.plan) for c in run.clients]
             elapsed = trio.current_time() - started
         finally:
@@ -469,6 +492,16 @@ async def run_chaos(
             )
         nursery.cancel_scope.cancel()
     return ChaosReport(history, plans, result, elapsed, check_seconds, shrunk, attempt)
+
+
+def _check_not_vacuous(history: list[Operation], url: str) -> None:
+    """A history in which nothing succeeded is linearizable, and proves nothing."""
+    if not any(op.op == "chat" and op.ok for op in history):
+        answered = sorted({str(op.status) for op in history if op.status is not None})
+        raise TargetUnreachable(
+            f"no chat on {url} succeeded in {len(history)} operations "
+            f"(statuses seen: {', '.join(answered) or 'none'}); such a history proves nothing"
+        )
 
 
 def describe_target(target_url: str | None, emulate: str | None) -> str:
@@ -506,7 +539,12 @@ async def _shrink(
     reference_url = (await nursery.start(serve, replace(embedded, emulate=None))).url
     in_process = target_url is None
     url = target_url or (await nursery.start(serve, embedded)).url
-    target = TargetClient(url, request_timeout=settings.request_timeout, in_process=in_process)
+    target = TargetClient(
+        url,
+        request_timeout=settings.request_timeout,
+        in_process=in_process,
+        health_path=settings.profile.health_path,
+    )
     reference = TargetClient(
         reference_url, request_timeout=settings.request_timeout, in_process=True
     )
@@ -523,7 +561,10 @@ async def _shrink(
     try:
         # Settling is exact in-process, so a short grace for upstream events will do.
         run_settings = RunSettings(
-            request_timeout=settings.request_timeout, event_grace=0.25, timing_bounds=False
+            request_timeout=settings.request_timeout,
+            event_grace=0.25,
+            timing_bounds=False,
+            profile=settings.profile,
         )
         replayer = Replayer(upstream, target, reference, run_settings)
         return await shrink(history, result.findings, replayer, text_for, shrink_settings)

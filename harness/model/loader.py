@@ -58,7 +58,9 @@ def collect_files(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def load_scenarios(paths: Sequence[str], name_filter: str | None = None) -> list[Scenario]:
+def load_scenarios(
+    paths: Sequence[str], name_filter: str | None = None, exclude: str | None = None
+) -> list[Scenario]:
     scenarios = [load_file(path) for path in collect_files(paths)]
     seen: dict[str, str] = {}
     for scenario in scenarios:
@@ -71,9 +73,14 @@ def load_scenarios(paths: Sequence[str], name_filter: str | None = None) -> list
             )
         seen[scenario.name] = scenario.source
     if name_filter:
-        patterns = [p.strip() for p in name_filter.split(",") if p.strip()]
-        scenarios = [s for s in scenarios if any(fnmatch.fnmatch(s.name, p) for p in patterns)]
+        scenarios = [s for s in scenarios if _matches(s.name, name_filter)]
+    if exclude:
+        scenarios = [s for s in scenarios if not _matches(s.name, exclude)]
     return scenarios
+
+
+def _matches(name: str, globs: str) -> bool:
+    return any(fnmatch.fnmatch(name, p.strip()) for p in globs.split(",") if p.strip())
 
 
 def load_file(path: Path) -> Scenario:

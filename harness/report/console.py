@@ -8,6 +8,7 @@ so CI logs stay readable.
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,6 +77,17 @@ def render_scenario(console: Console, result: ScenarioResult, target: Target | N
                     row.append(Text(f"{count} !!", style="bold red"))
             table.add_row(*row)
         console.print(table)
+    for step in result.steps:
+        if step.budget_ms is not None and step.latencies_ms:
+            ordered = sorted(step.latencies_ms)
+            console.print(
+                Text(
+                    f"  {step.step} latency: median {statistics.median(ordered):.1f} ms, "
+                    f"max {ordered[-1]:.1f} ms over {len(ordered)} run(s); budget "
+                    f"{step.budget_ms:g} ms (judged only with --latency-budgets)",
+                    style="dim",
+                )
+            )
     run = result.first_problem_run
     if run is not None:
         failed_runs = sum(1 for r in result.runs if r.verdict is not Verdict.PASS)
@@ -127,12 +139,17 @@ def render_suite(
     console: Console, suite: SuiteResult, targets: dict[str, Target], *, quiet: bool
 ) -> None:
     for result in suite.scenarios:
+        if result.target in suite.unreachable:
+            continue  # one line below says why none of its scenarios ran
         if not quiet or result.verdict is not Verdict.PASS:
             render_scenario(console, result, targets.get(result.target))
     if len(suite.targets) > 1:
         render_target_matrix(console, suite)
     for target, problem in suite.unreachable.items():
-        console.print(f"[bold magenta]target {target} unusable:[/bold magenta] {problem}")
+        # Text, not markup: the problem quotes what the target answered.
+        console.print(
+            Text.assemble((f"target {target} unusable: ", "bold magenta"), problem), soft_wrap=True
+        )
     console.print(summary_line(suite))
 
 

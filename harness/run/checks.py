@@ -30,7 +30,7 @@ def check_run(
     context: RunContext,
     profile: Profile = REFERENCE_PROFILE,
     *,
-    timing_bounds: bool = True,
+    timing_bounds: bool = False,
 ) -> list[Finding]:
     findings: list[Finding] = []
     for step in scenario.steps:
@@ -85,7 +85,10 @@ def check_step(
                 describe_answer(observation),
                 _status_label(step_id, observation, matcher.describe(), profile),
             )
-    if expect.error_types and observation.error_type not in expect.error_types:
+    answered_2xx = (observation.status or 0) // 100 == 2
+    # A 2xx carries no error: when a refusal was expected, the status finding
+    # above says all there is (no "error shape" label for a success body).
+    if expect.error_types and not answered_2xx and observation.error_type not in expect.error_types:
         wanted = " or ".join(sorted(expect.error_types))
         if observation.error_type is None:
             convention(
@@ -100,7 +103,17 @@ def check_step(
                 f"error.type {observation.error_type} for {wanted}",
             )
     if expect.within_ms is not None and observation.latency_ms > expect.within_ms:
-        safety(f"an answer within {expect.within_ms:g} ms", f"{observation.latency_ms:.1f} ms")
+        # Only when the user asked for budgets; labelled by what it measures.
+        findings.append(
+            Finding(
+                step_id,
+                f"an answer within {expect.within_ms:g} ms (--latency-budgets)",
+                f"{observation.latency_ms:.1f} ms",
+                repro,
+                Kind.SAFETY,
+                f"{observation.op.upper()} over its latency budget",
+            )
+        )
     findings.extend(_check_trajectory(scenario, step_id, expect, observation, context, profile))
     return findings
 

@@ -3,7 +3,7 @@
 It is a short conversation with the server, wired to the chaos upstream like a
 scenario run, that answers each question of the profile in turn:
 
-1. Is there a /healthz?
+1. Is there a health route (/healthz, or /health)?
 2. What does POST /sessions answer, and under which key is the id?
 3. Does GET /sessions/{id} carry ``messages``, or ``records`` to derive them from?
 4. May a user message follow an assistant turn, or only a tool result?
@@ -25,9 +25,20 @@ from harness.model.profile import CreateConvention, Profile, TrajectoryConventio
 from harness.results import Observation, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker
+from refserver.fake_upstream import Flavor
 
 from .client import TargetClient
+from .preflight import describe, wait_until_up
 from .runner import AGENT_TOOLS
+
+HEALTH_ROUTES = ("/healthz", "/health")
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    request_timeout: float = 10.0
+    target_wait: float = 5.0
+    flavor: Flavor = "openai"
 
 
 @dataclass
@@ -62,19 +73,29 @@ class _Probe:
         created = await self.client.send("probe", "create", "POST", "/sessions")
         body = created.body if isinstance(created.body, dict) else {}
         if created.status is None or created.status // 100 != 2:
-            raise ProbeFailed(f"POST /sessions answered {_shown(created)}")
+            raise TargetUnreachable(
+                f"not a session server: POST /sessions answered {_shown(created)}"
+            )
         id_field = "session_id" if "session_id" in body else _id_like_field(body)
         if id_field is None:
-            raise ProbeFailed(f"POST /sessions answered {body!r}: no field looks like an id")
+            raise TargetUnreachable(
+                f"not a session server: POST /sessions answered {_shown(created)}, "
+                "and no field of it looks like an id"
+            )
         return created, id_field
 
 
 async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResult:
     probe = _Probe(client, chaos)
-    health = await client.send("probe", "get", "GET", "/healthz")
-    health_path = "/healthz" if health.status is not None and health.status // 100 == 2 else None
+    health_path: str | None = None
+    for candidate in HEALTH_ROUTES:
+        health = await client.send("probe", "get", "GET", candidate)
+        if health.status is not None and health.status // 100 == 2:
+            health_path = candidate
+            break
+        probe.notes.append(f"GET {candidate} answered {_shown(health)}")
     if health_path is None:
-        probe.notes.append(f"GET /healthz answered {_shown(health)}: no health route")
+        probe.notes.append(f"no health route ({' or '.join(HEALTH_ROUTES)})")
 
     created, id_field = await probe.create()
     session_id = str(created.body[id_field])
@@ -82,9 +103,16 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     turn = await probe.chat(session_id, [first])
     answer = answer_of(turn)
     if turn.status != 200 or answer is None:
-        raise ProbeFailed(f"the first chat answered {_shown(turn)}")
+        raise TargetUnreachable(
+            f"the first chat (one user turn on a fresh session) answered {_shown(turn)}"
+            + (
+                "; it did call the chaos upstream: another dialect (--flavor)?"
+                if chaos.calls(tag)
+                else ""
+            )
+        )
     if chaos.calls(tag) == 0:
-        raise ProbeFailed(
+        raise TargetUnreachable(
             f"the server answered a chat without calling the chaos upstream at {chaos.url}; "
             "start it with that as its LLM upstream"
         )
@@ -184,24 +212,22 @@ def _id_like_field(body: dict[str, Any]) -> str | None:
 
 
 def _shown(observation: Observation) -> str:
-    if observation.status is None:
-        return observation.transport_error or "no answer"
-    return f"{observation.status} {str(observation.body)[:120]}"
+    return describe(observation, limit=160)
 
 
 async def check_profile(
     url: str,
     host: str,
     port: int,
-    request_timeout: float,
+    options: ProbeOptions,
     on_upstream_ready: Callable[[str], None] = lambda url: None,
 ) -> ProbeResult:
-    chaos = ChaosUpstream()
-    client = TargetClient(url, request_timeout=request_timeout)
+    chaos = ChaosUpstream(options.flavor)
+    client = TargetClient(url, request_timeout=options.request_timeout, health_path=None)
     try:
         async with trio.open_nursery() as nursery:
             on_upstream_ready(await nursery.start(partial(chaos.serve, host, port)))
-            problem = await client.probe()
+            problem = await wait_until_up(client, options.target_wait)
             if problem is not None:
                 raise TargetUnreachable(f"{url} is unreachable: {problem}")
             try:

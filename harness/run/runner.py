@@ -57,8 +57,12 @@ class RunSettings:
     profile: Profile = REFERENCE_PROFILE
     strict: bool = False
     """Conventions count as failures too."""
-    timing_bounds: bool = True
-    """Check ``within_ms``; the test suite turns it off (no wall-clock assertions in tests)."""
+    timing_bounds: bool = False
+    """Judge ``within_ms`` budgets (``--latency-budgets``). Off by default: a safety
+    verdict must not depend on a wall clock a loaded CI runner can miss. The holds
+    already make the race structural (a DELETE that waits for the held upstream
+    never answers before the scenario's ``await`` gives up); the latency is
+    reported as a figure either way."""
 
 
 # Offered on every chat when the profile says only tool results may follow an
@@ -73,6 +77,16 @@ AGENT_TOOLS = [
         },
     }
 ]
+
+
+def next_message(profile: Profile, base: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """A user message; or, where the profile allows only tool results after an
+    assistant turn, the result of the tool call that turn made."""
+    last = base[-1] if base else None
+    calls = last.get("tool_calls") if last and last.get("role") == "assistant" else None
+    if profile.appends_tool_results and isinstance(calls, list) and calls:
+        return {"role": "tool", "tool_call_id": calls[0].get("id"), "content": text}
+    return {"role": "user", "content": text}
 
 
 class _Abort(Exception):
@@ -243,10 +257,34 @@ class ScenarioRun:
                 step.id,
                 f"{', '.join(step.steps)} answered within {timeout:g} s",
                 f"{', '.join(pending)} still waiting; the remaining steps were not run",
-                label=self.scenario.property_of(pending[0]),
+                label=self._cause_of_waiting(pending),
             ),
             is_error=False,
         )
+
+    def _cause_of_waiting(self, pending: list[str]) -> str:
+        """The label of an await that timed out: what kept which step waiting.
+
+        Upstream calls are held until this run releases them, so a step still
+        waiting is waiting on the held call, whatever the scenario as a whole
+        guards. A step's own ``property`` wins; otherwise its kind says it."""
+        steps = [self.scenario.step(name) for name in pending]
+        for step in steps:
+            if step.safety_property:
+                return step.safety_property
+        ops = {step.op for step in steps}
+        if "delete" in ops:
+            return "DELETE waits for the upstream"
+        if "get" in ops:
+            return "GET waits for a turn in flight"
+        deleted = {
+            self.context.session_of_step.get(step_id)
+            for step_id, observation in self.context.observations.items()
+            if observation.op == "delete" and (observation.status or 0) // 100 == 2
+        }
+        if any(self.context.session_of_step.get(name) in deleted for name in pending):
+            return "in-flight turn not preempted"
+        return self.scenario.property_of(pending[0])
 
     async def _http_step(self, step: Step) -> None:
         if isinstance(step, CreateStep):
@@ -311,16 +349,7 @@ class ScenarioRun:
                 base.append(answer)
         else:
             base = list(self.context.views.get(session_id, []))
-        return [*base, self._next_message(base, text)]
-
-    def _next_message(self, base: list[dict[str, Any]], text: str) -> dict[str, Any]:
-        """A user message; or, where the profile allows only tool results after an
-        assistant turn, the result of the tool call that turn made."""
-        last = base[-1] if base else None
-        calls = last.get("tool_calls") if last and last.get("role") == "assistant" else None
-        if self.settings.profile.appends_tool_results and isinstance(calls, list) and calls:
-            return {"role": "tool", "tool_call_id": calls[0].get("id"), "content": text}
-        return {"role": "user", "content": text}
+        return [*base, next_message(self.settings.profile, base, text)]
 
     async def _raw_request(self, step: RequestStep, session_id: str) -> Observation:
         path = step.path.replace("{session}", session_id)

@@ -20,11 +20,11 @@ import trio
 from harness.model.scenario import HTTP_OPS, Scenario
 from harness.results import Finding, RunResult, ScenarioResult, StepSummary, SuiteResult, Verdict
 from harness.upstream.chaos_upstream import ChaosUpstream
-from harness.upstream.script import marker
 from refserver.fake_upstream import Flavor
 from refserver.server import ServerConfig, serve
 
 from .client import TargetClient
+from .preflight import check_target, wait_until_up
 from .runner import RunSettings, ScenarioRun
 
 EMBEDDED = "reference"
@@ -133,10 +133,11 @@ async def _run_target(
         health_path=settings.run.profile.health_path,
     )
     try:
-        problem = await _probe(client, settings.target_wait)
-        if problem is None and target.url is not None:
-            problem = await _check_wiring(
-                client, chaos, chaos.url, settings.run.profile.create.id_field
+        if target.url is None:
+            problem = await wait_until_up(client, settings.target_wait)
+        else:
+            problem = await check_target(
+                client, chaos, settings.run.profile, wait=settings.target_wait
             )
         if problem is not None:
             for scenario in scenarios:
@@ -196,6 +197,14 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
                 expected_cells.add(observation.cell)
             elif matcher.outcome is None or matcher.outcome == (observation.status // 100 == 2):
                 convention_cells.add(observation.cell)
+        budget = step.expect.within_ms if step.expect else None
+        latencies = tuple(
+            observation.latency_ms
+            for run in runs
+            if budget is not None
+            and (observation := run.observations.get(step.id)) is not None
+            and observation.status is not None
+        )
         steps.append(
             StepSummary(
                 step.id,
@@ -204,51 +213,13 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
                 cells,
                 frozenset(expected_cells),
                 frozenset(convention_cells),
+                budget,
+                latencies,
             )
         )
     return ScenarioResult(
         scenario.name, scenario.description.strip(), scenario.source, target, runs, steps
     )
-
-
-async def _probe(client: TargetClient, wait: float) -> str | None:
-    problem = await client.probe()
-    with trio.move_on_after(wait):
-        while problem is not None:
-            await trio.sleep(0.2)  # polling a server that is still starting up
-            problem = await client.probe()
-    return problem
-
-
-async def _check_wiring(
-    client: TargetClient, chaos: ChaosUpstream, upstream_url: str, id_field: str
-) -> str | None:
-    """A target that answers chats without calling our upstream cannot be raced."""
-    created = await client.send("preflight", "create", "POST", "/sessions")
-    body = created.body if isinstance(created.body, dict) else {}
-    session_id = body.get(id_field)
-    if created.status is None or created.status // 100 != 2 or not isinstance(session_id, str):
-        return None  # the scenarios will say what is wrong with create
-    tag = f"preflight.{session_id}"
-    chat = await client.send(
-        "preflight",
-        "chat",
-        "POST",
-        f"/sessions/{session_id}/v1/chat/completions",
-        json_body={
-            "model": "sessctl-chaos",
-            "messages": [{"role": "user", "content": marker(tag)}],
-        },
-    )
-    calls = chaos.calls(tag)
-    chaos.forget([tag])
-    await client.send("preflight", "delete", "DELETE", f"/sessions/{session_id}")
-    if chat.status == 200 and calls == 0:
-        return (
-            f"it answered a chat without calling the chaos upstream; start it with "
-            f"{upstream_url} as its LLM upstream (see --upstream-listen)"
-        )
-    return None
 
 
 def _unreachable_results(

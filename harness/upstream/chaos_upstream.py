@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from harness.errors import ScriptError
+from harness.errors import ListenFailed, ScriptError
 from refserver.fake_upstream import Flavor, completion_for
 
 from .http11 import Exchange, serve_http11
@@ -124,7 +124,18 @@ class ChaosUpstream:
     ) -> None:
         """Serve until cancelled; started() gives the OpenAI base URL (``.../v1``)."""
         async with trio.open_nursery() as nursery:
-            self.url = await nursery.start(serve_http11, self.handle, host, port) + "/v1"
+            try:
+                bound = await nursery.start(serve_http11, self.handle, host, port)
+            except OSError as error:
+                # Two CI jobs on one host both want the default port, say.
+                raise ListenFailed(
+                    f"the chaos upstream cannot listen on {host}:{port}: "
+                    f"{error.strerror or error}; pick another address with "
+                    f"--upstream-listen HOST:PORT (and start the server under test with "
+                    f"http://HOST:PORT/v1 as its LLM upstream), or port 0 for any free one "
+                    f"when the target is in-process"
+                ) from None
+            self.url = bound + "/v1"
             task_status.started(self.url)
 
     async def handle(self, exchange: Exchange) -> None:

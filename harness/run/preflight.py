@@ -1,0 +1,124 @@
+"""Before any race: is the target up, a session server, and wired to our upstream?
+
+Shared by ``run-scenarios``, ``chaos`` and ``profile check``, so that a
+target that cannot be raced is exit 3 with what it answered, everywhere,
+instead of a wall of confusing failures (or, worse, a VALID verdict on a
+history of nothing).
+
+In order:
+
+1. it answers HTTP at all (any status, on the profile's health route or
+   ``/``), within ``wait`` seconds of polling;
+2. ``POST /sessions`` answers 2xx with a JSON body holding the profile's id
+   field: otherwise it is not a session server (or the profile is wrong);
+3. one first user turn on that session answers 2xx: a server whose every
+   chat fails cannot show a race, only that it fails;
+4. that turn reached the chaos upstream: otherwise its answers come from
+   somewhere we cannot script.
+
+The pre-flight session is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from harness.model.profile import Profile
+from harness.results import Observation
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import marker
+
+from .client import TargetClient
+
+POLL_INTERVAL = 0.2
+"""Between probes of a target that is still starting up."""
+
+
+async def wait_until_up(client: TargetClient, wait: float) -> str | None:
+    """None once the target answers HTTP; else why not, after ``wait`` seconds."""
+    problem = await client.probe()
+    with trio.move_on_after(wait):
+        while problem is not None:
+            await trio.sleep(POLL_INTERVAL)
+            problem = await client.probe()
+    return problem
+
+
+async def check_target(
+    client: TargetClient, chaos: ChaosUpstream, profile: Profile, *, wait: float
+) -> str | None:
+    """None if the target can be raced; else a sentence saying what it answered."""
+    problem = await wait_until_up(client, wait)
+    if problem is not None:
+        return f"{client.base_url} is unreachable: {problem}"
+    return await check_session_server(client, chaos, profile)
+
+
+async def check_session_server(
+    client: TargetClient, chaos: ChaosUpstream, profile: Profile
+) -> str | None:
+    id_field = profile.create.id_field
+    created = await client.send("preflight", "create", "POST", "/sessions")
+    body = created.body if isinstance(created.body, dict) else {}
+    session_id = body.get(id_field)
+    if created.status is None:
+        return f"POST /sessions got no answer: {created.transport_error}"
+    if created.status // 100 != 2 or not isinstance(session_id, str | int):
+        return (
+            f"not a session server: POST /sessions answered {describe(created)}; expected a "
+            f"2xx JSON body with a {id_field!r} field (if it names the id otherwise, say so "
+            f"in a profile: --profile, or sessctl profile check)"
+        )
+    session_id = str(session_id)
+    tag = f"preflight.{session_id}"
+    chat = await client.send(
+        "preflight",
+        "chat",
+        "POST",
+        f"/sessions/{session_id}/v1/chat/completions",
+        json_body={
+            "model": "sessctl-chaos",
+            "messages": [{"role": "user", "content": marker(tag)}],
+        },
+    )
+    calls = chaos.calls(tag)
+    chaos.forget([tag])
+    await client.send("preflight", "delete", "DELETE", f"/sessions/{session_id}")
+    if chat.status is None:
+        return f"the pre-flight chat got no answer: {chat.transport_error}"
+    if chat.status // 100 != 2:
+        reached = (
+            f"; it did call the chaos upstream ({calls} time(s)), so it is wired, but could "
+            "not use the answer: does it expect another dialect (--flavor sglang)?"
+            if calls
+            else f"; it never called the chaos upstream at {chaos.url}"
+        )
+        return (
+            f"the pre-flight chat (one user turn on a fresh session) answered "
+            f"{describe(chat)}{reached}"
+        )
+    if calls == 0:
+        return (
+            f"it answered a chat without calling the chaos upstream; start it with "
+            f"{chaos.url} as its LLM upstream (see --upstream-listen)"
+        )
+    return None
+
+
+def describe(observation: Observation, limit: int = 200) -> str:
+    """A status and the start of the body, as the target sent it."""
+    if observation.status is None:
+        return observation.transport_error or "no answer"
+    body = observation.body
+    if isinstance(body, dict) and set(body) == {"_raw"}:
+        text = str(body["_raw"])
+    elif body is None:
+        text = "(empty body)"
+    else:
+        text = json.dumps(body)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{observation.status} {text}"
