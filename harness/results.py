@@ -66,6 +66,9 @@ class Observation:
     body: Any = None
     transport_error: str | None = None
     cancelled_by_scenario: bool = False
+    retried_after: str | None = None
+    """Sent twice: the first attempt failed on a kept-alive connection the server
+    had closed, before any byte of an answer; this says how."""
 
     @property
     def latency_ms(self) -> float:

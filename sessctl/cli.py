@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
@@ -496,6 +497,7 @@ def _run_harness(command: Callable[[], int]) -> int:
     # except*: a HarnessError raised inside a trio nursery arrives wrapped in an
     # exception group; unwrapping it here serves every command at once.
     failure: HarnessError | None = None
+    bug: Exception | None = None
     interrupted = False
     try:
         return command()
@@ -505,12 +507,35 @@ def _run_harness(command: Callable[[], int]) -> int:
         failure = leaf
     except* KeyboardInterrupt:
         interrupted = True
+    except* Exception as group:
+        leaf = _first_leaf(group)
+        assert isinstance(leaf, Exception)
+        bug = leaf
     if interrupted:
         err_console.print("interrupted")
         return 130
+    if bug is not None:
+        return _report_bug(bug)
     assert failure is not None
     print_error(str(failure))
     return failure.exit_code
+
+
+INTERNAL_ERROR = 3
+"""A bug of sessctl's own: the run could not be judged, as with an unreachable target."""
+
+
+def _report_bug(bug: Exception) -> int:
+    """One line, not a traceback: what broke and where; SESSCTL_DEBUG=1 shows the rest."""
+    frames = traceback.extract_tb(bug.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    print_error(
+        f"internal error (a sessctl bug, please report it): {type(bug).__name__}: "
+        f"{str(bug)[:300]}{where}; rerun with SESSCTL_DEBUG=1 for the traceback"
+    )
+    if os.environ.get("SESSCTL_DEBUG"):
+        traceback.print_exception(bug)
+    return INTERNAL_ERROR
 
 
 def _parse_flavor(value: str) -> Flavor:

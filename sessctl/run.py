@@ -202,7 +202,8 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     with progress_hooks(console, announce_upstream=external) as hooks:
         suite = trio.run(run_suite, scenarios, targets, settings, hooks)
     by_name = {t.name: t for t in targets}
-    render_suite(console, suite, by_name, quiet=options.quiet)
+    # The files first: CI reads them, and a report that fails to render in the
+    # terminal must not take them down with it.
     for path, writer in (
         (options.json, write_json),
         (options.junit, write_junit),
@@ -211,6 +212,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
         if path is not None:
             with writing(path):
                 writer(path, suite, by_name)
+    render_suite(console, suite, by_name, quiet=options.quiet)
     return suite.exit_code
 
 

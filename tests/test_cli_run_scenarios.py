@@ -8,6 +8,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from .conftest import HANG_GUARD
 
 WRONG_EXPECTATION = """\
@@ -151,3 +153,29 @@ def test_list_shows_the_library() -> None:
         assert done.returncode == 0
         assert "delete-mid-proxy" in done.stdout
         assert "concurrent-writers-no-phantom" in done.stdout
+
+
+def test_a_report_that_fails_to_render_still_writes_its_files_and_exits_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import sessctl.run
+    from sessctl.cli import app
+
+    def broken_render(*args: object, **kwargs: object) -> None:
+        raise KeyError("a rendering bug")
+
+    monkeypatch.setattr(sessctl.run, "render_suite", broken_render)
+    reports = {k: tmp_path / f"report.{k}" for k in ("json", "xml", "md")}
+    result = CliRunner().invoke(
+        app,
+        ["run-scenarios", "--filter", "delete-mid-proxy", "--json", str(reports["json"]),
+         "--junit", str(reports["xml"]), "--markdown", str(reports["md"])],
+    )  # fmt: skip
+    assert result.exit_code == 3
+    assert "internal error (a sessctl bug, please report it): KeyError" in result.output
+    assert "Traceback" not in result.output
+    assert json.loads(reports["json"].read_text())["summary"]["passed"] == 1
+    assert ET.parse(reports["xml"]).getroot() is not None
+    assert "delete-mid-proxy" in reports["md"].read_text()

@@ -5,17 +5,19 @@ from __future__ import annotations
 from functools import partial
 
 import trio
+import trio.testing
 
 from harness.model.loader import load_scenarios, parse_scenario
 from harness.results import Kind, SuiteResult, Verdict
-from harness.run.runner import RunSettings
+from harness.run.client import TargetClient
+from harness.run.runner import CLEANUP_BUDGET, RunSettings, ScenarioRun
 from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.http11 import Exchange, serve_http11
 from refserver.server import RunningServer, ServerConfig, serve
 
-# No wall-clock assertions in tests: the scenarios' within_ms bounds are off here
-# (they stay on for `sessctl run-scenarios`; timing is measured by the benchmarks).
+# No wall-clock assertions in tests: within_ms budgets are judged only when asked
+# for (--latency-budgets); timing is measured by the benchmarks.
 UNTIMED = RunSettings(timing_bounds=False)
 DEFAULT = SuiteSettings(run=UNTIMED)
 FAST = SuiteSettings(target_wait=0, run=RunSettings(request_timeout=2.0, timing_bounds=False))
@@ -168,3 +170,78 @@ async def test_repeat_counts_every_run_in_the_matrix() -> None:
     assert len(summary.runs) == 3
     assert summary.steps[1].cells == {"200": 3}
     assert summary.steps[1].expected_cells == {"200"}
+
+
+async def _hangs_after_create(exchange: Exchange) -> None:
+    if exchange.request.method == "POST" and exchange.request.path == "/sessions":
+        await exchange.respond(201, b'{"session_id": "s"}', "application/json")
+        return
+    await trio.sleep_forever()  # a server that blocks on everything else
+
+
+async def test_the_scenario_timeout_bounds_the_whole_run(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # On a virtual clock that jumps whenever everything waits: the times below
+    # are exact, not a measurement. Seen in the field: "timeout: 3" took 61.5 s.
+    url = await nursery.start(partial(serve_http11, _hangs_after_create, "127.0.0.1", 0))
+    chaos = ChaosUpstream()
+    await nursery.start(chaos.serve)
+    scenario = parse_scenario(
+        "name: hangs\ndescription: d\ntimeout: 3\nsteps:\n  - create: s1\n"
+        "  - chat: c1\n    background: true\n  - await: c1\n    timeout: 60\n",
+        "inline",
+    )
+    client = TargetClient(url, request_timeout=30.0)
+    started = trio.current_time()
+    result = await ScenarioRun(scenario, client, chaos, 0, UNTIMED).run()
+    elapsed = trio.current_time() - started
+    await client.aclose()
+    assert result.verdict is Verdict.ERROR
+    assert elapsed <= 3 + CLEANUP_BUDGET
+    assert any("finishes within 3 s" in f.expected for f in result.errors)
+    assert any("clean-up" in f.expected for f in result.errors)
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_request_on_a_connection_the_server_dropped_is_sent_again_once(
+    nursery: trio.Nursery,
+) -> None:
+    # A server that answers 500 on a kept-alive connection, then drops that
+    # connection when the next request arrives on it (it had crashed its
+    # handler state), as a real FastAPI server did.
+    served = 0  # across connections
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal served
+        async with stream:
+            buffer = b""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+                while b"\r\n\r\n" in buffer:
+                    _, buffer = buffer.split(b"\r\n\r\n", 1)
+                    served += 1
+                    if served == 2:
+                        return  # drop it, no answer: "Server disconnected"
+                    status = b"500 Internal Server Error" if served == 1 else b"200 OK"
+                    await stream.send_all(
+                        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+                        b"content-length: 2\r\n\r\n{}"
+                    )
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    client = TargetClient(f"http://127.0.0.1:{port}", request_timeout=5.0)
+    first = await client.send("s1", "get", "GET", "/a")
+    second = await client.send("s2", "get", "GET", "/b")
+    await client.aclose()
+    assert first.status == 500
+    assert first.retried_after is None
+    assert second.status == 200  # on a fresh connection
+    assert second.retried_after is not None
+    assert "RemoteProtocolError" in second.retried_after
+    nursery.cancel_scope.cancel()

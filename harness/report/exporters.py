@@ -42,6 +42,7 @@ def _run(run: RunResult) -> dict[str, Any]:
                 "latency_ms": round(o.latency_ms, 3),
                 "transport_error": o.transport_error,
                 "hung_up_by_harness": o.cancelled_by_scenario,
+                "retried_on_a_fresh_connection_after": o.retried_after,
             }
             for step, o in run.observations.items()
         },

@@ -50,24 +50,62 @@ class TargetClient:
     ) -> Observation:
         request = SentRequest.of(method, self.base_url + path, json_body, raw_body)
         started = trio.current_time()
-        try:
-            if raw_body is not None:
-                response = await self._client.request(
-                    method, path, content=raw_body, headers=headers
-                )
-            else:
-                response = await self._client.request(method, path, json=json_body, headers=headers)
-        except httpx.HTTPError as error:
-            reason = (
-                f"no answer within {self._timeout:g} s"
-                if isinstance(error, httpx.TimeoutException)
-                else f"{type(error).__name__}: {error or 'connection failed'}"
-            )
-            return Observation(
-                step, op, request, None, started, trio.current_time(), transport_error=reason
-            )
+        retried_after: str | None = None
+        for attempt in (1, 2):
+            headers_arrived = False
+            try:
+                async with self._client.stream(
+                    method,
+                    path,
+                    content=raw_body,
+                    json=json_body if raw_body is None else None,
+                    headers=headers,
+                ) as response:
+                    headers_arrived = True
+                    await response.aread()
+            except STALE_CONNECTION as error:
+                # The server closed a kept-alive connection (after a 500, say,
+                # without "Connection: close") and we wrote into it: nothing of
+                # an answer came back. httpx has dropped that connection, so the
+                # second attempt is on a fresh one; the observation records it.
+                if attempt == 1 and not headers_arrived:
+                    retried_after = _reason(error, self._timeout)
+                    continue
+                return self._failed(step, op, request, started, error, retried_after)
+            except httpx.HTTPError as error:
+                return self._failed(step, op, request, started, error, retried_after)
+            break
         ended = trio.current_time()
-        return Observation(step, op, request, response.status_code, started, ended, _body(response))
+        return Observation(
+            step,
+            op,
+            request,
+            response.status_code,
+            started,
+            ended,
+            _body(response),
+            retried_after=retried_after,
+        )
+
+    def _failed(
+        self,
+        step: str,
+        op: str,
+        request: SentRequest,
+        started: float,
+        error: httpx.HTTPError,
+        retried_after: str | None,
+    ) -> Observation:
+        return Observation(
+            step,
+            op,
+            request,
+            None,
+            started,
+            trio.current_time(),
+            transport_error=_reason(error, self._timeout),
+            retried_after=retried_after,
+        )
 
     async def settle(self) -> None:
         """Give the target the chance to take in every request already sent."""
@@ -88,6 +126,17 @@ class TargetClient:
         except httpx.HTTPError as error:
             return f"{type(error).__name__}: {error or 'no answer'}"
         return None
+
+
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+"""Errors of a connection that died before any byte of an answer arrived (a
+kept-alive connection the server had closed); a timeout is not one of them."""
+
+
+def _reason(error: httpx.HTTPError, timeout: float) -> str:
+    if isinstance(error, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s"
+    return f"{type(error).__name__}: {error or 'connection failed'}"
 
 
 def _body(response: httpx.Response) -> Any:

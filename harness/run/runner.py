@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from harness.model.profile import REFERENCE_PROFILE, Profile
+from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
 from harness.model.scenario import (
     AwaitStep,
     CancelStep,
@@ -89,6 +89,11 @@ def next_message(profile: Profile, base: list[dict[str, Any]], text: str) -> dic
     return {"role": "user", "content": text}
 
 
+CLEANUP_BUDGET = 5.0
+"""Seconds a run may spend after its steps: upstream expectations (within their
+grace), released holds answering, the final trajectories read."""
+
+
 class _Abort(Exception):
     """Stop the remaining steps of this run; the finding says why."""
 
@@ -131,19 +136,16 @@ class ScenarioRun:
         errors: list[Finding] = []
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            completed = True
             with trio.move_on_after(self.scenario.timeout) as deadline:
-                completed = True
                 try:
                     for step in self.scenario.steps:
                         await self._run_step(step)
                 except _Abort as abort:
                     (errors if abort.is_error else failures).append(abort.finding)
                     completed = False
-                # After an abort only "must never happen" expectations can still be
-                # judged; one that waits for something would fail only because the
-                # steps that bring it about were skipped.
-                failures.extend(await self._check_upstream_expectations(positive=completed))
             if deadline.cancelled_caught:
+                completed = False
                 errors.append(
                     Finding(
                         None,
@@ -151,9 +153,27 @@ class ScenarioRun:
                         "it did not; the target may hang",
                     )
                 )
-            await self._wind_down()
+            # The clean-up has a budget of its own, so a run takes at most
+            # timeout + CLEANUP_BUDGET, however the target behaves.
+            cleanup_deadline = trio.current_time() + CLEANUP_BUDGET
+            with trio.move_on_at(cleanup_deadline) as cleanup:
+                # After an abort only "must never happen" expectations can still be
+                # judged; one that waits for something would fail only because the
+                # steps that bring it about were skipped.
+                failures.extend(await self._check_upstream_expectations(positive=completed))
+                await self._wind_down()
             nursery.cancel_scope.cancel()
-        await self._read_final_trajectories()
+        with trio.move_on_at(cleanup_deadline) as final_reads:
+            await self._read_final_trajectories()
+        if cleanup.cancelled_caught or final_reads.cancelled_caught:
+            errors.append(
+                Finding(
+                    None,
+                    f"the run's clean-up (releasing holds, reading the final trajectories) "
+                    f"within {CLEANUP_BUDGET:g} s",
+                    "it did not finish; the target may hang",
+                )
+            )
         events = [
             {"step": e.tag.rsplit(".", 1)[-1], "kind": e.kind.value, "call": e.call}
             for e in self._own_events()
@@ -459,18 +479,16 @@ class ScenarioRun:
         for step in self.scenario.steps:
             if isinstance(step, ChatStep):
                 self.chaos.release(self.tag(step.id))
-        with trio.move_on_after(self.settings.request_timeout):
-            for background in self._background.values():
-                await background.done.wait()
+        for background in self._background.values():
+            await background.done.wait()
 
     async def _read_final_trajectories(self) -> None:
         for name, session_id in self.context.sessions.items():
             observation = await self.client.send(
                 f"final-{name}", "get", "GET", f"/sessions/{session_id}"
             )
-            messages = (
-                observation.body.get("messages") if isinstance(observation.body, dict) else None
-            )
+            # Through the profile: a records-style server keeps no "messages".
+            messages = read_trajectory(self.settings.profile, observation.body).messages
             ok = observation.status == 200 and isinstance(messages, list)
             self.context.final_trajectories[session_id] = messages if ok else None
 
