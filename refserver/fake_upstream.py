@@ -21,64 +21,140 @@ Flavor = Literal["openai", "sglang"]
 FLAVORS: tuple[Flavor, ...] = ("openai", "sglang")
 
 
+# A made-up vocabulary: token ids derived from each word, so answers, prompt ids
+# and logprobs stay deterministic (equal requests, equal answers).
+_EOS_TOKEN_ID = 2
+
+
 def completion_for(
     body: dict[str, Any], *, flavor: Flavor = "openai", finish_reason: str = "stop"
 ) -> dict[str, Any]:
+    """The engine's answer to ``body``, in the dialect of ``flavor``.
+
+    ``openai``: OpenAI's chat.completion object, field for field (a choice
+    carries ``logprobs``, null unless asked for; the message ``refusal``).
+    ``sglang``: SGLang's ``ChatCompletionResponse``
+    (``python/sglang/srt/entrypoints/openai/protocol.py``): the message has
+    ``reasoning_content``, tool calls an ``index``, the choice
+    ``matched_stop``; ``prompt_token_ids`` with ``return_prompt_token_ids``,
+    ``token_ids`` with ``return_token_ids``, and ``meta_info`` (with
+    ``output_token_logprobs`` when ``logprobs`` is asked for) with
+    ``return_meta_info`` or ``logprobs``, as RL session servers built on
+    SGLang read them. The usage has SGLang's extra fields.
+    """
     messages = body.get("messages") or []
     digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
     text = f"answer {digest[:12]} to turn {sum(1 for m in messages if _role(m) == 'user')}"
-    prompt_tokens = sum(len(str(_content(m)).split()) for m in messages)
-    completion_tokens = len(text.split())
+    prompt_ids = [_token_id(word) for m in messages for word in str(_content(m)).split()]
+    output_words = text.split()
+    output_ids = [_token_id(word) for word in output_words]
+    sglang = flavor == "sglang"
     message: dict[str, Any] = {"role": "assistant", "content": text}
     tool = _first_tool_name(body)
     if tool is not None:
         # An agent that offered tools gets a tool call, so its next turn can be
         # the tool's result (some servers only accept tool messages after a turn).
-        message = {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": f"call_{digest[:16]}",
-                    "type": "function",
-                    "function": {"name": tool, "arguments": json.dumps({"turn": digest[:8]})},
-                }
-            ],
+        call: dict[str, Any] = {
+            "id": f"call_{digest[:16]}",
+            "type": "function",
+            "function": {"name": tool, "arguments": json.dumps({"turn": digest[:8]})},
         }
+        if sglang:
+            call = {"id": call["id"], "index": 0, **{k: call[k] for k in ("type", "function")}}
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
         if finish_reason == "stop":
             finish_reason = "tool_calls"
+    if sglang:
+        message = {
+            "role": "assistant",
+            "content": message["content"],
+            "reasoning_content": None,
+            "tool_calls": message.get("tool_calls"),
+        }
+    else:
+        message["refusal"] = None
+    wants_logprobs = body.get("logprobs") is True
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": message,
+        "logprobs": _logprobs(output_words) if wants_logprobs else None,
+        "finish_reason": finish_reason,
+    }
+    if sglang:
+        choice["matched_stop"] = _EOS_TOKEN_ID if finish_reason == "stop" else None
+        if body.get("return_prompt_token_ids") is True:
+            choice["prompt_token_ids"] = prompt_ids
+        if body.get("return_token_ids") is True:
+            choice["token_ids"] = output_ids
+        if body.get("return_meta_info") is True or wants_logprobs:
+            meta: dict[str, Any] = {
+                "id": digest[:32],
+                "finish_reason": {"type": finish_reason, "matched": choice["matched_stop"]},
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": len(output_ids),
+                "cached_tokens": 0,
+            }
+            if wants_logprobs:
+                # (logprob, token id, token text): text only with return_text_in_logprobs.
+                meta["output_token_logprobs"] = [
+                    [_logprob(i), token, None] for i, token in enumerate(output_ids)
+                ]
+            choice["meta_info"] = meta
+    usage: dict[str, Any] = {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": len(output_ids),
+        "total_tokens": len(prompt_ids) + len(output_ids),
+    }
+    if sglang:
+        usage = {
+            "prompt_tokens": usage["prompt_tokens"],
+            "total_tokens": usage["total_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            "prompt_tokens_details": None,
+            "reasoning_tokens": 0,
+        }
     completion: dict[str, Any] = {
         "id": f"chatcmpl-{digest[:24]}",
         "object": "chat.completion",
         "created": 0,
         "model": str(body.get("model") or "sessctl-fake"),
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "choices": [choice],
+        "usage": usage,
     }
-    if flavor == "sglang":
-        # SGLang's native extras; servers built for SGLang read these for RL.
-        completion["meta_info"] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "output_token_logprobs": [
-                [-0.1 * (i + 1), 1000 + i, None] for i in range(completion_tokens)
-            ],
-            "finish_reason": {"type": finish_reason},
-        }
-        input_ids = body.get("input_ids")
-        if isinstance(input_ids, list):
-            completion["prompt_token_ids"] = input_ids
+    if sglang:
+        completion["metadata"] = None
+    else:
+        completion["system_fingerprint"] = None
     return completion
+
+
+def encode_completion(completion: dict[str, Any], flavor: Flavor) -> bytes:
+    """The body as each engine writes it: SGLang answers with compact JSON (orjson)."""
+    if flavor == "sglang":
+        return json.dumps(completion, separators=(",", ":")).encode()
+    return json.dumps(completion).encode()
+
+
+def _token_id(word: str) -> int:
+    return 1000 + int.from_bytes(hashlib.sha256(word.encode()).digest()[:3], "big")
+
+
+def _logprob(index: int) -> float:
+    return round(-0.1 * (index + 1), 6)
+
+
+def _logprobs(words: list[str]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": word,
+                "bytes": list(word.encode()),
+                "logprob": _logprob(i),
+                "top_logprobs": [],
+            }
+            for i, word in enumerate(words)
+        ]
+    }
 
 
 def _first_tool_name(body: dict[str, Any]) -> str | None:
@@ -112,7 +188,8 @@ def create_fake_upstream_app(*, delay: float = 0.0, flavor: Flavor = "openai") -
             )
         if delay:
             await trio.sleep(delay)
-        return JSONResponse(completion_for(body, flavor=flavor))
+        completion = completion_for(body, flavor=flavor)
+        return Response(encode_completion(completion, flavor), media_type="application/json")
 
     return Starlette(
         routes=[

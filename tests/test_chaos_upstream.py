@@ -50,17 +50,63 @@ async def test_respond_is_a_complete_openai_chat_completion(
     assert chaos.calls("a") == 2
 
 
-async def test_sglang_flavor_adds_meta_info_and_echoes_input_ids(nursery: trio.Nursery) -> None:
+async def test_the_sglang_flavor_answers_as_sglang_does(nursery: trio.Nursery) -> None:
+    """Field for field, SGLang's ChatCompletionResponse
+    (python/sglang/srt/entrypoints/openai/protocol.py, serving_chat.py)."""
     chaos = ChaosUpstream("sglang")
     url = await nursery.start(chaos.serve)
     async with httpx.AsyncClient(base_url=url) as client:
-        completion = (
-            await client.post("/chat/completions", json=body("s", input_ids=[1, 2]))
-        ).json()
-    meta = completion["meta_info"]
-    assert meta["completion_tokens"] == len(meta["output_token_logprobs"]) > 0
-    assert meta["prompt_tokens"] >= 1
-    assert completion["prompt_token_ids"] == [1, 2]
+        plain = await client.post("/chat/completions", json=body("p"))
+        asked = await client.post(
+            "/chat/completions",
+            json=body("s", logprobs=True, return_prompt_token_ids=True, return_token_ids=True),
+        )
+        tools = await client.post(
+            "/chat/completions",
+            json=body("t", tools=[{"type": "function", "function": {"name": "f"}}]),
+        )
+    # Compact JSON, as orjson writes it.
+    assert b": " not in plain.content
+    assert b", " not in plain.content
+    completion = plain.json()
+    assert set(completion) == {"id", "object", "created", "model", "choices", "usage", "metadata"}
+    assert set(completion["usage"]) == {
+        "prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
+        "reasoning_tokens",
+    }  # fmt: skip
+    (choice,) = completion["choices"]
+    # Without the flags, none of the extras: exactly what stock SGLang sends.
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason", "matched_stop"}
+    assert set(choice["message"]) == {"role", "content", "reasoning_content", "tool_calls"}
+    assert choice["logprobs"] is None
+
+    (choice,) = asked.json()["choices"]
+    meta = choice["meta_info"]
+    assert (
+        meta["completion_tokens"] == len(meta["output_token_logprobs"]) == len(choice["token_ids"])
+    )
+    assert [entry[1] for entry in meta["output_token_logprobs"]] == choice["token_ids"]
+    assert meta["prompt_tokens"] == len(choice["prompt_token_ids"]) >= 1
+    assert meta["finish_reason"] == {"type": "stop", "matched": choice["matched_stop"]}
+    assert len(choice["logprobs"]["content"]) == meta["completion_tokens"]
+
+    (choice,) = tools.json()["choices"]
+    (call,) = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert call["index"] == 0
+    assert call["type"] == "function"
+    assert isinstance(call["function"]["arguments"], str)
+
+
+async def test_the_openai_flavor_answers_as_openai_does(client: httpx.AsyncClient) -> None:
+    completion = (await client.post("/chat/completions", json=body("o", logprobs=True))).json()
+    (choice,) = completion["choices"]
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+    assert set(choice["message"]) == {"role", "content", "refusal"}
+    entry = choice["logprobs"]["content"][0]
+    assert set(entry) == {"token", "bytes", "logprob", "top_logprobs"}
+    assert "meta_info" not in completion
+    assert "meta_info" not in choice
 
 
 async def test_status_garbage_and_abort(chaos: ChaosUpstream, client: httpx.AsyncClient) -> None:

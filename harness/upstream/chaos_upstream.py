@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from harness.errors import ListenFailed, ScriptError
-from refserver.fake_upstream import Flavor, completion_for
+from refserver.fake_upstream import Flavor, completion_for, encode_completion
 
 from .http11 import Exchange, serve_http11
 from .script import Action, Behaviour, EventKind, StepEvent, parse_behaviour, tag_of
@@ -158,7 +158,8 @@ class ChaosUpstream:
             return
         tag = tag_of(body)
         if tag is None:
-            await _respond_json(exchange, 200, completion_for(body, flavor=self.flavor))
+            completion = completion_for(body, flavor=self.flavor)
+            await exchange.respond(200, encode_completion(completion, self.flavor))
             return
         call = self._calls[tag] = self._calls.get(tag, 0) + 1
         script = self._scripts.get(tag, (Behaviour(),))
@@ -216,7 +217,7 @@ class ChaosUpstream:
             return 200, b'{"choices": [{"message": <<not json>>'
         finish_reason = "abort" if behaviour.action is Action.ABORT else "stop"
         completion = completion_for(body, flavor=self.flavor, finish_reason=finish_reason)
-        return 200, json.dumps(completion).encode()
+        return 200, encode_completion(completion, self.flavor)
 
     async def _control(self, exchange: Exchange) -> None:
         request = exchange.request
