@@ -51,6 +51,8 @@ class RetryPolicy:
     """Calls in all, the first included."""
     backoff_initial: float = 0.05
     backoff_max: float = 1.0
+    retry_aborts: bool = True
+    """Treat ``finish_reason: "abort"`` as a failure to retry (off only in a variant)."""
 
     def backoff(self, failed_attempts: int) -> float:
         delay: float = self.backoff_initial * 2 ** (failed_attempts - 1)
@@ -110,7 +112,7 @@ class HttpUpstream:
                 upstream_status=response.status_code,
             )
         completion = _parse_completion(response.content)
-        if completion["choices"][0].get("finish_reason") == "abort":
+        if self._retry.retry_aborts and completion["choices"][0].get("finish_reason") == "abort":
             raise _Retryable("the completion was aborted (finish_reason: abort)")
         _check_answer(completion)
         return completion

@@ -180,10 +180,11 @@ VARIANTS: dict[str, Variant] = {
             CommitOnDisconnect,
         ),
         Variant(
-            "no-retry",
-            "an upstream abort or 503 is passed through as 502 instead of retried",
+            "commit-aborted",
+            "an aborted completion (finish_reason: abort) is committed and answered 200 "
+            "instead of retried",
             SessionService,
-            retry=RetryPolicy(attempts=1),
+            retry=RetryPolicy(retry_aborts=False),
         ),
         Variant(
             "loose-input",

@@ -472,7 +472,7 @@ def profile_check_command(
 @app.command()
 def upstream(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8900",
-    flavor: Annotated[str, typer.Option(help="openai, or sglang (SGLang's own fields).")] = "openai",
+    flavor: FlavorOption = "openai",
 ) -> None:
     """Run the chaos upstream on its own (scriptable over /_sessctl/...)."""
     try:

@@ -47,7 +47,12 @@ class Profile(_Model):
     append_after_assistant: list[Literal["user", "tool"]] = Field(
         default=["user", "tool"], min_length=1
     )
-    retry: Literal["replay", "regenerate"] = "replay"
+    retry: Literal["replay", "regenerate", "refuse"] = "replay"
+    """What an exact retry of the last turn does: answer the stored turn, generate
+    it again, or refuse it with a 4xx (state unchanged)."""
+    upstream_failures: Literal["retry", "pass-through"] = "retry"
+    """What the server does with a retryable upstream failure (abort, reset, 429,
+    503): retry it, or pass it to the agent (state unchanged) for the agent to retry."""
     rejected_status: int = Field(default=409, ge=400, le=499)
     error_shape: Literal["openai", "string"] = "openai"
 
@@ -69,13 +74,24 @@ class Profile(_Model):
         if self.appends_tool_results:
             found.append("only tool messages may follow an assistant turn")
         if self.retry != reference.retry:
-            found.append("an exact retry regenerates instead of replaying")
+            found.append(
+                "an exact retry regenerates instead of replaying"
+                if self.retry == "regenerate"
+                else "an exact retry is refused (state unchanged)"
+            )
+        if self.upstream_failures != reference.upstream_failures:
+            found.append(PASSED_THROUGH)
         if self.rejected_status != reference.rejected_status:
             found.append(f"rejected requests answer {self.rejected_status}, not 409")
         if self.error_shape != reference.error_shape:
             found.append("errors are plain strings, not OpenAI-shaped")
         return found
 
+
+PASSED_THROUGH = "upstream failures are passed through, not retried"
+"""The convention's label: the server hands abort/503s to the agent, state unchanged."""
+
+REFUSED_RETRY = "an exact retry is refused (state unchanged)"
 
 REFERENCE_PROFILE = Profile()
 

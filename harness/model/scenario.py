@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.errors import ScriptError
-from harness.upstream.script import Behaviour, EventKind, parse_behaviour
+from harness.upstream.script import Action, Behaviour, EventKind, parse_behaviour
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=40)]
 
@@ -181,6 +181,16 @@ class ChatStep(SessionStep):
     @property
     def behaviours(self) -> list[Behaviour]:
         return behaviours_of(self.upstream)
+
+    @property
+    def starts_with_retryable_failure(self) -> bool:
+        """Its first upstream call fails in a way the contract retries (an abort,
+        a reset, 429 or 503): a server that passes such failures through to the
+        agent answers this chat with an error instead."""
+        first = self.behaviours[0]
+        return first.action in (Action.ABORT, Action.RESET) or (
+            first.action is Action.STATUS and first.status in (429, 503)
+        )
 
     def references(self) -> list[tuple[str, str]]:
         return [(f, v) for f, v in (("after", self.after), ("retry", self.retry)) if v]

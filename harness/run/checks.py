@@ -17,7 +17,13 @@ from __future__ import annotations
 import json
 import shlex
 
-from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
+from harness.model.profile import (
+    PASSED_THROUGH,
+    REFERENCE_PROFILE,
+    REFUSED_RETRY,
+    Profile,
+    read_trajectory,
+)
 from harness.model.scenario import ChatStep, Expect, Scenario, parse_status
 from harness.results import Finding, Kind, Observation, answer_of
 from refserver.rules import comparable
@@ -77,8 +83,12 @@ def check_step(
     if matcher is not None and not matcher.matches(observation.status):
         status = observation.status or 0
         wanted_success = matcher.outcome
+        excused = _excused_refusal(scenario, step_id, observation, profile)
         if wanted_success is not None and (status // 100 == 2) != wanted_success:
-            safety(f"status {matcher.describe()}", describe_answer(observation))
+            if wanted_success and excused is not None:
+                convention(f"status {matcher.describe()}", describe_answer(observation), excused)
+            else:
+                safety(f"status {matcher.describe()}", describe_answer(observation))
         else:
             convention(
                 f"status {matcher.describe()}",
@@ -116,6 +126,33 @@ def check_step(
         )
     findings.extend(_check_trajectory(scenario, step_id, expect, observation, context, profile))
     return findings
+
+
+def passed_through(scenario: Scenario, step_id: str, observation: Observation | None) -> bool:
+    """A chat whose first upstream call failed retryably, answered with a 429 or
+    5xx: the server handed the failure to the agent instead of retrying it."""
+    step = scenario.step(step_id)
+    status = observation.status if observation is not None else None
+    return (
+        isinstance(step, ChatStep)
+        and step.starts_with_retryable_failure
+        and status is not None
+        and (status == 429 or status >= 500)
+    )
+
+
+def _excused_refusal(
+    scenario: Scenario, step_id: str, observation: Observation, profile: Profile
+) -> str | None:
+    """The convention label of a refusal where success was expected, if the
+    refusal is a design choice that leaves the state unchanged; else None."""
+    if passed_through(scenario, step_id, observation):
+        return _declared(PASSED_THROUGH, profile.upstream_failures == "pass-through")
+    step = scenario.step(step_id)
+    status = observation.status or 0
+    if isinstance(step, ChatStep) and step.retry is not None and 400 <= status < 500:
+        return _declared(REFUSED_RETRY, profile.retry == "refuse")
+    return None
 
 
 def _status_label(step_id: str, observation: Observation, expected: str, profile: Profile) -> str:
@@ -181,8 +218,19 @@ def _check_trajectory(
     guards = scenario.property_of(step_id)
     state = read_trajectory(profile, observation.body)
     findings: list[Finding] = []
+    # Counts written for a server that retries do not hold where a chat's
+    # failure was passed through (its turn was, rightly, not committed): those
+    # differences follow from the convention. What must never be there
+    # (``excludes``) stays safety.
+    skipped = [s for s, o in context.observations.items() if passed_through(scenario, s, o)]
+    follows = (
+        _declared(PASSED_THROUGH, profile.upstream_failures == "pass-through") if skipped else None
+    )
 
-    def fail(expected: str, actual: str) -> None:
+    def fail(expected: str, actual: str, *, count: bool = True) -> None:
+        if count and follows is not None:
+            findings.append(Finding(step_id, expected, actual, repro, Kind.CONVENTION, follows))
+            return
         findings.append(Finding(step_id, expected, actual, repro, Kind.SAFETY, guards))
 
     if expect.num_assistant is not None and state.num_assistant != expect.num_assistant:
@@ -209,7 +257,7 @@ def _check_trajectory(
     for chat in expect.excludes:
         sent = context.sent_messages.get(chat)
         if sent and comparable(sent[-1]) in committed:
-            fail(f"{chat}'s message not in the trajectory", "it is there")
+            fail(f"{chat}'s message not in the trajectory", "it is there", count=False)
     return findings
 
 

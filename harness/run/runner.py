@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
+from harness.model.profile import PASSED_THROUGH, REFERENCE_PROFILE, Profile, read_trajectory
 from harness.model.scenario import (
     AwaitStep,
     CancelStep,
@@ -43,7 +43,7 @@ from harness.results import Finding, Kind, Observation, RunResult, Verdict, answ
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, StepEvent, marker
 
-from .checks import check_run
+from .checks import check_run, passed_through
 from .client import TargetClient
 from .context import RunContext
 
@@ -255,15 +255,28 @@ class ScenarioRun:
             await self.chaos.wait_for(self.tag(step.chat_step), step.event, step.count)
             return
         seen = self.chaos.count(self.tag(step.chat_step), step.event)
-        raise _Abort(
-            Finding(
-                step.id,
-                f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s",
-                f"seen {seen} time(s); the remaining steps were not run",
-                label=self.scenario.property_of(step.chat_step),
-            ),
-            is_error=False,
-        )
+        expected = f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s"
+        actual = f"seen {seen} time(s); the remaining steps were not run"
+        chat = self.context.observations.get(step.chat_step)
+        if (
+            step.event is EventKind.RECEIVED
+            and seen < step.count
+            and passed_through(self.scenario, step.chat_step, chat)
+        ):
+            # The retry this step waits for never comes: the failure went to the
+            # agent instead. The race it sets up cannot happen on this server.
+            finding = Finding(
+                step.id, expected, actual, kind=Kind.CONVENTION, label=self._passed_through_label()
+            )
+        else:
+            finding = Finding(
+                step.id, expected, actual, label=self.scenario.property_of(step.chat_step)
+            )
+        raise _Abort(finding, is_error=False)
+
+    def _passed_through_label(self) -> str:
+        declared = self.settings.profile.upstream_failures == "pass-through"
+        return f"{PASSED_THROUGH} (declared in the profile)" if declared else PASSED_THROUGH
 
     async def _await(self, step: AwaitStep) -> None:
         timeout = step.timeout or self.settings.request_timeout
@@ -461,6 +474,13 @@ class ScenarioRun:
     ) -> Finding:
         if spec.convention:
             return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=spec.convention)
+        if kind is None and passed_through(
+            self.scenario, step_id, self.context.observations.get(step_id)
+        ):
+            # It made no second call because it handed the failure to the agent.
+            return Finding(
+                step_id, expected, actual, kind=Kind.CONVENTION, label=self._passed_through_label()
+            )
         label = self.scenario.property_of(step_id)
         if kind is EventKind.CANCELLED and self._answered_as_expected(step_id):
             # The caller was told its turn was stopped, yet the LLM work ran on.
