@@ -10,7 +10,6 @@ import json
 import socket
 import sys
 import xml.etree.ElementTree as ET
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -18,12 +17,12 @@ import trio
 from harness.model.loader import load_scenarios
 from harness.model.profile import load_profile
 from harness.results import Kind, SuiteResult, Verdict
+from harness.run.client import TargetClient
 from harness.run.runner import RunSettings
 from harness.run.suite import SuiteSettings, Target, run_suite
 from harness.upstream.chaos_upstream import ChaosUpstream
-from refserver.server import serve_asgi
 
-from .third_party_server import create_third_party_app
+from .third_party_server import serve_third_party
 
 PLANTED = ["in-flight turn not preempted", "queued chats proceed after DELETE", "phantom commit"]
 
@@ -32,7 +31,6 @@ FAILING = {
     "delete-mid-proxy",
     "double-delete-concurrent",
     "delete-leaves-other-sessions-alone",
-    "delete-during-upstream-retry",
     "no-resurrection-after-preempt",
     # queued chats proceed after DELETE (and the in-flight turn ahead of them)
     "chats-queued-then-delete",
@@ -45,28 +43,30 @@ NON_STRICT = {
     "chat-and-get-after-delete",  # likewise
     "chat-never-existed",  # likewise
     "rapid-create-chat-delete-cycles",  # create answers 200
-    "exact-retry-replays",  # an exact retry regenerates
+    "exact-retry-replays",  # an exact retry of the first turn is refused (400)
     "upstream-failures-leave-state-unchanged",  # 502 with a plain-string error
     "bad-input",  # 500 and a closed connection on malformed JSON; stream: true served
     "bad-input-values",  # 422 for ill-typed fields, 500 for NaN; stream: "false" read as false
     "stale-writer-gets-409",  # 400 instead of 409
+    "upstream-abort-then-success",  # the abort and the 503 are passed to the agent
+    "delete-during-upstream-retry",  # likewise: the retry it races never happens
 }
 PASSING = {
-    "upstream-abort-then-success",
     "client-disconnect-mid-proxy",
     "get-does-not-wait-for-a-turn",
 }
 
 
 async def run_against_third_party(nursery: trio.Nursery, *, strict: bool) -> SuiteResult:
-    chaos = ChaosUpstream()
+    chaos = ChaosUpstream("sglang")
     await nursery.start(chaos.serve)
     assert chaos.url is not None
-    url = await nursery.start(
-        partial(serve_asgi, create_third_party_app(chaos.url), "127.0.0.1", 0)
-    )
+    url = await nursery.start(serve_third_party, chaos.url)
     settings = SuiteSettings(
         target_wait=0,
+        flavor="sglang",
+        concurrency=1,  # as run-scenarios does against an external target
+        repeat=1,  # the verdicts, not their counts (the CLI test below runs them all)
         run=RunSettings(
             profile=load_profile("records-tool-400"), strict=strict, timing_bounds=False
         ),
@@ -87,7 +87,10 @@ async def test_fails_exactly_its_planted_bugs_and_is_non_strict_on_conventions(
     assert "create answers 200, not 201 (declared in the profile)" in conventions
     assert "rejected requests answer 400, not 409 (declared in the profile)" in conventions
     assert "bad-input handling: 500 on bad-json" in conventions
-    assert "an exact retry regenerates instead of replaying" in conventions
+    assert "an exact retry is refused (state unchanged)" in conventions
+    assert "upstream failures are passed through, not retried (declared in the profile)" in (
+        conventions
+    )
     assert "bad-input handling: 500 on nan" in conventions
     assert 'stream: "false" is read as a boolean' in conventions
     assert result.exit_code == 1
@@ -117,12 +120,12 @@ async def test_the_readme_walkthrough_through_the_cli(
 ) -> None:
     """README's "Validating your own server", step 4, as a user types it."""
     port = _free_port()
-    app = create_third_party_app(f"http://127.0.0.1:{port}/v1")
-    url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
+    url = await nursery.start(serve_third_party, f"http://127.0.0.1:{port}/v1")
     reports = {kind: tmp_path / f"sessctl.{kind}" for kind in ("xml", "json", "md")}
     done = await trio.run_process(
         [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
          "--upstream-listen", f"127.0.0.1:{port}", "--profile", "records-tool-400",
+         "--flavor", "sglang",
          "--junit", str(reports["xml"]), "--json", str(reports["json"]),
          "--markdown", str(reports["md"])],
         capture_stdout=True, capture_stderr=True, check=False,
@@ -145,4 +148,26 @@ async def test_the_readme_walkthrough_through_the_cli(
     assert "bad-input-values" in reports["md"].read_text()
     (tmp_path / "walkthrough.txt").write_text(out)
     print(out)  # README quotes this output (pytest -s shows it)
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_dropped_after_a_500_costs_one_resend_not_an_error(
+    nursery: trio.Nursery,
+) -> None:
+    chaos = ChaosUpstream("sglang")
+    await nursery.start(chaos.serve)
+    assert chaos.url is not None
+    url = await nursery.start(serve_third_party, chaos.url)
+    client = TargetClient(url, request_timeout=5.0, health_path="/health")
+    created = await client.send("s1", "create", "POST", "/sessions")
+    session_id = created.body["session_id"]
+    # Malformed JSON on a kept-alive connection: a 500, and the worker is gone.
+    broken = await client.send(
+        "bad", "request", "POST", f"/sessions/{session_id}/v1/chat/completions", raw_body=b"{"
+    )
+    after = await client.send("g1", "get", "GET", f"/sessions/{session_id}")
+    await client.aclose()
+    assert broken.status == 500
+    assert after.status == 200
+    assert after.retried_after is not None  # the dropped connection, then a fresh one
     nursery.cancel_scope.cancel()
