@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,11 @@ import trio
 from harness.errors import ScenarioFileError, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile, load_profile, read_trajectory
 from harness.run.client import TargetClient
-from harness.run.profile_probe import probe_profile
+from harness.run.profile_probe import ProbeResult, probe_profile
 from harness.upstream.chaos_upstream import ChaosUpstream
-from refserver.server import RunningServer, ServerConfig, serve, serve_asgi
+from refserver.server import RunningServer, ServerConfig, serve
 
-from .third_party_server import create_third_party_app
+from .third_party_server import serve_third_party
 
 
 def comparable(profile: Profile) -> dict[str, object]:
@@ -28,10 +27,11 @@ def test_builtin_profiles_load_by_name() -> None:
     example = load_profile("records-tool-400")
     assert example.differences() == [
         "create answers 200, not 201",
-        "health route none, not /healthz",
+        "health route /health, not /healthz",
         "the trajectory is derived from records",
         "only tool messages may follow an assistant turn",
         "an exact retry regenerates instead of replaying",
+        "upstream failures are passed through, not retried",
         "rejected requests answer 400, not 409",
         "errors are plain strings, not OpenAI-shaped",
     ]
@@ -65,14 +65,12 @@ def test_reading_a_trajectory_from_records() -> None:
     assert read_trajectory(REFERENCE_PROFILE, "not a dict").messages is None
 
 
-async def _probe(nursery: trio.Nursery, third_party: bool) -> Profile:
-    chaos = ChaosUpstream()
+async def _probe(nursery: trio.Nursery, third_party: bool) -> ProbeResult:
+    chaos = ChaosUpstream("sglang" if third_party else "openai")
     await nursery.start(chaos.serve)
     assert chaos.url is not None
     if third_party:
-        url = await nursery.start(
-            partial(serve_asgi, create_third_party_app(chaos.url), "127.0.0.1", 0)
-        )
+        url = await nursery.start(serve_third_party, chaos.url)
     else:
         running: RunningServer = await nursery.start(
             serve, ServerConfig(port=0, upstream_url=chaos.url)
@@ -80,17 +78,22 @@ async def _probe(nursery: trio.Nursery, third_party: bool) -> Profile:
         url = running.url
     client = TargetClient(url, request_timeout=10)
     try:
-        return (await probe_profile(client, chaos)).profile
+        return await probe_profile(client, chaos)
     finally:
         await client.aclose()
 
 
 async def test_profile_check_recognises_the_reference_server(nursery: trio.Nursery) -> None:
-    assert comparable(await _probe(nursery, third_party=False)) == comparable(REFERENCE_PROFILE)
+    result = await _probe(nursery, third_party=False)
+    assert comparable(result.profile) == comparable(REFERENCE_PROFILE)
 
 
 async def test_profile_check_rediscovers_a_third_party_servers_conventions(
     nursery: trio.Nursery,
 ) -> None:
-    suggested = await _probe(nursery, third_party=True)
-    assert comparable(suggested) == comparable(load_profile("records-tool-400"))
+    result = await _probe(nursery, third_party=True)
+    assert comparable(result.profile) == comparable(load_profile("records-tool-400"))
+    notes = "\n".join(result.notes)
+    assert "GET /healthz answered 404" in notes  # and /health answered
+    assert "an upstream 503 was passed to the agent" in notes
+    assert "an exact retry of the first turn is refused" in notes

@@ -7,8 +7,11 @@ scenario run, that answers each question of the profile in turn:
 2. What does POST /sessions answer, and under which key is the id?
 3. Does GET /sessions/{id} carry ``messages``, or ``records`` to derive them from?
 4. May a user message follow an assistant turn, or only a tool result?
-5. Does an exact retry of the last turn replay it (no upstream call) or regenerate it?
-6. How is a conflicting request rejected: which status, which error shape?
+5. Does an exact retry of the last turn replay it (no upstream call), regenerate
+   it, or refuse it? Is an exact retry of the *first* turn refused?
+6. How is a conflicting request rejected: which status, which error shape? (One
+   that is accepted means branches or rollbacks: said in a note.)
+7. Is a retryable upstream failure (a 503) retried, or passed to the agent?
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from harness.errors import ProbeFailed, TargetUnreachable
 from harness.model.profile import CreateConvention, Profile, TrajectoryConvention
 from harness.results import Observation, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
-from harness.upstream.script import marker
+from harness.upstream.script import marker, parse_behaviour
 from refserver.fake_upstream import Flavor
 
 from .client import TargetClient
@@ -139,8 +142,12 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     retried = await probe.chat(session_id, messages[:-1], tools=tools)
     if retried.status != 200:
         probe.notes.append(f"an exact retry of the last turn got {_shown(retried)}")
-    retry: Literal["replay", "regenerate"] = (
-        "replay" if chaos.calls(last_tag) == calls_before else "regenerate"
+    retry: Literal["replay", "regenerate", "refuse"] = (
+        "refuse"
+        if retried.status is not None and 400 <= retried.status < 500
+        else "replay"
+        if chaos.calls(last_tag) == calls_before
+        else "regenerate"
     )
 
     # How is a conflicting request rejected?
@@ -149,12 +156,20 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     rejected_status = 409
     if conflict.status is not None and 400 <= conflict.status < 500:
         rejected_status = conflict.status
+    elif conflict.status is not None and conflict.status // 100 == 2:
+        probe.notes.append(
+            f"a request that diverges from the committed trajectory was accepted "
+            f"({_shown(conflict)}): the server keeps branches (a tree) or rolls back; the "
+            "scenarios assume a linear trajectory, so expect FAILs on concurrent writers "
+            "and stale writers that are this design, not a bug"
+        )
     else:
         probe.notes.append(f"a conflicting request got {_shown(conflict)}, not a 4xx")
     error = conflict.body.get("error") if isinstance(conflict.body, dict) else None
     error_shape: Literal["openai", "string"] = "string" if isinstance(error, str) else "openai"
 
     await client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
+    upstream_failures = await _upstream_failures(probe, id_field, tools)
     profile = Profile(
         name="suggested",
         description=f"suggested by sessctl profile check against {client.base_url}",
@@ -163,10 +178,51 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         trajectory=trajectory,
         append_after_assistant=appends,
         retry=retry,
+        upstream_failures=upstream_failures,
         rejected_status=rejected_status,
         error_shape=error_shape,
     )
     return ProbeResult(profile, probe.notes)
+
+
+async def _upstream_failures(
+    probe: _Probe, id_field: str, tools: bool
+) -> Literal["retry", "pass-through"]:
+    """On a fresh session: the first call of a turn fails with 503, the next would
+    answer. Two calls and a 2xx: retried. One call and the failure: passed through.
+    Also: is an exact retry of that first turn refused?"""
+    created, _ = await probe.create()
+    session_id = str(created.body[id_field])
+    tag, first = probe.user("probe an upstream 503")
+    probe.chaos.script(tag, [parse_behaviour({"status": 503}), parse_behaviour("respond")])
+    turn = await probe.chat(session_id, [first], tools=tools)
+    calls = probe.chaos.calls(tag)
+    found: Literal["retry", "pass-through"] = "retry"
+    committed = turn.status is not None and turn.status // 100 == 2
+    if (
+        not committed
+        and calls == 1
+        and turn.status is not None
+        and (turn.status == 429 or turn.status >= 500)
+    ):
+        found = "pass-through"
+        probe.notes.append(f"an upstream 503 was passed to the agent ({_shown(turn)}), not retried")
+        again = await probe.chat(session_id, [first], tools=tools)  # as its agent would
+        committed = again.status is not None and again.status // 100 == 2
+    elif not committed:
+        probe.notes.append(
+            f"a turn whose first upstream call failed with 503 got {_shown(turn)} "
+            f"after {calls} call(s)"
+        )
+    if committed:
+        retried = await probe.chat(session_id, [first], tools=tools)
+        if retried.status is not None and 400 <= retried.status < 500:
+            probe.notes.append(
+                f"an exact retry of the first turn is refused ({_shown(retried)}); "
+                "later turns may differ"
+            )
+    await probe.client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
+    return found
 
 
 async def _try_tool_results(probe: _Probe, id_field: str) -> tuple[str, list[dict[str, Any]], str]:
