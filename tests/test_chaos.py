@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from harness.chaos.workload import ChaosSettings, run_chaos
 
 
@@ -62,6 +64,10 @@ def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: 
     replayed = sessctl(*replay.split()[1:])
     assert replayed.returncode == 1, replayed.stdout
     assert "FAIL" in replayed.stdout
+    # The scenario names the race its steps show, which the replay's summary confirms.
+    written = yaml.safe_load(scenario.read_text())
+    assert f"safety failure ({written['property']}" in " ".join(replayed.stdout.split())
+    assert f"shows: {written['property']}" in " ".join(written["description"].split())
     assert sessctl("run-scenarios", str(scenario)).returncode == 0  # the reference passes it
     bad = sessctl("chaos", "--faults", "meteor")
     assert bad.returncode == 2

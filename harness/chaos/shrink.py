@@ -31,6 +31,7 @@ runs the search.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +49,7 @@ from harness.upstream.chaos_upstream import ChaosUpstream
 from .case import (
     Case,
     CaseOp,
+    Expectations,
     ScenarioText,
     case_from_history,
     expectations_from,
@@ -128,6 +130,8 @@ class _Oracle:
         self.deadline = started + settings.time_budget
         self.exhausted = False
         self._seen: dict[str, str | None] = {}
+        self.judged: dict[str, tuple[Case, Expectations, RunResult]] = {}
+        """Written scenario -> what it was made of, and its failing run on the target."""
 
     async def scenario_for(self, case: Case, *, beyond_budget: bool = False) -> str | None:
         """The scenario text (with expectations) if the case still fails, else None."""
@@ -161,7 +165,10 @@ class _Oracle:
         target = await self.replayer.run(
             parse_scenario(text, "<shrink>"), on_reference=False, index=self.tests
         )
-        return text if target.verdict is Verdict.FAIL else None
+        if target.verdict is not Verdict.FAIL:
+            return None
+        self.judged[text] = (case, expected, target)
+        return text
 
 
 async def shrink(
@@ -196,10 +203,11 @@ async def shrink(
         ) or await oracle.scenario_for(case, beyond_budget=True)
         if written is None:
             continue
+        written = _named_for_what_it_shows(written, text, oracle)
         scenario = parse_scenario(written, "<shrink>")
         failures, passes = await _confirm(scenario, replayer, settings.confirm_runs)
         return ShrinkResult(
-            name=text.name,
+            name=scenario.name,
             text=written,
             finding=finding,
             operations_before=before,
@@ -262,6 +270,38 @@ def _no_hang_up(case: Case, op: CaseOp) -> Case | None:
     if not any(p.op == op.name and p.action == "cancel" for p in case.points):
         return None
     return case.with_op(op, drop=["cancel"])
+
+
+def _named_for_what_it_shows(written: str, text: ScenarioText, oracle: _Oracle) -> str:
+    """Describe the shrunk scenario by the failure it shows on the target, which
+    may not be the chaos finding it started from (a split-lock history's finding
+    may shrink to a phantom commit): its description and property must name the
+    race its steps contain."""
+    judged = oracle.judged.get(written)
+    if judged is None:
+        return written
+    case, expected, run = judged
+    # Findings labelled with the property the text was given say nothing new;
+    # a specific cause (a phantom commit, say) says what the steps show.
+    specific = [f for f in run.failures if f.label and f.label != text.safety_property]
+    shown_findings = specific or [f for f in run.failures if f.label]
+    labels = list(dict.fromkeys(f.label for f in shown_findings))
+    if not labels:
+        return written
+    first = shown_findings[0]
+    shown = (
+        f"{text.description.split(' then shrunk.')[0]} then shrunk. On the target it "
+        f"shows: {', '.join(labels)} ({first.step or 'the run'}: expected "
+        f"{first.expected}; got {first.actual})."
+    )
+    prefix = re.match(r"^(chaos-seed\d+)-", text.name)
+    name = f"{prefix.group(1)}-{_slug(labels[0])}" if prefix else text.name
+    named = replace(text, name=name, description=shown, safety_property=labels[0])
+    return render(case, named, expected)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:60] or "failure"
 
 
 async def _confirm(scenario: Scenario, replayer: Replayer, runs: int) -> tuple[int, int]:
