@@ -53,6 +53,9 @@ class Profile(_Model):
     upstream_failures: Literal["retry", "pass-through"] = "retry"
     """What the server does with a retryable upstream failure (abort, reset, 429,
     503): retry it, or pass it to the agent (state unchanged) for the agent to retry."""
+    rollback: Literal["none", "one-step"] = "none"
+    """``one-step``: a request that differs from the committed trajectory only in its
+    last turn replaces that turn (the server rolls it back) instead of a refusal."""
     rejected_status: int = Field(default=409, ge=400, le=499)
     error_shape: Literal["openai", "string"] = "openai"
 
@@ -81,6 +84,8 @@ class Profile(_Model):
             )
         if self.upstream_failures != reference.upstream_failures:
             found.append(PASSED_THROUGH)
+        if self.rollback != reference.rollback:
+            found.append(ROLLED_BACK)
         if self.rejected_status != reference.rejected_status:
             found.append(f"rejected requests answer {self.rejected_status}, not 409")
         if self.error_shape != reference.error_shape:
@@ -92,6 +97,8 @@ PASSED_THROUGH = "upstream failures are passed through, not retried"
 """The convention's label: the server hands abort/503s to the agent, state unchanged."""
 
 REFUSED_RETRY = "an exact retry is refused (state unchanged)"
+
+ROLLED_BACK = "a request that differs in its last turn rolls that turn back"
 
 REFERENCE_PROFILE = Profile()
 

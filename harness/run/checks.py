@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import Any
 
 from harness.model.profile import (
     PASSED_THROUGH,
     REFERENCE_PROFILE,
     REFUSED_RETRY,
+    ROLLED_BACK,
     Profile,
     read_trajectory,
 )
 from harness.model.scenario import ChatStep, Expect, Scenario, parse_status
 from harness.results import Finding, Kind, Observation, answer_of
-from refserver.rules import comparable
+from refserver.rules import comparable, first_divergence
 
 from .context import RunContext
 
@@ -87,6 +89,12 @@ def check_step(
         if wanted_success is not None and (status // 100 == 2) != wanted_success:
             if wanted_success and excused is not None:
                 convention(f"status {matcher.describe()}", describe_answer(observation), excused)
+            elif not wanted_success and declared_rollback(step_id, context, profile):
+                convention(
+                    f"status {matcher.describe()}",
+                    describe_answer(observation),
+                    _declared(ROLLED_BACK, True),
+                )
             else:
                 safety(f"status {matcher.describe()}", describe_answer(observation))
         else:
@@ -153,6 +161,31 @@ def _excused_refusal(
     if isinstance(step, ChatStep) and step.retry is not None and 400 <= status < 500:
         return _declared(REFUSED_RETRY, profile.retry == "refuse")
     return None
+
+
+def last_turn_start(messages: list[dict[str, Any]]) -> int:
+    """Where the last turn of a committed trajectory begins: after the assistant
+    message that ends the turn before it."""
+    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    return answers[-2] + 1 if len(answers) >= 2 else 0
+
+
+def rolls_back_one_step(before: list[dict[str, Any]], sent: list[dict[str, Any]]) -> bool:
+    """``sent`` keeps every committed turn but the last, and replaces that one."""
+    if not before:
+        return False
+    divergence = first_divergence(before, sent)
+    if divergence is None or divergence < last_turn_start(before):
+        return False
+    return bool(sent) and sent[-1].get("role") != "assistant"
+
+
+def declared_rollback(step_id: str, context: RunContext, profile: Profile) -> bool:
+    """A 2xx where a refusal was expected, on a server that declares one-step
+    rollbacks, for a request that diverged only in the last turn."""
+    if profile.rollback != "one-step" or step_id not in context.sent_messages:
+        return False
+    return rolls_back_one_step(context.seen_before.get(step_id, []), context.sent_messages[step_id])
 
 
 def _status_label(step_id: str, observation: Observation, expected: str, profile: Profile) -> str:
@@ -248,15 +281,39 @@ def _check_trajectory(
             "no readable trajectory" if messages is None else f"{len(messages)} messages",
         )
     committed = {comparable(m) for m in messages or [] if isinstance(m, dict)}
+    rolled_back = _rolled_back(scenario, context, profile)
     for chat in expect.contains:
         answer = answer_of(context.observations.get(chat))
         if answer is None:
             fail(f"{chat}'s answer in the trajectory", f"{chat} got no answer")
+        elif comparable(answer) not in committed and chat in rolled_back:
+            findings.append(
+                Finding(
+                    step_id,
+                    f"{chat}'s answer in the trajectory",
+                    "it is missing: a later request rolled its turn back",
+                    repro,
+                    Kind.CONVENTION,
+                    _declared(ROLLED_BACK, True),
+                )
+            )
         elif comparable(answer) not in committed:
             fail(f"{chat}'s answer in the trajectory", "it is missing")
     for chat in expect.excludes:
         sent = context.sent_messages.get(chat)
         if sent and comparable(sent[-1]) in committed:
+            if declared_rollback(chat, context, profile):
+                findings.append(
+                    Finding(
+                        step_id,
+                        f"{chat}'s message not in the trajectory",
+                        "it is there: it rolled back the last turn",
+                        repro,
+                        Kind.CONVENTION,
+                        _declared(ROLLED_BACK, True),
+                    )
+                )
+                continue
             fail(f"{chat}'s message not in the trajectory", "it is there", count=False)
     return findings
 
@@ -297,7 +354,7 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
         and step.retry is not None
         and (retry := context.observations.get(step.id)) is not None
         and retry.status == 200
-    }
+    } | _rolled_back(scenario, context, profile)
     for step in scenario.steps:
         if not isinstance(step, ChatStep) or step.id in superseded:
             continue
@@ -322,6 +379,30 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
                 )
             )
     return findings
+
+
+def _rolled_back(scenario: Scenario, context: RunContext, profile: Profile) -> set[str]:
+    """Chats whose committed turn a later, declared one-step rollback replaced."""
+    if profile.rollback != "one-step":
+        return set()
+    replaced: set[str] = set()
+    for step in scenario.steps:
+        observation = context.observations.get(step.id)
+        if not isinstance(step, ChatStep) or observation is None or observation.status != 200:
+            continue
+        before = context.seen_before.get(step.id, [])
+        if not declared_rollback(step.id, context, profile):
+            continue
+        # The turn it replaced is the one whose request and answer ``before`` ends with.
+        for other, sent in context.sent_messages.items():
+            answer = answer_of(context.observations.get(other))
+            if (
+                other != step.id
+                and answer is not None
+                and [comparable(m) for m in [*sent, answer]] == [comparable(m) for m in before]
+            ):
+                replaced.add(other)
+    return replaced
 
 
 def _check_no_success_after_delete(context: RunContext) -> list[Finding]:

@@ -22,6 +22,9 @@ class RunContext:
     views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Session id -> the trajectory as this client last saw it committed."""
     sent_messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seen_before: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Chat step -> the trajectory its session had, as the harness last saw it
+    committed, when the chat was sent (to tell a one-step rollback)."""
     observations: dict[str, Observation] = field(default_factory=dict)
     final_trajectories: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
     """Session id -> its messages at the end, or None if it no longer exists."""

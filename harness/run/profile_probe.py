@@ -30,6 +30,7 @@ from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker, parse_behaviour
 from refserver.fake_upstream import Flavor
 
+from .checks import last_turn_start
 from .client import TargetClient
 from .preflight import describe, wait_until_up
 from .runner import AGENT_TOOLS
@@ -150,6 +151,15 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         else "regenerate"
     )
 
+    # Does a request that differs only in the last turn replace it (a rollback)?
+    rollback: Literal["none", "one-step"] = "none"
+    if not tools:
+        _, rewound = probe.user("a rewound last turn")
+        rewind = await probe.chat(session_id, [*messages[: last_turn_start(messages)], rewound])
+        if rewind.status is not None and rewind.status // 100 == 2:
+            rollback = "one-step"
+            probe.notes.append("a request that differs in its last turn replaced that turn")
+
     # How is a conflicting request rejected?
     _, stranger = probe.user("a different first turn")
     conflict = await probe.chat(session_id, [stranger], tools=tools)
@@ -179,6 +189,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         append_after_assistant=appends,
         retry=retry,
         upstream_failures=upstream_failures,
+        rollback=rollback,
         rejected_status=rejected_status,
         error_shape=error_shape,
     )

@@ -21,7 +21,13 @@ from typing import Any
 
 import trio
 
-from harness.model.profile import PASSED_THROUGH, REFERENCE_PROFILE, Profile, read_trajectory
+from harness.model.profile import (
+    PASSED_THROUGH,
+    REFERENCE_PROFILE,
+    ROLLED_BACK,
+    Profile,
+    read_trajectory,
+)
 from harness.model.scenario import (
     AwaitStep,
     CancelStep,
@@ -43,7 +49,7 @@ from harness.results import Finding, Kind, Observation, RunResult, Verdict, answ
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, StepEvent, marker
 
-from .checks import check_run, passed_through
+from .checks import check_run, declared_rollback, passed_through
 from .client import TargetClient
 from .context import RunContext
 
@@ -351,6 +357,7 @@ class ScenarioRun:
         tag = self.tag(step.id)
         messages = self._messages_for(step, session_id, tag)
         self.context.sent_messages[step.id] = messages
+        self.context.seen_before[step.id] = list(self.context.views.get(session_id, []))
         # An exact retry carries the original's marker, so the upstream files
         # its calls under the original step: script that tag for this attempt.
         scripted = self.tag(step.retry) if step.retry is not None else tag
@@ -480,6 +487,15 @@ class ScenarioRun:
             # It made no second call because it handed the failure to the agent.
             return Finding(
                 step_id, expected, actual, kind=Kind.CONVENTION, label=self._passed_through_label()
+            )
+        if kind is None and declared_rollback(step_id, self.context, self.settings.profile):
+            # Accepted by the declared policy, so the engine was called for it.
+            return Finding(
+                step_id,
+                expected,
+                actual,
+                kind=Kind.CONVENTION,
+                label=f"{ROLLED_BACK} (declared in the profile)",
             )
         label = self.scenario.property_of(step_id)
         if kind is EventKind.CANCELLED and self._answered_as_expected(step_id):
