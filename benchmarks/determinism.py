@@ -1,6 +1,7 @@
 """Determinism: the same verdicts run after run, and every variant caught every time.
 
     python benchmarks/determinism.py [--repeat 50] [--selftest-repeat 20]
+                                     [--loaded-repeat 20] [--chaos-runs 20] [--chaos-ops 2000]
 
 1. ``sessctl run-scenarios --repeat N`` against the embedded reference server:
    every scenario must pass in all N runs. Races left free on purpose show
@@ -8,6 +9,11 @@
 2. ``sessctl selftest --repeat M``: for every known-broken variant, the
    scenarios that catch it in all M runs (at least one is required), and
    those that catch it in some runs only.
+3. Under load: two CPU-bound processes (as many as this 2-core machine has
+   cores) run beside ``sessctl run-scenarios --repeat K`` and beside
+   ``sessctl chaos`` runs of 2,000 operations, each with its own seed. The
+   clean reference server must get 0 FAIL and 0 ERROR in every one: a
+   verdict that a busy CI runner can flip is worth nothing.
 """
 
 from __future__ import annotations
@@ -29,12 +35,65 @@ def sessctl(*args: str) -> tuple[int, float]:
     return done.returncode, time.perf_counter() - started
 
 
+HOG = "while True: pass"
+
+
+def loaded(args: argparse.Namespace, tmp: Path) -> bool:
+    """Phase 3: the clean server, with every core kept busy by another process."""
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
+    ok = True
+    try:
+        report_path = tmp / "loaded.json"
+        code, seconds = sessctl(
+            "run-scenarios", "--repeat", str(args.loaded_repeat), "--quiet",
+            "--json", str(report_path),
+        )  # fmt: skip
+        summary = json.loads(report_path.read_text())["summary"]
+        runs = sum(len(s["runs"]) for s in json.loads(report_path.read_text())["scenarios"])
+        print(
+            f"under load, run-scenarios --repeat {args.loaded_repeat}: exit {code} in "
+            f"{seconds:.1f} s; {runs} runs; scenarios failed {summary['failed']}, "
+            f"errors {summary['errors']}"
+        )
+        ok &= code == 0 and summary["failed"] == 0 and summary["errors"] == 0
+        verdicts: dict[int, int] = {}
+        started = time.perf_counter()
+        for seed in range(1, args.chaos_runs + 1):
+            code, _ = sessctl(
+                "chaos", "--seed", str(seed), "--ops", str(args.chaos_ops), "--no-shrink"
+            )
+            verdicts[code] = verdicts.get(code, 0) + 1
+            if code != 0:
+                print(f"  chaos seed {seed}: exit {code} (0 is valid)")
+        valid = verdicts.get(0, 0)
+        elapsed = time.perf_counter() - started
+        print(
+            f"under load, {args.chaos_runs} chaos runs of {args.chaos_ops} operations: "
+            f"{valid} valid, {args.chaos_runs - valid} not, in {elapsed:.1f} s"
+        )
+        ok &= valid == args.chaos_runs
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--selftest-repeat", type=int, default=20)
+    parser.add_argument("--loaded-repeat", type=int, default=20)
+    parser.add_argument("--chaos-runs", type=int, default=20)
+    parser.add_argument("--chaos-ops", type=int, default=2000)
+    parser.add_argument("--only-loaded", action="store_true", help="phase 3 only")
     args = parser.parse_args()
     ok = True
+    if args.only_loaded:
+        with tempfile.TemporaryDirectory() as tmp:
+            ok = loaded(args, Path(tmp))
+        print("deterministic under load" if ok else "NOT deterministic under load")
+        return 0 if ok else 1
     with tempfile.TemporaryDirectory() as tmp:
         report_path = Path(tmp) / "runs.json"
         code, seconds = sessctl(
@@ -73,6 +132,7 @@ def main() -> int:
             ]
             if sometimes:
                 print(f"  {'':<24} and in some runs by {', '.join(sometimes)}")
+        ok &= loaded(args, Path(tmp))
     print("deterministic" if ok else "NOT deterministic")
     return 0 if ok else 1
 
