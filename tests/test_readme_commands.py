@@ -1,0 +1,79 @@
+"""README's commands, run as a user runs them (subprocesses), and its quoted output checked.
+
+The walkthrough of "Seeing a failing report": a variant served by ``sessctl
+serve``, raced by ``sessctl run-scenarios --target``. The matrix README quotes
+for it must be what the run prints (with this run's port), so the README
+cannot drift from the tool. (The "Validating your own server" walkthrough is
+``tests/test_third_party.py``; chaos and check are ``tests/test_chaos.py``.)
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import HANG_GUARD
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def quoted_block(after: str) -> list[str]:
+    """The lines of the first plain code block after the line containing ``after``."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    opening = next(i for i in range(start, len(lines)) if lines[i] == "```")
+    closing = next(i for i in range(opening + 1, len(lines)) if lines[i].startswith("```"))
+    return lines[opening + 1 : closing]
+
+
+def test_seeing_a_failing_report_as_the_readme_shows_it() -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", "serve", "--port", "0",
+         "--upstream", f"http://127.0.0.1:{port}/v1", "--emulate", "split-lock"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        url = ""
+        for line in server.stdout:
+            if line.startswith("sessctl reference server on "):
+                url = line.split(" on ", 1)[1].strip()
+                break
+        assert url
+        done = subprocess.run(
+            [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
+             "--upstream-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=120, env=ENV,
+        )  # fmt: skip
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=HANG_GUARD)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    shown = done.stdout.replace(url.removeprefix("http://"), "127.0.0.1:8000")
+    quoted = quoted_block("commit of a split-lock server")
+    # The header and the matrix, line for line (ids and timings differ run to run).
+    matrix = [line.rstrip() for line in quoted[:6]]
+    printed = [line.rstrip() for line in shown.splitlines()]
+    start = printed.index(matrix[0])
+    assert printed[start : start + 6] == matrix
+    for finding in ("a phantom commit", "expected exactly one of c1, c2 gets 200"):
+        assert finding in shown
+    assert re.search(
+        r"reproduce: sessctl run-scenarios --filter concurrent-writers-no-phantom --target "
+        r"http://127\.0\.0\.1:8000",
+        shown,
+    )
