@@ -171,3 +171,29 @@ async def test_a_connection_dropped_after_a_500_costs_one_resend_not_an_error(
     assert after.status == 200
     assert after.retried_after is not None  # the dropped connection, then a fresh one
     nursery.cancel_scope.cancel()
+
+
+async def test_profile_check_through_the_cli_writes_the_profile_that_fits(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """README's step 3, as a user types it: the suggested profile is the one that
+    step 4 then runs with."""
+    port = _free_port()
+    url = await nursery.start(serve_third_party, f"http://127.0.0.1:{port}/v1")
+    written = tmp_path / "my-server.yaml"
+    done = await trio.run_process(
+        [sys.executable, "-m", "sessctl", "profile", "check", "--target", url,
+         "--upstream-listen", f"127.0.0.1:{port}", "--flavor", "sglang",
+         "--output", str(written)],
+        capture_stdout=True, capture_stderr=True, check=False,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "120"},
+    )  # fmt: skip
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, out
+    assert "note: an upstream 503 was passed to the agent" in out
+    suggested = load_profile(str(written))
+    expected = load_profile("records-tool-400")
+    assert suggested.model_dump(exclude={"name", "description"}) == expected.model_dump(
+        exclude={"name", "description"}
+    )
+    nursery.cancel_scope.cancel()
