@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +28,31 @@ NO_UPSTREAM_DEADLINE = 3600.0
 # A hang guard, not a timing assertion: a broken server makes a test fail
 # here instead of hanging the suite.
 HANG_GUARD = 10.0
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a chaos upstream that a server under test
+    must be told about before it starts (as a user's server would be)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_sessctl_serve(*args: str, **popen: Any) -> tuple[subprocess.Popen[str], str]:
+    """``sessctl serve --port 0 ARGS`` in a child process, and the URL it announces."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("sessctl reference server on "):
+            return process, line.split(" on ", 1)[1].strip()
+    process.kill()
+    raise AssertionError("sessctl serve did not announce its URL")
 
 
 class Api:

@@ -14,7 +14,7 @@ from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind
 from refserver.server import RunningServer, ServerConfig, serve_until_signalled
 
-from .conftest import FAST_RETRY, HANG_GUARD, Api, user
+from .conftest import FAST_RETRY, HANG_GUARD, Api, start_sessctl_serve, user
 
 
 async def test_sigterm_answers_the_turn_in_flight_503_and_stops(chaos: ChaosUpstream) -> None:
@@ -48,19 +48,8 @@ async def test_sigterm_answers_the_turn_in_flight_503_and_stops(chaos: ChaosUpst
 
 
 def test_serve_prints_its_url_logs_requests_and_exits_on_sigint() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sessctl", "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process, url = start_sessctl_serve(stderr=subprocess.STDOUT)
     try:
-        assert process.stdout is not None
-        url = ""
-        for line in process.stdout:
-            if line.startswith("sessctl reference server on "):
-                url = line.split(" on ", 1)[1].strip()
-                break
         assert url.startswith("http://127.0.0.1:")
         with httpx.Client(base_url=url) as client:
             session_id = client.post("/sessions").json()["session_id"]

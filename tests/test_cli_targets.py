@@ -26,14 +26,9 @@ from starlette.routing import Route
 from harness.upstream.http11 import Exchange, serve_http11
 from refserver.server import ServerConfig, serve, serve_asgi
 
+from .conftest import free_port
+
 ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def sessctl(*args: str) -> tuple[int, str]:

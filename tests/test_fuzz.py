@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from hypothesis import strategies as st
 
 from refserver.rules import ROLES
 
-from .conftest import HANG_GUARD
+from .conftest import HANG_GUARD, start_sessctl_serve
 
 settings.register_profile(
     "ci",
@@ -66,20 +64,8 @@ def server() -> Iterator[Server]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         with log.open("w") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "sessctl", "serve", "--port", "0"],
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                text=True,
-            )
+            process, url = start_sessctl_serve(stderr=log_file)
             try:
-                assert process.stdout is not None
-                url = ""
-                for line in process.stdout:
-                    if line.startswith("sessctl reference server on "):
-                        url = line.split(" on ", 1)[1].strip()
-                        break
-                assert url, "the server did not start"
                 with httpx.Client(base_url=url, timeout=HANG_GUARD) as client:
                     yield Server(url, client, log)
             finally:

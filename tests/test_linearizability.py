@@ -334,47 +334,26 @@ def test_the_timeline_draws_the_failing_window_per_client() -> None:
     assert render_timeline(check_history(sequential_life().ops), []).count("<svg") == 0
 
 
-def test_bytes_in_flight_when_the_turn_was_cancelled_are_not_leaked_work() -> None:
-    # Seen on the clean server in 2 of 10 chaos runs: the upstream logged
-    # "received" 0.9 ms after the DELETE completed (the request's bytes were
-    # already on the wire when the turn was cancelled); the server then hung up.
+def _preempted_call_received_after_the_delete(ending: UpstreamEvent) -> History:
+    """A turn preempted by a DELETE whose upstream call arrived 0.9 ms after the
+    DELETE completed (bytes on the wire when the turn was cancelled), then ``ending``."""
     h = History()
     h.add("create", 0, 1, 201)
     h.add(
-        "chat",
-        2,
-        4.6,
-        410,
-        messages=[U1],
-        upstream=[UpstreamEvent("received", 4.6009), UpstreamEvent("cancelled", 4.602)],
-    )
+        "chat", 2, 4.6, 410, messages=[U1],
+        upstream=[UpstreamEvent("received", 4.6009), ending],
+    )  # fmt: skip
     h.add("delete", 4, 4.6, 204)
-    assert check_history(h.ops).verdict == "valid"
+    return h
 
-    # The same call, answered instead of hung up on: LLM work for a deleted session.
-    worked = History()
-    worked.add("create", 0, 1, 201)
-    worked.add(
-        "chat",
-        2,
-        4.6,
-        410,
-        messages=[U1],
-        upstream=[UpstreamEvent("received", 4.6009), UpstreamEvent("answered", 4.7)],
-    )
-    worked.add("delete", 4, 4.6, 204)
-    assert [f.kind for f in check_history(worked.ops).findings] == ["llm-leak"]
 
+def test_bytes_in_flight_when_the_turn_was_cancelled_are_not_leaked_work() -> None:
+    # Seen on the clean server in 2 of 10 chaos runs; the server then hung up.
+    hung_up = _preempted_call_received_after_the_delete(UpstreamEvent("cancelled", 4.602))
+    assert check_history(hung_up.ops).verdict == "valid"
+    # The same call answered instead: LLM work for a deleted session.
+    answered = _preempted_call_received_after_the_delete(UpstreamEvent("answered", 4.7))
+    assert [f.kind for f in check_history(answered.ops).findings] == ["llm-leak"]
     # Hung up on, but only long after: left running, so leaked all the same.
-    late = History()
-    late.add("create", 0, 1, 201)
-    late.add(
-        "chat",
-        2,
-        4.6,
-        410,
-        messages=[U1],
-        upstream=[UpstreamEvent("received", 4.6009), UpstreamEvent("cancelled", 9.0)],
-    )
-    late.add("delete", 4, 4.6, 204)
+    late = _preempted_call_received_after_the_delete(UpstreamEvent("cancelled", 9.0))
     assert [f.kind for f in check_history(late.ops).findings] == ["llm-leak"]

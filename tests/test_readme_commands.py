@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import HANG_GUARD
+from .conftest import HANG_GUARD, free_port, start_sessctl_serve
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def quoted_block(after: str) -> list[str]:
@@ -40,19 +32,11 @@ def quoted_block(after: str) -> list[str]:
 
 def test_seeing_a_failing_report_as_the_readme_shows_it() -> None:
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sessctl", "serve", "--port", "0",
-         "--upstream", f"http://127.0.0.1:{port}/v1", "--emulate", "split-lock"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
+    server, url = start_sessctl_serve(
+        "--upstream", f"http://127.0.0.1:{port}/v1", "--emulate", "split-lock",
+        stderr=subprocess.DEVNULL, env=ENV,
     )  # fmt: skip
     try:
-        assert server.stdout is not None
-        url = ""
-        for line in server.stdout:
-            if line.startswith("sessctl reference server on "):
-                url = line.split(" on ", 1)[1].strip()
-                break
-        assert url
         done = subprocess.run(
             [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
              "--upstream-listen", f"127.0.0.1:{port}"],

@@ -7,7 +7,6 @@ conventions, and PASS elsewhere; --strict turns its conventions into failures.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,6 +21,7 @@ from harness.run.runner import RunSettings
 from harness.run.suite import SuiteSettings, Target, run_suite
 from harness.upstream.chaos_upstream import ChaosUpstream
 
+from .conftest import free_port
 from .third_party_server import serve_third_party
 
 PLANTED = ["in-flight turn not preempted", "queued chats proceed after DELETE", "phantom commit"]
@@ -106,20 +106,11 @@ async def test_strict_turns_conventions_into_failures(nursery: trio.Nursery) -> 
     assert result.count(Verdict.NON_STRICT) == 0
 
 
-def _free_port() -> int:
-    # The chaos upstream must listen where the server under test was told to
-    # call; this server is started first, as a user's would be.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_the_readme_walkthrough_through_the_cli(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """README's "Validating your own server", step 4, as a user types it."""
-    port = _free_port()
+    port = free_port()
     url = await nursery.start(serve_third_party, f"http://127.0.0.1:{port}/v1")
     reports = {kind: tmp_path / f"sessctl.{kind}" for kind in ("xml", "json", "md")}
     done = await trio.run_process(
@@ -178,7 +169,7 @@ async def test_profile_check_through_the_cli_writes_the_profile_that_fits(
 ) -> None:
     """README's step 3, as a user types it: the suggested profile is the one that
     step 4 then runs with."""
-    port = _free_port()
+    port = free_port()
     url = await nursery.start(serve_third_party, f"http://127.0.0.1:{port}/v1")
     written = tmp_path / "my-server.yaml"
     done = await trio.run_process(
