@@ -61,3 +61,15 @@ def test_seeing_a_failing_report_as_the_readme_shows_it() -> None:
         r"http://127\.0\.0\.1:8000",
         shown,
     )
+
+
+def test_the_passing_report_as_the_readme_shows_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sessctl", "run-scenarios", "--filter", "delete-mid-proxy"],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    quoted = [line.rstrip() for line in quoted_block("marks an expected cell")]
+    printed = [line.rstrip() for line in done.stdout.splitlines()]
+    start = printed.index(quoted[0])
+    assert printed[start : start + len(quoted)] == quoted
