@@ -29,6 +29,7 @@ from .errors import (
     MethodNotAllowed,
     RequestTimeout,
     RouteNotFound,
+    ServerBusy,
     SessionServerError,
 )
 from .protocol import ChatRequest, parse_chat_request
@@ -46,6 +47,9 @@ CLIENT_CLOSED_REQUEST = 499
 class HttpLimits:
     max_body_bytes: int = 8 * 1024 * 1024
     body_read_timeout: float = 30.0
+    max_turns_in_flight: int = 10_000
+    """Chat requests admitted at once (queued on a session lock or at the upstream);
+    one more is refused at once with 503 server_busy rather than queued unseen."""
 
 
 def error_response(error: SessionServerError, headers: dict[str, str] | None = None) -> Response:
@@ -103,8 +107,23 @@ def create_app(
             return Response(status_code=204)
         return JSONResponse(service.get(session_id))
 
+    turns = trio.CapacityLimiter(limits.max_turns_in_flight)
+
     async def chat_completions(request: Request) -> Response:
         chat_request = parse(await read_body(request, limits))
+        try:
+            turns.acquire_nowait()
+        except trio.WouldBlock:
+            raise ServerBusy(
+                f"{limits.max_turns_in_flight} turns are in flight (--max-turns-in-flight); "
+                "nothing was done: retry later"
+            ) from None
+        try:
+            return await _run_chat(request, chat_request)
+        finally:
+            turns.release()
+
+    async def _run_chat(request: Request, chat_request: ChatRequest) -> Response:
         response: Response | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)

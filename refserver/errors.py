@@ -21,7 +21,8 @@ Hierarchy::
     ├── UpstreamFailure               the LLM engine did not give us a usable answer
     │   ├── UpstreamError             502 upstream_error
     │   └── UpstreamTimeout           504 upstream_timeout
-    └── ServerShuttingDown            503 server_shutting_down
+    ├── ServerShuttingDown            503 server_shutting_down
+    └── ServerBusy                    503 server_busy       (over --max-turns-in-flight)
 
 Foreign exceptions (httpx, JSON decoding) are translated into these at the
 boundary that meets them (``upstream.py``, ``app.py``) and nowhere else.
@@ -124,6 +125,13 @@ class UpstreamTimeout(UpstreamFailure):
 class ServerShuttingDown(SessionServerError):
     status_code = 503
     error_type = "server_shutting_down"
+
+
+class ServerBusy(SessionServerError):
+    """More turns are in flight than the server admits; nothing was done, retry."""
+
+    status_code = 503
+    error_type = "server_busy"
 
 
 class ChildServerFailed(Exception):

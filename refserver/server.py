@@ -8,10 +8,12 @@ port 0 and learn the port.
 from __future__ import annotations
 
 import contextlib
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import httpx
 import hypercorn.trio
@@ -61,6 +63,10 @@ def _hypercorn_config(
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace
+    if limits is not None:
+        # hypercorn's default backlog of 100 overflowed under thousands of agents
+        # connecting at once; the kernel caps it at net.core.somaxconn.
+        config.backlog = max(config.backlog, limits.max_turns_in_flight)
     # The access log is the app's own (one line per request, with its id):
     # hypercorn's logs a request twice when its client closes mid-answer.
     config.accesslog = None
@@ -109,7 +115,11 @@ async def serve(
     """Run until ``shutdown`` is set; in-flight turns then answer 503 and commit nothing."""
     if shutdown is None:
         shutdown = trio.Event()
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    # Every admitted turn can have its own upstream connection, so no turn ever
+    # waits in httpcore's pool queue (whose scan is quadratic in its length).
+    clients_count = max(1, config.upstream_clients)
+    per_client = -(-config.limits.max_turns_in_flight // clients_count) + 16
+    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=64)
     # No read timeout here: the deadline of a whole turn is the upstream's own.
     timeout = httpx.Timeout(None, connect=10.0)
     async with contextlib.AsyncExitStack() as clients_stack, trio.open_nursery() as nursery:
@@ -117,7 +127,7 @@ async def serve(
             await clients_stack.enter_async_context(
                 httpx.AsyncClient(limits=limits, timeout=timeout)
             )
-            for _ in range(max(1, config.upstream_clients))
+            for _ in range(clients_count)
         ]
         upstream_url = config.upstream_url
         if upstream_url is None:
@@ -155,6 +165,56 @@ async def serve(
         task_status.started(
             RunningServer(url, upstream_url, upstream_is_embedded=config.upstream_url is None)
         )
+
+
+TURNS_WANTED = 10_000
+"""What a trainer running thousands of agents needs in flight at once."""
+
+RESERVED_DESCRIPTORS = 64
+"""Descriptors kept for everything but turns: listeners, logs, the embedded upstream."""
+
+
+def default_max_turns_in_flight() -> int:
+    """10,000, or as many as the open-file limit allows (two descriptors a turn)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return TURNS_WANTED
+    return max(1, min(TURNS_WANTED, (soft - RESERVED_DESCRIPTORS) // 2))
+
+
+def capacity_hints(max_turns_in_flight: int) -> list[str]:
+    """What this machine's limits say about admitting ``max_turns_in_flight`` turns."""
+    hints: list[str] = []
+    wanted = 2 * max_turns_in_flight  # the agent's connection and the upstream's
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + RESERVED_DESCRIPTORS:
+        hints.append(
+            f"the open-file limit (ulimit -n) is {soft}, below the {wanted} descriptors "
+            f"{max_turns_in_flight} turns in flight need (one connection from the agent, one "
+            f"to the engine, each): turns past about {(soft - RESERVED_DESCRIPTORS) // 2} will "
+            f"fail; raise it (ulimit -n {wanted + 1024}) or lower --max-turns-in-flight"
+        )
+    elif soft != resource.RLIM_INFINITY and max_turns_in_flight < TURNS_WANTED:
+        hints.append(
+            f"admitting {max_turns_in_flight} turns in flight (503 server_busy past that): "
+            f"the open-file limit (ulimit -n) is {soft}; raise it to "
+            f"{2 * TURNS_WANTED + 1024} to admit {TURNS_WANTED}"
+        )
+    somaxconn = _read_int("/proc/sys/net/core/somaxconn")
+    if somaxconn is not None and somaxconn < min(max_turns_in_flight, 1024):
+        hints.append(
+            f"the kernel caps the listen backlog at {somaxconn} (net.core.somaxconn): a burst "
+            f"of more new connections than that may be refused before they are accepted; "
+            f"raise it (sysctl -w net.core.somaxconn={max_turns_in_flight}) for large bursts"
+        )
+    return hints
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 async def serve_until_signalled(

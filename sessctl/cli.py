@@ -24,7 +24,11 @@ from harness.run.profile_probe import ProbeOptions
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver import RunningServer, ServerConfig
 from refserver.fake_upstream import FLAVORS, Flavor
-from refserver.server import serve_until_signalled
+from refserver.server import (
+    capacity_hints,
+    default_max_turns_in_flight,
+    serve_until_signalled,
+)
 from refserver.upstream import base_url_problem
 from refserver.variants import VARIANTS
 
@@ -160,6 +164,14 @@ def serve(
             min=1, help="httpx clients the upstream calls are spread over (one pool each)."
         ),
     ] = 8,
+    max_turns_in_flight: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Chat requests admitted at once; one more gets 503 server_busy at once. "
+            "Default: 10,000, or what the open-file limit allows (2 per turn).",
+        ),
+    ] = None,
 ) -> None:
     """Run the reference session server."""
     if emulate == "list":
@@ -169,6 +181,7 @@ def serve(
     _known_variant(emulate)
     from refserver.app import HttpLimits
 
+    max_turns_in_flight = max_turns_in_flight or default_max_turns_in_flight()
     server_log = logging.getLogger("refserver")
     server_log.addHandler(logging.StreamHandler())
     server_log.setLevel(logging.INFO)  # the access log, one line per request
@@ -178,7 +191,7 @@ def serve(
         upstream_url=upstream,
         upstream_delay=upstream_delay,
         upstream_timeout=upstream_timeout,
-        limits=HttpLimits(max_body_bytes=max_body_bytes),
+        limits=HttpLimits(max_body_bytes=max_body_bytes, max_turns_in_flight=max_turns_in_flight),
         grace_period=grace_period,
         log_requests=True,
         emulate=emulate,
@@ -194,6 +207,8 @@ def serve(
             )
         console.print(f"upstream ({upstream_note}): {running.upstream_url}")
         console.print(f"agents use {running.url}/sessions/{{id}}/v1 as their OpenAI base URL")
+        for hint in capacity_hints(max_turns_in_flight):
+            err_console.print(Text.assemble(("warning: ", "bold yellow"), hint), soft_wrap=True)
 
     bind_error = _run_trio(partial(serve_until_signalled, config, announce))
     if bind_error is not None:

@@ -1,0 +1,99 @@
+"""Admission: past --max-turns-in-flight a chat is refused at once, and no admitted turn is lost.
+
+Turns are held at the chaos upstream (events, not sleeps), so "the server is
+full" is a state the test builds, not a race it hopes for.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind
+from refserver import server
+from refserver.app import HttpLimits
+
+from .conftest import HANG_GUARD, Api, ServerStarter, start_sessctl_serve, user
+
+
+async def test_past_the_limit_a_chat_is_503_server_busy_and_admitted_turns_complete(
+    nursery: trio.Nursery, start_server: ServerStarter, chaos: ChaosUpstream
+) -> None:
+    running = await start_server(limits=HttpLimits(max_turns_in_flight=2))
+    async with httpx.AsyncClient(base_url=running.url, timeout=HANG_GUARD) as client:
+        api = Api(client, chaos)
+        sessions = [await api.create() for _ in range(3)]
+        answers: dict[str, httpx.Response] = {}
+        both_answered = trio.Event()
+
+        async def chat(name: str, session_id: str) -> None:
+            answers[name] = await api.chat(session_id, [user(name)])
+            if len(answers) == 2:
+                both_answered.set()
+
+        for name, session_id in zip(("a", "b"), sessions, strict=False):
+            api.script(name, "hold")
+            nursery.start_soon(chat, name, session_id)
+        for name in ("a", "b"):
+            await chaos.wait_for(name, EventKind.RECEIVED)
+
+        busy = await api.chat(sessions[2], [user("c")])
+        assert busy.status_code == 503
+        assert busy.json()["error"]["type"] == "server_busy"
+        assert chaos.calls("c") == 0  # refused before anything was done
+        assert (await api.get(sessions[2])).json()["messages"] == []
+
+        for name in ("a", "b"):
+            chaos.release(name)
+        await both_answered.wait()
+        assert {r.status_code for r in answers.values()} == {200}
+        # Capacity is back: the refused agent's retry goes through.
+        assert (await api.chat(sessions[2], [user("c")])).status_code == 200
+    nursery.cancel_scope.cancel()
+
+
+def _limit(monkeypatch: pytest.MonkeyPatch, soft: int) -> None:
+    def getrlimit(which: int) -> tuple[int, int]:
+        assert which == resource.RLIMIT_NOFILE
+        return soft, soft
+
+    monkeypatch.setattr(resource, "getrlimit", getrlimit)
+
+
+def test_the_default_follows_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    _limit(monkeypatch, 1024)
+    assert server.default_max_turns_in_flight() == (1024 - server.RESERVED_DESCRIPTORS) // 2
+    hints = server.capacity_hints(server.default_max_turns_in_flight())
+    assert any("raise it to 21024 to admit 10000" in hint for hint in hints)
+    _limit(monkeypatch, 1_000_000)
+    assert server.default_max_turns_in_flight() == 10_000
+
+
+def test_asking_for_more_than_the_limit_allows_is_warned(monkeypatch: pytest.MonkeyPatch) -> None:
+    _limit(monkeypatch, 1024)
+    (hint, *_) = server.capacity_hints(10_000)
+    assert "the open-file limit (ulimit -n) is 1024, below the 20000 descriptors" in hint
+    assert "ulimit -n 21024" in hint
+
+
+def test_serve_says_so_at_start_up() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    too_many = str(soft)  # two descriptors a turn: always more than the limit allows
+    process, _url = start_sessctl_serve("--max-turns-in-flight", too_many, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        lines: list[Any] = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("warning:"):
+                break
+        assert f"the open-file limit (ulimit -n) is {soft}" in lines[-1]
+    finally:
+        process.kill()
+        process.wait(timeout=HANG_GUARD)
