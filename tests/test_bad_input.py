@@ -1,7 +1,7 @@
 """Bad input never yields a 500: the classes that once did, field by field, over real HTTP.
 
 Each refused body leaves the session as it was, and none of them reaches the
-last-resort handler (``_Boundary.unexpected`` stays 0). The generated version
+last-resort handler (its "unexpected" log line never appears). The generated version
 of these checks is ``test_fuzz.py``.
 """
 
