@@ -119,7 +119,7 @@ async def serve(
     # waits in httpcore's pool queue (whose scan is quadratic in its length).
     clients_count = max(1, config.upstream_clients)
     per_client = -(-config.limits.max_turns_in_flight // clients_count) + 16
-    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=64)
+    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=UPSTREAM_KEEPALIVE)
     # No read timeout here: the deadline of a whole turn is the upstream's own.
     timeout = httpx.Timeout(None, connect=10.0)
     async with contextlib.AsyncExitStack() as clients_stack, trio.open_nursery() as nursery:
@@ -170,8 +170,13 @@ async def serve(
 TURNS_WANTED = 10_000
 """What a trainer running thousands of agents needs in flight at once."""
 
-RESERVED_DESCRIPTORS = 64
-"""Descriptors kept for everything but turns: listeners, logs, the embedded upstream."""
+UPSTREAM_KEEPALIVE = 64
+"""Idle connections each upstream client keeps open for reuse."""
+
+RESERVED_DESCRIPTORS = 64 + 8 * UPSTREAM_KEEPALIVE
+"""Descriptors kept for everything but turns in flight: listeners, logs, the embedded
+upstream, and the idle connections the default 8 upstream clients keep alive (without
+them, a server at its limit ran out of descriptors once earlier turns' connections idled)."""
 
 
 def default_max_turns_in_flight() -> int:

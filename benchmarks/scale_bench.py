@@ -1,0 +1,220 @@
+"""Scale: thousands of turns held at the engine, and DELETE still answers at once.
+
+    python benchmarks/scale_bench.py [--levels 1,100,1000,10000] [--samples 50]
+
+The server (``sessctl serve``, default settings), the chaos upstream (``sessctl
+upstream``) and this load generator each run in their own process. At each
+level L, L chats are sent on L sessions, every one held at the upstream (one
+marker, one ``hold`` script), and the level is reached when the upstream has
+received all L. Then, still at level L, ``--samples`` times: one more chat is
+held on a fresh session, and GET /healthz (the baseline) and the DELETE of that
+session are timed, interleaved. Reported per level: the time to reach it, the
+server's RSS, DELETE and healthz percentiles, and turns lost (a held chat that
+did not end in 410 when its session was deleted, or a connection error).
+
+The server admits ``--max-turns-in-flight`` turns (by default what the open-file
+limit allows, two descriptors a turn); a level above that is capped to it and
+the output says so. Goal (issue 15): DELETE p99 <= 20 ms and <= 3x healthz p99
+at every level, 0 lost, RSS <= 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness.upstream.script import marker
+from refserver.server import default_max_turns_in_flight
+
+TAG = "scale"
+
+
+@contextmanager
+def process(*args: str, url_prefix: str) -> Iterator[tuple[str, int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if line.startswith(url_prefix):
+                yield line.rsplit(" ", 1)[-1].strip(), proc.pid
+                return
+        raise SystemExit(f"sessctl {' '.join(args)} did not start")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+RAMP_LIMIT = 300.0
+"""Seconds a level may take to reach the upstream before it is reported short."""
+
+AGENTS_PER_CLIENT = 64
+"""Held chats per httpx client: one pool holding thousands of requests would
+measure httpcore's own queue scan (quadratic in its length), not the server."""
+
+
+class Level:
+    def __init__(self, clients: list[httpx.AsyncClient], upstream: str) -> None:
+        self.client = clients[0]
+        self.clients = clients
+        self.upstream = upstream
+        self._next = 0
+        self.outcomes: dict[str, str] = {}
+        """Session -> how its held chat ended (a status, or the exception's name)."""
+
+    async def create(self) -> str:
+        session_id: str = (await self.client.post("/sessions")).json()["session_id"]
+        return session_id
+
+    async def held_chat(self, session_id: str) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": marker(TAG)}]}
+        self._next += 1
+        client = self.clients[self._next % len(self.clients)]
+        try:
+            answer = await client.post(f"/sessions/{session_id}/v1/chat/completions", json=body)
+            self.outcomes[session_id] = str(answer.status_code)
+        except httpx.HTTPError as error:
+            self.outcomes[session_id] = type(error).__name__
+
+    async def received(self) -> int:
+        events = (await self.client.get(f"{self.upstream}/_sessctl/events")).json()["events"]
+        return sum(1 for e in events if e["kind"] == "received")
+
+
+async def run_level(
+    server: str, upstream: str, pid: int, level: int, samples: int
+) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=AGENTS_PER_CLIENT + 8, max_keepalive_connections=64)
+    timeout = httpx.Timeout(600.0, connect=60.0)
+    count = 1 + (level + samples) // AGENTS_PER_CLIENT
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=server, limits=limits, timeout=timeout)
+            )
+            for _ in range(count)
+        ]
+        client = clients[0]
+        run = Level(clients, upstream)
+        await client.post(f"{upstream}/_sessctl/steps/{TAG}", json={"script": ["hold"]})
+        already = await run.received()
+        sessions = [await run.create() for _ in range(level)]
+        async with trio.open_nursery() as nursery:
+            started = time.perf_counter()
+            for session_id in sessions:
+                nursery.start_soon(run.held_chat, session_id)
+            held = 0
+            with trio.move_on_after(RAMP_LIMIT):
+                # Polling another process: there is no event to wait on.
+                while (held := await run.received() - already) < level:
+                    if len(run.outcomes) + held >= level and run.outcomes:
+                        break  # every chat is either held or already answered
+                    await trio.sleep(1.0)
+            reached = time.perf_counter() - started
+            if held < level:
+                answered = sorted(set(run.outcomes.values()))
+                print(f"  only {held} of {level} reached the upstream; the rest: {answered}")
+            memory = rss_mb(pid)
+            deletes: list[float] = []
+            healthz: list[float] = []
+            for _ in range(samples):
+                extra = await run.create()
+                sessions.append(extra)
+                nursery.start_soon(run.held_chat, extra)
+                # The extra turn is at the upstream once GET says it is in flight.
+                while not (await client.get(f"/sessions/{extra}")).json()["in_flight"]:  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+                start = time.perf_counter()
+                await client.get("/healthz")
+                healthz.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                await client.delete(f"/sessions/{extra}")
+                deletes.append((time.perf_counter() - start) * 1000)
+            for session_id in sessions[:level]:
+                await client.delete(f"/sessions/{session_id}")
+        lost = sum(1 for outcome in run.outcomes.values() if outcome != "410") + max(
+            0, len(sessions) - len(run.outcomes)
+        )
+        return {
+            "level": held,
+            "reached_s": reached,
+            "rss_mb": memory,
+            "delete_p50": statistics.median(deletes),
+            "delete_p99": percentile(deletes, 99),
+            "healthz_p50": statistics.median(healthz),
+            "healthz_p99": percentile(healthz, 99),
+            "lost": lost,
+        }
+
+
+async def main(args: argparse.Namespace) -> int:
+    admitted = default_max_turns_in_flight()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = [int(x) for x in args.levels.split(",")]
+    levels = [min(level, admitted - args.samples) for level in wanted]
+    print(
+        f"sessctl scale benchmark: the server admits {admitted} turns in flight "
+        f"(open-file limit {soft}, two descriptors a turn)"
+    )
+    if levels != wanted:
+        print(f"levels capped to what the limit admits: {levels} (asked for {wanted})")
+    ok = True
+    with (
+        process("upstream", "--listen", "127.0.0.1:0", url_prefix="point a session") as (
+            upstream,
+            _,
+        ),
+        process(
+            "serve", "--port", "0", "--upstream", upstream, url_prefix="sessctl reference server on"
+        ) as (server, pid),
+    ):
+        upstream_root = upstream.removesuffix("/v1")
+        for level in levels:
+            row = await run_level(server, upstream_root, pid, level, args.samples)
+            delete_p99 = float(row["delete_p99"])
+            delete_ok = delete_p99 <= 20 and delete_p99 <= 3 * float(row["healthz_p99"])
+            ok &= delete_ok and row["lost"] == 0 and float(row["rss_mb"]) <= 300
+            print(
+                f"{row['level']:>6} held: reached in {row['reached_s']:6.1f} s  "
+                f"RSS {row['rss_mb']:6.0f} MB  DELETE p50 {row['delete_p50']:6.2f} ms "
+                f"p99 {row['delete_p99']:6.2f} ms  healthz p50 {row['healthz_p50']:6.2f} ms "
+                f"p99 {row['healthz_p99']:6.2f} ms  lost {row['lost']}"
+            )
+    print("goals met" if ok else "goals NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,100,1000,10000")
+    parser.add_argument("--samples", type=int, default=50)
+    sys.exit(trio.run(main, parser.parse_args()))
