@@ -29,7 +29,6 @@ import contextlib
 import statistics
 import subprocess
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,36 +36,7 @@ from functools import partial
 
 import httpx
 import trio
-
-
-@contextmanager
-def process(*args: str, url_prefix: str) -> Iterator[tuple[str, list[str]]]:
-    """Start ``sessctl ARGS`` and yield the URL from its first line starting with url_prefix."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sessctl", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(url_prefix):
-                # Keep draining: a server whose access log fills the pipe blocks.
-                threading.Thread(target=lambda: [*proc.stdout], daemon=True).start()  # type: ignore[misc]
-                yield line.rsplit(" ", 1)[-1].strip(), lines
-                break
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+from common import percentile, sessctl_process
 
 
 @dataclass(frozen=True)
@@ -84,9 +54,10 @@ class Summary:
 
 
 async def delete_latency(trials: int) -> tuple[Summary, Summary]:
-    with process(
+    with sessctl_process(
         "serve", "--port", "0", "--upstream-delay", "30", url_prefix="sessctl reference server on"
-    ) as (url, _):
+    ) as child:
+        url = child.url
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             deletes: list[float] = []
             healthz: list[float] = []
@@ -199,13 +170,10 @@ FAKE_UPSTREAM = (
 @contextmanager
 def upstream_process(kind: str) -> Iterator[str]:
     if kind == "chaos":
-        with process(
+        with sessctl_process(
             "upstream", "--listen", "127.0.0.1:0", url_prefix="point a session server"
-        ) as (
-            url,
-            _,
-        ):
-            yield url
+        ) as child:
+            yield child.url
         return
     proc = subprocess.Popen(
         [sys.executable, "-c", FAKE_UPSTREAM], stdout=subprocess.PIPE, text=True
@@ -223,13 +191,13 @@ async def throughput(
 ) -> tuple[Throughput, Throughput]:
     with (
         upstream_process(kind) as upstream,
-        process(
+        sessctl_process(
             "serve", "--port", "0", "--upstream", upstream, url_prefix="sessctl reference server on"
-        ) as (server, _),
+        ) as served,
     ):
         return await side_by_side(
-            partial(load, server, f"direct to {kind} upstream", direct_url=upstream),
-            partial(load, server, f"proxy -> {kind} upstream", direct_url=None),
+            partial(load, served.url, f"direct to {kind} upstream", direct_url=upstream),
+            partial(load, served.url, f"proxy -> {kind} upstream", direct_url=None),
             sessions,
             seconds,
             rounds,
@@ -244,12 +212,12 @@ async def pool_comparison(
     prefix = "sessctl reference server on"
     with (
         upstream_process("chaos") as upstream,
-        process(*serve_args, upstream, "--upstream-clients", "1", url_prefix=prefix) as (one, _),
-        process(*serve_args, upstream, url_prefix=prefix) as (eight, _),
+        sessctl_process(*serve_args, upstream, "--upstream-clients", "1", url_prefix=prefix) as one,
+        sessctl_process(*serve_args, upstream, url_prefix=prefix) as eight,
     ):
         return await side_by_side(
-            partial(load, one, "proxy, 1 upstream client", direct_url=None),
-            partial(load, eight, "proxy, 8 upstream clients", direct_url=None),
+            partial(load, one.url, "proxy, 1 upstream client", direct_url=None),
+            partial(load, eight.url, "proxy, 8 upstream clients", direct_url=None),
             sessions,
             seconds,
             rounds,

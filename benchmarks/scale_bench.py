@@ -24,11 +24,8 @@ import argparse
 import contextlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,30 +33,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import percentile, sessctl_process
+
 from harness.upstream.script import marker
 from refserver.server import default_max_turns_in_flight
 
 TAG = "scale"
-
-
-@contextmanager
-def process(*args: str, url_prefix: str) -> Iterator[tuple[str, int]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sessctl", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if line.startswith(url_prefix):
-                yield line.rsplit(" ", 1)[-1].strip(), proc.pid
-                return
-        raise SystemExit(f"sessctl {' '.join(args)} did not start")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def rss_mb(pid: int) -> float:
@@ -67,11 +46,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 RAMP_LIMIT = 300.0
@@ -189,17 +163,14 @@ async def main(args: argparse.Namespace) -> int:
         print(f"levels capped to what the limit admits: {levels} (asked for {wanted})")
     ok = True
     with (
-        process("upstream", "--listen", "127.0.0.1:0", url_prefix="point a session") as (
-            upstream,
-            _,
-        ),
-        process(
-            "serve", "--port", "0", "--upstream", upstream, url_prefix="sessctl reference server on"
-        ) as (server, pid),
+        sessctl_process("upstream", "--listen", "127.0.0.1:0", url_prefix="point a session") as up,
+        sessctl_process(
+            "serve", "--port", "0", "--upstream", up.url, url_prefix="sessctl reference server on"
+        ) as served,
     ):
-        upstream_root = upstream.removesuffix("/v1")
+        upstream_root = up.url.removesuffix("/v1")
         for level in levels:
-            row = await run_level(server, upstream_root, pid, level, args.samples)
+            row = await run_level(served.url, upstream_root, served.pid, level, args.samples)
             delete_p99 = float(row["delete_p99"])
             delete_ok = delete_p99 <= 20 and delete_p99 <= 3 * float(row["healthz_p99"])
             ok &= delete_ok and row["lost"] == 0 and float(row["rss_mb"]) <= 300

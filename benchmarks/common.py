@@ -1,0 +1,47 @@
+"""What the benchmark scripts share: sessctl in a child process, and percentiles."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Child:
+    url: str
+    """The last word of the line that announced it."""
+    pid: int
+
+
+@contextmanager
+def sessctl_process(*args: str, url_prefix: str) -> Iterator[Child]:
+    """Start ``sessctl ARGS``; yield once it prints a line starting with url_prefix."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    try:
+        for line in stdout:
+            if line.startswith(url_prefix):
+                # Keep draining: a child whose output fills the pipe blocks.
+                threading.Thread(target=lambda: [*stdout], daemon=True).start()
+                yield Child(line.rsplit(" ", 1)[-1].strip(), proc.pid)
+                return
+        raise SystemExit(f"sessctl {' '.join(args)} exited before it was ready")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
