@@ -28,7 +28,7 @@ from harness.errors import TargetUnreachable
 from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
 from harness.results import Observation, answer_of
 from harness.run.client import TargetClient
-from harness.run.preflight import check_target, wait_until_up
+from harness.run.preflight import check_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker, parse_behaviour, tag_of
@@ -454,12 +454,13 @@ async def run_chaos(
         try:
             # A history of nothing but connection errors, or of a server that is
             # not wired to our upstream, would check as "valid".
-            if target_url is None:
-                problem = await wait_until_up(client, settings.target_wait)
-            else:
-                problem = await check_target(
-                    client, upstream, settings.profile, wait=settings.target_wait
-                )
+            problem = await check_target(
+                client,
+                upstream,
+                settings.profile,
+                wait=settings.target_wait,
+                external=target_url is not None,
+            )
             if problem is not None:
                 raise TargetUnreachable(problem)
             started = trio.current_time()

@@ -14,7 +14,6 @@ final trajectories are read for the durability checks.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +51,7 @@ from harness.upstream.script import EventKind, StepEvent, marker
 from .checks import check_run, declared_rollback, passed_through
 from .client import TargetClient
 from .context import RunContext
+from .preflight import describe
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,7 @@ class ScenarioRun:
             self.context.observations[step.id] = observation
             if session_id is None:
                 raise _Abort(
-                    Finding(step.id, "a created session", _describe(observation)),
+                    Finding(step.id, "a created session", describe(observation)),
                     is_error=observation.status is None,
                 )
             self._name_session(step.id, session_id)
@@ -553,12 +553,6 @@ def _session_id_of(observation: Observation, id_field: str) -> str | None:
     if isinstance(body, dict) and isinstance(body.get(id_field), str | int):
         return str(body[id_field])
     return None
-
-
-def _describe(observation: Observation) -> str:
-    if observation.status is None:
-        return observation.transport_error or "no answer"
-    return f"{observation.status} {json.dumps(observation.body)[:200]}"
 
 
 def _padded_chat_body(size: int) -> bytes:

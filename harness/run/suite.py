@@ -24,7 +24,7 @@ from refserver.fake_upstream import Flavor
 from refserver.server import ServerConfig, serve
 
 from .client import TargetClient
-from .preflight import check_target, wait_until_up
+from .preflight import check_target
 from .runner import RunSettings, ScenarioRun
 
 EMBEDDED = "reference"
@@ -133,12 +133,13 @@ async def _run_target(
         health_path=settings.run.profile.health_path,
     )
     try:
-        if target.url is None:
-            problem = await wait_until_up(client, settings.target_wait)
-        else:
-            problem = await check_target(
-                client, chaos, settings.run.profile, wait=settings.target_wait
-            )
+        problem = await check_target(
+            client,
+            chaos,
+            settings.run.profile,
+            wait=settings.target_wait,
+            external=target.url is not None,
+        )
         if problem is not None:
             for scenario in scenarios:
                 for _ in range(runs_of(scenario, settings)):
