@@ -93,7 +93,7 @@ def check_step(
                 convention(
                     f"status {matcher.describe()}",
                     describe_answer(observation),
-                    _declared(ROLLED_BACK, True),
+                    ROLLED_BACK_DECLARED,
                 )
             else:
                 safety(f"status {matcher.describe()}", describe_answer(observation))
@@ -155,7 +155,7 @@ def _excused_refusal(
     """The convention label of a refusal where success was expected, if the
     refusal is a design choice that leaves the state unchanged; else None."""
     if passed_through(scenario, step_id, observation):
-        return _declared(PASSED_THROUGH, profile.upstream_failures == "pass-through")
+        return passed_through_label(profile)
     step = scenario.step(step_id)
     status = observation.status or 0
     if isinstance(step, ChatStep) and step.retry is not None and 400 <= status < 500:
@@ -203,6 +203,14 @@ def _status_label(step_id: str, observation: Observation, expected: str, profile
 
 def _declared(label: str, declared: bool) -> str:
     return f"{label} (declared in the profile)" if declared else label
+
+
+def passed_through_label(profile: Profile) -> str:
+    return _declared(PASSED_THROUGH, profile.upstream_failures == "pass-through")
+
+
+ROLLED_BACK_DECLARED = _declared(ROLLED_BACK, True)
+"""Only a declared rollback is ever excused, so its label always says so."""
 
 
 def _shape(observation: Observation) -> str:
@@ -255,14 +263,18 @@ def _check_trajectory(
     # failure was passed through (its turn was, rightly, not committed): those
     # differences follow from the convention. What must never be there
     # (``excludes``) stays safety.
-    skipped = [s for s, o in context.observations.items() if passed_through(scenario, s, o)]
     follows = (
-        _declared(PASSED_THROUGH, profile.upstream_failures == "pass-through") if skipped else None
+        passed_through_label(profile)
+        if any(passed_through(scenario, s, o) for s, o in context.observations.items())
+        else None
     )
+
+    def convention(expected: str, actual: str, label: str) -> None:
+        findings.append(Finding(step_id, expected, actual, repro, Kind.CONVENTION, label))
 
     def fail(expected: str, actual: str, *, count: bool = True) -> None:
         if count and follows is not None:
-            findings.append(Finding(step_id, expected, actual, repro, Kind.CONVENTION, follows))
+            convention(expected, actual, follows)
             return
         findings.append(Finding(step_id, expected, actual, repro, Kind.SAFETY, guards))
 
@@ -287,15 +299,10 @@ def _check_trajectory(
         if answer is None:
             fail(f"{chat}'s answer in the trajectory", f"{chat} got no answer")
         elif comparable(answer) not in committed and chat in rolled_back:
-            findings.append(
-                Finding(
-                    step_id,
-                    f"{chat}'s answer in the trajectory",
-                    "it is missing: a later request rolled its turn back",
-                    repro,
-                    Kind.CONVENTION,
-                    _declared(ROLLED_BACK, True),
-                )
+            convention(
+                f"{chat}'s answer in the trajectory",
+                "it is missing: a later request rolled its turn back",
+                ROLLED_BACK_DECLARED,
             )
         elif comparable(answer) not in committed:
             fail(f"{chat}'s answer in the trajectory", "it is missing")
@@ -303,15 +310,10 @@ def _check_trajectory(
         sent = context.sent_messages.get(chat)
         if sent and comparable(sent[-1]) in committed:
             if declared_rollback(chat, context, profile):
-                findings.append(
-                    Finding(
-                        step_id,
-                        f"{chat}'s message not in the trajectory",
-                        "it is there: it rolled back the last turn",
-                        repro,
-                        Kind.CONVENTION,
-                        _declared(ROLLED_BACK, True),
-                    )
+                convention(
+                    f"{chat}'s message not in the trajectory",
+                    "it is there: it rolled back the last turn",
+                    ROLLED_BACK_DECLARED,
                 )
                 continue
             fail(f"{chat}'s message not in the trajectory", "it is there", count=False)
@@ -390,16 +392,16 @@ def _rolled_back(scenario: Scenario, context: RunContext, profile: Profile) -> s
         observation = context.observations.get(step.id)
         if not isinstance(step, ChatStep) or observation is None or observation.status != 200:
             continue
-        before = context.seen_before.get(step.id, [])
         if not declared_rollback(step.id, context, profile):
             continue
         # The turn it replaced is the one whose request and answer ``before`` ends with.
+        before = [comparable(m) for m in context.seen_before.get(step.id, [])]
         for other, sent in context.sent_messages.items():
             answer = answer_of(context.observations.get(other))
             if (
                 other != step.id
                 and answer is not None
-                and [comparable(m) for m in [*sent, answer]] == [comparable(m) for m in before]
+                and [comparable(m) for m in [*sent, answer]] == before
             ):
                 replaced.add(other)
     return replaced

@@ -21,9 +21,7 @@ from typing import Any
 import trio
 
 from harness.model.profile import (
-    PASSED_THROUGH,
     REFERENCE_PROFILE,
-    ROLLED_BACK,
     Profile,
     read_trajectory,
 )
@@ -48,7 +46,13 @@ from harness.results import Finding, Kind, Observation, RunResult, Verdict, answ
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, StepEvent, marker
 
-from .checks import check_run, declared_rollback, passed_through
+from .checks import (
+    ROLLED_BACK_DECLARED,
+    check_run,
+    declared_rollback,
+    passed_through,
+    passed_through_label,
+)
 from .client import TargetClient
 from .context import RunContext
 from .preflight import describe
@@ -272,17 +276,17 @@ class ScenarioRun:
             # The retry this step waits for never comes: the failure went to the
             # agent instead. The race it sets up cannot happen on this server.
             finding = Finding(
-                step.id, expected, actual, kind=Kind.CONVENTION, label=self._passed_through_label()
+                step.id,
+                expected,
+                actual,
+                kind=Kind.CONVENTION,
+                label=passed_through_label(self.settings.profile),
             )
         else:
             finding = Finding(
                 step.id, expected, actual, label=self.scenario.property_of(step.chat_step)
             )
         raise _Abort(finding, is_error=False)
-
-    def _passed_through_label(self) -> str:
-        declared = self.settings.profile.upstream_failures == "pass-through"
-        return f"{PASSED_THROUGH} (declared in the profile)" if declared else PASSED_THROUGH
 
     async def _await(self, step: AwaitStep) -> None:
         timeout = step.timeout or self.settings.request_timeout
@@ -486,16 +490,16 @@ class ScenarioRun:
         ):
             # It made no second call because it handed the failure to the agent.
             return Finding(
-                step_id, expected, actual, kind=Kind.CONVENTION, label=self._passed_through_label()
-            )
-        if kind is None and declared_rollback(step_id, self.context, self.settings.profile):
-            # Accepted by the declared policy, so the engine was called for it.
-            return Finding(
                 step_id,
                 expected,
                 actual,
                 kind=Kind.CONVENTION,
-                label=f"{ROLLED_BACK} (declared in the profile)",
+                label=passed_through_label(self.settings.profile),
+            )
+        if kind is None and declared_rollback(step_id, self.context, self.settings.profile):
+            # Accepted by the declared policy, so the engine was called for it.
+            return Finding(
+                step_id, expected, actual, kind=Kind.CONVENTION, label=ROLLED_BACK_DECLARED
             )
         label = self.scenario.property_of(step_id)
         if kind is EventKind.CANCELLED and self._answered_as_expected(step_id):
