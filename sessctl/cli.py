@@ -137,7 +137,10 @@ def serve(
         ),
     ] = None,
     upstream_delay: Annotated[
-        float, typer.Option(min=0, help="Delay of the embedded fake upstream, in seconds.")
+        float,
+        typer.Option(
+            callback=_non_negative_seconds, help="Delay of the embedded fake upstream, in seconds."
+        ),
     ] = 0.0,
     upstream_timeout: Annotated[
         float,
@@ -150,7 +153,10 @@ def serve(
         int, typer.Option(min=1, help="Largest request body accepted, in bytes.")
     ] = 8 * 1024 * 1024,
     grace_period: Annotated[
-        float, typer.Option(min=0, help="Seconds to wait for requests on shutdown.")
+        float,
+        typer.Option(
+            callback=_non_negative_seconds, help="Seconds to wait for requests on shutdown."
+        ),
     ] = 5.0,
     emulate: Annotated[
         str | None,

@@ -315,6 +315,8 @@ async def test_the_access_log_has_one_line_per_request(
         (["--upstream-timeout", "-5"], "--upstream-timeout"),
         (["--upstream-delay", "-1"], "--upstream-delay"),
         (["--grace-period", "-1"], "--grace-period"),
+        (["--grace-period", "inf"], "--grace-period"),
+        (["--upstream-delay", "nan"], "--upstream-delay"),
     ],
 )
 def test_serve_refuses_bad_options_at_start_up(args: list[str], option: str) -> None:
