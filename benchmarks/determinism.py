@@ -48,8 +48,9 @@ def loaded(args: argparse.Namespace, tmp: Path) -> bool:
             "run-scenarios", "--repeat", str(args.loaded_repeat), "--quiet",
             "--json", str(report_path),
         )  # fmt: skip
-        summary = json.loads(report_path.read_text())["summary"]
-        runs = sum(len(s["runs"]) for s in json.loads(report_path.read_text())["scenarios"])
+        report = json.loads(report_path.read_text())
+        summary = report["summary"]
+        runs = sum(len(s["runs"]) for s in report["scenarios"])
         print(
             f"under load, run-scenarios --repeat {args.loaded_repeat}: exit {code} in "
             f"{seconds:.1f} s; {runs} runs; scenarios failed {summary['failed']}, "
