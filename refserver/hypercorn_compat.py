@@ -12,7 +12,7 @@
 hypercorn has no hook for either, so both are small wrappers around two
 methods of its HTTP/1.1 protocol class, active only on servers whose config
 carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
-``tests/test_contract.py`` checks both over raw sockets, so a hypercorn
+``tests/test_bad_input.py`` checks both over raw sockets, so a hypercorn
 release that renames these methods fails a test, not a user.
 """
 
@@ -32,11 +32,12 @@ from hypercorn.protocol.h11 import H11Protocol
 SESSCTL_LIMITS = "sessctl_limits"
 """The attribute of a hypercorn ``Config`` that turns the wrappers on."""
 
-_ERROR_TYPES = {
-    400: "invalid_request",
-    431: "request_header_fields_too_large",
-    505: "http_version_not_supported",
+_ERRORS = {
+    400: ("invalid_request", "the request could not be parsed as HTTP/1.1"),
+    431: ("request_header_fields_too_large", "the request's headers are too large"),
+    505: ("http_version_not_supported", "the HTTP version is not supported"),
 }
+"""Status -> the OpenAI ``error.type`` and message of hypercorn's own refusals."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,7 @@ def _limits(protocol: H11Protocol) -> ProtocolLimits | None:
 
 
 def error_body(status_code: int) -> bytes:
-    error_type = _ERROR_TYPES.get(status_code, "invalid_request")
-    message = {
-        431: "the request's headers are too large",
-        505: "the HTTP version is not supported",
-    }.get(status_code, "the request could not be parsed as HTTP/1.1")
+    error_type, message = _ERRORS.get(status_code, _ERRORS[400])
     return json.dumps(
         {"error": {"type": error_type, "code": error_type, "message": message}}
     ).encode()
