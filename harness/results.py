@@ -52,6 +52,50 @@ class SentRequest:
         return SentRequest(method, url, json_body, kept, len(raw_body or b""))
 
 
+class StreamEnd(enum.Enum):
+    """How a streamed answer ended, as its client saw it."""
+
+    DONE = "done"
+    """``[DONE]`` arrived."""
+    ERROR = "error"
+    """An error event arrived (and no ``[DONE]``)."""
+    CUT = "cut"
+    """The stream stopped with neither: the connection closed, or no more came in time."""
+    HUNG_UP = "hung up"
+    """The harness hung up, as the scenario said (``hang_up_after``)."""
+    NOT_STREAMED = "not streamed"
+    """A 200 that was not an event stream (JSON where a stream was asked for)."""
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """What the client of a streamed chat received."""
+
+    end: StreamEnd
+    chunks: int
+    """``chat.completion.chunk`` events received (not counting ``[DONE]`` or an error)."""
+    finished: bool
+    """A chunk with ``finish_reason`` arrived."""
+    assembled: dict[str, Any] | None
+    """The assistant message assembled from the chunks (None if none could be)."""
+    error_type: str | None = None
+    """The error event's ``error.type``."""
+    first_chunk_at: float | None = None
+    """trio.current_time() of the first chunk: a buffering server sends it late."""
+
+    @property
+    def mark(self) -> str:
+        if self.end is StreamEnd.DONE:
+            return "✓[DONE]"
+        if self.end is StreamEnd.ERROR:
+            return f"✗{self.error_type or 'error'}"
+        if self.end is StreamEnd.HUNG_UP:
+            return f"hung up after {self.chunks}"
+        if self.end is StreamEnd.NOT_STREAMED:
+            return "JSON"
+        return f"✗cut after {self.chunks}"
+
+
 @dataclass(frozen=True)
 class Observation:
     """One HTTP step's outcome in one run."""
@@ -69,6 +113,8 @@ class Observation:
     retried_after: str | None = None
     """Sent twice: the first attempt failed on a kept-alive connection the server
     had closed, before any byte of an answer; this says how."""
+    stream: StreamRecord | None = None
+    """For a chat sent with ``stream: true`` that was answered 2xx."""
 
     @property
     def latency_ms(self) -> float:
@@ -88,6 +134,10 @@ class Observation:
             return "hung up"
         if self.status is None:
             return "no answer"
+        if self.stream is not None:
+            if self.stream.end is StreamEnd.HUNG_UP:
+                return self.stream.mark
+            return f"{self.status} {self.stream.mark}"
         return str(self.status)
 
 

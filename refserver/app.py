@@ -34,6 +34,7 @@ from .errors import (
 )
 from .protocol import ChatRequest, parse_chat_request
 from .service import SessionService
+from .streaming import error_event
 
 logger = logging.getLogger("refserver")
 access_logger = logging.getLogger("refserver.access")
@@ -118,6 +119,11 @@ def create_app(
                 f"{limits.max_turns_in_flight} turns are in flight (--max-turns-in-flight); "
                 "nothing was done: retry later"
             ) from None
+        if chat_request.stream:
+            # The turn runs when Starlette sends the response; it releases the slot.
+            return StreamedTurn(
+                service, request.path_params["session_id"], chat_request, turns.release
+            )
         try:
             return await run_chat(request, chat_request)
         finally:
@@ -175,6 +181,68 @@ def create_app(
     # Location from the request's Host header.
     starlette.router.redirect_slashes = False
     return ServerBoundary(starlette, access_log=access_log)
+
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    # Proxies such as nginx would otherwise buffer the stream.
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class StreamedTurn(Response):
+    """A streamed chat turn, run as the response is sent.
+
+    Until the first event, the turn can still fail as any turn does, with its
+    HTTP status and a JSON error. Once the first event is out (status 200), a
+    failure ends the stream with an error event and no ``[DONE]``. A client
+    that hangs up cancels the turn, as for a non-streamed one.
+    """
+
+    def __init__(
+        self,
+        service: SessionService,
+        session_id: str,
+        chat_request: ChatRequest,
+        release: Callable[[], None],
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self._service = service
+        self._session_id = session_id
+        self._chat_request = chat_request
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._run(scope, receive, send)
+        finally:
+            self._release()
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def relay(data: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            try:
+                tail = await self._service.chat_stream(self._session_id, self._chat_request, relay)
+            except SessionServerError as error:
+                if not started:
+                    await error_response(error)(scope, receive, send)
+                else:
+                    await send({"type": "http.response.body", "body": error_event(error.to_body())})
+            else:
+                for data in tail:
+                    await relay(data)
+                await send({"type": "http.response.body", "body": b""})
+            nursery.cancel_scope.cancel()
 
 
 # A client that hangs up while its response is being written is not a server

@@ -20,6 +20,8 @@ Hierarchy::
     │   └── SessionDeleted            410 session_deleted   (turn preempted by DELETE)
     ├── UpstreamFailure               the LLM engine did not give us a usable answer
     │   ├── UpstreamError             502 upstream_error
+    │   │   └── StreamCut                 (an event) the engine's stream broke after
+    │   │                                 chunks were relayed: not retried
     │   └── UpstreamTimeout           504 upstream_timeout
     ├── ServerShuttingDown            503 server_shutting_down
     └── ServerBusy                    503 server_busy       (over --max-turns-in-flight)
@@ -115,6 +117,14 @@ class UpstreamFailure(SessionServerError):
 class UpstreamError(UpstreamFailure):
     status_code = 502
     error_type = "upstream_error"
+
+
+class StreamCut(UpstreamError):
+    """The engine's stream broke after the client had seen chunks of it.
+
+    Not retried (another attempt would give the client a second beginning), and
+    never an HTTP status: the stream ends with an ``upstream_error`` event.
+    """
 
 
 class UpstreamTimeout(UpstreamFailure):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 Flavor = Literal["openai", "sglang"]
@@ -136,6 +136,76 @@ def encode_completion(completion: dict[str, Any], flavor: Flavor) -> bytes:
     return json.dumps(completion).encode()
 
 
+def stream_chunks(
+    completion: dict[str, Any], flavor: Flavor, *, parts: int = 3, wants_usage: bool = False
+) -> list[dict[str, Any]]:
+    """``completion`` as the engine streams it: ``parts`` chunks of the answer (the
+    first also carries the role), then the chunk with ``finish_reason``, then a
+    usage chunk if the request asked for one (``stream_options.include_usage``).
+
+    Text is cut into ``parts`` pieces; a tool call's arguments are, after a first
+    chunk with its id and name, the way engines stream them.
+    """
+    sglang = flavor == "sglang"
+    choice = completion["choices"][0]
+    message = choice["message"]
+    base = {
+        "id": completion["id"],
+        "object": "chat.completion.chunk",
+        "created": completion["created"],
+        "model": completion["model"],
+    }
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        streamed: dict[str, Any] = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        if sglang:
+            streamed["matched_stop"] = choice.get("matched_stop") if finish_reason else None
+        return {**base, "choices": [streamed]}
+
+    deltas: list[dict[str, Any]] = []
+    calls = message.get("tool_calls") or []
+    if calls:
+        call = calls[0]
+        arguments = call["function"]["arguments"]
+        head = {"index": 0, "id": call["id"], "type": "function"}
+        pieces = _split(arguments, max(1, parts - 1))
+        deltas.append(
+            {
+                "tool_calls": [
+                    {**head, "function": {"name": call["function"]["name"], "arguments": ""}}
+                ]
+            }
+        )
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces]
+    else:
+        deltas = [{"content": piece} for piece in _split(message.get("content") or "", parts)]
+    deltas[0] = {"role": "assistant", **({"content": None} if calls else {}), **deltas[0]}
+    chunks = [chunk(delta) for delta in deltas]
+    chunks.append(chunk({}, choice["finish_reason"]))
+    if wants_usage:
+        chunks.append({**base, "choices": [], "usage": completion["usage"]})
+    return chunks
+
+
+def _split(text: str, parts: int) -> list[str]:
+    """``text`` in ``parts`` pieces that join back to it (some may be empty)."""
+    size = -(-len(text) // parts) if text else 0
+    return [text[i * size : (i + 1) * size] for i in range(parts)] if size else [""] * parts
+
+
+def encode_chunk(chunk: dict[str, Any], flavor: Flavor) -> bytes:
+    """One Server-Sent Event, framed as each engine writes it."""
+    return b"data: " + encode_completion(chunk, flavor) + b"\n\n"
+
+
+STREAM_END = b"data: [DONE]\n\n"
+
+
 def _token_ids(words: list[str]) -> list[int]:
     # A made-up vocabulary: each word's id derived from the word (crc32 is
     # deterministic across processes, unlike hash()).
@@ -192,6 +262,12 @@ def create_fake_upstream_app(*, delay: float = 0.0, flavor: Flavor = "openai") -
         if delay:
             await trio.sleep(delay)
         completion = completion_for(body, flavor=flavor)
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            chunks = stream_chunks(completion, flavor, wants_usage=usage)
+            events = [encode_chunk(c, flavor) for c in chunks] + [STREAM_END]
+            return StreamingResponse(iter(events), media_type="text/event-stream")
         return Response(encode_completion(completion, flavor), media_type="application/json")
 
     return Starlette(

@@ -10,7 +10,8 @@ module is their executable form. The body must be strict JSON
   ``text``; other part types are passed on as they are); ``name`` and
   ``tool_call_id`` are strings; ``tool_calls`` (assistant messages only) is a
   list of function calls whose ``arguments`` are strings;
-* ``stream`` is a boolean, ``n`` is 1;
+* ``stream`` is a boolean (``true`` streams the answer as Server-Sent Events),
+  ``stream_options`` an object, ``n`` is 1;
 * every other key, top-level (``model``, ``tools``, ``temperature``,
   ``logprobs``, vendor extras) or in a message (``reasoning_content``), is
   passed to the upstream untouched: the engine judges its own parameters.
@@ -54,6 +55,10 @@ class ChatRequest:
         messages: list[dict[str, Any]] = self.body["messages"]
         return messages
 
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
     try:
@@ -78,10 +83,10 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             f"n must be 1 (a turn commits one answer); got {json_type(n)} {n!r}"[:200],
             param="n",
         )
-    if stream:
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
         raise InvalidRequest(
-            "stream: true is not supported by this server yet; send stream: false",
-            param="stream",
+            f"stream_options must be an object; got {json_type(options)}", param="stream_options"
         )
     return ChatRequest(body=body)
 

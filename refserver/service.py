@@ -13,15 +13,21 @@ Three mechanisms do all the work:
 
 The commit happens after the upstream call with no checkpoint in between,
 so nothing can interleave between "the answer arrived" and "it is committed".
+
+A streamed turn (``chat_stream``) is the same turn: the same lock, the same
+cancel scope, which now also covers relaying each chunk to the client. Its
+commit point is the end of the engine's stream (finish_reason and
+``[DONE]``); the finishing chunk and ``[DONE]`` reach the client only after
+the commit. A DELETE, a shutdown or a hang-up before that commits nothing.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -31,21 +37,27 @@ from .errors import (
     SessionDeleted,
     SessionNotFound,
     SessionServerError,
+    StreamCut,
     TrajectoryConflict,
 )
 from .protocol import ChatRequest
-from .upstream import Upstream, assistant_message
+from .streaming import DONE, event, replay_chunks
+from .upstream import Relay, StreamedAnswer, Upstream, assistant_message
 
 
 @dataclass
 class Turn:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     preempted_by: SessionServerError | None = None
+    streamed: bool = False
 
     def preempt(self, reason: SessionServerError) -> None:
         if self.preempted_by is None:
             self.preempted_by = reason
         self.scope.cancel()
+
+
+TurnResult = TypeVar("TurnResult")
 
 
 @dataclass(frozen=True)
@@ -151,28 +163,59 @@ class SessionService:
                 raise conflict_error(decision)
             return await self._proxy_and_commit(session, request)
 
+    async def chat_stream(self, session_id: str, request: ChatRequest, relay: Relay) -> list[bytes]:
+        """A streamed turn. Chunks go to ``relay`` as they arrive; the events
+        returned (the finishing chunk and ``[DONE]``) are sent after the commit.
+
+        An error raised before ``relay`` was first called is an ordinary HTTP
+        answer; after it, the caller ends the stream with an error event."""
+        session = self._session_for_chat(session_id)
+        async with session.lock:
+            self._admit_queued_turn(session)
+            if self._shutting_down:
+                raise ServerShuttingDown("the server is shutting down")
+            decision = self._decide(session, request)
+            if isinstance(decision, rules.Replay):
+                return [*map(event, replay_chunks(session.records[-1].response)), DONE]
+            if isinstance(decision, rules.Conflict):
+                raise conflict_error(decision)
+            started_at = self._wall_clock()
+            try:
+                answer = await self._run_turn(
+                    session, lambda turn: self._stream_upstream(turn, request.body, relay)
+                )
+            except StreamCut as cut:
+                self._after_stream_cut(session, request, cut, started_at)
+                raise
+            self._commit(session, request, answer.completion, started_at)
+            return [*answer.tail, DONE]
+
     async def _proxy_and_commit(self, session: Session, request: ChatRequest) -> dict[str, Any]:
         started_at = self._wall_clock()
-        completion = await self._run_turn(session, request)
+        completion = await self._run_turn(
+            session, lambda turn: self._call_upstream(turn, request.body)
+        )
         self._commit(session, request, completion, started_at)
         return completion
 
-    async def _run_turn(self, session: Session, request: ChatRequest) -> dict[str, Any]:
+    async def _run_turn(
+        self, session: Session, call: Callable[[Turn], Awaitable[TurnResult]]
+    ) -> TurnResult:
         """The upstream call as the session's turn in flight, preemptible through its scope."""
         turn = Turn()
         session.turn = turn
-        completion: dict[str, Any] | None = None
+        result: TurnResult | None = None
         try:
             with turn.scope:
-                completion = await self._call_upstream(turn, request.body)
+                result = await call(turn)
         finally:
             session.turn = None
         # Checked even when the call finished: a DELETE that lands as the answer
         # arrives still wins, because its 204 promised the session is gone.
         if turn.preempted_by is not None:
             raise turn.preempted_by
-        assert completion is not None
-        return completion
+        assert result is not None
+        return result
 
     def _commit(
         self,
@@ -206,6 +249,18 @@ class SessionService:
     async def _call_upstream(self, turn: Turn, body: dict[str, Any]) -> dict[str, Any]:
         """Runs inside the turn's cancel scope, so DELETE and disconnects stop the LLM work."""
         return await self._upstream.complete(body)
+
+    async def _stream_upstream(
+        self, turn: Turn, body: dict[str, Any], relay: Relay
+    ) -> StreamedAnswer:
+        """As ``_call_upstream``; relaying to the client happens inside the scope too."""
+        turn.streamed = True
+        return await self._upstream.stream(body, relay)
+
+    def _after_stream_cut(
+        self, session: Session, request: ChatRequest, cut: StreamCut, started_at: float
+    ) -> None:
+        """The engine's stream broke after chunks were relayed: nothing is committed."""
 
     def _preempt_turn_in_flight(self, session: Session) -> None:
         if session.turn is not None:

@@ -1,7 +1,7 @@
 """The client for the LLM engine: POST ``{base}/chat/completions`` with retries.
 
-This is the only module that meets httpx; its exceptions become
-``UpstreamError`` / ``UpstreamTimeout`` here.
+This is the only module that meets httpx (and httpx-sse); their exceptions
+become ``UpstreamError`` / ``UpstreamTimeout`` here.
 
 Retried, with exponential backoff, a bounded number of times: connection
 errors, 429, 503, and completions whose ``finish_reason`` is ``"abort"``
@@ -9,21 +9,41 @@ errors, 429, 503, and completions whose ``finish_reason`` is ``"abort"``
 not a usable completion fails at once. The whole call, retries included,
 runs under one deadline, and under the caller's cancel scope, so a DELETE
 preempts a backoff sleep as surely as a pending request.
+
+A streamed call (``stream``) is retried the same way only until its first
+chunk has been relayed to the client: after that the client has seen
+tokens, so a failure ends the turn (``StreamCut``) instead. The chunk that
+carries ``finish_reason``, and any after it, are not relayed but returned,
+to be sent once the turn is committed (``streaming.py``).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import httpx_sse
 import trio
 
 from . import strictjson
-from .errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from .errors import InvalidRequest, StreamCut, UpstreamError, UpstreamTimeout
 from .protocol import check_message
+from .streaming import ChunkRefused, StreamAssembler, event, replay_chunks
+
+Relay = Callable[[bytes], Awaitable[None]]
+"""Sends one Server-Sent Event (already framed) to the client."""
+
+
+@dataclass(frozen=True)
+class StreamedAnswer:
+    completion: dict[str, Any]
+    """The assembled answer, as a ``chat.completion``: what is committed."""
+    tail: list[bytes]
+    """The events held back until the commit: the finishing chunk, and any after it."""
+
 
 RETRYABLE_STATUS = frozenset({429, 503})
 
@@ -43,6 +63,8 @@ def base_url_problem(url: str, example: str = "http://127.0.0.1:30000/v1") -> st
 
 class Upstream(Protocol):
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer: ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,88 @@ class HttpUpstream:
             raise _Retryable("the completion was aborted (finish_reason: abort)")
         _check_answer(completion)
         return completion
+
+    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
+        relayed = 0
+
+        async def counted(data: bytes) -> None:
+            nonlocal relayed
+            relayed += 1
+            await relay(data)
+
+        with trio.move_on_after(self._timeout):
+            last_failure = ""
+            for attempt in range(1, self._retry.attempts + 1):
+                try:
+                    return await self._stream_attempt(body, counted)
+                except _Retryable as failure:
+                    if relayed:
+                        # The client has seen tokens: another attempt would send it a
+                        # second, different beginning. The turn ends here.
+                        raise StreamCut(
+                            f"the upstream stream broke after {relayed} relayed chunk(s): {failure}"
+                        ) from None
+                    last_failure = str(failure)
+                if attempt < self._retry.attempts:
+                    await trio.sleep(self._retry.backoff(attempt))
+            raise UpstreamError(
+                f"the upstream failed {self._retry.attempts} times; last: {last_failure}",
+                attempts=self._retry.attempts,
+            )
+        if relayed:
+            raise StreamCut(f"the upstream stream did not finish within {self._timeout:g} s")
+        raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
+
+    async def _stream_attempt(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
+        assembler = StreamAssembler()
+        tail: list[bytes] = []
+        try:
+            async with httpx_sse.aconnect_sse(
+                next(self._clients), "POST", self._url, json=body
+            ) as source:
+                response = source.response
+                if response.status_code in RETRYABLE_STATUS:
+                    raise _Retryable(f"HTTP {response.status_code}")
+                if response.status_code != 200:
+                    text = (await response.aread())[:200].decode(errors="replace")
+                    raise UpstreamError(
+                        f"the upstream answered HTTP {response.status_code}: {text}",
+                        upstream_status=response.status_code,
+                    )
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    # An engine that ignores stream: true answers one JSON completion;
+                    # it is relayed as the chunks it would have been.
+                    return self._whole_answer_as_stream(await response.aread())
+                async for sse in source.aiter_sse():
+                    if sse.data.strip() == "[DONE]":
+                        if not assembler.finished:
+                            raise _Retryable("the stream ended ([DONE]) without a finish_reason")
+                        return self._finished(assembler, tail)
+                    try:
+                        assembler.add(strictjson.loads(sse.data.encode()))
+                    except (strictjson.JsonRefused, ChunkRefused) as refused:
+                        raise _Retryable(f"the upstream sent a refused chunk: {refused}") from None
+                    if assembler.finished:
+                        tail.append(b"data: " + sse.data.encode() + b"\n\n")
+                    else:
+                        await relay(b"data: " + sse.data.encode() + b"\n\n")
+        except httpx.TransportError as error:
+            raise _Retryable(f"{type(error).__name__}: {error or 'connection failed'}") from None
+        raise _Retryable(f"the stream ended after {assembler.chunks} chunk(s) without [DONE]")
+
+    def _finished(self, assembler: StreamAssembler, tail: list[bytes]) -> StreamedAnswer:
+        if self._retry.retry_aborts and assembler.finish_reason == "abort":
+            raise _Retryable("the stream was aborted (finish_reason: abort)")
+        completion = assembler.completion()
+        _check_answer(completion)
+        return StreamedAnswer(completion, tail)
+
+    def _whole_answer_as_stream(self, content: bytes) -> StreamedAnswer:
+        completion = _parse_completion(content)
+        if self._retry.retry_aborts and completion["choices"][0].get("finish_reason") == "abort":
+            raise _Retryable("the completion was aborted (finish_reason: abort)")
+        _check_answer(completion)
+        return StreamedAnswer(completion, [event(c) for c in replay_chunks(completion)])
 
 
 def _parse_completion(content: bytes) -> dict[str, Any]:

@@ -46,7 +46,9 @@ class SplitLock(SessionService):
                 raise conflict_error(decision)
             expected_turns = session.num_assistant
         started_at = self._wall_clock()
-        completion = await self._run_turn(session, request)  # outside the lock
+        completion = await self._run_turn(  # outside the lock
+            session, lambda turn: self._call_upstream(turn, request.body)
+        )
         async with session.lock:
             if session.num_assistant != expected_turns:
                 return completion  # "skipping state update": the phantom commit

@@ -12,11 +12,16 @@ from refserver.errors import SessionNotFound
 from refserver.protocol import parse_chat_request
 from refserver.rules import SessionState
 from refserver.service import Session, SessionService
+from refserver.upstream import Relay, StreamedAnswer
 
 
 class EchoUpstream:
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+
+    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
+        await relay(b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}}]}\n\n')
+        return StreamedAnswer(await self.complete(body), [])
 
 
 def state_of(session: Session) -> SessionState:

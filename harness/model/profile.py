@@ -56,6 +56,10 @@ class Profile(_Model):
     rollback: Literal["none", "one-step"] = "none"
     """``one-step``: a request that differs from the committed trajectory only in its
     last turn replaces that turn (the server rolls it back) instead of a refusal."""
+    streaming: Literal["relay", "buffered", "unsupported"] = "relay"
+    """``relay``: chunks are forwarded as the engine sends them. ``buffered``: the
+    whole answer is generated first, then sent as a stream (a "fake stream").
+    ``unsupported``: ``stream: true`` is refused with a 4xx."""
     rejected_status: int = Field(default=409, ge=400, le=499)
     error_shape: Literal["openai", "string"] = "openai"
 
@@ -86,6 +90,8 @@ class Profile(_Model):
             found.append(PASSED_THROUGH)
         if self.rollback != reference.rollback:
             found.append(ROLLED_BACK)
+        if self.streaming != reference.streaming:
+            found.append(BUFFERED if self.streaming == "buffered" else STREAMING_UNSUPPORTED)
         if self.rejected_status != reference.rejected_status:
             found.append(f"rejected requests answer {self.rejected_status}, not 409")
         if self.error_shape != reference.error_shape:
@@ -95,6 +101,10 @@ class Profile(_Model):
 
 PASSED_THROUGH = "upstream failures are passed through, not retried"
 """The convention's label: the server hands abort/503s to the agent, state unchanged."""
+
+BUFFERED = "streams are buffered: chunks come only once the whole answer is there"
+
+STREAMING_UNSUPPORTED = "stream: true is refused"
 
 REFUSED_RETRY = "an exact retry is refused (state unchanged)"
 

@@ -103,6 +103,10 @@ class Expect(_Model):
     """Chat steps whose new user message must not be in the trajectory."""
     convention: str | None = None
     """Set when every expectation here is a convention, not safety; says which."""
+    stream: Literal["done", "error", "cut"] | None = None
+    """For a streamed chat answered 200: how the stream ends. ``done``: with
+    ``[DONE]``; ``error``: with an error event (of ``error_type``, if given) and
+    no ``[DONE]``; ``cut``: with neither."""
 
     @field_validator("status")
     @classmethod
@@ -168,6 +172,18 @@ class ChatStep(SessionStep):
     """Explicit messages; the harness marker is appended to the last one."""
     content: str | None = None
     """Text of the new user message (default: "turn <id>")."""
+    stream: bool = False
+    """Send ``stream: true`` and read the answer as Server-Sent Events."""
+    hang_up_after: int | Literal["finish"] | None = None
+    """Hang up once this many chunks have arrived, or the chunk with ``finish_reason``."""
+
+    @model_validator(mode="after")
+    def _hang_up_needs_a_stream(self) -> ChatStep:
+        if self.hang_up_after is not None and not self.stream:
+            raise ValueError("hang_up_after needs stream: true")
+        if isinstance(self.hang_up_after, int) and self.hang_up_after < 1:
+            raise ValueError("hang_up_after must be 1 or more chunks, or 'finish'")
+        return self
 
     @field_validator("upstream")
     @classmethod
@@ -269,8 +285,16 @@ class RequestStep(SessionStep):
 
 class WaitStep(Step):
     op: Literal["wait"] = "wait"
-    target: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*\.(received|answered|cancelled|dropped)$")
-    """``STEP.EVENT``: an upstream event of a chat step."""
+    target: str = Field(
+        pattern=(
+            r"^[A-Za-z][A-Za-z0-9_-]*\."
+            r"(received|sent|answered|cancelled|dropped|chunks|finished)$"
+        )
+    )
+    """``STEP.EVENT``: an upstream event of a chat step (``received``, ``sent`` for
+    each chunk streamed, ``answered``, ``cancelled``, ``dropped``), or what the
+    step's client has received of a stream (``chunks``; ``finished``: the chunk
+    with ``finish_reason``)."""
     count: int = Field(default=1, ge=1)
     timeout: float = Field(default=5.0, gt=0)
 
@@ -279,11 +303,19 @@ class WaitStep(Step):
         return self.target.split(".", 1)[0]
 
     @property
+    def on_client(self) -> bool:
+        """Waits on what the client received, not on the upstream."""
+        return self.target.split(".", 1)[1] in CLIENT_EVENTS
+
+    @property
     def event(self) -> EventKind:
         return EventKind(self.target.split(".", 1)[1])
 
     def references(self) -> list[tuple[str, str]]:
         return [("wait", self.chat_step)]
+
+
+CLIENT_EVENTS = frozenset({"chunks", "finished"})
 
 
 class StepListStep(Step):
@@ -360,6 +392,8 @@ class UpstreamExpect(_Model):
     answered: int | bool | None = None
     cancelled: int | bool | None = None
     dropped: int | bool | None = None
+    sent: int | bool | None = None
+    """Chunks of streamed answers sent."""
     calls: int | None = Field(default=None, ge=0)
     convention: str | None = None
     """Set when these counts are a convention, not safety; says which (shown when they differ)."""
@@ -482,6 +516,19 @@ def check_references(scenario: Scenario) -> list[ReferenceProblem]:
             ):
                 problems.append(
                     ReferenceProblem(("steps", index, field), f"{ref!r} is not a chat step")
+                )
+            elif (
+                isinstance(step, WaitStep)
+                and step.on_client
+                and isinstance(target, ChatStep)
+                and not (target.stream and target.background)
+            ):
+                problems.append(
+                    ReferenceProblem(
+                        ("steps", index, "wait"),
+                        f"{ref!r} must be a background chat with stream: true to wait on "
+                        "what its client received",
+                    )
                 )
             elif field == "cancel" and not target.background:
                 problems.append(

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import json
 import shlex
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from harness.model.profile import (
+    BUFFERED,
     PASSED_THROUGH,
     REFERENCE_PROFILE,
     REFUSED_RETRY,
     ROLLED_BACK,
+    STREAMING_UNSUPPORTED,
     Profile,
     read_trajectory,
 )
 from harness.model.scenario import ChatStep, Expect, Scenario, parse_status
-from harness.results import Finding, Kind, Observation, answer_of
+from harness.results import Finding, Kind, Observation, StreamEnd, answer_of
 from refserver.rules import comparable, first_divergence
 
 from .context import RunContext
@@ -53,6 +56,7 @@ def check_run(
         if isinstance(step, ChatStep):
             findings.extend(_check_chat_body(scenario, step.id, observation))
     findings.extend(_check_groups(scenario, context))
+    findings.extend(_check_no_commit_after_stream_error(scenario, context))
     if scenario.expect.durable:
         findings.extend(_check_durable(scenario, context, profile))
     if scenario.expect.no_success_after_delete:
@@ -120,6 +124,8 @@ def check_step(
                 f"error.type {observation.error_type}",
                 f"error.type {observation.error_type} for {wanted}",
             )
+    if expect.stream is not None and observation.status == 200 and observation.stream:
+        _check_stream_end(expect, observation, safety, convention)
     if expect.within_ms is not None and observation.latency_ms > expect.within_ms:
         # Only when the user asked for budgets; labelled by what it measures.
         findings.append(
@@ -149,6 +155,20 @@ def passed_through(scenario: Scenario, step_id: str, observation: Observation | 
     )
 
 
+def refused_stream(scenario: Scenario, step_id: str, observation: Observation | None) -> bool:
+    """A chat sent with ``stream: true`` and refused as a request the server does
+    not take (400, 422, 501): a server that does not stream."""
+    step = scenario.step(step_id)
+    status = observation.status if observation is not None else None
+    return isinstance(step, ChatStep) and step.stream and status in (400, 422, 501)
+
+
+def streaming_label(profile: Profile, seen: Literal["buffered", "unsupported"]) -> str:
+    return _declared(
+        BUFFERED if seen == "buffered" else STREAMING_UNSUPPORTED, profile.streaming == seen
+    )
+
+
 def _excused_refusal(
     scenario: Scenario, step_id: str, observation: Observation, profile: Profile
 ) -> str | None:
@@ -156,6 +176,8 @@ def _excused_refusal(
     refusal is a design choice that leaves the state unchanged; else None."""
     if passed_through(scenario, step_id, observation):
         return passed_through_label(profile)
+    if refused_stream(scenario, step_id, observation):
+        return streaming_label(profile, "unsupported")
     step = scenario.step(step_id)
     status = observation.status or 0
     if isinstance(step, ChatStep) and step.retry is not None and 400 <= status < 500:
@@ -220,8 +242,76 @@ def _shape(observation: Observation) -> str:
     return type(body).__name__
 
 
+def _check_stream_end(
+    expect: Expect,
+    observation: Observation,
+    safety: Callable[[str, str], None],
+    convention: Callable[[str, str, str], None],
+) -> None:
+    """How a stream ended. ``[DONE]`` against an error event is the difference
+    between a committed turn and one that is not: safety. The exact error type,
+    or an error that came as a bare cut, is how the server spells it."""
+    assert observation.stream is not None
+    assert expect.stream is not None
+    record = observation.stream
+    wanted = {"done": "[DONE]", "error": "an error event", "cut": "a cut stream"}[expect.stream]
+    if expect.error_types and expect.stream == "error":
+        wanted = f"an error event ({' or '.join(sorted(expect.error_types))})"
+    seen = {
+        StreamEnd.DONE: "[DONE]",
+        StreamEnd.ERROR: f"an error event ({record.error_type})",
+        StreamEnd.CUT: f"a stream cut after {record.chunks} chunk(s), without [DONE] or an error",
+        StreamEnd.HUNG_UP: "the harness hung up",
+        StreamEnd.NOT_STREAMED: "one JSON completion, not a stream",
+    }[record.end]
+    expected = f"the stream ends with {wanted}"
+    if record.end is StreamEnd.HUNG_UP:
+        return
+    if record.end is StreamEnd.NOT_STREAMED:
+        convention(expected, seen, "stream: true answered with one JSON completion")
+    elif (record.end is StreamEnd.DONE) != (expect.stream == "done"):
+        safety(expected, seen)
+    elif record.end is StreamEnd.CUT and expect.stream == "error":
+        convention(expected, seen, "a failed stream ends without an error event")
+    elif (
+        record.end is StreamEnd.ERROR
+        and expect.error_types
+        and record.error_type not in expect.error_types
+    ):
+        convention(expected, seen, f"stream error {record.error_type} for {wanted}")
+
+
+def _check_no_commit_after_stream_error(scenario: Scenario, context: RunContext) -> list[Finding]:
+    """A stream that ended with an error event (or was cut) committed nothing: the
+    answer its client assembled is not in the final trajectory after its request."""
+    findings: list[Finding] = []
+    for step in scenario.steps:
+        observation = context.observations.get(step.id)
+        record = observation.stream if observation is not None else None
+        if record is None or record.end not in (StreamEnd.ERROR, StreamEnd.CUT):
+            continue
+        final = context.final_trajectories.get(context.session_of_step[step.id])
+        if not final or record.assembled is None:
+            continue
+        turn = [comparable(m) for m in [*context.sent_messages[step.id], record.assembled]]
+        if [comparable(m) for m in final[: len(turn)] if isinstance(m, dict)] == turn:
+            assert observation is not None
+            findings.append(
+                Finding(
+                    step.id,
+                    f"{step.id}'s stream ended with {record.mark}, so its turn is not committed",
+                    "the answer it had assembled is in the final trajectory",
+                    curl_line(observation),
+                    label="commit after a stream error",
+                )
+            )
+    return findings
+
+
 def _check_chat_body(scenario: Scenario, step_id: str, observation: Observation) -> list[Finding]:
     """A 200 to a non-streaming chat must carry a JSON completion."""
+    if observation.stream is not None:
+        return []  # how a stream ended is judged by its ``stream`` expectation
     if observation.status != 200 or answer_of(observation) is not None:
         return []
     raw = observation.body.get("_raw", "") if isinstance(observation.body, dict) else ""
@@ -266,6 +356,8 @@ def _check_trajectory(
     follows = (
         passed_through_label(profile)
         if any(passed_through(scenario, s, o) for s, o in context.observations.items())
+        else streaming_label(profile, "unsupported")
+        if any(refused_stream(scenario, s, o) for s, o in context.observations.items())
         else None
     )
 
@@ -370,7 +462,19 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
             continue  # the session was deleted; there is nothing left to be durable in
         turn = [*context.sent_messages[step.id], answer]
         prefix = [comparable(m) for m in final[: len(turn)] if isinstance(m, dict)]
-        if prefix != [comparable(m) for m in turn]:
+        if prefix[:-1] == [comparable(m) for m in turn[:-1]] and observation.stream:
+            if prefix[-1:] != [comparable(answer)]:
+                findings.append(
+                    Finding(
+                        step.id,
+                        f"{step.id}'s stream ended with [DONE], so the committed answer is "
+                        "the one its client assembled",
+                        "the committed answer differs from the streamed one",
+                        curl_line(observation),
+                        label="committed answer differs from the streamed one",
+                    )
+                )
+        elif prefix != [comparable(m) for m in turn]:
             findings.append(
                 Finding(
                     step.id,

@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import httpx
+import httpx_sse
 import trio
 import trio.testing
 
-from harness.results import Observation, SentRequest
+from harness.results import Observation, SentRequest, StreamEnd, StreamRecord
+from refserver.streaming import ChunkRefused, StreamAssembler
+
+
+@dataclass
+class StreamProgress:
+    """What the client of one streamed chat has received so far; scenarios wait on it."""
+
+    chunks: int = 0
+    finished: bool = False
+    ended: bool = False
+    _waiters: list[tuple[Callable[[], bool], trio.Event]] = field(default_factory=list)
+
+    def _changed(self) -> None:
+        for reached, event in self._waiters:
+            if reached():
+                event.set()
+
+    async def wait_for(self, what: Literal["chunks", "finished"], count: int = 1) -> None:
+        def reached() -> bool:
+            return self.finished if what == "finished" else self.chunks >= count
+
+        if reached():
+            return
+        waiter = (reached, trio.Event())
+        self._waiters.append(waiter)
+        try:
+            await waiter[1].wait()
+        finally:
+            self._waiters.remove(waiter)
 
 
 class TargetClient:
@@ -85,6 +117,100 @@ class TargetClient:
             ended,
             _body(response),
             retried_after=retried_after,
+        )
+
+    async def send_stream(
+        self,
+        step: str,
+        path: str,
+        json_body: dict[str, Any],
+        progress: StreamProgress,
+        *,
+        hang_up_after: int | Literal["finish"] | None = None,
+    ) -> Observation:
+        """POST a chat with ``stream: true`` and read the events as they come.
+
+        A non-2xx answer is an ordinary observation. A 2xx gets a ``StreamRecord``;
+        its body is the assembled completion if ``[DONE]`` arrived, the error
+        event's object if an error did."""
+        request = SentRequest.of("POST", self.base_url + path, json_body, None)
+        started = trio.current_time()
+        assembler = StreamAssembler()
+        end = StreamEnd.CUT
+        body: Any = None
+        error_type: str | None = None
+        first_chunk_at: float | None = None
+        try:
+            async with httpx_sse.aconnect_sse(self._client, "POST", path, json=json_body) as source:
+                response = source.response
+                event_stream = response.headers.get("content-type", "").startswith(
+                    "text/event-stream"
+                )
+                if response.status_code // 100 != 2 or not event_stream:
+                    await response.aread()
+                    stream = None
+                    if response.status_code // 100 == 2:
+                        stream = StreamRecord(StreamEnd.NOT_STREAMED, 0, False, None)
+                    return Observation(
+                        step,
+                        "chat",
+                        request,
+                        response.status_code,
+                        started,
+                        trio.current_time(),
+                        _body(response),
+                        stream=stream,
+                    )
+                try:
+                    async for sse in source.aiter_sse():
+                        if sse.data.strip() == "[DONE]":
+                            end = StreamEnd.DONE
+                            break
+                        try:
+                            data = json.loads(sse.data)
+                        except json.JSONDecodeError:
+                            end, error_type = StreamEnd.ERROR, "(an event that is not JSON)"
+                            break
+                        if isinstance(data, dict) and "error" in data:
+                            error = data["error"]
+                            kind = error.get("type") if isinstance(error, dict) else None
+                            end, error_type, body = StreamEnd.ERROR, str(kind or "error"), data
+                            break
+                        try:
+                            assembler.add(data)
+                        except ChunkRefused as refused:
+                            end, error_type = StreamEnd.ERROR, f"(malformed chunk: {refused})"
+                            break
+                        first_chunk_at = first_chunk_at or trio.current_time()
+                        progress.chunks += 1
+                        progress.finished = assembler.finished
+                        progress._changed()
+                        if (hang_up_after == "finish" and assembler.finished) or (
+                            hang_up_after == progress.chunks
+                        ):
+                            end = StreamEnd.HUNG_UP
+                            break
+                except (httpx.TransportError, httpx_sse.SSEError):
+                    end = StreamEnd.CUT  # what arrived so far is what the record holds
+        except httpx.HTTPError as error:
+            return self._failed(step, "chat", request, started, error, None)
+        finally:
+            progress.ended = True
+            progress._changed()
+        assembled = assembler.message() if assembler.chunks else None
+        if end is StreamEnd.DONE and assembled is not None:
+            body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
+        return Observation(
+            step,
+            "chat",
+            request,
+            response.status_code,
+            started,
+            trio.current_time(),
+            body,
+            stream=StreamRecord(
+                end, progress.chunks, assembler.finished, assembled, error_type, first_chunk_at
+            ),
         )
 
     def _failed(

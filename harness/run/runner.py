@@ -52,8 +52,9 @@ from .checks import (
     declared_rollback,
     passed_through,
     passed_through_label,
+    streaming_label,
 )
-from .client import TargetClient
+from .client import StreamProgress, TargetClient
 from .context import RunContext
 from .preflight import describe
 
@@ -136,6 +137,7 @@ class ScenarioRun:
         self.run_id = f"{scenario.name}.{index}.{secrets.token_hex(3)}"
         self.context = RunContext()
         self._background: dict[str, _Background] = {}
+        self._progress: dict[str, StreamProgress] = {}
         self._nursery: trio.Nursery | None = None
 
     def tag(self, step_id: str) -> str:
@@ -260,14 +262,37 @@ class ScenarioRun:
 
         self._nursery.start_soon(run)
 
+    def _stream_progress(self, step_id: str) -> StreamProgress:
+        return self._progress.setdefault(step_id, StreamProgress())
+
     async def _wait(self, step: WaitStep) -> None:
+        progress = self._stream_progress(step.chat_step)
         with trio.move_on_after(step.timeout):
-            await self.chaos.wait_for(self.tag(step.chat_step), step.event, step.count)
+            if step.on_client:
+                await progress.wait_for(
+                    "finished" if step.target.endswith("finished") else "chunks", step.count
+                )
+            else:
+                await self.chaos.wait_for(self.tag(step.chat_step), step.event, step.count)
             return
-        seen = self.chaos.count(self.tag(step.chat_step), step.event)
-        expected = f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s"
-        actual = f"seen {seen} time(s); the remaining steps were not run"
         chat = self.context.observations.get(step.chat_step)
+        if step.on_client:
+            seen = progress.chunks if step.target.endswith("chunks") else int(progress.finished)
+            expected = (
+                f"the client received {step.target} (x{step.count}) within {step.timeout:g} s"
+            )
+        else:
+            seen = self.chaos.count(self.tag(step.chat_step), step.event)
+            expected = f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s"
+        actual = f"seen {seen} time(s); the remaining steps were not run"
+        streaming = self._streaming_convention(step.chat_step, chat)
+        if streaming is not None:
+            # The server does not relay chunks as they come (or refuses to
+            # stream): the mid-stream race this step sets up cannot happen on it.
+            raise _Abort(
+                Finding(step.id, expected, actual, kind=Kind.CONVENTION, label=streaming),
+                is_error=False,
+            )
         if (
             step.event is EventKind.RECEIVED
             and seen < step.count
@@ -287,6 +312,24 @@ class ScenarioRun:
                 step.id, expected, actual, label=self.scenario.property_of(step.chat_step)
             )
         raise _Abort(finding, is_error=False)
+
+    def _streaming_convention(self, step_id: str, chat: Observation | None) -> str | None:
+        """Why a streamed chat's chunks do not come as the engine sends them, where
+        that is the server's convention (it refuses to stream, or buffers)."""
+        step = self.scenario.step(step_id)
+        if not isinstance(step, ChatStep) or not step.stream:
+            return None
+        profile = self.settings.profile
+        if chat is not None and chat.status is not None and chat.status in (400, 422, 501):
+            return streaming_label(profile, "unsupported")
+        tag = self.tag(step.retry or step_id)
+        calls = self.chaos.calls(tag)
+        if calls and not self.chaos.streamed_calls.get(tag):
+            return streaming_label(profile, "buffered")  # it asked the engine for a whole answer
+        progress = self._stream_progress(step_id)
+        if self.chaos.count(tag, EventKind.SENT) > progress.chunks:
+            return streaming_label(profile, "buffered")  # it holds back what it received
+        return None
 
     async def _await(self, step: AwaitStep) -> None:
         timeout = step.timeout or self.settings.request_timeout
@@ -369,9 +412,18 @@ class ScenarioRun:
         body: dict[str, Any] = {"model": "sessctl-chaos", "messages": messages}
         if self.settings.profile.appends_tool_results:
             body["tools"] = AGENT_TOOLS
-        observation = await self.client.send(
-            step.id, "chat", "POST", f"/sessions/{session_id}/v1/chat/completions", json_body=body
-        )
+        path = f"/sessions/{session_id}/v1/chat/completions"
+        if step.stream:
+            body["stream"] = True
+            observation = await self.client.send_stream(
+                step.id,
+                path,
+                body,
+                self._stream_progress(step.id),
+                hang_up_after=step.hang_up_after,
+            )
+        else:
+            observation = await self.client.send(step.id, "chat", "POST", path, json_body=body)
         answer = answer_of(observation)
         if observation.status == 200 and answer is not None:
             self.context.views[session_id] = [*messages, answer]

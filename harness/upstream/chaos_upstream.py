@@ -9,9 +9,16 @@ script: respond, delay, hold until released, answer a status, abort, reset the
 connection, hang, or answer garbage. Scripts are lists, one behaviour per
 call, the last repeating, so ``[abort, respond]`` means "abort once, then answer".
 
-What happened is recorded per tag as events (``received``, ``answered``,
-``cancelled`` when the server under test hung up before the answer, ``dropped``
-after a reset) that scenarios wait on and assert.
+What happened is recorded per tag as events (``received``, ``sent`` for each
+chunk of a streamed answer, ``answered``, ``cancelled`` when the server under
+test hung up before the answer, ``dropped`` after a reset) that scenarios wait
+on and assert.
+
+A call with ``stream: true`` is answered as Server-Sent Events in the
+flavour's shape; its script may act after chunk k instead of before the
+first (``{chunks: 4, hold_after: 2}``, ``reset_after``, ``garbage_after``,
+``hang_after``). On a call that does not stream, those act where the whole
+answer would be sent.
 
 Standalone (``sessctl upstream``), the same is reachable over HTTP::
 
@@ -30,7 +37,14 @@ from typing import Any
 import trio
 
 from harness.errors import ListenFailed, ScriptError
-from refserver.fake_upstream import Flavor, completion_for, encode_completion
+from refserver.fake_upstream import (
+    STREAM_END,
+    Flavor,
+    completion_for,
+    encode_chunk,
+    encode_completion,
+    stream_chunks,
+)
 
 from .http11 import Exchange, serve_http11
 from .script import Action, Behaviour, EventKind, StepEvent, parse_behaviour, tag_of
@@ -51,6 +65,8 @@ class ChaosUpstream:
         # Indexed by tag too: chaos runs record hundreds of thousands of events.
         self._events_by_tag: dict[str, list[StepEvent]] = {}
         self._calls: dict[str, int] = {}
+        self.streamed_calls: dict[str, int] = {}
+        """Calls per tag that asked for a stream (a buffering server asks for none)."""
         self._waiters: list[_Waiter] = []
         self.url: str | None = None
         """The OpenAI base URL, once serving."""
@@ -70,6 +86,7 @@ class ChaosUpstream:
             self._scripts.pop(tag, None)
             self._releases.pop(tag, None)
             self._calls.pop(tag, None)
+            self.streamed_calls.pop(tag, None)
             self._events_by_tag.pop(tag, None)
         self._events = [e for e in self._events if e.tag not in dropped]
 
@@ -165,16 +182,26 @@ class ChaosUpstream:
         script = self._scripts.get(tag, (Behaviour(),))
         behaviour = script[min(call, len(script)) - 1]
         self._record(tag, EventKind.RECEIVED, call, behaviour)
-        if not await self._wait_unless_hung_up(exchange, behaviour, tag):
+        if body.get("stream") is True:
+            self.streamed_calls[tag] = self.streamed_calls.get(tag, 0) + 1
+        before = behaviour.after is None or body.get("stream") is not True
+        if before and not await self._wait_unless_hung_up(exchange, self._wait_of(behaviour, tag)):
             self._record(tag, EventKind.CANCELLED, call, behaviour)
             return
-        if behaviour.action is Action.RESET:
+        if before and behaviour.action is Action.RESET:
             self._record(tag, EventKind.DROPPED, call, behaviour)
             await exchange.reset()
             return
-        status, payload = self._answer(body, behaviour)
         try:
-            await exchange.respond(status, payload)
+            if body.get("stream") is True and behaviour.action not in (
+                Action.STATUS,
+                Action.GARBAGE if before else Action.RESPOND,
+            ):
+                if not await self._stream(exchange, body, tag, call, behaviour):
+                    return
+            else:
+                status, payload = self._answer(body, behaviour)
+                await exchange.respond(status, payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The server hung up while the answer was being written: it stopped
             # the call, which is what "cancelled" means.
@@ -182,19 +209,79 @@ class ChaosUpstream:
             raise
         self._record(tag, EventKind.ANSWERED, call, behaviour)
 
-    async def _wait_unless_hung_up(
-        self, exchange: Exchange, behaviour: Behaviour, tag: str
+    async def _stream(
+        self, exchange: Exchange, body: dict[str, Any], tag: str, call: int, behaviour: Behaviour
     ) -> bool:
-        wait: Callable[[], Awaitable[None]]
+        """Stream the answer, acting after chunk ``behaviour.after``; False if the
+        stream was stopped (held and hung up on, reset, spoiled) before its end."""
+        chunks = stream_chunks(
+            self._completion(body, behaviour),
+            self.flavor,
+            parts=behaviour.chunks,
+            wants_usage=_wants_usage(body),
+        )
+        if behaviour.action is Action.ABORT:
+            # Aborted before any token, as SGLang does while it updates weights:
+            # one chunk, the finish, so a server may still retry.
+            finish = chunks[-2] if not chunks[-1]["choices"] else chunks[-1]
+            chunks = [
+                {**finish, "choices": [{**finish["choices"][0], "delta": {"role": "assistant"}}]}
+            ]
+        await exchange.start_stream()
+        for number, chunk in enumerate(chunks, 1):
+            if number == (behaviour.after or 0) + 1 and not await self._act_mid_stream(
+                exchange, tag, call, behaviour
+            ):
+                return False
+            if number > 1 and behaviour.chunk_delay:
+
+                async def pause() -> None:
+                    await trio.sleep(behaviour.chunk_delay)
+
+                if not await self._wait_unless_hung_up(exchange, pause):
+                    self._record(tag, EventKind.CANCELLED, call, behaviour)
+                    return False
+            await exchange.send_part(encode_chunk(chunk, self.flavor))
+            self._record(tag, EventKind.SENT, call, behaviour)
+        await exchange.send_part(STREAM_END)
+        await exchange.end()
+        return True
+
+    async def _act_mid_stream(
+        self, exchange: Exchange, tag: str, call: int, behaviour: Behaviour
+    ) -> bool:
+        if behaviour.after is None or behaviour.action is Action.RESPOND:
+            return True
+        if behaviour.action in (Action.HOLD, Action.HANG):
+            if await self._wait_unless_hung_up(exchange, self._wait_of(behaviour, tag)):
+                return True
+            self._record(tag, EventKind.CANCELLED, call, behaviour)
+        elif behaviour.action is Action.RESET:
+            self._record(tag, EventKind.DROPPED, call, behaviour)
+            await exchange.reset()
+        else:  # garbage: an event no client can parse, then the end of the stream
+            await exchange.send_part(b"data: {<<not json>>\n\n")
+            await exchange.end()
+            self._record(tag, EventKind.DROPPED, call, behaviour)
+        return False
+
+    def _wait_of(self, behaviour: Behaviour, tag: str) -> Callable[[], Awaitable[None]] | None:
         if behaviour.action is Action.HOLD:
-            wait = self._release_event(tag).wait
-        elif behaviour.action is Action.HANG:
-            wait = trio.sleep_forever
-        elif behaviour.action is Action.DELAY:
+            return self._release_event(tag).wait
+        if behaviour.action is Action.HANG:
+            return trio.sleep_forever
+        if behaviour.action is Action.DELAY:
 
             async def wait() -> None:
                 await trio.sleep(behaviour.delay)
-        else:
+
+            return wait
+        return None
+
+    async def _wait_unless_hung_up(
+        self, exchange: Exchange, wait: Callable[[], Awaitable[None]] | None
+    ) -> bool:
+        if wait is None:
             return True
         finished = False
         async with trio.open_nursery() as nursery:
@@ -209,15 +296,19 @@ class ChaosUpstream:
             nursery.cancel_scope.cancel()
         return finished
 
+    def _completion(self, body: dict[str, Any], behaviour: Behaviour) -> dict[str, Any]:
+        finish_reason = "abort" if behaviour.action is Action.ABORT else "stop"
+        if behaviour.tool_call and not body.get("tools"):
+            body = {**body, "tools": _STEP_TOOL}
+        return completion_for(body, flavor=self.flavor, finish_reason=finish_reason)
+
     def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> tuple[int, bytes]:
         if behaviour.action is Action.STATUS:
             message = f"chaos upstream scripted status {behaviour.status}"
             return behaviour.status, json.dumps(_error("upstream_chaos", message)).encode()
         if behaviour.action is Action.GARBAGE:
             return 200, b'{"choices": [{"message": <<not json>>'
-        finish_reason = "abort" if behaviour.action is Action.ABORT else "stop"
-        completion = completion_for(body, flavor=self.flavor, finish_reason=finish_reason)
-        return 200, encode_completion(completion, self.flavor)
+        return 200, encode_completion(self._completion(body, behaviour), self.flavor)
 
     async def _control(self, exchange: Exchange) -> None:
         request = exchange.request
@@ -239,6 +330,14 @@ class ChaosUpstream:
                 await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
         except (ScriptError, ValueError, AttributeError) as error:
             await _respond_json(exchange, 400, _error("invalid_request", str(error)))
+
+
+_STEP_TOOL = [{"type": "function", "function": {"name": "sessctl_step", "parameters": {}}}]
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:

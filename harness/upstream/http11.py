@@ -46,6 +46,16 @@ class Exchange:
         await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
 
+    async def start_stream(self, content_type: str = "text/event-stream") -> None:
+        """Send the head of a chunked answer; ``send_part`` sends each part, ``end`` the end."""
+        await self._send(h11.Response(status_code=200, headers=[("content-type", content_type)]))
+
+    async def send_part(self, data: bytes) -> None:
+        await self._send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        await self._send(h11.EndOfMessage())
+
     async def reset(self) -> None:
         """Close the connection at once, with a TCP RST and no answer."""
         # SO_LINGER with a zero timeout turns close() into an RST, which is
