@@ -124,7 +124,13 @@ class StreamCut(UpstreamError):
 
     Not retried (another attempt would give the client a second beginning), and
     never an HTTP status: the stream ends with an ``upstream_error`` event.
+    ``partial`` is the answer as relayed so far (never committed; kept so that a
+    known-broken variant can show what committing it looks like).
     """
+
+    def __init__(self, message: str, partial: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class UpstreamTimeout(UpstreamFailure):

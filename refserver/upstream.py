@@ -147,17 +147,21 @@ class HttpUpstream:
             relayed += 1
             await relay(data)
 
+        assembler = StreamAssembler()
         with trio.move_on_after(self._timeout):
             last_failure = ""
             for attempt in range(1, self._retry.attempts + 1):
+                assembler = StreamAssembler()
                 try:
-                    return await self._stream_attempt(body, counted)
+                    return await self._stream_attempt(body, counted, assembler)
                 except _Retryable as failure:
                     if relayed:
                         # The client has seen tokens: another attempt would send it a
                         # second, different beginning. The turn ends here.
                         raise StreamCut(
-                            f"the upstream stream broke after {relayed} relayed chunk(s): {failure}"
+                            f"the upstream stream broke after {relayed} relayed chunk(s): "
+                            f"{failure}",
+                            assembler.completion(),
                         ) from None
                     last_failure = str(failure)
                 if attempt < self._retry.attempts:
@@ -167,11 +171,15 @@ class HttpUpstream:
                 attempts=self._retry.attempts,
             )
         if relayed:
-            raise StreamCut(f"the upstream stream did not finish within {self._timeout:g} s")
+            raise StreamCut(
+                f"the upstream stream did not finish within {self._timeout:g} s",
+                assembler.completion(),
+            )
         raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
 
-    async def _stream_attempt(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
-        assembler = StreamAssembler()
+    async def _stream_attempt(
+        self, body: dict[str, Any], relay: Relay, assembler: StreamAssembler
+    ) -> StreamedAnswer:
         tail: list[bytes] = []
         try:
             async with httpx_sse.aconnect_sse(

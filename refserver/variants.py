@@ -17,10 +17,10 @@ from typing import Any
 import trio
 
 from . import rules
-from .errors import InvalidRequest, SessionNotFound, SessionServerError
+from .errors import InvalidRequest, SessionNotFound, SessionServerError, StreamCut
 from .protocol import ChatRequest
 from .service import Session, SessionService, Turn, conflict_error
-from .upstream import RetryPolicy
+from .upstream import Relay, RetryPolicy, assistant_message
 
 
 class AutocreateAfterDelete(SessionService):
@@ -115,6 +115,61 @@ class LastWriterWins(SessionService):
         return decision
 
 
+class CommitPartialStream(SessionService):
+    def _after_stream_cut(
+        self, session: Session, request: ChatRequest, cut: StreamCut, started_at: float
+    ) -> None:
+        # "Save what we have": the answer relayed so far is committed, although
+        # the client was told the turn failed.
+        if cut.partial is not None:
+            self._commit(session, request, cut.partial, started_at)
+
+
+class DeleteWaitsForStream(SessionService):
+    def _preempt_turn_in_flight(self, session: Session) -> None:
+        # Streams are "too far along to stop": DELETE waits for them to finish.
+        if session.turn is not None and not session.turn.streamed:
+            super()._preempt_turn_in_flight(session)
+
+
+class CommitAbandonedStream(SessionService):
+    async def chat_stream(self, session_id: str, request: ChatRequest, relay: Relay) -> list[bytes]:
+        # The stream is read to its end even when its client has gone (what
+        # cannot be sent is dropped), and then committed: an answer nobody saw.
+        with trio.CancelScope(shield=True):
+            tail = await super().chat_stream(session_id, request, relay)
+        return tail
+
+
+class PromptTailAfterCut(SessionService):
+    # The user's message is saved when a turn starts and the answer when it
+    # ends; a cut stream leaves the message alone in the trajectory, and the
+    # agent's retry of the turn is appended after it: the prompt twice.
+    def _after_stream_cut(
+        self, session: Session, request: ChatRequest, cut: StreamCut, started_at: float
+    ) -> None:
+        session.messages = list(request.messages)
+
+    def _decide(self, session: Session, request: ChatRequest) -> rules.TurnDecision:
+        if session.messages and session.messages[-1].get("role") != "assistant":
+            return rules.Extend(new_messages=len(request.messages))
+        return super()._decide(session, request)
+
+    def _commit(
+        self,
+        session: Session,
+        request: ChatRequest,
+        completion: dict[str, Any],
+        started_at: float,
+    ) -> None:
+        kept = session.messages
+        super()._commit(session, request, completion, started_at)
+        if kept and kept[-1].get("role") != "assistant":
+            answers = [i for i, m in enumerate(request.messages) if m.get("role") == "assistant"]
+            new = request.messages[answers[-1] + 1 if answers else 0 :]
+            session.messages = [*kept, *new, assistant_message(completion)]
+
+
 def parse_loosely(raw: bytes) -> ChatRequest:
     # What the server checked before it had a request model: a JSON object whose
     # messages are objects with a known role. Python's json reads NaN and lone
@@ -129,8 +184,6 @@ def parse_loosely(raw: bytes) -> ChatRequest:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in rules.ROLES:
             raise InvalidRequest(f"messages[{index}] is not a message", param="messages")
-    if body.get("stream"):
-        raise InvalidRequest("stream: true is not supported", param="stream")
     return ChatRequest(body=body)
 
 
@@ -193,6 +246,28 @@ VARIANTS: dict[str, Variant] = {
             'ill-typed message fields are committed (content: 123, tool_calls: "x")',
             SessionService,
             parse=parse_loosely,
+        ),
+        Variant(
+            "commit-partial-stream",
+            "when the engine's stream breaks mid-way, the partial answer is committed "
+            "although the client got an error event",
+            CommitPartialStream,
+        ),
+        Variant(
+            "delete-waits-for-stream",
+            "DELETE does not preempt a streamed turn; it waits for the stream to finish",
+            DeleteWaitsForStream,
+        ),
+        Variant(
+            "commit-abandoned-stream",
+            "a stream whose client hung up is read to the end and committed",
+            CommitAbandonedStream,
+        ),
+        Variant(
+            "prompt-tail-after-cut",
+            "a cut stream leaves the user's message committed; the agent's retry of the "
+            "turn commits it again (a duplicate turn)",
+            PromptTailAfterCut,
         ),
         Variant(
             "last-writer-wins",

@@ -4,8 +4,8 @@ It differs from docs/contract.md in its conventions (profiles/records-tool-400.y
 create answers 200, the health route is /health, GET returns records, only tool
 messages may follow an assistant turn, an exact retry regenerates (except of
 the first turn, which it refuses with 400), rejections are 400 with
-plain-string errors, malformed JSON gets a 500, ``stream: true`` gets an event
-stream, and messages are checked by a pydantic model the FastAPI way:
+plain-string errors, malformed JSON gets a 500, ``stream: true`` gets a "fake
+stream" (the whole answer in one chunk once the engine is done), and messages are checked by a pydantic model the FastAPI way:
 ill-typed fields get 422 with ``detail``, while lax coercions pass
 (``stream: "false"`` is false, a missing ``content`` is null). Like any server
 on Python's ``json``, it reads NaN and lone surrogates and then fails to send
@@ -132,6 +132,7 @@ def create_third_party_app(upstream_url: str) -> Starlette:
         """One attempt: a failure goes back to the agent as it came (pass-through)."""
         forwarded = {
             **body,
+            "stream": False,  # it streams by buffering (see chat)
             "logprobs": True,
             "return_prompt_token_ids": True,
             "return_meta_info": True,
@@ -178,10 +179,6 @@ def create_third_party_app(upstream_url: str) -> Starlette:
         except ValidationError as invalid:
             detail = json.loads(invalid.json(include_url=False, include_input=False))
             return JSONResponse({"detail": detail}, status_code=422)
-        if stream:
-            return Response(
-                b'data: {"choices": []}\n\ndata: [DONE]\n\n', media_type="text/event-stream"
-            )
         session_id = request.path_params["session_id"]
         state = sessions.get(session_id)
         if state is None:
@@ -226,6 +223,8 @@ def create_third_party_app(upstream_url: str) -> Starlette:
             if len(state.records) == expected_records:
                 state.records.append({"request": body, "response": completion})
             # else: "stale state, skipping update", and the 200 goes out anyway
+        if stream:
+            return Response(_fake_stream(completion), media_type="text/event-stream")
         return JSONResponse(completion)
 
     async def health(request: Request) -> Response:
@@ -239,6 +238,19 @@ def create_third_party_app(upstream_url: str) -> Starlette:
             Route("/sessions/{session_id}/v1/chat/completions", chat, methods=["POST"]),
         ]
     )
+
+
+def _fake_stream(completion: dict[str, Any]) -> bytes:
+    """A "fake stream": the whole answer in one chunk once it is all there, then [DONE]."""
+    choice = completion["choices"][0]
+    chunk = {
+        "id": completion.get("id"),
+        "object": "chat.completion.chunk",
+        "choices": [
+            {"index": 0, "delta": choice["message"], "finish_reason": choice["finish_reason"]}
+        ],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 async def serve_third_party(

@@ -125,7 +125,14 @@ def check_step(
                 f"error.type {observation.error_type} for {wanted}",
             )
     if expect.stream is not None and observation.status == 200 and observation.stream:
-        _check_stream_end(expect, observation, safety, convention)
+        not_relayed = context.not_relayed.get(step_id)
+        if not_relayed is None:
+            _check_stream_end(expect, observation, safety, convention)
+        else:
+            # The race on this stream was never set up; it ran to its end.
+            _check_stream_end(
+                expect, observation, lambda e, a: convention(e, a, not_relayed), convention
+            )
     if expect.within_ms is not None and observation.latency_ms > expect.within_ms:
         # Only when the user asked for budgets; labelled by what it measures.
         findings.append(
@@ -155,12 +162,18 @@ def passed_through(scenario: Scenario, step_id: str, observation: Observation | 
     )
 
 
-def refused_stream(scenario: Scenario, step_id: str, observation: Observation | None) -> bool:
+def refused_stream(
+    scenario: Scenario, step_id: str, observation: Observation | None, profile: Profile
+) -> bool:
     """A chat sent with ``stream: true`` and refused as a request the server does
-    not take (400, 422, 501): a server that does not stream."""
+    not take (400, 422, 501), by a server that declares it does not stream or
+    whose error names the stream: a server that does not stream."""
     step = scenario.step(step_id)
-    status = observation.status if observation is not None else None
-    return isinstance(step, ChatStep) and step.stream and status in (400, 422, 501)
+    if not isinstance(step, ChatStep) or not step.stream or observation is None:
+        return False
+    if observation.status not in (400, 422, 501):
+        return False
+    return profile.streaming == "unsupported" or "stream" in json.dumps(observation.body).lower()
 
 
 def streaming_label(profile: Profile, seen: Literal["buffered", "unsupported"]) -> str:
@@ -176,7 +189,7 @@ def _excused_refusal(
     refusal is a design choice that leaves the state unchanged; else None."""
     if passed_through(scenario, step_id, observation):
         return passed_through_label(profile)
-    if refused_stream(scenario, step_id, observation):
+    if refused_stream(scenario, step_id, observation, profile):
         return streaming_label(profile, "unsupported")
     step = scenario.step(step_id)
     status = observation.status or 0
@@ -357,7 +370,7 @@ def _check_trajectory(
         passed_through_label(profile)
         if any(passed_through(scenario, s, o) for s, o in context.observations.items())
         else streaming_label(profile, "unsupported")
-        if any(refused_stream(scenario, s, o) for s, o in context.observations.items())
+        if any(refused_stream(scenario, s, o, profile) for s, o in context.observations.items())
         else None
     )
 

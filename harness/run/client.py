@@ -32,7 +32,8 @@ class StreamProgress:
 
     async def wait_for(self, what: Literal["chunks", "finished"], count: int = 1) -> None:
         def reached() -> bool:
-            return self.finished if what == "finished" else self.chunks >= count
+            # The end of the stream ends every wait: nothing more will come.
+            return self.ended or (self.finished if what == "finished" else self.chunks >= count)
 
         if reached():
             return

@@ -26,5 +26,9 @@ class RunContext:
     """Chat step -> the trajectory its session had, as the harness last saw it
     committed, when the chat was sent (to tell a one-step rollback)."""
     observations: dict[str, Observation] = field(default_factory=dict)
+    not_relayed: dict[str, str] = field(default_factory=dict)
+    """Streamed chat step -> why the race on its stream could not be set up (the
+    server buffers, or refuses to stream): the convention's label. How such a
+    stream ends says nothing about safety."""
     final_trajectories: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
     """Session id -> its messages at the end, or None if it no longer exists."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -52,6 +52,7 @@ from .checks import (
     declared_rollback,
     passed_through,
     passed_through_label,
+    refused_stream,
     streaming_label,
 )
 from .client import StreamProgress, TargetClient
@@ -269,12 +270,11 @@ class ScenarioRun:
         progress = self._stream_progress(step.chat_step)
         with trio.move_on_after(step.timeout):
             if step.on_client:
-                await progress.wait_for(
-                    "finished" if step.target.endswith("finished") else "chunks", step.count
-                )
+                if await self._client_received(step, progress):
+                    return
             else:
                 await self.chaos.wait_for(self.tag(step.chat_step), step.event, step.count)
-            return
+                return
         chat = self.context.observations.get(step.chat_step)
         if step.on_client:
             seen = progress.chunks if step.target.endswith("chunks") else int(progress.finished)
@@ -289,6 +289,7 @@ class ScenarioRun:
         if streaming is not None:
             # The server does not relay chunks as they come (or refuses to
             # stream): the mid-stream race this step sets up cannot happen on it.
+            self.context.not_relayed[step.chat_step] = streaming
             raise _Abort(
                 Finding(step.id, expected, actual, kind=Kind.CONVENTION, label=streaming),
                 is_error=False,
@@ -313,6 +314,30 @@ class ScenarioRun:
             )
         raise _Abort(finding, is_error=False)
 
+    async def _client_received(self, step: WaitStep, progress: StreamProgress) -> bool:
+        """Wait until the client has what ``step`` waits for: True; or until it never
+        can, because the stream ended or the server asked the engine for a whole
+        answer (it buffers): False at once, rather than at the timeout."""
+        what: Literal["chunks", "finished"] = (
+            "finished" if step.target.endswith(".finished") else "chunks"
+        )
+        chat = self.scenario.step(step.chat_step)
+        tag = self.tag(chat.retry if isinstance(chat, ChatStep) and chat.retry else chat.id)
+        async with trio.open_nursery() as nursery:
+
+            async def arrived() -> None:
+                await progress.wait_for(what, step.count)
+                nursery.cancel_scope.cancel()
+
+            async def buffered() -> None:
+                await self.chaos.wait_for(tag, EventKind.RECEIVED)
+                if not self.chaos.streamed_calls.get(tag):
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(arrived)
+            nursery.start_soon(buffered)
+        return progress.finished if what == "finished" else progress.chunks >= step.count
+
     def _streaming_convention(self, step_id: str, chat: Observation | None) -> str | None:
         """Why a streamed chat's chunks do not come as the engine sends them, where
         that is the server's convention (it refuses to stream, or buffers)."""
@@ -320,7 +345,7 @@ class ScenarioRun:
         if not isinstance(step, ChatStep) or not step.stream:
             return None
         profile = self.settings.profile
-        if chat is not None and chat.status is not None and chat.status in (400, 422, 501):
+        if refused_stream(self.scenario, step_id, chat, profile):
             return streaming_label(profile, "unsupported")
         tag = self.tag(step.retry or step_id)
         calls = self.chaos.calls(tag)
