@@ -32,6 +32,7 @@ def test_builtin_profiles_load_by_name() -> None:
         "only tool messages may follow an assistant turn",
         "an exact retry regenerates instead of replaying",
         "upstream failures are passed through, not retried",
+        "streams are buffered: chunks come only once the whole answer is there",
         "rejected requests answer 400, not 409",
         "errors are plain strings, not OpenAI-shaped",
     ]

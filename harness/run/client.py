@@ -67,6 +67,11 @@ class TargetClient:
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
 
+    @property
+    def timeout(self) -> float:
+        """Seconds one request may take."""
+        return self._timeout
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

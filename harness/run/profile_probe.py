@@ -12,6 +12,8 @@ scenario run, that answers each question of the profile in turn:
 6. How is a conflicting request rejected: which status, which error shape? (One
    that is accepted means branches or rollbacks: said in a note.)
 7. Is a retryable upstream failure (a 503) retried, or passed to the agent?
+8. Is ``stream: true`` relayed chunk by chunk, buffered (the answer comes in one
+   go once the engine is done), or refused?
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import trio
 
 from harness.errors import ProbeFailed, TargetUnreachable
 from harness.model.profile import CreateConvention, Profile, TrajectoryConvention
-from harness.results import Observation, answer_of
+from harness.results import Observation, StreamEnd, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
-from harness.upstream.script import marker, parse_behaviour
+from harness.upstream.script import EventKind, marker, parse_behaviour
 from refserver.fake_upstream import Flavor
 
 from .checks import last_turn_start
-from .client import TargetClient
+from .client import StreamProgress, TargetClient
 from .preflight import describe, wait_until_up
 from .runner import AGENT_TOOLS
 
@@ -180,6 +182,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
 
     await client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
     upstream_failures = await _upstream_failures(probe, id_field, tools)
+    streaming = await _streaming(probe, id_field, tools)
     profile = Profile(
         name="suggested",
         description=f"suggested by sessctl profile check against {client.base_url}",
@@ -192,8 +195,68 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         rollback=rollback,
         rejected_status=rejected_status,
         error_shape=error_shape,
+        streaming=streaming,
     )
     return ProbeResult(profile, probe.notes)
+
+
+async def _streaming(
+    probe: _Probe, id_field: str, tools: bool
+) -> Literal["relay", "buffered", "unsupported"]:
+    """On a fresh session: a streamed chat whose upstream holds after its first
+    chunk. The client has that chunk while the upstream holds: relayed. The
+    server asked the engine for a whole answer, or sent nothing while it held:
+    buffered. A 4xx: unsupported."""
+    created, _ = await probe.create()
+    session_id = str(created.body[id_field])
+    tag, first = probe.user("probe a stream")
+    probe.chaos.script(tag, [parse_behaviour({"chunks": 3, "hold_after": 1})])
+    body: dict[str, Any] = {"model": "sessctl-probe", "messages": [first], "stream": True}
+    if tools:
+        body["tools"] = AGENT_TOOLS
+    progress = StreamProgress()
+    turn: Observation | None = None
+    relayed = False
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            nonlocal turn
+            turn = await probe.client.send_stream(
+                "probe", f"/sessions/{session_id}/v1/chat/completions", body, progress
+            )
+
+        async def held_chunk_arrives() -> None:
+            nonlocal relayed
+            await probe.chaos.wait_for(tag, EventKind.SENT)
+            with trio.move_on_after(min(probe.client.timeout, 3.0)):
+                await progress.wait_for("chunks", 1)
+            relayed = progress.chunks >= 1 and probe.chaos.count(tag, EventKind.SENT) == 1
+            probe.chaos.release(tag)
+
+        async def whole_answer_asked() -> None:
+            await probe.chaos.wait_for(tag, EventKind.RECEIVED)
+            if not probe.chaos.streamed_calls.get(tag):
+                probe.chaos.release(tag)
+
+        nursery.start_soon(send)
+        nursery.start_soon(held_chunk_arrives)
+        nursery.start_soon(whole_answer_asked)
+        await progress.wait_for("chunks", 10**9)  # returns when the stream has ended
+        nursery.cancel_scope.cancel()
+    await probe.client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
+    assert turn is not None
+    if turn.status is not None and 400 <= turn.status < 500:
+        probe.notes.append(f"stream: true was refused ({_shown(turn)})")
+        return "unsupported"
+    if relayed:
+        return "relay"
+    if turn.stream is not None and turn.stream.end is StreamEnd.NOT_STREAMED:
+        probe.notes.append("stream: true was answered with one JSON completion, not a stream")
+    else:
+        probe.notes.append(
+            "a streamed answer came in one go once the engine was done (a buffered stream)"
+        )
+    return "buffered"
 
 
 async def _upstream_failures(
