@@ -5,7 +5,8 @@ create answers 200, the health route is /health, GET returns records, only tool
 messages may follow an assistant turn, an exact retry regenerates (except of
 the first turn, which it refuses with 400), rejections are 400 with
 plain-string errors, malformed JSON gets a 500, ``stream: true`` gets a "fake
-stream" (the whole answer in one chunk once the engine is done), and messages are checked by a pydantic model the FastAPI way:
+stream" (the whole answer in one chunk once the engine is done), and messages
+are checked by a pydantic model the FastAPI way:
 ill-typed fields get 422 with ``detail``, while lax coercions pass
 (``stream: "false"`` is false, a missing ``content`` is null). Like any server
 on Python's ``json``, it reads NaN and lone surrogates and then fails to send
