@@ -183,6 +183,9 @@ def create_app(
     return ServerBoundary(starlette, access_log=access_log)
 
 
+HEAD_WRITE_TIMEOUT = 5.0
+"""Seconds the head of a streamed answer may take to write, shielded from cancellation."""
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -226,7 +229,15 @@ class StreamedTurn(Response):
             nonlocal started
             if not started:
                 started = True
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                # Shielded: hypercorn moves its own state to "response" only after
+                # the head is written, so a DELETE or hang-up cancelling that write
+                # would leave it sending a 500 head into a started response (and
+                # crash the connection's task). A head is a few hundred bytes.
+                with trio.CancelScope(shield=True) as head:
+                    head.deadline = trio.current_time() + HEAD_WRITE_TIMEOUT
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+                    )
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         async with trio.open_nursery() as nursery:

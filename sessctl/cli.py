@@ -368,6 +368,13 @@ def chaos_command(
         str,
         typer.Option(help="Comma-separated: delay,hold,503,abort,reset,garbage,disconnect."),
     ] = "delay,hold,503,abort,reset,garbage,disconnect",
+    stream_ratio: Annotated[
+        float,
+        typer.Option(
+            help="Share of chats sent with stream: true (0 to 1); their faults may come "
+            "after a chunk."
+        ),
+    ] = 0.0,
     history: Annotated[Path | None, typer.Option(help="Save the history (JSON lines).")] = None,
     out: Annotated[
         Path | None,
@@ -416,6 +423,8 @@ def chaos_command(
         _usage_error("--ops, --clients and --sessions must be at least 1")
     if duration is not None and duration <= 0:
         _usage_error("--duration must be a positive number of seconds")
+    if not 0 <= stream_ratio <= 1:
+        _usage_error(f"--stream-ratio must be from 0 to 1; got {stream_ratio:g}")
     settings = ChaosSettings(
         seed=seed,
         ops=None if duration is not None else ops,
@@ -426,6 +435,7 @@ def chaos_command(
         request_timeout=request_timeout,
         flavor=_parse_flavor(flavor),
         target_wait=target_wait,
+        stream_ratio=stream_ratio,
     )
     raise typer.Exit(
         _run_harness(

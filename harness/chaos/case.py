@@ -18,7 +18,7 @@ No I/O here: ``shrink.py`` runs the cases this module builds and writes.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import yaml
@@ -34,6 +34,7 @@ PointAction = Literal["start", "release", "cancel"]
 PROPERTY_OF_FINDING = {
     "linearizability": "answers that no order of the operations explains",
     "durability": "phantom commit",
+    "stream-mismatch": "committed answer differs from the streamed one",
     "success-after-delete": "no success after DELETE",
     "llm-leak": "LLM work leaked for a deleted session",
 }
@@ -56,6 +57,13 @@ class CaseOp:
     """chat: upstream behaviours played before the last one (503, abort)."""
     final: Any = "hold"
     """chat: the last, repeating upstream behaviour (hold, respond, reset, garbage)."""
+    stream: bool = False
+    """chat: sent with ``stream: true``."""
+
+    @property
+    def held(self) -> bool:
+        """Its upstream call holds (before the first chunk, or after one) until released."""
+        return self.final == "hold" or (isinstance(self.final, dict) and "hold_after" in self.final)
 
     @property
     def script(self) -> Any:
@@ -159,15 +167,19 @@ def case_from_history(
         messages = o.messages or []
         sent = _key(messages)
         faults, final = _held(o.script or ["respond"])
+        streamed = o.stream is not None
         if sent in sent_by:
-            case_ops.append(CaseOp(name, "chat", retry=sent_by[sent], faults=faults, final=final))
+            case_op = CaseOp(
+                name, "chat", retry=sent_by[sent], faults=faults, final=final, stream=streamed
+            )
         else:
             sent_by[sent] = name
             after = turn_of.get(_key(messages[:-1])) if len(messages) > 1 else None
-            case_ops.append(CaseOp(name, "chat", after=after, faults=faults, final=final))
+            case_op = CaseOp(name, "chat", after=after, faults=faults, final=final, stream=streamed)
             if o.answer_if_committed is not None:
                 turn_of.setdefault(_key([*messages, o.answer_if_committed]), name)
-        if final == "hold":
+        case_ops.append(case_op)
+        if case_op.held:
             timed.append((_answered_at(o), o.invoke, 1, Point("release", name)))
     timed.sort(key=lambda t: (t[0], t[1], t[2]))
     return Case(tuple(case_ops), tuple(point for *_, point in timed))
@@ -191,8 +203,14 @@ def _end(op: Operation) -> float | None:
 def _held(script: Sequence[Any]) -> tuple[tuple[Any, ...], Any]:
     """A recorded script with its answering behaviour turned into a hold."""
     *faults, last = script
-    answers = last in ("respond", "hold") or (isinstance(last, dict) and "delay" in last)
+    answers = last in ("respond", "hold") or (
+        isinstance(last, dict) and ("delay" in last or set(last) <= _PLAIN_STREAM)
+    )
     return tuple(faults), "hold" if answers else last
+
+
+_PLAIN_STREAM = {"chunks", "chunk_delay", "tool_call"}
+"""Keys of a stream script that answers in full (no fault after a chunk)."""
 
 
 def _answered_at(op: Operation) -> float:
@@ -213,6 +231,8 @@ def _answered_at(op: Operation) -> float:
 class Expectations:
     statuses: dict[str, int]
     upstream: dict[str, dict[str, Any]]
+    streams: dict[str, str] = field(default_factory=dict)
+    """Streamed chat -> how its stream ended on the reference (done, error, cut)."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +284,8 @@ def _start_step(op: CaseOp, expected: Expectations | None) -> dict[str, Any]:
     step: dict[str, Any] = {op.op: op.name, "background": True}
     if op.op == "chat":
         step["upstream"] = op.script
+        if op.stream:
+            step["stream"] = True
         if op.retry is not None:
             step["retry"] = op.retry
         elif op.after is not None:
@@ -272,6 +294,8 @@ def _start_step(op: CaseOp, expected: Expectations | None) -> dict[str, Any]:
             step["messages"] = [{"role": "user", "content": f"turn {op.name}"}]
     if expected is not None and op.name in expected.statuses:
         step["expect"] = {"status": expected.statuses[op.name]}
+        if op.name in expected.streams:
+            step["expect"]["stream"] = expected.streams[op.name]
     return step
 
 
@@ -285,6 +309,13 @@ def expectations_from(case: Case, reference: RunResult) -> Expectations | None:
             return None
         if observation.status is not None:
             statuses[op.name] = observation.status
+    streams: dict[str, str] = {
+        op.name: str(record.end.value)
+        for op in case.ops
+        if (observation := reference.observations.get(op.name)) is not None
+        and (record := observation.stream) is not None
+        and record.end.value in ("done", "error", "cut")
+    }
     retried = {o.retry for o in case.ops if o.retry is not None}
     upstream: dict[str, dict[str, Any]] = {}
     for op in case.ops:
@@ -306,7 +337,7 @@ def expectations_from(case: Case, reference: RunResult) -> Expectations | None:
             spec["convention"] = RETRY_CONVENTION  # a retry may regenerate on other servers
         if spec:
             upstream[op.name] = spec
-    return Expectations(statuses, upstream)
+    return Expectations(statuses, upstream, streams)
 
 
 __all__ = [

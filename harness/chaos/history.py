@@ -16,6 +16,11 @@ when it completed (monotonic seconds), its arguments and what came back::
   so an unknown chat that did commit can be recognised later.
 * ``get``: ``messages`` and ``num_assistant`` as read.
 * ``upstream``: the chaos upstream's events for this operation's calls.
+* ``stream`` (chat sent with ``stream: true``): how the stream ended, as the
+  client saw it: ``done`` ([DONE] arrived), ``error:TYPE`` (an error event),
+  ``cut``, ``hung up`` or ``not streamed``; ``assembled``: the assistant
+  message its chunks made. A 2xx stream that did not end with ``done`` has an
+  unknown outcome, as a timeout has.
 * ``script`` (chat): the upstream script the chaos upstream played for it;
   ``gave_up``: when the client stopped waiting, if the outcome is unknown.
   Shrinking a failing run to a scenario replays both.
@@ -59,17 +64,32 @@ class Operation:
     """``chat``: the upstream script it was sent with (scenario syntax: ``["hold"]``)."""
     gave_up: float | None = None
     """When the client stopped waiting, for an unknown outcome (a hang-up, a timeout)."""
+    stream: str | None = None
+    """``chat`` with ``stream: true``: how the stream ended (``done``, ``error:TYPE``...)."""
+    assembled: dict[str, Any] | None = None
+    """``chat`` with ``stream: true``: the assistant message its chunks assembled into."""
+
+    @property
+    def unfinished_stream(self) -> bool:
+        """Answered 2xx, but the stream did not reach [DONE]: committed or not, unknown."""
+        return (
+            self.stream not in (None, "done", "not streamed")
+            and self.status is not None
+            and self.status // 100 == 2
+        )
 
     @property
     def unknown(self) -> bool:
-        return self.status is None
+        return self.status is None or self.unfinished_stream
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and self.status // 100 == 2
+        return self.status is not None and self.status // 100 == 2 and not self.unfinished_stream
 
     def describe(self) -> str:
-        outcome = "unknown outcome" if self.unknown else str(self.status)
+        outcome = "unknown outcome" if self.status is None else str(self.status)
+        if self.stream is not None and self.status is not None:
+            outcome += f" (stream: {self.stream})"
         return f"#{self.id} client {self.client} {self.op} -> {outcome}"
 
     def to_json(self) -> dict[str, Any]:
@@ -123,4 +143,6 @@ def _operation(data: dict[str, Any]) -> Operation:
         upstream=events,
         script=data.get("script"),
         gave_up=None if data.get("gave_up") is None else float(data["gave_up"]),
+        stream=None if data.get("stream") is None else str(data["stream"]),
+        assembled=data.get("assembled"),
     )

@@ -13,9 +13,11 @@ Operations with an unknown outcome never return (their return is at +inf),
 and the model lets them either take effect or not; to keep the search
 deterministic, the model state is the *set* of states the session may be in.
 
-Beside linearizability, three invariants are checked on the raw history:
+Beside linearizability, four invariants are checked on the raw history:
 
 * durable: a chat answered 200 is a prefix of every later read trajectory;
+* streamed answers: where a streamed chat's client got [DONE], the answer
+  committed after its request is the one the client assembled from the chunks;
 * no 2xx on a session once a DELETE of it has completed with 2xx;
 * no LLM work leaks: an upstream call that a server makes after a DELETE of
   its session was invoked, or that is still pending when the DELETE
@@ -192,7 +194,9 @@ def _list(value: tuple[Any, ...] | None) -> list[Any] | None:
 
 @dataclass(frozen=True)
 class Finding:
-    kind: Literal["linearizability", "durability", "success-after-delete", "llm-leak"]
+    kind: Literal[
+        "linearizability", "durability", "stream-mismatch", "success-after-delete", "llm-leak"
+    ]
     session: str
     explanation: str
     window: tuple[Operation, ...]
@@ -342,26 +346,58 @@ def check_invariants(
     for session, ops in by_session.items():
         ops.sort(key=lambda o: o.invoke)
         findings.extend(_durability(session, ops))
+        findings.extend(_streamed_answers(session, ops))
         findings.extend(_success_after_delete(session, ops))
         findings.extend(_llm_leaks(session, ops, leak_bound))
     return findings
 
 
+def _later_reads(chat: Operation, ops: list[Operation]) -> Iterable[Operation]:
+    assert chat.complete is not None
+    for read in ops:
+        if read.op == "get" and read.status == 200 and read.invoke > chat.complete:
+            yield read
+
+
 def _durability(session: str, ops: list[Operation]) -> Iterable[Finding]:
     for chat in ops:
-        if chat.op != "chat" or chat.status != 200 or chat.answer is None or chat.complete is None:
+        if chat.op != "chat" or not chat.ok or chat.answer is None or chat.complete is None:
             continue
         turn = [comparable(m) for m in [*(chat.messages or []), chat.answer]]
-        for read in ops:
-            if read.op != "get" or read.status != 200 or read.invoke <= chat.complete:
-                continue
+        for read in _later_reads(chat, ops):
             prefix = [comparable(m) for m in (read.messages or [])[: len(turn)]]
+            if chat.stream is not None and prefix[:-1] == turn[:-1] and len(prefix) == len(turn):
+                continue  # its turn is there with another answer: _streamed_answers says so
             if prefix != turn:
                 yield Finding(
                     "durability",
                     session,
                     f"{chat.describe()} was answered 200, but {read.describe()} read a "
                     "trajectory without that turn: a phantom commit",
+                    (chat, read),
+                )
+                break
+
+
+def _streamed_answers(session: str, ops: list[Operation]) -> Iterable[Finding]:
+    for chat in ops:
+        if chat.op != "chat" or chat.stream != "done" or chat.complete is None:
+            continue
+        if chat.assembled is None:
+            continue
+        request = [comparable(m) for m in chat.messages or []]
+        for read in _later_reads(chat, ops):
+            messages = read.messages or []
+            if len(messages) <= len(request):
+                continue
+            if [comparable(m) for m in messages[: len(request)]] != request:
+                continue
+            if comparable(messages[len(request)]) != comparable(chat.assembled):
+                yield Finding(
+                    "stream-mismatch",
+                    session,
+                    f"{chat.describe()}: its client assembled one answer from the chunks, but "
+                    f"{read.describe()} read another committed after its request",
                     (chat, read),
                 )
                 break
@@ -395,7 +431,7 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
     # invocation time says nothing: the request may still have been in flight.)
     accepted = delete.complete
     for chat in ops:
-        if chat.op == "chat" and chat.status == 410:
+        if chat.op == "chat" and (chat.status == 410 or chat.stream == "error:session_deleted"):
             # Only a call this turn made counts: an exact retry shares its
             # marker, and so its upstream events, with the turn it retries.
             own = [e.at for e in chat.upstream if e.kind == "received" and e.at >= chat.invoke]

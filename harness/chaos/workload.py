@@ -4,7 +4,9 @@ Clients share a small pool of sessions, so their operations collide often:
 chats that extend what the client last saw, exact retries, stale writes,
 GETs, DELETEs, and chats the client hangs up on mid-turn. Every chat's
 upstream call gets a random script from the chaos upstream: delays, holds
-released at random moments, 503s, aborts, resets, garbage. Each client draws
+released at random moments, 503s, aborts, resets, garbage. With
+``stream_ratio``, that share of the chats stream, and their holds, resets and
+garbage come after a random chunk half of the time. Each client draws
 its plan from its own RNG seeded from ``--seed``, with a fixed number of draws
 per operation and a fixed share of the operations, so a seed always produces
 the same plan: the same kinds of operation on the same session slots with the
@@ -26,8 +28,8 @@ import trio
 
 from harness.errors import TargetUnreachable
 from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
-from harness.results import Observation, answer_of
-from harness.run.client import TargetClient
+from harness.results import Observation, StreamEnd, answer_of
+from harness.run.client import StreamProgress, TargetClient
 from harness.run.preflight import check_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -79,6 +81,8 @@ class ChaosSettings:
     flavor: Flavor = "openai"
     target_wait: float = 5.0
     """How long to keep probing an external target that does not answer yet."""
+    stream_ratio: float = 0.0
+    """The share of chats sent with ``stream: true``."""
 
 
 @dataclass
@@ -97,6 +101,9 @@ class PlannedOp:
     release_after: float
     patience: float
     cut: float
+    stream: bool = False
+    after_chunk: int | None = None
+    """A streamed chat's hold, reset or garbage comes after this chunk (None: before any)."""
 
 
 # Cumulative odds of each kind of operation.
@@ -114,6 +121,8 @@ _KINDS = (
 class _Client:
     index: int
     rng: random.Random
+    stream_rng: random.Random
+    """Draws for streaming, apart: a seed's plan without streams stays what it was."""
     plan: list[PlannedOp] = field(default_factory=list)
     views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Session -> the trajectory as this client last saw it committed."""
@@ -135,7 +144,11 @@ class ChaosRun:
         self.history: list[Operation] = []
         self._slots = [_Slot() for _ in range(settings.sessions)]
         self.clients = [
-            _Client(index, random.Random(settings.seed * 1_000_003 + index))
+            _Client(
+                index,
+                random.Random(settings.seed * 1_000_003 + index),
+                random.Random(f"stream {settings.seed} {index}"),
+            )
             for index in range(settings.clients)
         ]
         self._issued = 0
@@ -201,7 +214,22 @@ class ChaosRun:
             fault = faults[int(fault_pick * len(faults))]
         if kind == "hangup" and Fault.DISCONNECT not in self.settings.faults:
             kind = "get"
-        return PlannedOp(slot, kind, fault, round(delay, 4), release_after, patience, cut)
+        streams, mid_stream, chunk = (
+            client.stream_rng.random() < self.settings.stream_ratio,
+            client.stream_rng.random() < 0.5,
+            client.stream_rng.randrange(3),
+        )
+        return PlannedOp(
+            slot,
+            kind,
+            fault,
+            round(delay, 4),
+            release_after,
+            patience,
+            cut,
+            stream=streams,
+            after_chunk=chunk if streams and mid_stream else None,
+        )
 
     async def _client_loop(self, client: _Client) -> None:
         share = self._share(client.index)
@@ -277,10 +305,10 @@ class ChaosRun:
             body["tools"] = AGENT_TOOLS
         client.last_sent[session] = messages
         path = f"/sessions/{session}/v1/chat/completions"
-        if planned.kind == "hangup":
-            observation = await self._hang_up_on(planned.patience, path, body)
-        else:
-            observation = await self.client.send("chaos", "chat", "POST", path, json_body=body)
+        if planned.stream:
+            body["stream"] = True
+        patience = planned.patience if planned.kind == "hangup" else float("inf")
+        observation = await self._send_chat(patience, path, body)
         answer = answer_of(observation)
         if observation.status == 200 and answer is not None:
             client.views[session] = [*messages, answer]
@@ -298,12 +326,16 @@ class ChaosRun:
                 "message"
             ],
             script=script,
+            **_stream_fields(observation),
         )
         self._op_tags[ticket] = tag
 
-    async def _hang_up_on(self, patience: float, path: str, body: dict[str, Any]) -> Observation:
+    async def _send_chat(self, patience: float, path: str, body: dict[str, Any]) -> Observation:
+        """Send a chat (streamed if ``body`` says so); hang up after ``patience`` s."""
         started = trio.current_time()
         with trio.move_on_after(patience):
+            if body.get("stream") is True:
+                return await self.client.send_stream("chaos", path, body, StreamProgress())
             return await self.client.send("chaos", "chat", "POST", path, json_body=body)
         return Observation(
             "chaos", "chat", None, None, started, trio.current_time(), cancelled_by_scenario=True
@@ -339,11 +371,16 @@ class ChaosRun:
         fault = planned.fault
         if fault is None:
             return ["respond"]
+        after = planned.after_chunk
         if fault is Fault.DELAY:
+            if after is not None:
+                return [{"chunks": 3, "chunk_delay": round(planned.delay / 3, 4)}]
             return [{"delay": planned.delay}]
         if fault is Fault.HOLD:
             self._release_later(tag, planned.release_after)
-            return ["hold"]
+            return ["hold" if after is None else {"chunks": 3, "hold_after": after}]
+        if after is not None and fault in (Fault.RESET, Fault.GARBAGE):
+            return [{"chunks": 3, f"{fault.value}_after": after}]  # every attempt
         if fault is Fault.STATUS:
             return [{"status": 503}, "respond"]
         if fault is Fault.ABORT:
@@ -395,6 +432,17 @@ class ChaosRun:
                 **fields,
             )
         )
+
+
+def _stream_fields(observation: Observation) -> dict[str, Any]:
+    """How a streamed chat ended, for the history (nothing for one not streamed)."""
+    record = observation.stream
+    if record is None:
+        return {}
+    end = record.end.value
+    if record.end is StreamEnd.ERROR:
+        end = f"error:{record.error_type}"
+    return {"stream": end, "assembled": record.assembled}
 
 
 @dataclass(frozen=True)
