@@ -35,6 +35,8 @@ PROPERTY_OF_FINDING = {
     "linearizability": "answers that no order of the operations explains",
     "durability": "phantom commit",
     "stream-mismatch": "committed answer differs from the streamed one",
+    "delete-waits": "DELETE waits for the upstream",
+    "hangup-ignored": "commit after the client hung up",
     "success-after-delete": "no success after DELETE",
     "llm-leak": "LLM work leaked for a deleted session",
 }
@@ -248,7 +250,6 @@ class ScenarioText:
 
 def render(case: Case, text: ScenarioText, expected: Expectations | None = None) -> str:
     steps: list[dict[str, Any]] = [{"create": "s"}]
-    hung_up = {p.op for p in case.points if p.action == "cancel"}
     for point in case.points:
         if point.action == "start":
             steps.append(_start_step(case.op(point.op), expected))
@@ -268,11 +269,7 @@ def render(case: Case, text: ScenarioText, expected: Expectations | None = None)
         "timeout": 30,
         "steps": steps,
     }
-    upstream = {
-        name: spec
-        for name, spec in (expected.upstream if expected else {}).items()
-        if name not in hung_up
-    }
+    upstream = dict(expected.upstream) if expected else {}
     if upstream:
         document["expect"] = {"upstream": upstream}
     body = yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=100)
@@ -320,7 +317,7 @@ def expectations_from(case: Case, reference: RunResult) -> Expectations | None:
     upstream: dict[str, dict[str, Any]] = {}
     for op in case.ops:
         status = statuses.get(op.name)
-        if op.op != "chat" or op.retry is not None or status is None:
+        if op.op != "chat" or op.retry is not None or (status is None and op.name not in hung_up):
             continue
         seen = {
             kind: sum(
@@ -329,9 +326,13 @@ def expectations_from(case: Case, reference: RunResult) -> Expectations | None:
             for kind in ("received", "answered", "cancelled")
         }
         spec: dict[str, Any] = {}
-        if seen["received"] == 0 and status // 100 != 2:
+        stopped = seen["cancelled"] and not seen["answered"]
+        if status is None:
+            if stopped:
+                spec = {"cancelled": True, "answered": 0}  # its client hung up: stopped
+        elif seen["received"] == 0 and status // 100 != 2:
             spec = {"calls": 0}  # a refused turn costs no LLM work
-        elif status == 410 and seen["cancelled"] and not seen["answered"]:
+        elif (status == 410 or streams.get(op.name) == "error") and stopped:
             spec = {"cancelled": True, "answered": 0}  # a preempted turn's call is stopped
         if spec and op.name in retried:
             spec["convention"] = RETRY_CONVENTION  # a retry may regenerate on other servers

@@ -21,6 +21,10 @@ when it completed (monotonic seconds), its arguments and what came back::
   ``cut``, ``hung up`` or ``not streamed``; ``assembled``: the assistant
   message its chunks made. A 2xx stream that did not end with ``done`` has an
   unknown outcome, as a timeout has.
+* ``outwaited`` (delete): the tags of held upstream calls that were released
+  only because this DELETE had not been answered within 2 s of patience;
+  (chat): its tag, if its client hung up and the server had not stopped its
+  held upstream call 2 s later.
 * ``script`` (chat): the upstream script the chaos upstream played for it;
   ``gave_up``: when the client stopped waiting, if the outcome is unknown.
   Shrinking a failing run to a scenario replays both.
@@ -68,6 +72,11 @@ class Operation:
     """``chat`` with ``stream: true``: how the stream ended (``done``, ``error:TYPE``...)."""
     assembled: dict[str, Any] | None = None
     """``chat`` with ``stream: true``: the assistant message its chunks assembled into."""
+    outwaited: list[str] | None = None
+    """``delete``: tags of held upstream calls the harness released because this
+    DELETE had not been answered within its patience (it waited for the engine).
+    ``chat``: its own tag, if its client hung up and the server had not stopped its
+    held upstream call within that patience."""
 
     @property
     def unfinished_stream(self) -> bool:
@@ -145,4 +154,5 @@ def _operation(data: dict[str, Any]) -> Operation:
         gave_up=None if data.get("gave_up") is None else float(data["gave_up"]),
         stream=None if data.get("stream") is None else str(data["stream"]),
         assembled=data.get("assembled"),
+        outwaited=data.get("outwaited"),
     )

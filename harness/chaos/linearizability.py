@@ -19,6 +19,11 @@ Beside linearizability, four invariants are checked on the raw history:
 * streamed answers: where a streamed chat's client got [DONE], the answer
   committed after its request is the one the client assembled from the chunks;
 * no 2xx on a session once a DELETE of it has completed with 2xx;
+* DELETE does not wait for the engine: a DELETE that the harness had to
+  outwait (a held upstream call of its session was released only because the
+  DELETE had gone unanswered for 2 s; see ``workload.DELETE_PATIENCE``);
+* a hang-up stops the turn: a chat whose client hung up while its upstream
+  call was held, and whose server had not hung up on that call 2 s later;
 * no LLM work leaks: an upstream call that a server makes after a DELETE of
   its session was invoked, or that is still pending when the DELETE
   completes, is cancelled within a bound and never answered.
@@ -35,6 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from harness.upstream.script import tag_of
 from refserver.rules import Conflict, Extend, Replay, classify_turn, comparable
 
 from .history import Operation
@@ -195,7 +201,13 @@ def _list(value: tuple[Any, ...] | None) -> list[Any] | None:
 @dataclass(frozen=True)
 class Finding:
     kind: Literal[
-        "linearizability", "durability", "stream-mismatch", "success-after-delete", "llm-leak"
+        "linearizability",
+        "durability",
+        "stream-mismatch",
+        "delete-waits",
+        "hangup-ignored",
+        "success-after-delete",
+        "llm-leak",
     ]
     session: str
     explanation: str
@@ -347,6 +359,8 @@ def check_invariants(
         ops.sort(key=lambda o: o.invoke)
         findings.extend(_durability(session, ops))
         findings.extend(_streamed_answers(session, ops))
+        findings.extend(_delete_waits(session, ops))
+        findings.extend(_hangups_ignored(session, ops))
         findings.extend(_success_after_delete(session, ops))
         findings.extend(_llm_leaks(session, ops, leak_bound))
     return findings
@@ -401,6 +415,35 @@ def _streamed_answers(session: str, ops: list[Operation]) -> Iterable[Finding]:
                     (chat, read),
                 )
                 break
+
+
+def _delete_waits(session: str, ops: list[Operation]) -> Iterable[Finding]:
+    for delete in ops:
+        if delete.op != "delete" or not delete.outwaited:
+            continue
+        tags = set(delete.outwaited)
+        held = [c for c in ops if c.op == "chat" and tag_of({"messages": c.messages}) in tags]
+        yield Finding(
+            "delete-waits",
+            session,
+            f"{delete.describe()} was not answered while the engine call of "
+            f"{', '.join(c.describe() for c in held) or 'a chat'} was held; it waited until "
+            "the harness released the call after 2 s",
+            tuple(sorted((delete, *held), key=lambda o: o.invoke)),
+        )
+
+
+def _hangups_ignored(session: str, ops: list[Operation]) -> Iterable[Finding]:
+    for chat in ops:
+        if chat.op == "chat" and chat.outwaited:
+            yield Finding(
+                "hangup-ignored",
+                session,
+                f"{chat.describe()}: its client hung up while its engine call was held, and "
+                "2 s later the server still had not stopped that call (the harness then "
+                "released it): a turn run on for nobody, which may commit",
+                (chat,),
+            )
 
 
 def _success_after_delete(session: str, ops: list[Operation]) -> Iterable[Finding]:

@@ -33,7 +33,7 @@ from harness.run.client import StreamProgress, TargetClient
 from harness.run.preflight import check_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
-from harness.upstream.script import marker, parse_behaviour, tag_of
+from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
 from refserver.child import serve_in_child
 from refserver.errors import ChildServerFailed
 from refserver.fake_upstream import Flavor, completion_for
@@ -129,6 +129,21 @@ class _Client:
     last_sent: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
+PATIENCE = 2.0
+"""Seconds a hold waits for the server to act before it is released anyway: for
+a pending DELETE of its session to be answered (as a scenario's ``await: d1,
+timeout: 2``), or, once the chat's client hung up, for the server to hang up on
+the call (as ``wait: c1.cancelled, timeout: 2``). A conforming server acts in
+milliseconds whatever the hold does."""
+
+
+@dataclass
+class _PendingDelete:
+    answered: trio.Event = field(default_factory=trio.Event)
+    outwaited: list[str] = field(default_factory=list)
+    """Tags of held calls released because this DELETE was not answered in time."""
+
+
 class ChaosRun:
     def __init__(
         self,
@@ -153,6 +168,12 @@ class ChaosRun:
         ]
         self._issued = 0
         self._nursery: trio.Nursery | None = None
+        self._hung_up: set[int] = set()
+        """Chats whose client hung up."""
+        self._outwaited_hangups: set[int] = set()
+        """Chats whose held call the server did not stop within PATIENCE of the hang-up."""
+        self._pending_deletes: dict[str, _PendingDelete] = {}
+        """Session -> its DELETE in flight (holds on it wait for the answer)."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
 
@@ -172,7 +193,11 @@ class ChaosRun:
         # Upstream events are attached only now: a call that ran on after its
         # chat was answered (a leak) is exactly what the checker must see.
         history = [
-            replace(op, upstream=self._events(self._op_tags[op.id], since=op.invoke))
+            replace(
+                op,
+                upstream=self._events(self._op_tags[op.id], since=op.invoke),
+                outwaited=[self._op_tags[op.id]] if op.id in self._outwaited_hangups else None,
+            )
             if op.id in self._op_tags
             else op
             for op in self.history
@@ -298,7 +323,7 @@ class ChaosRun:
         # An exact retry carries the original's marker, so the upstream files its
         # calls under the original's tag: that is the tag to script for this attempt.
         tag = tag_of({"messages": messages}) or self._tag(ticket)
-        script = self._script(planned, tag)
+        script = self._script(planned, tag, session, ticket)
         self.upstream.script(tag, [parse_behaviour(spec) for spec in script])
         body: dict[str, Any] = {"model": "sessctl-chaos", "messages": messages}
         if self.settings.profile.appends_tool_results:
@@ -309,6 +334,8 @@ class ChaosRun:
             body["stream"] = True
         patience = planned.patience if planned.kind == "hangup" else float("inf")
         observation = await self._send_chat(patience, path, body)
+        if observation.cancelled_by_scenario:
+            self._hung_up.add(ticket)
         answer = answer_of(observation)
         if observation.status == 200 and answer is not None:
             client.views[session] = [*messages, answer]
@@ -358,15 +385,24 @@ class ChaosRun:
         )
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
-        observation = await self.client.send("chaos", "delete", "DELETE", f"/sessions/{session}")
+        pending = self._pending_deletes[session] = _PendingDelete()
+        try:
+            observation = await self.client.send(
+                "chaos", "delete", "DELETE", f"/sessions/{session}"
+            )
+        finally:
+            pending.answered.set()
+            if self._pending_deletes.get(session) is pending:
+                del self._pending_deletes[session]
         deleted = observation.status is not None and observation.status // 100 == 2
         if deleted and slot.session == session:
             slot.session = None  # the next client to pick this slot creates a new one
-        self._record(client, ticket, "delete", session, observation)
+        extra = {"outwaited": list(pending.outwaited)} if pending.outwaited else {}
+        self._record(client, ticket, "delete", session, observation, **extra)
 
     # -- upstream scripts -----------------------------------------------------------------
 
-    def _script(self, planned: PlannedOp, tag: str) -> list[Any]:
+    def _script(self, planned: PlannedOp, tag: str, session: str, ticket: int) -> list[Any]:
         """The upstream script for one chat, in scenario syntax (it is recorded too)."""
         fault = planned.fault
         if fault is None:
@@ -377,7 +413,7 @@ class ChaosRun:
                 return [{"chunks": 3, "chunk_delay": round(planned.delay / 3, 4)}]
             return [{"delay": planned.delay}]
         if fault is Fault.HOLD:
-            self._release_later(tag, planned.release_after)
+            self._release_later(tag, session, ticket, planned.release_after)
             return ["hold" if after is None else {"chunks": 3, "hold_after": after}]
         if after is not None and fault in (Fault.RESET, Fault.GARBAGE):
             return [{"chunks": 3, f"{fault.value}_after": after}]  # every attempt
@@ -387,14 +423,56 @@ class ChaosRun:
             return ["abort", "respond"]
         return [fault.value]  # reset, garbage: every attempt
 
-    def _release_later(self, tag: str, after: float) -> None:
+    def _release_later(self, tag: str, session: str, ticket: int, after: float) -> None:
+        """Release a hold at a random moment, unless the server still has to act on it:
+
+        * while a DELETE of its session is pending, only once that DELETE is
+          answered. A server that preempts answers it while the call is held; one
+          whose DELETE waits for the engine does not, and after ``PATIENCE`` the
+          hold is released and the DELETE records that it was outwaited;
+        * if the chat's client has hung up, only once the server has hung up on
+          the call (``cancelled``); after ``PATIENCE`` the chat records that it
+          was outwaited: the server kept the engine working for nobody.
+
+        The races are made structural, as a scenario's hold does."""
         assert self._nursery is not None
 
         async def release() -> None:
-            await trio.sleep(after)  # a hold released at a random moment
+            await trio.sleep(after)
+            pending = self._pending_deletes.get(session)
+            if pending is not None:
+                with trio.move_on_after(PATIENCE):
+                    await pending.answered.wait()
+                    pending = None
+            if pending is not None:
+                pending.outwaited.append(tag)
+            if ticket in self._hung_up and await self._ignores_hang_up(tag):
+                self._outwaited_hangups.add(ticket)
             self.upstream.release(tag)
 
         self._nursery.start_soon(release)
+
+    async def _ignores_hang_up(self, tag: str) -> bool:
+        """The chat's client has hung up: does the server still run its engine call
+        ``PATIENCE`` later? A call not yet made is waited for as long: a server that
+        makes it for a client who is gone runs the turn on too."""
+        if not self._call_in_flight(tag):
+            arrived = self.upstream.count(tag, EventKind.RECEIVED) + 1
+            with trio.move_on_after(PATIENCE):
+                await self.upstream.wait_for(tag, EventKind.RECEIVED, arrived)
+            if not self._call_in_flight(tag):
+                return False
+        cancelled = self.upstream.count(tag, EventKind.CANCELLED) + 1
+        with trio.move_on_after(PATIENCE):
+            await self.upstream.wait_for(tag, EventKind.CANCELLED, cancelled)
+            return False
+        return True
+
+    def _call_in_flight(self, tag: str) -> bool:
+        """The upstream has a call for ``tag`` that has not ended yet."""
+        count = self.upstream.count
+        ended = sum(count(tag, kind) for kind in (EventKind.ANSWERED, EventKind.CANCELLED))
+        return count(tag, EventKind.RECEIVED) > ended + count(tag, EventKind.DROPPED)
 
     # -- the history ------------------------------------------------------------------------
 

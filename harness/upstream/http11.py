@@ -67,11 +67,15 @@ class Exchange:
         await self._stream.aclose()
 
     async def wait_for_hangup(self) -> None:
-        """Return when the client closes the connection (it sent its whole request already)."""
-        while True:
-            data = await self._stream.receive_some(READ_CHUNK)
-            if not data:
-                return
+        """Return when the client closes the connection (it sent its whole request
+        already), with a FIN or a reset."""
+        try:
+            while True:
+                data = await self._stream.receive_some(READ_CHUNK)
+                if not data:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # reset by the peer: hung up just the same
 
     async def _send(self, event: h11.Event) -> None:
         payload = self._connection.send(event)
