@@ -11,6 +11,7 @@ import itertools
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -99,9 +100,24 @@ def render_scenario(console: Console, result: ScenarioResult, target: Target | N
             soft_wrap=True,
         )
         if run.upstream_events:
-            events = ", ".join(f"{e['step']}.{e['kind']}#{e['call']}" for e in run.upstream_events)
+            events = ", ".join(_upstream_events(run.upstream_events))
             console.print(Text.assemble("  upstream saw: ", (events, "dim")), soft_wrap=True)
     console.print()
+
+
+def _upstream_events(events: list[dict[str, Any]]) -> list[str]:
+    """``c1.received#1, c1.sent#1 x3, c1.cancelled#1``: a streamed call's chunks counted."""
+    shown: list[str] = []
+    repeats = 0
+    for index, event in enumerate(events):
+        text = f"{event['step']}.{event['kind']}#{event['call']}"
+        following = events[index + 1] if index + 1 < len(events) else None
+        if following is not None and following == event:
+            repeats += 1
+            continue
+        shown.append(f"{text} x{repeats + 1}" if repeats else text)
+        repeats = 0
+    return shown
 
 
 def render_findings(console: Console, findings: list[Finding], step_order: list[str]) -> None:

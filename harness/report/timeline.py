@@ -17,7 +17,13 @@ from harness.chaos.linearizability import CheckResult, Finding
 LANE_HEIGHT = 34
 LEFT = 90
 WIDTH = 960
-EVENT_MARKS = {"received": "▲", "answered": "●", "cancelled": "✕", "dropped": "◆"}
+EVENT_MARKS = {
+    "received": "▲",
+    "sent": "·",
+    "answered": "●",
+    "cancelled": "✕",
+    "dropped": "◆",
+}
 
 
 def _colour(op: Operation) -> str:
@@ -112,7 +118,8 @@ def render_timeline(
     legend = (
         "bars: green 2xx, orange 4xx, red 5xx, grey unknown outcome (dashed: never "
         "completed); outlined: the operations that show the problem. Upstream events: "
-        "▲ received, ● answered, ✕ cancelled (the server hung up), ◆ dropped (reset)."
+        "▲ received, · a chunk sent, ● answered, ✕ cancelled (the server hung up), "
+        "◆ dropped (reset)."
     )
     body = "".join(sections) or "<p>No findings: the history is valid.</p>"
     return (

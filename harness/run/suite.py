@@ -17,7 +17,7 @@ from functools import partial
 
 import trio
 
-from harness.model.scenario import HTTP_OPS, Scenario
+from harness.model.scenario import HTTP_OPS, Expect, Scenario
 from harness.results import Finding, RunResult, ScenarioResult, StepSummary, SuiteResult, Verdict
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.fake_upstream import Flavor
@@ -177,6 +177,17 @@ async def _run_scenarios(
     ]
 
 
+def _expected_cell(expect: Expect) -> str:
+    """The expected status, and for a stream how it ends, as the matrix writes cells."""
+    matcher = expect.status_matcher
+    assert matcher is not None
+    if expect.stream is None:
+        return matcher.describe()
+    if expect.stream == "error":
+        return f"{matcher.describe()} ✗{' or '.join(sorted(expect.error_types)) or 'error'}"
+    return f"{matcher.describe()} {'✓[DONE]' if expect.stream == 'done' else '✗cut'}"
+
+
 def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> ScenarioResult:
     steps: list[StepSummary] = []
     for step in scenario.steps:
@@ -210,7 +221,7 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
             StepSummary(
                 step.id,
                 step.op,
-                matcher.describe() if matcher else None,
+                _expected_cell(step.expect) if step.expect and matcher else None,
                 cells,
                 frozenset(expected_cells),
                 frozenset(convention_cells),
