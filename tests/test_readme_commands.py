@@ -73,3 +73,22 @@ def test_the_passing_report_as_the_readme_shows_it() -> None:
     printed = [line.rstrip() for line in done.stdout.splitlines()]
     start = printed.index(quoted[0])
     assert printed[start : start + len(quoted)] == quoted
+
+
+def test_the_streamed_failure_report_as_the_readme_shows_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sessctl", "run-scenarios", "--emulate", "commit-partial-stream",
+         "--filter", "upstream-cut-mid-stream"],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    quoted = [line.rstrip() for line in quoted_block("commits the partial answer when")]
+    printed = [line.rstrip() for line in done.stdout.splitlines()]
+    # The header and the matrix, line for line; then the findings and the summary.
+    start = printed.index(quoted[0])
+    assert printed[start : start + 9] == quoted[:9]
+    for line in quoted[9:]:
+        if "..." not in line and "curl" not in line:
+            assert line in printed, line
+    assert any(line.startswith("      curl -sS -N -X POST http://127.0.0.1:") for line in printed)

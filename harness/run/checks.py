@@ -566,6 +566,8 @@ def curl_line(observation: Observation) -> str | None:
     if request is None:
         return None
     parts = ["curl", "-sS", "-X", request.method, request.url]
+    if isinstance(request.json_body, dict) and request.json_body.get("stream") is True:
+        parts.insert(2, "-N")  # print each event as it comes
     if request.json_body is not None:
         parts += ["-H", "content-type: application/json", "-d", json.dumps(request.json_body)]
     elif request.raw_body is not None:
