@@ -105,3 +105,33 @@ def test_an_output_path_that_cannot_be_written_is_a_usage_error(tmp_path: Path) 
     assert done.returncode == 2
     assert f"cannot write {blocker / 'run'}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_streamed_chats_of_the_reference_server_give_a_valid_history() -> None:
+    report = await run_chaos(ChaosSettings(seed=3, ops=2400, stream_ratio=0.5))
+    assert report.result.verdict == "valid", report.result.findings[:3]
+    ends = {op.stream.split(":")[0] for op in report.history if op.stream is not None}
+    assert {"done", "error"} <= ends  # streams completed, and were cut or preempted
+    assert any(op.stream == "done" and op.assembled == op.answer for op in report.history)
+    scripts = [json.dumps(op.script) for op in report.history if op.stream is not None]
+    assert any("_after" in script for script in scripts)  # faults after a chunk
+
+
+def test_a_server_that_commits_a_cut_stream_is_caught_and_shrunk(tmp_path: Path) -> None:
+    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
+        )
+
+    out = tmp_path / "run"
+    done = sessctl(
+        "chaos", "--ops", "3000", "--stream-ratio", "0.5", "--emulate", "commit-partial-stream",
+        "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    (scenario,) = out.glob("chaos-seed1-*.yaml")
+    assert "stream: true" in scenario.read_text()
+    on_variant = sessctl("run-scenarios", str(scenario), "--emulate", "commit-partial-stream")
+    on_reference = sessctl("run-scenarios", str(scenario))
+    assert (on_variant.returncode, on_reference.returncode) == (1, 0), on_variant.stdout
+    assert sessctl("chaos", "--stream-ratio", "1.5").returncode == 2

@@ -357,3 +357,59 @@ def test_bytes_in_flight_when_the_turn_was_cancelled_are_not_leaked_work() -> No
     # Hung up on, but only long after: left running, so leaked all the same.
     late = _preempted_call_received_after_the_delete(UpstreamEvent("cancelled", 9.0))
     assert [f.kind for f in check_history(late.ops).findings] == ["llm-leak"]
+
+
+# -- streamed chats ----------------------------------------------------------------------
+
+
+def test_a_stream_that_did_not_reach_done_may_or_may_not_have_committed() -> None:
+    for committed in (True, False):
+        h = History()
+        h.add("create", 0, 1, 201)
+        partial = {"role": "assistant", "content": "answ"}
+        h.add("chat", 2, 3, 200, messages=[U1], stream="error:upstream_error",
+              assembled=partial, answer_if_committed=A1)  # fmt: skip
+        read = [U1, A1] if committed else []
+        h.add("get", 4, 5, 200, messages=read, num_assistant=len(read) // 2)
+        assert check_history(h.ops).verdict == "valid"
+
+
+def test_a_committed_answer_other_than_the_streamed_one_is_found() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], answer=A1, stream="done", assembled=A1)
+    h.add("get", 4, 5, 200, messages=[U1, A2], num_assistant=1)
+    result = check_history(h.ops)
+    kinds = {f.kind for f in result.findings}
+    assert "stream-mismatch" in kinds
+    assert "durability" not in kinds  # one finding for one problem
+
+
+def test_a_partial_answer_committed_after_an_error_event_fits_nowhere() -> None:
+    partial = {"role": "assistant", "content": "answ"}
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], stream="error:upstream_error",
+          assembled=partial, answer_if_committed=A1)  # fmt: skip
+    h.add("get", 4, 5, 200, messages=[U1, partial], num_assistant=1)
+    assert check_history(h.ops).verdict == "invalid"
+
+
+def test_a_delete_the_harness_had_to_outwait_is_found() -> None:
+    tag = "chaos.2"
+    held = {"role": "user", "content": f"one [[sessctl:{tag}]]"}
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 6, 200, messages=[held], answer=A1)
+    h.add("delete", 3, 7, 204, outwaited=[tag])
+    (finding,) = check_history(h.ops).findings
+    assert finding.kind == "delete-waits"
+    assert [op.op for op in finding.window] == ["chat", "delete"]
+
+
+def test_a_turn_run_on_after_its_client_hung_up_is_found() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, None, None, messages=[U1], gave_up=3, outwaited=["chaos.2"])
+    (finding,) = check_history(h.ops).findings
+    assert finding.kind == "hangup-ignored"

@@ -18,7 +18,8 @@ when it completed (monotonic seconds), its arguments and what came back::
 * ``upstream``: the chaos upstream's events for this operation's calls.
 * ``stream`` (chat sent with ``stream: true``): how the stream ended, as the
   client saw it: ``done`` ([DONE] arrived), ``error:TYPE`` (an error event),
-  ``cut``, ``hung up`` or ``not streamed``; ``assembled``: the assistant
+  ``cut``, ``not streamed`` (one JSON answer), or ``no stream`` (refused with a
+  status, or hung up on before any answer); ``assembled``: the assistant
   message its chunks made. A 2xx stream that did not end with ``done`` has an
   unknown outcome, as a timeout has.
 * ``outwaited`` (delete): the tags of held upstream calls that were released
@@ -82,7 +83,7 @@ class Operation:
     def unfinished_stream(self) -> bool:
         """Answered 2xx, but the stream did not reach [DONE]: committed or not, unknown."""
         return (
-            self.stream not in (None, "done", "not streamed")
+            self.stream not in (None, "done", "not streamed", "no stream")
             and self.status is not None
             and self.status // 100 == 2
         )

@@ -353,7 +353,7 @@ class ChaosRun:
                 "message"
             ],
             script=script,
-            **_stream_fields(observation),
+            **(_stream_fields(observation) if planned.stream else {}),
         )
         self._op_tags[ticket] = tag
 
@@ -513,10 +513,10 @@ class ChaosRun:
 
 
 def _stream_fields(observation: Observation) -> dict[str, Any]:
-    """How a streamed chat ended, for the history (nothing for one not streamed)."""
+    """How a chat sent with ``stream: true`` ended, for the history."""
     record = observation.stream
     if record is None:
-        return {}
+        return {"stream": "no stream"}  # refused, or hung up on before an answer
     end = record.end.value
     if record.end is StreamEnd.ERROR:
         end = f"error:{record.error_type}"

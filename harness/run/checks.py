@@ -55,7 +55,7 @@ def check_run(
             findings.extend(check_step(scenario, step.id, expect, observation, context, profile))
         if isinstance(step, ChatStep):
             findings.extend(_check_chat_body(scenario, step.id, observation))
-    findings.extend(_check_groups(scenario, context))
+    findings.extend(_check_groups(scenario, context, profile))
     findings.extend(_check_no_commit_after_stream_error(scenario, context))
     if scenario.expect.durable:
         findings.extend(_check_durable(scenario, context, profile))
@@ -109,8 +109,14 @@ def check_step(
             )
     answered_2xx = (observation.status or 0) // 100 == 2
     # A 2xx carries no error: when a refusal was expected, the status finding
-    # above says all there is (no "error shape" label for a success body).
-    if expect.error_types and not answered_2xx and observation.error_type not in expect.error_types:
+    # above says all there is (no "error shape" label for a success body); nor
+    # does a refused stream, whose refusal says why.
+    if (
+        expect.error_types
+        and not answered_2xx
+        and observation.error_type not in expect.error_types
+        and not refused_stream(scenario, step_id, observation, profile)
+    ):
         wanted = " or ".join(sorted(expect.error_types))
         if observation.error_type is None:
             convention(
@@ -425,8 +431,11 @@ def _check_trajectory(
     return findings
 
 
-def _check_groups(scenario: Scenario, context: RunContext) -> list[Finding]:
+def _check_groups(scenario: Scenario, context: RunContext, profile: Profile) -> list[Finding]:
     findings: list[Finding] = []
+    # A group of streamed chats on a server that refuses to stream: none could
+    # succeed, by design, not by a race.
+    refused = any(refused_stream(scenario, s, o, profile) for s, o in context.observations.items())
     for group in scenario.expect.groups:
         kind, steps = group.kind_and_steps
         matcher = parse_status(group.status)
@@ -444,7 +453,10 @@ def _check_groups(scenario: Scenario, context: RunContext) -> list[Finding]:
                     None,
                     f"{kind.replace('_', ' ')} of {', '.join(steps)} gets {matcher.describe()}",
                     f"{len(hits)} did ({cells})",
-                    label=group.safety_property or scenario.guards,
+                    kind=Kind.CONVENTION if refused else Kind.SAFETY,
+                    label=streaming_label(profile, "unsupported")
+                    if refused
+                    else group.safety_property or scenario.guards,
                 )
             )
     return findings

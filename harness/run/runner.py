@@ -573,6 +573,11 @@ class ScenarioRun:
                 kind=Kind.CONVENTION,
                 label=passed_through_label(self.settings.profile),
             )
+        observation = self.context.observations.get(step_id)
+        if refused_stream(self.scenario, step_id, observation, self.settings.profile):
+            # No call, because the server does not stream: its design, not a race.
+            label = streaming_label(self.settings.profile, "unsupported")
+            return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=label)
         if kind is None and declared_rollback(step_id, self.context, self.settings.profile):
             # Accepted by the declared policy, so the engine was called for it.
             return Finding(

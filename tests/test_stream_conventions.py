@@ -1,0 +1,60 @@
+"""A server that refuses stream: true is a convention, not a failure, through the CLI.
+
+(A server that buffers streams is ``tests/third_party_server.py``; its verdicts are
+in ``test_third_party.py``.)
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+
+import httpx
+import trio
+
+from refserver.app import create_app
+from refserver.errors import InvalidRequest
+from refserver.protocol import ChatRequest, parse_chat_request
+from refserver.server import serve_asgi
+from refserver.service import SessionService
+from refserver.upstream import HttpUpstream, RetryPolicy
+
+from .conftest import free_port
+
+STREAMING_SCENARIOS = sorted(
+    str(path) for path in (Path(__file__).parent.parent / "scenarios").glob("2[1-7]-*.yaml")
+)
+
+
+def refuse_streams(raw: bytes) -> ChatRequest:
+    request = parse_chat_request(raw)
+    if request.stream:
+        raise InvalidRequest("stream: true is not supported by this server", param="stream")
+    return request
+
+
+async def test_a_server_that_refuses_streams_is_non_strict_on_every_streaming_scenario(
+    nursery: trio.Nursery,
+) -> None:
+    port = free_port()
+    client = httpx.AsyncClient()
+    upstream = HttpUpstream(
+        f"http://127.0.0.1:{port}/v1", [client], timeout=30, retry=RetryPolicy()
+    )
+    app = create_app(SessionService(upstream), parse=refuse_streams)
+    url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
+    assert len(STREAMING_SCENARIOS) == 7
+    done = await trio.run_process(
+        [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
+         "--upstream-listen", f"127.0.0.1:{port}", *STREAMING_SCENARIOS],
+        capture_stdout=True, capture_stderr=True, check=False,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "7 scenario results: 0 passed, 7 non-strict, 0 failed, 0 errors" in out
+    assert "0 safety failures" in out
+    assert "stream: true is refused" in out
+    await client.aclose()
+    nursery.cancel_scope.cancel()
