@@ -1,4 +1,12 @@
-"""The reference session server: the executable specification of docs/contract.md."""
+"""The reference session server: the executable specification of docs/contract.md.
+
+The decisions, with no I/O: ``rules`` (session lifecycle, turn validation),
+``streaming`` (assembling a streamed answer, its commit point, the events),
+``protocol`` and ``strictjson`` (what a request may be). Carrying them out:
+``service`` (locks, cancel scopes, commits), ``upstream`` (the engine client,
+retries), ``app`` (HTTP), ``server`` (hypercorn), ``errors`` (every answer's
+error). Never imports the harness.
+"""
 
 from .server import RunningServer, ServerConfig, serve
 

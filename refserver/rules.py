@@ -39,6 +39,11 @@ Turn validation (under the lock, against the committed trajectory)
 
 Messages are compared on role, content, name, tool_calls and tool_call_id;
 other keys that clients add are ignored.
+
+Streamed turns (``stream: true``) follow the same rules; what is particular
+to them (assembling the answer from chunks, and that the commit point is the
+end of the engine's stream, before the client's last chunk) is in
+``streaming.py``, also without I/O.
 """
 
 from __future__ import annotations
