@@ -55,6 +55,19 @@ class Summary:
         )
 
 
+async def time_delete_beside_healthz(
+    client: httpx.AsyncClient, session_id: str, deletes: list[float], healthz: list[float]
+) -> None:
+    """One GET /healthz, then the DELETE, each timed in ms, on the same server."""
+    start = trio.current_time()
+    await client.get("/healthz")
+    healthz.append((trio.current_time() - start) * 1000)
+    start = trio.current_time()
+    response = await client.delete(f"/sessions/{session_id}")
+    deletes.append((trio.current_time() - start) * 1000)
+    assert response.status_code == 204, response.text
+
+
 async def delete_latency(trials: int) -> tuple[Summary, Summary]:
     with sessctl_process(
         "serve", "--port", "0", "--upstream-delay", "30", url_prefix="sessctl reference server on"
@@ -76,13 +89,7 @@ async def delete_latency(trials: int) -> tuple[Summary, Summary]:
                     # the server is another process, so there is no event to wait on.
                     while not (await client.get(f"/sessions/{session_id}")).json()["in_flight"]:  # noqa: ASYNC110
                         await trio.sleep(0.001)
-                    start = trio.current_time()
-                    await client.get("/healthz")
-                    healthz.append((trio.current_time() - start) * 1000)
-                    start = trio.current_time()
-                    response = await client.delete(f"/sessions/{session_id}")
-                    deletes.append((trio.current_time() - start) * 1000)
-                    assert response.status_code == 204, response.text
+                    await time_delete_beside_healthz(client, session_id, deletes, healthz)
             return Summary("DELETE, turn held 30 s", deletes), Summary(
                 "GET /healthz (baseline)", healthz
             )
@@ -120,13 +127,7 @@ async def delete_mid_stream_latency(trials: int) -> tuple[Summary, Summary]:
                     async for line in lines:
                         if line.startswith("data: "):
                             break  # the first chunk: the engine now holds the rest
-                    start = trio.current_time()
-                    await client.get("/healthz")
-                    healthz.append((trio.current_time() - start) * 1000)
-                    start = trio.current_time()
-                    response = await client.delete(f"/sessions/{session_id}")
-                    deletes.append((trio.current_time() - start) * 1000)
-                    assert response.status_code == 204, response.text
+                    await time_delete_beside_healthz(client, session_id, deletes, healthz)
                     rest = [line async for line in lines if line.startswith("data: ")]
                     assert "session_deleted" in rest[-1], rest
                 await upstream_control.post(f"/_sessctl/steps/{tag}/release")

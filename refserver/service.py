@@ -153,14 +153,8 @@ class SessionService:
     async def chat(self, session_id: str, request: ChatRequest) -> dict[str, Any]:
         session = self._session_for_chat(session_id)
         async with session.lock:
-            self._admit_queued_turn(session)
-            if self._shutting_down:
-                raise ServerShuttingDown("the server is shutting down")
-            decision = self._decide(session, request)
-            if isinstance(decision, rules.Replay):
+            if isinstance(self._validate_turn(session, request), rules.Replay):
                 return session.records[-1].response
-            if isinstance(decision, rules.Conflict):
-                raise conflict_error(decision)
             return await self._proxy_and_commit(session, request)
 
     async def chat_stream(self, session_id: str, request: ChatRequest, relay: Relay) -> list[bytes]:
@@ -171,14 +165,8 @@ class SessionService:
         answer; after it, the caller ends the stream with an error event."""
         session = self._session_for_chat(session_id)
         async with session.lock:
-            self._admit_queued_turn(session)
-            if self._shutting_down:
-                raise ServerShuttingDown("the server is shutting down")
-            decision = self._decide(session, request)
-            if isinstance(decision, rules.Replay):
+            if isinstance(self._validate_turn(session, request), rules.Replay):
                 return [*map(event, replay_chunks(session.records[-1].response)), DONE]
-            if isinstance(decision, rules.Conflict):
-                raise conflict_error(decision)
             started_at = self._wall_clock()
             try:
                 answer = await self._run_turn(
@@ -189,6 +177,16 @@ class SessionService:
                 raise
             self._commit(session, request, answer.completion, started_at)
             return [*answer.tail, DONE]
+
+    def _validate_turn(self, session: Session, request: ChatRequest) -> rules.Replay | rules.Extend:
+        """Under the lock: re-check the session, then decide; a conflict is raised."""
+        self._admit_queued_turn(session)
+        if self._shutting_down:
+            raise ServerShuttingDown("the server is shutting down")
+        decision = self._decide(session, request)
+        if isinstance(decision, rules.Conflict):
+            raise conflict_error(decision)
+        return decision
 
     async def _proxy_and_commit(self, session: Session, request: ChatRequest) -> dict[str, Any]:
         started_at = self._wall_clock()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import httpx_sse
@@ -32,6 +32,8 @@ from . import strictjson
 from .errors import InvalidRequest, StreamCut, UpstreamError, UpstreamTimeout
 from .protocol import check_message
 from .streaming import ChunkRefused, StreamAssembler, event, replay_chunks
+
+Answer = TypeVar("Answer")
 
 Relay = Callable[[bytes], Awaitable[None]]
 """Sends one Server-Sent Event (already framed) to the client."""
@@ -104,18 +106,25 @@ class HttpUpstream:
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         with trio.move_on_after(self._timeout):
-            return await self._complete_with_retries(body)
+            return await self._with_retries(lambda: self._attempt(body))
         raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
 
-    async def _complete_with_retries(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _with_retries(
+        self,
+        attempt: Callable[[], Awaitable[Answer]],
+        unless: Callable[[_Retryable], None] = lambda failure: None,
+    ) -> Answer:
+        """``attempt`` until it succeeds, with backoff; ``unless`` may raise instead
+        of letting a failure be retried."""
         last_failure = ""
-        for attempt in range(1, self._retry.attempts + 1):
+        for number in range(1, self._retry.attempts + 1):
             try:
-                return await self._attempt(body)
+                return await attempt()
             except _Retryable as failure:
+                unless(failure)
                 last_failure = str(failure)
-            if attempt < self._retry.attempts:
-                await trio.sleep(self._retry.backoff(attempt))
+            if number < self._retry.attempts:
+                await trio.sleep(self._retry.backoff(number))
         raise UpstreamError(
             f"the upstream failed {self._retry.attempts} times; last: {last_failure}",
             attempts=self._retry.attempts,
@@ -148,28 +157,23 @@ class HttpUpstream:
             await relay(data)
 
         assembler = StreamAssembler()
+
+        async def attempt() -> StreamedAnswer:
+            nonlocal assembler
+            assembler = StreamAssembler()
+            return await self._stream_attempt(body, counted, assembler)
+
+        def unless_relayed(failure: _Retryable) -> None:
+            if relayed:
+                # The client has seen tokens: another attempt would send it a
+                # second, different beginning. The turn ends here.
+                raise StreamCut(
+                    f"the upstream stream broke after {relayed} relayed chunk(s): {failure}",
+                    assembler.completion(),
+                ) from None
+
         with trio.move_on_after(self._timeout):
-            last_failure = ""
-            for attempt in range(1, self._retry.attempts + 1):
-                assembler = StreamAssembler()
-                try:
-                    return await self._stream_attempt(body, counted, assembler)
-                except _Retryable as failure:
-                    if relayed:
-                        # The client has seen tokens: another attempt would send it a
-                        # second, different beginning. The turn ends here.
-                        raise StreamCut(
-                            f"the upstream stream broke after {relayed} relayed chunk(s): "
-                            f"{failure}",
-                            assembler.completion(),
-                        ) from None
-                    last_failure = str(failure)
-                if attempt < self._retry.attempts:
-                    await trio.sleep(self._retry.backoff(attempt))
-            raise UpstreamError(
-                f"the upstream failed {self._retry.attempts} times; last: {last_failure}",
-                attempts=self._retry.attempts,
-            )
+            return await self._with_retries(attempt, unless_relayed)
         if relayed:
             raise StreamCut(
                 f"the upstream stream did not finish within {self._timeout:g} s",

@@ -141,71 +141,23 @@ class TargetClient:
         event's object if an error did."""
         request = SentRequest.of("POST", self.base_url + path, json_body, None)
         started = trio.current_time()
-        assembler = StreamAssembler()
-        end = StreamEnd.CUT
-        body: Any = None
-        error_type: str | None = None
-        first_chunk_at: float | None = None
         try:
             async with httpx_sse.aconnect_sse(self._client, "POST", path, json=json_body) as source:
                 response = source.response
-                event_stream = response.headers.get("content-type", "").startswith(
-                    "text/event-stream"
-                )
-                if response.status_code // 100 != 2 or not event_stream:
+                is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+                if response.status_code // 100 != 2 or not is_stream:
                     await response.aread()
+                    body = _body(response)
                     stream = None
                     if response.status_code // 100 == 2:
                         stream = StreamRecord(StreamEnd.NOT_STREAMED, 0, False, None)
-                    return Observation(
-                        step,
-                        "chat",
-                        request,
-                        response.status_code,
-                        started,
-                        trio.current_time(),
-                        _body(response),
-                        stream=stream,
-                    )
-                try:
-                    async for sse in source.aiter_sse():
-                        if sse.data.strip() == "[DONE]":
-                            end = StreamEnd.DONE
-                            break
-                        try:
-                            data = json.loads(sse.data)
-                        except json.JSONDecodeError:
-                            end, error_type = StreamEnd.ERROR, "(an event that is not JSON)"
-                            break
-                        if isinstance(data, dict) and "error" in data:
-                            error = data["error"]
-                            kind = error.get("type") if isinstance(error, dict) else None
-                            end, error_type, body = StreamEnd.ERROR, str(kind or "error"), data
-                            break
-                        try:
-                            assembler.add(data)
-                        except ChunkRefused as refused:
-                            end, error_type = StreamEnd.ERROR, f"(malformed chunk: {refused})"
-                            break
-                        first_chunk_at = first_chunk_at or trio.current_time()
-                        progress.chunks += 1
-                        progress.finished = assembler.finished
-                        progress._changed()
-                        if (hang_up_after == "finish" and assembler.finished) or (
-                            hang_up_after == progress.chunks
-                        ):
-                            end = StreamEnd.HUNG_UP
-                            break
-                except (httpx.TransportError, httpx_sse.SSEError):
-                    end = StreamEnd.CUT  # what arrived so far is what the record holds
+                else:
+                    body, stream = await _read_stream(source, progress, hang_up_after)
         except httpx.HTTPError as error:
             return self._failed(step, "chat", request, started, error, None)
         finally:
             progress.ended = True
             progress._changed()
-        assembled = assembler.message() if assembler.chunks else None
-        if end is StreamEnd.DONE and assembled is not None:
-            body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
         return Observation(
             step,
             "chat",
@@ -214,9 +166,7 @@ class TargetClient:
             started,
             trio.current_time(),
             body,
-            stream=StreamRecord(
-                end, progress.chunks, assembler.finished, assembled, error_type, first_chunk_at
-            ),
+            stream=stream,
         )
 
     def _failed(
@@ -258,6 +208,58 @@ class TargetClient:
         except httpx.HTTPError as error:
             return f"{type(error).__name__}: {error or 'no answer'}"
         return None
+
+
+async def _read_stream(
+    source: httpx_sse.EventSource,
+    progress: StreamProgress,
+    hang_up_after: int | Literal["finish"] | None,
+) -> tuple[Any, StreamRecord]:
+    """Read events until ``[DONE]``, an error event, the end, or the hang-up the
+    scenario asked for; the body (the assembled completion, or the error event's
+    object) and how the stream ended."""
+    assembler = StreamAssembler()
+    end = StreamEnd.CUT  # unless something better is seen: what arrived is what counts
+    body: Any = None
+    error_type: str | None = None
+    first_chunk_at: float | None = None
+    try:
+        async for sse in source.aiter_sse():
+            if sse.data.strip() == "[DONE]":
+                end = StreamEnd.DONE
+                break
+            try:
+                data = json.loads(sse.data)
+                if isinstance(data, dict) and "error" in data:
+                    error = data["error"]
+                    kind = error.get("type") if isinstance(error, dict) else None
+                    end, error_type, body = StreamEnd.ERROR, str(kind or "error"), data
+                    break
+                assembler.add(data)
+            except json.JSONDecodeError:
+                end, error_type = StreamEnd.ERROR, "(an event that is not JSON)"
+                break
+            except ChunkRefused as refused:
+                end, error_type = StreamEnd.ERROR, f"(malformed chunk: {refused})"
+                break
+            first_chunk_at = first_chunk_at or trio.current_time()
+            progress.chunks += 1
+            progress.finished = assembler.finished
+            progress._changed()
+            if (hang_up_after == "finish" and assembler.finished) or (
+                hang_up_after == progress.chunks
+            ):
+                end = StreamEnd.HUNG_UP
+                break
+    except (httpx.TransportError, httpx_sse.SSEError):
+        pass  # the stream was cut: the record says so
+    assembled = assembler.message() if assembler.chunks else None
+    if end is StreamEnd.DONE and assembled is not None:
+        body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
+    record = StreamRecord(
+        end, progress.chunks, assembler.finished, assembled, error_type, first_chunk_at
+    )
+    return body, record
 
 
 STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
