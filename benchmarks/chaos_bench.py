@@ -1,6 +1,7 @@
 """Chaos-mode benchmark: generation rate, time to find known bugs, and shrinking.
 
     python benchmarks/chaos_bench.py [--ops 2000] [--seed 1] [--runs 5] [--clean-ops N]
+                                     [--stream-ops 5000]
 
 1. Operations per second generated against the embedded reference server
    (which runs in a child process), with the default fault mix, against two
@@ -14,9 +15,11 @@
    workload plus the check took (goal: found, within 10 s); then how long
    shrinking the failure to a scenario took, how small it got, and whether
    the scenario failed on the variant and passed on the reference every time.
+   The same for the four streaming variants, with half the chats streamed
+   (``--stream-ratio 0.5``) and ``--stream-ops`` operations.
 3. With ``--clean-ops N``, a long run against the clean reference server
-   (seed 7), which must check as valid: ``--clean-ops 100000`` is the
-   issue's 100,000-operation goal.
+   (seed 7, half the chats streamed), which must check as valid:
+   ``--clean-ops 100000`` is the 100,000-operation goal.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import httpx
 import trio
@@ -81,9 +85,21 @@ async def main(args: argparse.Namespace) -> int:
     rate_ok = statistics.median(rates) >= 1000
     print(f"goal >= 1000 ops/s (median): {'met' if rate_ok else 'NOT met'}")
     all_found = True
-    for variant in ("split-lock", "autocreate-after-delete", "queued-proceed"):
+    streamed = replace(settings, ops=args.stream_ops, stream_ratio=0.5)
+    for variant, variant_settings in [
+        *((v, settings) for v in ("split-lock", "autocreate-after-delete", "queued-proceed")),
+        *(
+            (v, streamed)
+            for v in (
+                "commit-partial-stream",
+                "delete-waits-for-stream",
+                "commit-abandoned-stream",
+                "prompt-tail-after-cut",
+            )
+        ),
+    ]:
         started = time.perf_counter()
-        report = await run_chaos(settings, emulate=variant)
+        report = await run_chaos(variant_settings, emulate=variant)
         wall = time.perf_counter() - started
         found = report.result.verdict == "invalid"
         kinds = sorted({f.kind for f in report.result.findings})
@@ -92,7 +108,9 @@ async def main(args: argparse.Namespace) -> int:
             f"{variant:<24} {'found' if found else 'MISSED'} in {wall:4.1f} s "
             f"(workload {report.elapsed:.1f} s, check {report.check_seconds:.2f} s) {kinds}"
         )
-        shrinking = await run_chaos(settings, emulate=variant, shrink_settings=ShrinkSettings())
+        shrinking = await run_chaos(
+            variant_settings, emulate=variant, shrink_settings=ShrinkSettings()
+        )
         shrunk = shrinking.shrunk
         if shrunk is None:
             all_found = False
@@ -108,10 +126,11 @@ async def main(args: argparse.Namespace) -> int:
     long_ok = True
     if args.clean_ops:
         started = time.perf_counter()
-        long = await run_chaos(ChaosSettings(seed=7, ops=args.clean_ops))
+        long = await run_chaos(ChaosSettings(seed=7, ops=args.clean_ops, stream_ratio=0.5))
         long_ok = long.result.verdict == "valid"
         print(
-            f"clean reference, {len(long.history)} ops (seed 7): {long.result.verdict}, "
+            f"clean reference, {len(long.history)} ops (seed 7, half the chats streamed): "
+            f"{long.result.verdict}, "
             f"{long.result.sessions} sessions, workload {long.elapsed:.1f} s "
             f"({long.ops_per_second:.0f} ops/s), check {long.check_seconds:.2f} s, "
             f"wall {time.perf_counter() - started:.1f} s"
@@ -125,4 +144,5 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--clean-ops", type=int, default=0)
+    parser.add_argument("--stream-ops", type=int, default=5000)
     sys.exit(trio.run(main, parser.parse_args()))
