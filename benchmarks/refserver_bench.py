@@ -49,7 +49,7 @@ class Summary:
     def row(self) -> str:
         s = self.samples_ms
         return (
-            f"{self.name:<28} n={len(s):<5} p50={statistics.median(s):7.2f} ms  "
+            f"{self.name:<32} n={len(s):<5} p50={statistics.median(s):7.2f} ms  "
             f"p90={percentile(s, 90):7.2f} ms  p99={percentile(s, 99):7.2f} ms  "
             f"max={max(s):7.2f} ms"
         )
