@@ -188,10 +188,12 @@ async def shrink(
         text = text_for(finding)
         tests_so_far = oracle.tests if oracle else 0
         oracle = _Oracle(replayer, text, settings, tests_so_far, started)
-        case = await _first_that_fails(
-            [case_from_history(history, finding, arrival) for arrival in ("sent", "upstream")],
-            oracle,
-        )
+        as_run = [case_from_history(history, finding, arrival) for arrival in ("sent", "upstream")]
+        # Last, the window alone: replayed, an operation that the run refused can
+        # succeed and block the session (a chat that got 409 there holds the lock here).
+        window = {f"{o.op[0]}{o.id}" for o in finding.window}
+        alone = as_run[0].without({o.name for o in as_run[0].ops} - window)
+        case = await _first_that_fails([*as_run, alone], oracle)
         if case is None:
             continue
         before = len(case.ops)
