@@ -115,6 +115,9 @@ class Observation:
     had closed, before any byte of an answer; this says how."""
     stream: StreamRecord | None = None
     """For a chat sent with ``stream: true`` that was answered 2xx."""
+    minted: bool = False
+    """A create step on a server that creates sessions implicitly: the harness made
+    the id up and sent nothing; the first request that names it creates it."""
 
     @property
     def latency_ms(self) -> float:
@@ -132,6 +135,8 @@ class Observation:
         """The status as the matrix shows it."""
         if self.cancelled_by_scenario:
             return "hung up"
+        if self.minted:
+            return "id made up"
         if self.status is None:
             return "no answer"
         if self.stream is not None:

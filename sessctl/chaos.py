@@ -13,7 +13,12 @@ from harness.chaos.history import read_history, write_history
 from harness.chaos.linearizability import CheckResult, check_history
 from harness.chaos.shrink import ShrinkResult, ShrinkSettings
 from harness.chaos.workload import ChaosReport, ChaosSettings, describe_target, run_chaos
-from harness.report.console import announce_chaos_upstream, render_check, render_shrink
+from harness.report.console import (
+    announce_chaos_upstream,
+    render_check,
+    render_shrink,
+    render_shrink_skipped,
+)
 from harness.report.timeline import render_timeline
 from harness.run.suite import Target
 
@@ -93,6 +98,8 @@ def chaos(
         console.print(f"wrote {path}")
     if report.shrink_attempted:
         render_shrink(console, report.shrunk, replay)
+    elif report.shrink_skipped is not None:
+        render_shrink_skipped(console, report.shrink_skipped)
     if history_path is not None:
         console.print(f"re-check with: sessctl check {history_path}")
     return CHECK_EXIT[report.result.verdict]
@@ -123,6 +130,8 @@ def scenario_file(shrunk: ShrinkResult, settings: ChaosSettings, against: str, r
 
 def chaos_report(report: ChaosReport, scenario_path: Path | None) -> dict[str, object]:
     document = check_report(report.result)
+    if report.shrink_skipped is not None:
+        document["shrink_skipped"] = report.shrink_skipped
     shrunk = report.shrunk
     document["shrunk"] = (
         None

@@ -413,3 +413,20 @@ def test_a_turn_run_on_after_its_client_hung_up_is_found() -> None:
     h.add("chat", 2, None, None, messages=[U1], gave_up=3, outwaited=["chaos.2"])
     (finding,) = check_history(h.ops).findings
     assert finding.kind == "hangup-ignored"
+
+
+# -- sessions created on first use --------------------------------------------------------
+
+
+def test_a_made_up_id_becomes_a_session_at_its_first_turn_and_not_again_after_delete() -> None:
+    h = History()
+    h.add("create", 0, 0, None, implicit=True)
+    h.add("get", 1, 2, 404)  # not there before its first turn: fine
+    h.add("chat", 3, 4, 200, messages=[U1], answer=A1)
+    h.add("get", 5, 6, 200, messages=[U1, A1], num_assistant=1)
+    h.add("delete", 7, 8, 204)
+    assert check_history(h.ops).verdict == "valid"
+    h.add("chat", 9, 10, 200, messages=[U2], answer=A2)  # brought back: a resurrection
+    result = check_history(h.ops)
+    assert result.verdict == "invalid"
+    assert "resurrection" in result.findings[0].explanation

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from pydantic import ValidationError
 
 from harness.errors import ScenarioFileError, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile, load_profile, read_trajectory
@@ -98,3 +99,32 @@ async def test_profile_check_rediscovers_a_third_party_servers_conventions(
     assert "GET /healthz answered 404" in notes  # and /health answered
     assert "an upstream 503 was passed to the agent" in notes
     assert "an exact retry of the first turn is refused" in notes
+
+
+def test_a_chat_is_addressed_as_the_profile_says() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "metadata": {"tag": "x"}}
+    reference = REFERENCE_PROFILE.chat_request("abc", body)
+    assert reference == ("/sessions/abc/v1/chat/completions", {}, body)
+    bearer = Profile(addressing="bearer").chat_request("abc", body)
+    assert bearer == ("/v1/chat/completions", {"authorization": "Bearer abc"}, body)
+    header = Profile(addressing="header:X-Session-ID").chat_request("abc", body)
+    assert header[1] == {"X-Session-ID": "abc"}
+    path, headers, sent = Profile(addressing="body:metadata.session_id").chat_request("abc", body)
+    assert (path, headers) == ("/v1/chat/completions", {})
+    assert sent["metadata"] == {"tag": "x", "session_id": "abc"}
+    assert "session_id" not in body["metadata"]  # the caller's body is not changed
+
+
+def test_addressing_and_chat_paths_that_cannot_work_are_refused() -> None:
+    for fields in (
+        {"addressing": "cookie"},
+        {"addressing": "header:"},
+        {"addressing": "path", "chat_path": "/v1/chat/completions"},
+    ):
+        with pytest.raises(ValidationError):
+            Profile.model_validate(fields)
+    example = load_profile("bearer-implicit")
+    assert example.differences()[:2] == [
+        "the session is named by bearer, not the path",
+        "sessions are created implicitly, by the first request that names them",
+    ]

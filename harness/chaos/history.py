@@ -7,7 +7,9 @@ when it completed (monotonic seconds), its arguments and what came back::
      "complete": 1.219, "status": 200, "messages": [...], "answer": {...},
      "answer_if_committed": {...}, "upstream": [{"kind": "received", "at": 1.205}]}
 
-* ``op`` is ``create``, ``chat``, ``get`` or ``delete``.
+* ``op`` is ``create``, ``chat``, ``get`` or ``delete``. A ``create`` with
+  ``implicit: true`` sent nothing: the server creates sessions on first use, and
+  the client made the id up.
 * ``status`` is null, and ``complete`` may be null, when the outcome is unknown
   (a timeout, a connection error, the client hung up): such an operation may
   or may not have taken effect.
@@ -73,6 +75,9 @@ class Operation:
     """``chat`` with ``stream: true``: how the stream ended (``done``, ``error:TYPE``...)."""
     assembled: dict[str, Any] | None = None
     """``chat`` with ``stream: true``: the assistant message its chunks assembled into."""
+    implicit: bool = False
+    """``create`` on a server that creates sessions implicitly: the client made the
+    id up and sent nothing; the first request naming it creates the session."""
     outwaited: list[str] | None = None
     """``delete``: tags of held upstream calls the harness released because this
     DELETE had not been answered within its patience (it waited for the engine).
@@ -156,4 +161,5 @@ def _operation(data: dict[str, Any]) -> Operation:
         stream=None if data.get("stream") is None else str(data["stream"]),
         assembled=data.get("assembled"),
         outwaited=data.get("outwaited"),
+        implicit=bool(data.get("implicit", False)),
     )

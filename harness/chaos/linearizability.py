@@ -55,7 +55,9 @@ DEFAULT_LEAK_BOUND = 1.0
 # -- the sequential model ----------------------------------------------------------
 
 
-Phase = Literal["new", "alive", "gone"]
+Phase = Literal["new", "latent", "alive", "gone"]
+"""``latent``: an id the client made up for a server that creates sessions on first
+use; the session exists once a turn commits, and reads may not find it before."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +94,7 @@ class State:
 
 
 NOT_CREATED = State("new")
+LATENT = State("latent")
 ALIVE = State("alive")
 GONE = State("gone")
 
@@ -106,6 +109,10 @@ class Step:
 
 def step(state: State, op: Operation) -> Step:
     """What ``op``, with the outcome it observed, does to a session in ``state``."""
+    if op.op == "create" and op.implicit:
+        return Step((LATENT,)) if state == NOT_CREATED else Step((), "an id was made up twice")
+    if state == LATENT:
+        return _latent(op)
     if op.op == "create":
         if op.unknown:
             return Step((state, ALIVE) if state == NOT_CREATED else (state,))
@@ -117,6 +124,24 @@ def step(state: State, op: Operation) -> Step:
     if op.op == "get":
         return _get(state, op)
     return _chat(state, op)
+
+
+def _latent(op: Operation) -> Step:
+    """An id not used yet, on a server that creates sessions on first use: a chat
+    creates the session as if it existed empty; a read or DELETE may not find it."""
+    if op.op == "chat":
+        outcomes = _chat(ALIVE, op)
+        # Whatever did not commit leaves the session as it was: not there yet.
+        return Step(tuple(LATENT if s == ALIVE else s for s in outcomes.states), outcomes.reason)
+    if op.unknown or op.status == 404:
+        return Step((LATENT, GONE) if op.op == "delete" and op.unknown else (LATENT,))
+    if op.op == "get" and op.ok and not op.messages:
+        return Step((LATENT,))
+    if op.op == "delete" and op.ok:
+        return Step((GONE,))
+    if not op.ok:
+        return Step((LATENT,))
+    return Step((), f"{op.op} answered {op.status} for an id no turn had used")
 
 
 def _delete(state: State, op: Operation) -> Step:
@@ -158,7 +183,11 @@ def _chat(state: State, op: Operation) -> Step:
     messages = op.messages or []
     if not state.alive:
         if op.ok:
-            return Step((), "a chat answered 200 on a session that does not exist (auto-create?)")
+            return Step(
+                (),
+                "a chat answered 200 on a session that does not exist (auto-create, or a "
+                "resurrection after its DELETE?)",
+            )
         return Step((state,))
     if op.status in (404, 410):
         return Step((), f"a chat answered {op.status} while the session exists")

@@ -38,6 +38,7 @@ from refserver.child import serve_in_child
 from refserver.errors import ChildServerFailed
 from refserver.fake_upstream import Flavor, completion_for
 from refserver.server import RunningServer, ServerConfig, serve
+from refserver.service import new_session_id
 from refserver.upstream import RetryPolicy
 
 from .case import PROPERTY_OF_FINDING, ScenarioText
@@ -287,6 +288,14 @@ class ChaosRun:
     # -- operations -------------------------------------------------------------------
 
     async def _create(self, client: _Client, slot: _Slot, ticket: int) -> None:
+        if self.settings.profile.creation == "implicit":
+            # Nothing to send: the first request that names the id creates it.
+            now = trio.current_time()
+            minted_id = new_session_id()
+            minted = Observation("chaos", "create", None, None, now, now, minted=True)
+            self._record(client, ticket, "create", minted_id, minted, implicit=True)
+            slot.session = minted_id
+            return
         slot.creating = True
         try:
             observation = await self.client.send("chaos", "create", "POST", "/sessions")
@@ -329,11 +338,11 @@ class ChaosRun:
         if self.settings.profile.appends_tool_results:
             body["tools"] = AGENT_TOOLS
         client.last_sent[session] = messages
-        path = f"/sessions/{session}/v1/chat/completions"
         if planned.stream:
             body["stream"] = True
+        path, headers, body = self.settings.profile.chat_request(session, body)
         patience = planned.patience if planned.kind == "hangup" else float("inf")
-        observation = await self._send_chat(patience, path, body)
+        observation = await self._send_chat(patience, path, body, headers)
         if observation.cancelled_by_scenario:
             self._hung_up.add(ticket)
         answer = answer_of(observation)
@@ -357,13 +366,19 @@ class ChaosRun:
         )
         self._op_tags[ticket] = tag
 
-    async def _send_chat(self, patience: float, path: str, body: dict[str, Any]) -> Observation:
+    async def _send_chat(
+        self, patience: float, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> Observation:
         """Send a chat (streamed if ``body`` says so); hang up after ``patience`` s."""
         started = trio.current_time()
         with trio.move_on_after(patience):
             if body.get("stream") is True:
-                return await self.client.send_stream("chaos", path, body, StreamProgress())
-            return await self.client.send("chaos", "chat", "POST", path, json_body=body)
+                return await self.client.send_stream(
+                    "chaos", path, body, StreamProgress(), headers=headers
+                )
+            return await self.client.send(
+                "chaos", "chat", "POST", path, json_body=body, headers=headers
+            )
         return Observation(
             "chaos", "chat", None, None, started, trio.current_time(), cancelled_by_scenario=True
         )
@@ -495,7 +510,7 @@ class ChaosRun:
         observation: Observation,
         **fields: Any,
     ) -> None:
-        unknown = observation.status is None
+        unknown = observation.status is None and not observation.minted
         if unknown:
             fields["gave_up"] = observation.ended
         self.history.append(
@@ -535,6 +550,8 @@ class ChaosReport:
     shrunk: ShrinkResult | None = None
     """The failure as a minimal scenario, when the run failed and shrinking was asked for."""
     shrink_attempted: bool = False
+    shrink_skipped: str | None = None
+    """Why a failure was not shrunk although shrinking was asked for."""
 
     @property
     def ops_per_second(self) -> float:
@@ -602,6 +619,8 @@ async def run_chaos(
         check_seconds = trio.current_time() - checked
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
+        skipped = _unshrinkable(settings.profile) if attempt else None
+        attempt = attempt and skipped is None
         if attempt:
             assert shrink_settings is not None
             if on_shrinking is not None:
@@ -618,7 +637,25 @@ async def run_chaos(
                 shrink_settings,
             )
         nursery.cancel_scope.cancel()
-    return ChaosReport(history, plans, result, elapsed, check_seconds, shrunk, attempt)
+    return ChaosReport(
+        history, plans, result, elapsed, check_seconds, shrunk, attempt, shrink_skipped=skipped
+    )
+
+
+def _unshrinkable(profile: Profile) -> str | None:
+    """Why a failure on a server of this profile cannot be shrunk (None: it can).
+
+    Shrinking judges each candidate scenario by the reference server's answers,
+    and the reference server names its sessions in the path and creates them
+    with POST /sessions: on another addressing or creation, its answers say
+    nothing about the target's."""
+    if profile.addressing != "path" or profile.creation != "explicit":
+        return (
+            f"not shrunk: the expected answers come from the reference server, which does not "
+            f"speak this profile (addressing {profile.addressing}, creation {profile.creation}); "
+            "the findings above, the history and the timeline show the failure"
+        )
+    return None
 
 
 def _check_not_vacuous(history: list[Operation], url: str) -> None:

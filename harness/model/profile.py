@@ -11,12 +11,13 @@ The default is ``profiles/reference.yaml``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UsageError
 
@@ -38,9 +39,26 @@ class TrajectoryConvention(_Model):
     """A field of the GET body, or ``len(records)``."""
 
 
+ADDRESSING = re.compile(r"^(path|bearer|header:[A-Za-z0-9-]+|body:[A-Za-z_][A-Za-z0-9_.]*)$")
+
+REFERENCE_CHAT_PATH = "/sessions/{session}/v1/chat/completions"
+
+
 class Profile(_Model):
     name: str = "reference"
     description: str = ""
+    addressing: str = Field(default="path", pattern=ADDRESSING.pattern)
+    """Where the agent's chat names its session: ``path`` (in ``chat_path``),
+    ``bearer`` (``Authorization: Bearer ID``: the API key is the session),
+    ``header:NAME`` (``X-Session-ID: ID``), or ``body:FIELD`` (a dotted field of
+    the chat body, ``metadata.session_id``)."""
+    chat_path: str | None = None
+    """Where the agent POSTs its chats; ``{session}`` is the id. Default: the
+    reference's path with ``path`` addressing, ``/v1/chat/completions`` otherwise."""
+    creation: Literal["explicit", "implicit"] = "explicit"
+    """``explicit``: ``POST /sessions`` creates a session. ``implicit``: the first
+    request that names a new id does (the harness makes the ids up); a request
+    after the session's DELETE must still not bring it back."""
     create: CreateConvention = CreateConvention()
     health_path: str | None = "/healthz"
     trajectory: TrajectoryConvention = TrajectoryConvention()
@@ -63,6 +81,33 @@ class Profile(_Model):
     rejected_status: int = Field(default=409, ge=400, le=499)
     error_shape: Literal["openai", "string"] = "openai"
 
+    @model_validator(mode="after")
+    def _chat_path_names_the_session(self) -> Profile:
+        if self.addressing == "path" and "{session}" not in self.resolved_chat_path:
+            raise ValueError("with addressing: path, chat_path must contain {session}")
+        return self
+
+    @property
+    def resolved_chat_path(self) -> str:
+        if self.chat_path is not None:
+            return self.chat_path
+        return REFERENCE_CHAT_PATH if self.addressing == "path" else "/v1/chat/completions"
+
+    def chat_request(
+        self, session_id: str, body: dict[str, Any]
+    ) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """The path, headers and body of a chat on ``session_id``, addressed as the
+        server expects (the body is copied, never changed in place)."""
+        path = self.resolved_chat_path.replace("{session}", session_id)
+        kind, _, name = self.addressing.partition(":")
+        if kind == "bearer":
+            return path, {"authorization": f"Bearer {session_id}"}, body
+        if kind == "header":
+            return path, {name: session_id}, body
+        if kind == "body":
+            return path, {}, _with_field(body, name.split("."), session_id)
+        return path, {}, body
+
     @property
     def appends_tool_results(self) -> bool:
         """Turns after an assistant message must be tool results, not user messages."""
@@ -72,6 +117,10 @@ class Profile(_Model):
         """Where this profile departs from the reference conventions, in words."""
         reference = REFERENCE_PROFILE
         found: list[str] = []
+        if self.addressing != reference.addressing:
+            found.append(f"the session is named by {self.addressing}, not the path")
+        if self.creation != reference.creation:
+            found.append(IMPLICIT_CREATION)
         if self.create.status != reference.create.status:
             found.append(f"create answers {self.create.status}, not 201")
         if self.health_path != reference.health_path:
@@ -101,6 +150,8 @@ class Profile(_Model):
 
 PASSED_THROUGH = "upstream failures are passed through, not retried"
 """The convention's label: the server hands abort/503s to the agent, state unchanged."""
+
+IMPLICIT_CREATION = "sessions are created implicitly, by the first request that names them"
 
 BUFFERED = "streams are buffered: chunks come only once the whole answer is there"
 
@@ -154,6 +205,15 @@ def _messages_from_records(records: list[Any] | None) -> list[dict[str, Any]] | 
     if not isinstance(request_messages, list) or not isinstance(answer, dict):
         return None
     return [*request_messages, answer]
+
+
+def _with_field(body: dict[str, Any], keys: list[str], value: str) -> dict[str, Any]:
+    """``body`` with ``value`` at the dotted path ``keys`` (objects made on the way)."""
+    head, *rest = keys
+    inner = body.get(head)
+    if rest:
+        return {**body, head: _with_field(inner if isinstance(inner, dict) else {}, rest, value)}
+    return {**body, head: value}
 
 
 def builtin_profiles() -> dict[str, Path]:

@@ -358,6 +358,10 @@ def render_check(console: Console, result: CheckResult, source: str) -> None:
         )
 
 
+def render_shrink_skipped(console: Console, why: str) -> None:
+    console.print(Text(why, style="yellow"), soft_wrap=True)
+
+
 def render_shrink(console: Console, shrunk: ShrinkResult | None, replay: str | None) -> None:
     """How a failing chaos run was shrunk to a scenario, and how to replay it."""
     if shrunk is None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from harness.model.profile import (
     BUFFERED,
+    IMPLICIT_CREATION,
     PASSED_THROUGH,
     REFERENCE_PROFILE,
     REFUSED_RETRY,
@@ -29,7 +30,7 @@ from harness.model.profile import (
     Profile,
     read_trajectory,
 )
-from harness.model.scenario import ChatStep, Expect, Scenario, parse_status
+from harness.model.scenario import ChatStep, Expect, Scenario, StatusMatcher, parse_status
 from harness.results import Finding, Kind, Observation, StreamEnd, answer_of
 from refserver.rules import comparable, first_divergence
 
@@ -60,7 +61,7 @@ def check_run(
     if scenario.expect.durable:
         findings.extend(_check_durable(scenario, context, profile))
     if scenario.expect.no_success_after_delete:
-        findings.extend(_check_no_success_after_delete(context))
+        findings.extend(_check_no_success_after_delete(context, profile))
     return findings
 
 
@@ -90,8 +91,11 @@ def check_step(
         status = observation.status or 0
         wanted_success = matcher.outcome
         excused = _excused_refusal(scenario, step_id, observation, profile)
+        implicit = implicit_creation_excuse(step_id, observation, context, profile, matcher)
         if wanted_success is not None and (status // 100 == 2) != wanted_success:
-            if wanted_success and excused is not None:
+            if implicit is not None:
+                convention(f"status {matcher.describe()}", describe_answer(observation), implicit)
+            elif wanted_success and excused is not None:
                 convention(f"status {matcher.describe()}", describe_answer(observation), excused)
             elif not wanted_success and declared_rollback(step_id, context, profile):
                 convention(
@@ -166,6 +170,58 @@ def passed_through(scenario: Scenario, step_id: str, observation: Observation | 
         and status is not None
         and (status == 429 or status >= 500)
     )
+
+
+def implicit_creation_excuse(
+    step_id: str,
+    observation: Observation,
+    context: RunContext,
+    profile: Profile,
+    expected: StatusMatcher | None,
+) -> str | None:
+    """On a server that creates sessions implicitly, the label for a status on the
+    wrong side that follows from that design; None where it does not.
+
+    Before any turn of a session succeeded, the session may not exist yet: a
+    request may be refused with 404. A request on an id that was never deleted
+    may create it, so where "not found" was expected it may succeed. After a
+    DELETE of the session completed, nothing is excused: a success there is a
+    resurrection."""
+    if profile.creation != "implicit" or expected is None:
+        return None
+    session_id = context.session_of_step.get(step_id)
+    if session_id is None:
+        return None
+    before = [
+        other
+        for name, other in context.observations.items()
+        if context.session_of_step.get(name) == session_id
+        and other.ended <= observation.started
+        and _is_2xx(other)
+    ]
+    if any(other.op == "delete" for other in before):
+        return None
+    succeeded = (observation.status or 0) // 100 == 2
+    created = any(other.op == "chat" for other in before)
+    if succeeded and expected.matches(404):
+        return _declared(IMPLICIT_CREATION, True)  # "not found" was expected: it was made
+    if observation.status == 404 and not created:
+        return _declared(IMPLICIT_CREATION, True)  # not made yet: no turn succeeded
+    return None
+
+
+def _implicit_creation_showed(scenario: Scenario, context: RunContext, profile: Profile) -> bool:
+    """Some step's status was on the other side than expected because the server
+    creates sessions implicitly: counts that assumed explicit creation follow."""
+    for step in scenario.steps:
+        observation = context.observations.get(step.id)
+        matcher = step.expect.status_matcher if step.expect else None
+        if observation is None or observation.status is None or matcher is None:
+            continue
+        wrong_side = matcher.outcome is not None and _is_2xx(observation) != matcher.outcome
+        if wrong_side and implicit_creation_excuse(step.id, observation, context, profile, matcher):
+            return True
+    return False
 
 
 def refused_stream(
@@ -251,6 +307,8 @@ def passed_through_label(profile: Profile) -> str:
 
 
 ROLLED_BACK_DECLARED = _declared(ROLLED_BACK, True)
+
+RESURRECTION = "resurrection: a request after the DELETE brought the session back"
 """Only a declared rollback is ever excused, so its label always says so."""
 
 
@@ -377,6 +435,8 @@ def _check_trajectory(
         if any(passed_through(scenario, s, o) for s, o in context.observations.items())
         else streaming_label(profile, "unsupported")
         if any(refused_stream(scenario, s, o, profile) for s, o in context.observations.items())
+        else _declared(IMPLICIT_CREATION, True)
+        if _implicit_creation_showed(scenario, context, profile)
         else None
     )
 
@@ -536,7 +596,7 @@ def _rolled_back(scenario: Scenario, context: RunContext, profile: Profile) -> s
     return replaced
 
 
-def _check_no_success_after_delete(context: RunContext) -> list[Finding]:
+def _check_no_success_after_delete(context: RunContext, profile: Profile) -> list[Finding]:
     deleted_at: dict[str, float] = {}
     for step_id, observation in context.observations.items():
         session_id = context.session_of_step.get(step_id)
@@ -556,7 +616,9 @@ def _check_no_success_after_delete(context: RunContext) -> list[Finding]:
                     f"no 2xx for {step_id}: it started after its session's DELETE completed",
                     describe_answer(observation),
                     curl_line(observation),
-                    label="success after DELETE",
+                    label=RESURRECTION
+                    if profile.creation == "implicit"
+                    else "success after DELETE",
                 )
             )
     return findings

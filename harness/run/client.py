@@ -133,6 +133,7 @@ class TargetClient:
         progress: StreamProgress,
         *,
         hang_up_after: int | Literal["finish"] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Observation:
         """POST a chat with ``stream: true`` and read the events as they come.
 
@@ -142,7 +143,9 @@ class TargetClient:
         request = SentRequest.of("POST", self.base_url + path, json_body, None)
         started = trio.current_time()
         try:
-            async with httpx_sse.aconnect_sse(self._client, "POST", path, json=json_body) as source:
+            async with httpx_sse.aconnect_sse(
+                self._client, "POST", path, json=json_body, headers=dict(headers or {})
+            ) as source:
                 response = source.response
                 is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
                 if response.status_code // 100 != 2 or not is_stream:

@@ -29,6 +29,7 @@ from harness.model.profile import Profile
 from harness.results import Observation
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker
+from refserver.service import new_session_id
 
 from .client import TargetClient
 
@@ -67,29 +68,30 @@ async def check_target(
 async def check_session_server(
     client: TargetClient, chaos: ChaosUpstream, profile: Profile
 ) -> str | None:
-    id_field = profile.create.id_field
-    created = await client.send("preflight", "create", "POST", "/sessions")
-    body = created.body if isinstance(created.body, dict) else {}
-    session_id = body.get(id_field)
-    if created.status is None:
-        return f"POST /sessions got no answer: {created.transport_error}"
-    if created.status // 100 != 2 or not isinstance(session_id, str | int):
-        return (
-            f"not a session server: POST /sessions answered {describe(created)}; expected a "
-            f"2xx JSON body with a {id_field!r} field (if it names the id otherwise, say so "
-            f"in a profile: --profile, or sessctl profile check)"
-        )
-    session_id = str(session_id)
+    if profile.creation == "implicit":
+        session_id = new_session_id()  # the chat below creates it
+    else:
+        id_field = profile.create.id_field
+        created = await client.send("preflight", "create", "POST", "/sessions")
+        body = created.body if isinstance(created.body, dict) else {}
+        created_id = body.get(id_field)
+        if created.status is None:
+            return f"POST /sessions got no answer: {created.transport_error}"
+        if created.status // 100 != 2 or not isinstance(created_id, str | int):
+            return (
+                f"not a session server: POST /sessions answered {describe(created)}; expected "
+                f"a 2xx JSON body with a {id_field!r} field (if it names the id otherwise, say "
+                f"so in a profile: --profile, or sessctl profile check; if sessions are created "
+                f"by their first request, say creation: implicit)"
+            )
+        session_id = str(created_id)
     tag = f"preflight.{session_id}"
+    path, headers, chat_body = profile.chat_request(
+        session_id,
+        {"model": "sessctl-chaos", "messages": [{"role": "user", "content": marker(tag)}]},
+    )
     chat = await client.send(
-        "preflight",
-        "chat",
-        "POST",
-        f"/sessions/{session_id}/v1/chat/completions",
-        json_body={
-            "model": "sessctl-chaos",
-            "messages": [{"role": "user", "content": marker(tag)}],
-        },
+        "preflight", "chat", "POST", path, json_body=chat_body, headers=headers
     )
     calls = chaos.calls(tag)
     chaos.forget([tag])
@@ -104,7 +106,7 @@ async def check_session_server(
             else f"; it never called the chaos upstream at {chaos.url}"
         )
         return (
-            f"the pre-flight chat (one user turn on a fresh session) answered "
+            f"the pre-flight chat (one user turn on a fresh session, POST {path}) answered "
             f"{describe(chat)}{reached}"
         )
     if calls == 0:

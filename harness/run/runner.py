@@ -21,6 +21,7 @@ from typing import Any, Literal
 import trio
 
 from harness.model.profile import (
+    REFERENCE_CHAT_PATH,
     REFERENCE_PROFILE,
     Profile,
     read_trajectory,
@@ -45,11 +46,13 @@ from harness.model.scenario import (
 from harness.results import Finding, Kind, Observation, RunResult, Verdict, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, StepEvent, marker
+from refserver.service import new_session_id
 
 from .checks import (
     ROLLED_BACK_DECLARED,
     check_run,
     declared_rollback,
+    implicit_creation_excuse,
     passed_through,
     passed_through_label,
     refused_stream,
@@ -204,7 +207,7 @@ class ScenarioRun:
         errors.extend(
             Finding(obs.step, "an HTTP answer", obs.transport_error or "none")
             for obs in self.context.observations.values()
-            if obs.status is None and not obs.cancelled_by_scenario
+            if obs.status is None and not obs.cancelled_by_scenario and not obs.minted
         )
         verdict = self._verdict(failures, errors)
         return RunResult(
@@ -398,6 +401,13 @@ class ScenarioRun:
         return self.scenario.property_of(pending[0])
 
     async def _http_step(self, step: Step) -> None:
+        if isinstance(step, CreateStep) and self.settings.profile.creation == "implicit":
+            now = trio.current_time()
+            self.context.observations[step.id] = Observation(
+                step.id, "create", None, None, now, now, minted=True
+            )
+            self._name_session(step.id, new_session_id())
+            return
         if isinstance(step, CreateStep):
             observation = await self.client.send(step.id, "create", "POST", "/sessions")
             session_id = _session_id_of(observation, self.settings.profile.create.id_field)
@@ -437,18 +447,22 @@ class ScenarioRun:
         body: dict[str, Any] = {"model": "sessctl-chaos", "messages": messages}
         if self.settings.profile.appends_tool_results:
             body["tools"] = AGENT_TOOLS
-        path = f"/sessions/{session_id}/v1/chat/completions"
         if step.stream:
             body["stream"] = True
+        path, headers, body = self.settings.profile.chat_request(session_id, body)
+        if step.stream:
             observation = await self.client.send_stream(
                 step.id,
                 path,
                 body,
                 self._stream_progress(step.id),
                 hang_up_after=step.hang_up_after,
+                headers=headers,
             )
         else:
-            observation = await self.client.send(step.id, "chat", "POST", path, json_body=body)
+            observation = await self.client.send(
+                step.id, "chat", "POST", path, json_body=body, headers=headers
+            )
         answer = answer_of(observation)
         if observation.status == 200 and answer is not None:
             self.context.views[session_id] = [*messages, answer]
@@ -474,10 +488,19 @@ class ScenarioRun:
 
     async def _raw_request(self, step: RequestStep, session_id: str) -> Observation:
         path = step.path.replace("{session}", session_id)
+        json_body = step.json_body
+        addressed: dict[str, str] = {}
+        if step.path == REFERENCE_CHAT_PATH:
+            # The chat route, addressed as this server names its sessions (a raw
+            # body cannot carry a body field; it goes as it is).
+            body = json_body if isinstance(json_body, dict) else {}
+            path, addressed, addressed_body = self.settings.profile.chat_request(session_id, body)
+            if isinstance(json_body, dict):
+                json_body = addressed_body
         # Bad input may make a server drop the connection after answering (a 500
         # and a close, say): ask for a connection of its own so no later step
         # inherits a dead one from the pool.
-        headers = {"connection": "close", **step.headers}
+        headers = {"connection": "close", **addressed, **step.headers}
         if step.body_bytes is not None:
             return await self.client.send(
                 step.id,
@@ -500,7 +523,7 @@ class ScenarioRun:
                 headers={"content-type": "application/json", **headers},
             )
         return await self.client.send(
-            step.id, "request", step.method, path, json_body=step.json_body, headers=headers
+            step.id, "request", step.method, path, json_body=json_body, headers=headers
         )
 
     def _name_session(self, name: str, session_id: str) -> None:
@@ -574,6 +597,17 @@ class ScenarioRun:
                 label=passed_through_label(self.settings.profile),
             )
         observation = self.context.observations.get(step_id)
+        step = self.scenario.step(step_id)
+        implicit = observation is not None and implicit_creation_excuse(
+            step_id,
+            observation,
+            self.context,
+            self.settings.profile,
+            step.expect.status_matcher if step.expect else None,
+        )
+        if implicit:
+            # Calls made for a chat that created its session on first use.
+            return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=implicit)
         if refused_stream(self.scenario, step_id, observation, self.settings.profile):
             # No call, because the server does not stream: its design, not a race.
             label = streaming_label(self.settings.profile, "unsupported")
