@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from harness.model.profile import load_profile
 from harness.run.checks import RESURRECTION
 from refserver.server import serve_asgi
 
@@ -92,3 +93,22 @@ async def test_the_fixed_server_gets_no_safety_failure_and_a_valid_history(
     code, out = await sessctl("chaos", "--target", url, *listen, "--ops", "2000")
     assert code == 0, out
     assert "VALID" in out
+
+
+async def test_profile_check_finds_the_bearer_token_and_creation_on_first_use(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    url, port = await start(nursery, fixed=True)
+    written = tmp_path / "suggested.yaml"
+    code, out = await sessctl(
+        "profile", "check", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--output", str(written),
+    )  # fmt: skip
+    assert code == 0, out
+    assert "trying made-up ids" in out
+    suggested = load_profile(str(written))
+    expected = load_profile("bearer-implicit")
+    assert suggested.model_dump(exclude={"name", "description", "chat_path"}) == (
+        expected.model_dump(exclude={"name", "description", "chat_path"})
+    )
+    assert suggested.resolved_chat_path == expected.resolved_chat_path

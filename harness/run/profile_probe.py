@@ -31,6 +31,7 @@ from harness.results import Observation, StreamEnd, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
 from refserver.fake_upstream import Flavor
+from refserver.service import new_session_id
 
 from .checks import last_turn_start
 from .client import StreamProgress, TargetClient
@@ -53,12 +54,26 @@ class ProbeResult:
     notes: list[str] = field(default_factory=list)
 
 
+ADDRESSINGS = (
+    Profile(),
+    Profile(addressing="bearer"),
+    Profile(addressing="header:X-Session-ID"),
+    Profile(addressing="body:metadata.session_id"),
+    Profile(addressing="body:session_id"),
+)
+"""Where sessions are named, in the order ``profile check`` tries them: the path,
+then the published designs where the agent's base URL is the engine's own."""
+
+
 @dataclass
 class _Probe:
     client: TargetClient
     chaos: ChaosUpstream
     notes: list[str] = field(default_factory=list)
     turns: int = 0
+    addressing: Profile = field(default_factory=Profile)
+    """Where chats name the session (and how sessions are created), once found."""
+    id_field: str = "session_id"
 
     async def chat(
         self, session_id: str, messages: list[dict[str, Any]], *, tools: bool = False
@@ -66,17 +81,26 @@ class _Probe:
         body: dict[str, Any] = {"model": "sessctl-probe", "messages": messages}
         if tools:
             body["tools"] = AGENT_TOOLS
+        path, headers, body = self.addressing.chat_request(session_id, body)
         return await self.client.send(
-            "probe", "chat", "POST", f"/sessions/{session_id}/v1/chat/completions", json_body=body
+            "probe", "chat", "POST", path, json_body=body, headers=headers
         )
+
+    async def new_session(self) -> str:
+        """A fresh session: created, or (implicit creation) an id made up."""
+        if self.addressing.creation == "implicit":
+            return new_session_id()
+        created, id_field = await self.create()
+        return str(created.body[id_field])
 
     def user(self, text: str) -> tuple[str, dict[str, Any]]:
         self.turns += 1
         tag = f"probe.{self.turns}"
         return tag, {"role": "user", "content": f"{text} {marker(tag)}"}
 
-    async def create(self) -> tuple[Observation, str]:
-        created = await self.client.send("probe", "create", "POST", "/sessions")
+    async def create(self, created: Observation | None = None) -> tuple[Observation, str]:
+        if created is None:
+            created = await self.client.send("probe", "create", "POST", "/sessions")
         body = created.body if isinstance(created.body, dict) else {}
         if created.status is None or created.status // 100 != 2:
             raise TargetUnreachable(
@@ -103,25 +127,20 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     if health_path is None:
         probe.notes.append(f"no health route ({' or '.join(HEALTH_ROUTES)})")
 
-    created, id_field = await probe.create()
-    session_id = str(created.body[id_field])
+    created = await probe.client.send("probe", "create", "POST", "/sessions")
+    explicit = created.status is not None and created.status // 100 == 2
+    if explicit:
+        created, id_field = await probe.create(created)
+        session_id = str(created.body[id_field])
+    else:
+        probe.notes.append(
+            f"POST /sessions answered {_shown(created)}: sessions may be created by their "
+            "first request (creation: implicit); trying made-up ids"
+        )
+        id_field = "session_id"
+        session_id = new_session_id()
     tag, first = probe.user("probe turn one")
-    turn = await probe.chat(session_id, [first])
-    answer = answer_of(turn)
-    if turn.status != 200 or answer is None:
-        raise TargetUnreachable(
-            f"the first chat (one user turn on a fresh session) answered {_shown(turn)}"
-            + (
-                "; it did call the chaos upstream: another dialect (--flavor)?"
-                if chaos.calls(tag)
-                else ""
-            )
-        )
-    if chaos.calls(tag) == 0:
-        raise TargetUnreachable(
-            f"the server answered a chat without calling the chaos upstream at {chaos.url}; "
-            "start it with that as its LLM upstream"
-        )
+    answer = await _first_turn(probe, session_id, first, tag, explicit=explicit)
 
     state = await client.send("probe", "get", "GET", f"/sessions/{session_id}")
     trajectory = _trajectory_convention(state)
@@ -186,7 +205,12 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     profile = Profile(
         name="suggested",
         description=f"suggested by sessctl profile check against {client.base_url}",
-        create=CreateConvention(status=created.status or 201, id_field=id_field),
+        addressing=probe.addressing.addressing,
+        chat_path=probe.addressing.chat_path,
+        creation=probe.addressing.creation,
+        create=CreateConvention(
+            status=created.status if explicit and created.status else 201, id_field=id_field
+        ),
         health_path=health_path,
         trajectory=trajectory,
         append_after_assistant=appends,
@@ -207,8 +231,7 @@ async def _streaming(
     chunk. The client has that chunk while the upstream holds: relayed. The
     server asked the engine for a whole answer, or sent nothing while it held:
     buffered. A 4xx: unsupported."""
-    created, _ = await probe.create()
-    session_id = str(created.body[id_field])
+    session_id = await probe.new_session()
     tag, first = probe.user("probe a stream")
     probe.chaos.script(tag, [parse_behaviour({"chunks": 3, "hold_after": 1})])
     body: dict[str, Any] = {"model": "sessctl-probe", "messages": [first], "stream": True}
@@ -221,8 +244,9 @@ async def _streaming(
 
         async def send() -> None:
             nonlocal turn
+            path, headers, addressed = probe.addressing.chat_request(session_id, body)
             turn = await probe.client.send_stream(
-                "probe", f"/sessions/{session_id}/v1/chat/completions", body, progress
+                "probe", path, addressed, progress, headers=headers
             )
 
         async def held_chunk_arrives() -> None:
@@ -259,14 +283,49 @@ async def _streaming(
     return "buffered"
 
 
+async def _first_turn(
+    probe: _Probe, session_id: str, first: dict[str, Any], tag: str, *, explicit: bool
+) -> dict[str, Any]:
+    """Send the first turn, naming the session each way in ``ADDRESSINGS`` until one
+    is answered 2xx by way of the chaos upstream; that one is the server's."""
+    creation: Literal["explicit", "implicit"] = "explicit" if explicit else "implicit"
+    refusals: list[str] = []
+    for candidate in ADDRESSINGS:
+        probe.addressing = candidate.model_copy(update={"creation": creation})
+        calls = probe.chaos.calls(tag)
+        turn = await probe.chat(session_id, [first])
+        answer = answer_of(turn)
+        if turn.status == 200 and answer is not None and probe.chaos.calls(tag) > calls:
+            if candidate.addressing != "path" or not explicit:
+                probe.notes.append(
+                    f"the first chat went through with the session named by "
+                    f"{candidate.addressing} at {candidate.resolved_chat_path}"
+                )
+            return answer
+        if turn.status == 200 and answer is not None:
+            raise TargetUnreachable(
+                f"the server answered a chat without calling the chaos upstream at "
+                f"{probe.chaos.url}; start it with that as its LLM upstream"
+            )
+        if probe.chaos.calls(tag) > calls:
+            raise TargetUnreachable(
+                f"the first chat (one user turn on a fresh session) answered {_shown(turn)}; "
+                "it did call the chaos upstream: another dialect (--flavor)?"
+            )
+        refusals.append(f"{candidate.addressing}: {_shown(turn)}")
+    raise TargetUnreachable(
+        "the first chat (one user turn on a fresh session) was refused whichever way the "
+        "session was named: " + "; ".join(refusals)
+    )
+
+
 async def _upstream_failures(
     probe: _Probe, id_field: str, tools: bool
 ) -> Literal["retry", "pass-through"]:
     """On a fresh session: the first call of a turn fails with 503, the next would
     answer. Two calls and a 2xx: retried. One call and the failure: passed through.
     Also: is an exact retry of that first turn refused?"""
-    created, _ = await probe.create()
-    session_id = str(created.body[id_field])
+    session_id = await probe.new_session()
     tag, first = probe.user("probe an upstream 503")
     probe.chaos.script(tag, [parse_behaviour({"status": 503}), parse_behaviour("respond")])
     turn = await probe.chat(session_id, [first], tools=tools)
@@ -301,8 +360,7 @@ async def _upstream_failures(
 
 async def _try_tool_results(probe: _Probe, id_field: str) -> tuple[str, list[dict[str, Any]], str]:
     """On a fresh session: offer a tool, then answer the tool call with its result."""
-    created, _ = await probe.create()
-    session_id = str(created.body[id_field])
+    session_id = await probe.new_session()
     _, first = probe.user("probe with tools")
     turn = await probe.chat(session_id, [first], tools=True)
     answer = answer_of(turn)
