@@ -106,8 +106,8 @@ async def check_session_server(
             else f"; it never called the chaos upstream at {chaos.url}"
         )
         return (
-            f"the pre-flight chat (one user turn on a fresh session, POST {path}) answered "
-            f"{describe(chat)}{reached}"
+            f"the pre-flight chat (one user turn on a fresh session) answered "
+            f"{describe(chat)} to POST {path}{reached}"
         )
     if calls == 0:
         return (
