@@ -128,3 +128,10 @@ def test_addressing_and_chat_paths_that_cannot_work_are_refused() -> None:
         "the session is named by bearer, not the path",
         "sessions are created implicitly, by the first request that names them",
     ]
+
+
+def test_a_closed_session_may_answer_any_refusal_the_profile_names() -> None:
+    reclaimed = Profile(closed_status=[410])
+    assert "a closed session answers 410, not 404" in reclaimed.differences()
+    with pytest.raises(ValidationError):
+        Profile(closed_status=[204])

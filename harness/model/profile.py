@@ -79,7 +79,16 @@ class Profile(_Model):
     whole answer is generated first, then sent as a stream (a "fake stream").
     ``unsupported``: ``stream: true`` is refused with a 4xx."""
     rejected_status: int = Field(default=409, ge=400, le=499)
+    closed_status: list[int] = Field(default=[404], min_length=1)
+    """What a request on a deleted session answers: 404; or 410 (reclaimed), 409
+    (the rollout concluded), 503 (still closing). Any of them is safe."""
     error_shape: Literal["openai", "string"] = "openai"
+
+    @model_validator(mode="after")
+    def _closed_statuses_refuse(self) -> Profile:
+        if any(not 400 <= code <= 599 for code in self.closed_status):
+            raise ValueError("closed_status holds refusals: codes from 400 to 599")
+        return self
 
     @model_validator(mode="after")
     def _chat_path_names_the_session(self) -> Profile:
@@ -141,6 +150,9 @@ class Profile(_Model):
             found.append(ROLLED_BACK)
         if self.streaming != reference.streaming:
             found.append(BUFFERED if self.streaming == "buffered" else STREAMING_UNSUPPORTED)
+        if self.closed_status != reference.closed_status:
+            shown = " or ".join(str(code) for code in self.closed_status)
+            found.append(f"a closed session answers {shown}, not 404")
         if self.rejected_status != reference.rejected_status:
             found.append(f"rejected requests answer {self.rejected_status}, not 409")
         if self.error_shape != reference.error_shape:

@@ -295,6 +295,8 @@ def _status_label(step_id: str, observation: Observation, expected: str, profile
         )
     if actual == profile.rejected_status and expected == "409":
         return _declared(f"rejected requests answer {actual}, not 409", True)
+    if expected == "404" and actual in profile.closed_status and actual != 404:
+        return _declared(f"a closed session answers {actual}, not 404", True)
     return f"{expected} answered as {actual}"
 
 

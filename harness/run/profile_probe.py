@@ -14,6 +14,7 @@ scenario run, that answers each question of the profile in turn:
 7. Is a retryable upstream failure (a 503) retried, or passed to the agent?
 8. Is ``stream: true`` relayed chunk by chunk, buffered (the answer comes in one
    go once the engine is done), or refused?
+9. What does a deleted session answer (404, or 410, 409, 503)?
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     error_shape: Literal["openai", "string"] = "string" if isinstance(error, str) else "openai"
 
     await client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
+    closed = await client.send("probe", "get", "GET", f"/sessions/{session_id}")
+    closed_status = [404]
+    if closed.status is not None and 400 <= closed.status <= 599 and closed.status != 404:
+        closed_status = [closed.status]
+        probe.notes.append(f"a GET of a deleted session answered {_shown(closed)}")
     upstream_failures = await _upstream_failures(probe, id_field, tools)
     streaming = await _streaming(probe, id_field, tools)
     profile = Profile(
@@ -218,6 +224,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         upstream_failures=upstream_failures,
         rollback=rollback,
         rejected_status=rejected_status,
+        closed_status=closed_status,
         error_shape=error_shape,
         streaming=streaming,
     )
