@@ -13,7 +13,7 @@ import secrets
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from starlette.applications import Starlette
@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import anthropic
 from .errors import (
     BodyTooLarge,
     InvalidRequest,
@@ -129,19 +130,53 @@ def create_app(
         finally:
             turns.release()
 
-    async def run_chat(request: Request, chat_request: ChatRequest) -> Response:
+    async def run_chat(
+        request: Request,
+        chat_request: ChatRequest,
+        answer: Callable[[dict[str, Any]], Response] = JSONResponse,
+        refuse: Callable[[SessionServerError], Response] = error_response,
+    ) -> Response:
         response: Response | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
             try:
                 completion = await service.chat(request.path_params["session_id"], chat_request)
-                response = JSONResponse(completion)
+                response = answer(completion)
             except SessionServerError as error:
-                response = error_response(error)
+                response = refuse(error)
             nursery.cancel_scope.cancel()
         if response is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return response
+
+    async def messages(request: Request) -> Response:
+        # Anthropic's Messages API on the same session core: errors in its shape.
+        try:
+            chat_request = anthropic.parse_messages_request(await read_body(request, limits))
+            turns.acquire_nowait()
+        except SessionServerError as error:
+            return anthropic_error_response(error)
+        except trio.WouldBlock:
+            return anthropic_error_response(
+                ServerBusy(f"{limits.max_turns_in_flight} turns are in flight; retry later")
+            )
+        if chat_request.stream:
+            return StreamedTurn(
+                service,
+                request.path_params["session_id"],
+                chat_request,
+                turns.release,
+                AnthropicStream(),
+            )
+        try:
+            return await run_chat(
+                request,
+                chat_request,
+                lambda completion: JSONResponse(anthropic.to_message(completion)),
+                anthropic_error_response,
+            )
+        finally:
+            turns.release()
 
     async def on_session_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SessionServerError)
@@ -170,6 +205,7 @@ def create_app(
             Route("/sessions", create_session, methods=["POST"]),
             Route("/sessions/{session_id}", session_resource, methods=["GET", "DELETE"]),
             Route("/sessions/{session_id}/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/sessions/{session_id}/v1/messages", messages, methods=["POST"]),
         ],
         exception_handlers={
             SessionServerError: on_session_error,
@@ -194,6 +230,55 @@ SSE_HEADERS = [
 ]
 
 
+class StreamSpelling(Protocol):
+    """How a streamed turn is written on the wire: the session core relays the
+    engine's chunks (OpenAI's ``data:`` events); an API spells them its way."""
+
+    def events(self, data: bytes) -> list[bytes]: ...
+
+    def error_event(self, error: SessionServerError) -> bytes: ...
+
+    def error_response(self, error: SessionServerError) -> Response: ...
+
+
+class OpenAIStream:
+    def events(self, data: bytes) -> list[bytes]:
+        return [data]
+
+    def error_event(self, error: SessionServerError) -> bytes:
+        return error_event(error.to_body())
+
+    def error_response(self, error: SessionServerError) -> Response:
+        return error_response(error)
+
+
+class AnthropicStream:
+    """The engine's chunks as Anthropic's Messages events (``anthropic.EventWriter``)."""
+
+    def __init__(self) -> None:
+        self._writer = anthropic.EventWriter()
+        self._finish_reason: str | None = None
+
+    def events(self, data: bytes) -> list[bytes]:
+        payload = data.removeprefix(b"data: ").strip()
+        if payload == b"[DONE]":
+            return self._writer.finish(self._finish_reason)
+        chunk = json.loads(payload)  # the upstream client checked it already
+        for choice in chunk.get("choices") or []:
+            self._finish_reason = choice.get("finish_reason") or self._finish_reason
+        return self._writer.chunk(chunk)
+
+    def error_event(self, error: SessionServerError) -> bytes:
+        return anthropic.error_event(error)
+
+    def error_response(self, error: SessionServerError) -> Response:
+        return anthropic_error_response(error)
+
+
+def anthropic_error_response(error: SessionServerError) -> Response:
+    return JSONResponse(anthropic.error_body(error), status_code=error.status_code)
+
+
 class StreamedTurn(Response):
     """A streamed chat turn, run as the response is sent.
 
@@ -209,12 +294,14 @@ class StreamedTurn(Response):
         session_id: str,
         chat_request: ChatRequest,
         release: Callable[[], None],
+        spelling: StreamSpelling | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self._service = service
         self._session_id = session_id
         self._chat_request = chat_request
         self._release = release
+        self._spelling = spelling or OpenAIStream()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -225,7 +312,13 @@ class StreamedTurn(Response):
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
+        spelling = self._spelling
+
         async def relay(data: bytes) -> None:
+            for spelled in spelling.events(data):
+                await write(spelled)
+
+        async def write(data: bytes) -> None:
             nonlocal started
             if not started:
                 started = True
@@ -246,9 +339,9 @@ class StreamedTurn(Response):
                 tail = await self._service.chat_stream(self._session_id, self._chat_request, relay)
             except SessionServerError as error:
                 if not started:
-                    await error_response(error)(scope, receive, send)
+                    await spelling.error_response(error)(scope, receive, send)
                 else:
-                    await send({"type": "http.response.body", "body": error_event(error.to_body())})
+                    await send({"type": "http.response.body", "body": spelling.error_event(error)})
             else:
                 for data in tail:
                     await relay(data)
