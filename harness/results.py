@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from refserver.anthropic import message_to_chat
+
 
 class Verdict(enum.Enum):
     PASS = "pass"
@@ -126,7 +128,9 @@ class Observation:
     @property
     def error_type(self) -> str | None:
         if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
-            kind = self.body["error"].get("type")
+            # A server on Anthropic's API that says the session's own type says it here.
+            error = self.body["error"]
+            kind = error.get("sessctl_type") or error.get("type")
             return str(kind) if kind is not None else None
         return None
 
@@ -242,8 +246,12 @@ class SuiteResult:
 
 
 def answer_of(observation: Observation | None) -> dict[str, Any] | None:
+    """The assistant message of a chat's answer, in chat form (an Anthropic
+    ``message`` is translated)."""
     if observation is None or not isinstance(observation.body, dict):
         return None
+    if observation.body.get("type") == "message":
+        return message_to_chat(observation.body)
     choices = observation.body.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         message = choices[0].get("message")

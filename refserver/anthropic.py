@@ -135,6 +135,12 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         where = f"messages[{index}]"
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise InvalidRequest(f"{where} must have role user or assistant", param=where)
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            # As Anthropic's API does: a message is its role and content, nothing else.
+            raise InvalidRequest(
+                f"{where}: unsupported fields {', '.join(extra)}", param=f"{where}.{extra[0]}"
+            )
         content = message.get("content")
         if isinstance(content, str):
             translated.append({"role": message["role"], "content": content})
@@ -265,6 +271,95 @@ def _tool_use(call: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+SESSION_TYPES_AS_ANTHROPIC = {
+    "invalid_request": "invalid_request_error",
+    "trajectory_conflict": "invalid_request_error",
+    "session_not_found": "not_found_error",
+    "not_found": "not_found_error",
+    "session_deleted": "not_found_error",
+    "request_too_large": "request_too_large",
+    "upstream_error": "api_error",
+    "upstream_timeout": "api_error",
+    "server_shutting_down": "overloaded_error",
+    "server_busy": "overloaded_error",
+}
+"""The session's error types, as an Anthropic-API server that does not say more
+spells them (the reference server says more, in ``sessctl_type``)."""
+
+
+def chat_to_messages(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat request as the Messages request that translates back into it: the
+    inverse of ``parse_messages_request``, for clients (the harness) that build
+    turns in chat form and speak to a Messages API."""
+    system = [m for m in body.get("messages", []) if m.get("role") == "system"]
+    turns = [m for m in body.get("messages", []) if m.get("role") != "system"]
+    request: dict[str, Any] = {
+        "model": body.get("model", "unknown"),
+        "max_tokens": body.get("max_tokens", 256),
+        "messages": _as_anthropic(turns),
+    }
+    if system:
+        request["system"] = "".join(str(m.get("content") or "") for m in system)
+    if body.get("stream") is not None:
+        request["stream"] = body["stream"]
+    if body.get("tools"):
+        request["tools"] = [
+            {
+                "name": tool["function"]["name"],
+                "description": tool["function"].get("description", ""),
+                "input_schema": tool["function"].get("parameters", {"type": "object"}),
+            }
+            for tool in body["tools"]
+        ]
+    return request
+
+
+def _as_anthropic(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            results.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": message.get("tool_call_id"),
+                    "content": message.get("content") or "",
+                }
+            )
+            continue
+        if role == "user" and results:
+            text = {"type": "text", "text": message.get("content") or ""}
+            out.append({"role": "user", "content": [*results, text]})
+            results = []
+            continue
+        if results:
+            out.append({"role": "user", "content": results})
+            results = []
+        if role == "assistant" and message.get("tool_calls"):
+            blocks: list[dict[str, Any]] = []
+            if message.get("content"):
+                blocks.append({"type": "text", "text": message["content"]})
+            blocks += [_tool_use(call) for call in message["tool_calls"]]
+            out.append({"role": "assistant", "content": blocks})
+        else:
+            out.append({"role": role, "content": message.get("content") or ""})
+    if results:
+        out.append({"role": "user", "content": results})
+    return out
+
+
+def message_to_chat(message: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An Anthropic ``message`` as the assistant message of a chat (None if it is not one)."""
+    blocks = message.get("content")
+    if message.get("type") != "message" or not isinstance(blocks, list):
+        return None
+    try:
+        return _assistant(blocks, "the message")
+    except InvalidRequest:
+        return None
+
+
 def event(kind: str, payload: Mapping[str, Any]) -> bytes:
     data = json.dumps({"type": kind, **payload}, separators=(",", ":"))
     return f"event: {kind}\ndata: {data}\n\n".encode()
@@ -364,3 +459,56 @@ class EventWriter:
         )
         out.append(event("message_stop", {}))
         return out
+
+
+@dataclass
+class MessageAssembler:
+    """Anthropic's events, as a client assembles them into a ``message``: the
+    inverse of ``EventWriter``, for clients (the harness) reading a Messages stream."""
+
+    chunks: int = 0
+    """Deltas, tool-use starts and the final ``message_delta``: the engine's chunks."""
+    finished: bool = False
+    blocks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    partial_json: dict[int, list[str]] = field(default_factory=dict)
+    base: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+
+    def add(self, kind: str, data: Mapping[str, Any]) -> bool:
+        """Take one event; True if it counts as a chunk of the answer."""
+        index = data.get("index", 0)
+        if kind == "message_start" and isinstance(data.get("message"), Mapping):
+            self.base = dict(data["message"])
+        elif kind == "content_block_start" and isinstance(data.get("content_block"), Mapping):
+            block = dict(data["content_block"])
+            self.blocks[index] = block
+            if block.get("type") == "tool_use":
+                self.chunks += 1
+                return True
+        elif kind == "content_block_delta" and isinstance(data.get("delta"), Mapping):
+            delta = data["delta"]
+            block = self.blocks.setdefault(index, {"type": "text", "text": ""})
+            if delta.get("type") == "text_delta":
+                block["text"] = str(block.get("text", "")) + str(delta.get("text", ""))
+            elif delta.get("type") == "input_json_delta":
+                self.partial_json.setdefault(index, []).append(str(delta.get("partial_json", "")))
+            self.chunks += 1
+            return True
+        elif kind == "message_delta":
+            delta = data.get("delta")
+            self.stop_reason = delta.get("stop_reason") if isinstance(delta, Mapping) else None
+            self.finished = True
+            self.chunks += 1
+            return True
+        return False
+
+    def message(self) -> dict[str, Any]:
+        content = []
+        for index, block in sorted(self.blocks.items()):
+            if block.get("type") == "tool_use" and index in self.partial_json:
+                try:
+                    block = {**block, "input": json.loads("".join(self.partial_json[index]))}
+                except ValueError:
+                    block = {**block, "input": {"_raw": "".join(self.partial_json[index])}}
+            content.append(block)
+        return {**self.base, "type": "message", "content": content, "stop_reason": self.stop_reason}

@@ -37,6 +37,7 @@ def chaos(
     console: Console,
     shrink: ShrinkSettings | None = None,
     scenario_out: Path | None = None,
+    profile_option: str | None = None,
 ) -> int:
     """Run a chaos workload, check its history, shrink a failure; exit as `sessctl check`."""
     url = parse_target(target).url if target else None
@@ -88,7 +89,7 @@ def chaos(
         paths += [out / "report.json", timeline]
     replay = None
     if report.shrunk is not None and scenario_path is not None:
-        replay = replay_command(scenario_path, url, emulate, listen)
+        replay = replay_command(scenario_path, url, emulate, listen, profile_option)
         with writing(scenario_path):
             scenario_path.write_text(
                 scenario_file(report.shrunk, settings, what, replay), encoding="utf-8"
@@ -105,12 +106,15 @@ def chaos(
     return CHECK_EXIT[report.result.verdict]
 
 
-def replay_command(path: Path, url: str | None, emulate: str | None, listen: str) -> str:
+def replay_command(
+    path: Path, url: str | None, emulate: str | None, listen: str, profile: str | None = None
+) -> str:
     # An external server stays wired to the chaos upstream's address, so the
-    # replay must listen there again.
-    target = Target(
-        "chaos", url, emulate=emulate, rerun_options=("--upstream-listen", listen) if url else ()
-    )
+    # replay must listen there again; and it is judged under the same profile.
+    options = ("--upstream-listen", listen) if url else ()
+    if profile is not None:
+        options = (*options, "--profile", profile)
+    target = Target("chaos", url, emulate=emulate, rerun_options=options)
     return shlex.join(["sessctl", "run-scenarios", str(path)]) + target.command_option
 
 

@@ -449,6 +449,7 @@ def chaos_command(
                 console,
                 ShrinkSettings(time_budget=shrink_budget) if shrink else None,
                 scenario_out,
+                profile_option=profile,
             )
         )
     )

@@ -7,14 +7,18 @@ its stream); only the spelling differs (``refserver/anthropic.py``).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from typing import Any
 
 import anthropic
 import pytest
 
 from harness.upstream.script import EventKind
-from refserver.anthropic import parse_messages_request
+from refserver.anthropic import chat_to_messages, parse_messages_request
 from refserver.errors import InvalidRequest
+from refserver.rules import comparable
 from refserver.server import RunningServer
 
 from .conftest import Api, user
@@ -144,3 +148,39 @@ def test_a_request_that_is_not_a_messages_turn_names_its_field(body: bytes, para
     with pytest.raises(InvalidRequest) as raised:
         parse_messages_request(body)
     assert raised.value.details["param"] == param
+
+
+def test_a_chat_turn_survives_the_round_trip_through_the_messages_api() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    turn: list[dict[str, Any]] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "user", "content": "and then?"},
+    ]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    sent = chat_to_messages({"model": "m", "messages": turn, "tools": tools, "stream": True})
+    assert sent["system"] == "be brief"
+    assert sent["messages"][2]["content"][0]["type"] == "tool_result"
+    back = parse_messages_request(json.dumps(sent).encode())
+    assert [comparable(m) for m in back.messages] == [comparable(m) for m in turn]
+    assert back.stream
+    assert back.body["tools"][0]["function"]["name"] == "f"
+
+
+def test_the_whole_library_passes_over_the_messages_api_through_the_cli() -> None:
+    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=300
+        )
+
+    clean = sessctl("run-scenarios", "--profile", "anthropic-messages")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "27 scenario results: 27 passed" in clean.stdout
+    broken = sessctl(
+        "run-scenarios", "--profile", "anthropic-messages", "--emulate", "delete-waits-for-stream",
+        "--filter", "delete-mid-stream",
+    )  # fmt: skip
+    assert broken.returncode == 1, broken.stdout
+    assert "200 ✓[DONE]" in broken.stdout  # the stream ran on, as Anthropic events

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UsageError
+from refserver.anthropic import chat_to_messages
 
 
 class _Model(BaseModel):
@@ -55,6 +56,9 @@ class Profile(_Model):
     chat_path: str | None = None
     """Where the agent POSTs its chats; ``{session}`` is the id. Default: the
     reference's path with ``path`` addressing, ``/v1/chat/completions`` otherwise."""
+    api: Literal["openai-chat", "anthropic-messages"] = "openai-chat"
+    """Which API the agent speaks: OpenAI's chat completions, or Anthropic's Messages
+    (``/v1/messages``; turns are built in chat form and translated)."""
     creation: Literal["explicit", "implicit"] = "explicit"
     """``explicit``: ``POST /sessions`` creates a session. ``implicit``: the first
     request that names a new id does (the harness makes the ids up); a request
@@ -100,14 +104,19 @@ class Profile(_Model):
     def resolved_chat_path(self) -> str:
         if self.chat_path is not None:
             return self.chat_path
-        return REFERENCE_CHAT_PATH if self.addressing == "path" else "/v1/chat/completions"
+        route = "/v1/messages" if self.api == "anthropic-messages" else "/v1/chat/completions"
+        return f"/sessions/{{session}}{route}" if self.addressing == "path" else route
 
     def chat_request(
-        self, session_id: str, body: dict[str, Any]
+        self, session_id: str, body: dict[str, Any], *, raw: bool = False
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         """The path, headers and body of a chat on ``session_id``, addressed as the
-        server expects (the body is copied, never changed in place)."""
+        server expects (the body is copied, never changed in place). ``raw``: a body
+        of bad input, sent as it is (for the Messages API, with ``max_tokens`` added,
+        so that what is wrong with it is what the scenario meant)."""
         path = self.resolved_chat_path.replace("{session}", session_id)
+        if self.api == "anthropic-messages":
+            body = {"max_tokens": 256, **body} if raw else chat_to_messages(body)
         kind, _, name = self.addressing.partition(":")
         if kind == "bearer":
             return path, {"authorization": f"Bearer {session_id}"}, body
@@ -126,6 +135,8 @@ class Profile(_Model):
         """Where this profile departs from the reference conventions, in words."""
         reference = REFERENCE_PROFILE
         found: list[str] = []
+        if self.api != reference.api:
+            found.append("the agent speaks Anthropic's Messages API")
         if self.addressing != reference.addressing:
             found.append(f"the session is named by {self.addressing}, not the path")
         if self.creation != reference.creation:

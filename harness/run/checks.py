@@ -32,6 +32,7 @@ from harness.model.profile import (
 )
 from harness.model.scenario import ChatStep, Expect, Scenario, StatusMatcher, parse_status
 from harness.results import Finding, Kind, Observation, StreamEnd, answer_of
+from refserver.anthropic import SESSION_TYPES_AS_ANTHROPIC
 from refserver.rules import comparable, first_divergence
 
 from .context import RunContext
@@ -118,7 +119,7 @@ def check_step(
     if (
         expect.error_types
         and not answered_2xx
-        and observation.error_type not in expect.error_types
+        and observation.error_type not in accepted_error_types(expect, profile)
         and not refused_stream(scenario, step_id, observation, profile)
     ):
         wanted = " or ".join(sorted(expect.error_types))
@@ -136,12 +137,17 @@ def check_step(
             )
     if expect.stream is not None and observation.status == 200 and observation.stream:
         not_relayed = context.not_relayed.get(step_id)
+        accepted = accepted_error_types(expect, profile)
         if not_relayed is None:
-            _check_stream_end(expect, observation, safety, convention)
+            _check_stream_end(expect, accepted, observation, safety, convention)
         else:
             # The race on this stream was never set up; it ran to its end.
             _check_stream_end(
-                expect, observation, lambda e, a: convention(e, a, not_relayed), convention
+                expect,
+                accepted,
+                observation,
+                lambda e, a: convention(e, a, not_relayed),
+                convention,
             )
     if expect.within_ms is not None and observation.latency_ms > expect.within_ms:
         # Only when the user asked for budgets; labelled by what it measures.
@@ -321,8 +327,18 @@ def _shape(observation: Observation) -> str:
     return type(body).__name__
 
 
+def accepted_error_types(expect: Expect, profile: Profile) -> frozenset[str]:
+    """The error types that say what ``expect`` says, in the profile's API: on
+    Anthropic's, its own names for them too (``not_found_error``)."""
+    if profile.api != "anthropic-messages":
+        return expect.error_types
+    spelled = {SESSION_TYPES_AS_ANTHROPIC.get(kind) for kind in expect.error_types}
+    return expect.error_types | frozenset(filter(None, spelled))
+
+
 def _check_stream_end(
     expect: Expect,
+    accepted: frozenset[str],
     observation: Observation,
     safety: Callable[[str, str], None],
     convention: Callable[[str, str, str], None],
@@ -352,11 +368,7 @@ def _check_stream_end(
         safety(expected, seen)
     elif record.end is StreamEnd.CUT and expect.stream == "error":
         convention(expected, seen, "a failed stream ends without an error event")
-    elif (
-        record.end is StreamEnd.ERROR
-        and expect.error_types
-        and record.error_type not in expect.error_types
-    ):
+    elif record.end is StreamEnd.ERROR and expect.error_types and record.error_type not in accepted:
         convention(expected, seen, f"stream error {record.error_type} for {wanted}")
 
 

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from harness.results import Observation, SentRequest, StreamEnd, StreamRecord
+from refserver.anthropic import MessageAssembler, message_to_chat
 from refserver.streaming import ChunkRefused, StreamAssembler
 
 
@@ -222,21 +223,46 @@ async def _read_stream(
     scenario asked for; the body (the assembled completion, or the error event's
     object) and how the stream ended."""
     assembler = StreamAssembler()
+    messages = MessageAssembler()  # for Anthropic's events, which have names
     end = StreamEnd.CUT  # unless something better is seen: what arrived is what counts
     body: Any = None
     error_type: str | None = None
     first_chunk_at: float | None = None
     try:
         async for sse in source.aiter_sse():
+            if sse.event not in ("", "message", None):
+                if sse.event == "ping":
+                    continue
+                data = json.loads(sse.data) if sse.data.strip() else {}
+                if sse.event == "error":
+                    error = data.get("error") if isinstance(data, dict) else None
+                    kind = _anthropic_error_type(error)
+                    end, error_type, body = StreamEnd.ERROR, kind, data
+                    break
+                if sse.event == "message_stop":
+                    end = StreamEnd.DONE
+                    break
+                if not messages.add(sse.event, data):
+                    continue
+                first_chunk_at = first_chunk_at or trio.current_time()
+                progress.chunks += 1
+                progress.finished = messages.finished
+                progress._changed()
+                if (hang_up_after == "finish" and messages.finished) or (
+                    hang_up_after == progress.chunks
+                ):
+                    end = StreamEnd.HUNG_UP
+                    break
+                continue
             if sse.data.strip() == "[DONE]":
                 end = StreamEnd.DONE
                 break
             try:
                 data = json.loads(sse.data)
                 if isinstance(data, dict) and "error" in data:
-                    error = data["error"]
-                    kind = error.get("type") if isinstance(error, dict) else None
-                    end, error_type, body = StreamEnd.ERROR, str(kind or "error"), data
+                    failure = data["error"]
+                    named = failure.get("type") if isinstance(failure, dict) else None
+                    end, error_type, body = StreamEnd.ERROR, str(named or "error"), data
                     break
                 assembler.add(data)
             except json.JSONDecodeError:
@@ -256,6 +282,16 @@ async def _read_stream(
                 break
     except (httpx.TransportError, httpx_sse.SSEError):
         pass  # the stream was cut: the record says so
+    except json.JSONDecodeError:
+        end, error_type = StreamEnd.ERROR, "(an event that is not JSON)"
+    if messages.chunks:
+        assembled = message_to_chat(messages.message())
+        if end is StreamEnd.DONE and assembled is not None:
+            body = messages.message()
+        record = StreamRecord(
+            end, progress.chunks, messages.finished, assembled, error_type, first_chunk_at
+        )
+        return body, record
     assembled = assembler.message() if assembler.chunks else None
     if end is StreamEnd.DONE and assembled is not None:
         body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
@@ -263,6 +299,13 @@ async def _read_stream(
         end, progress.chunks, assembler.finished, assembled, error_type, first_chunk_at
     )
     return body, record
+
+
+def _anthropic_error_type(error: Any) -> str:
+    """An Anthropic error's type; the session's own where the server says it."""
+    if not isinstance(error, dict):
+        return "error"
+    return str(error.get("sessctl_type") or error.get("type") or "error")
 
 
 STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)

@@ -494,7 +494,9 @@ class ScenarioRun:
             # The chat route, addressed as this server names its sessions (a raw
             # body cannot carry a body field; it goes as it is).
             body = json_body if isinstance(json_body, dict) else {}
-            path, addressed, addressed_body = self.settings.profile.chat_request(session_id, body)
+            path, addressed, addressed_body = self.settings.profile.chat_request(
+                session_id, body, raw=True
+            )
             if isinstance(json_body, dict):
                 json_body = addressed_body
         # Bad input may make a server drop the connection after answering (a 500
