@@ -122,6 +122,14 @@ class Observation:
     the id up and sent nothing; the first request that names it creates it."""
 
     @property
+    def succeeded(self) -> bool:
+        """A 2xx that is a success: for a stream, one that did not end with an error
+        event or a cut (a server may refuse a streamed turn inside a 200 stream)."""
+        if self.status is None or self.status // 100 != 2:
+            return False
+        return self.stream is None or self.stream.end not in (StreamEnd.ERROR, StreamEnd.CUT)
+
+    @property
     def latency_ms(self) -> float:
         return (self.ended - self.started) * 1000
 

@@ -349,6 +349,30 @@ def _as_anthropic(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def messages_to_chat(messages: list[Any]) -> list[Any]:
+    """A trajectory that may be in Anthropic's form, in chat form: messages with
+    ``tool_use`` or ``tool_result`` blocks are translated, the rest kept as they are
+    (text blocks compare equal to their text already)."""
+    out: list[Any] = []
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        kinds = {block.get("type") for block in content if isinstance(block, dict)}
+        try:
+            if message.get("role") == "assistant" and "tool_use" in kinds:
+                out.append(_assistant(content, f"messages[{index}]"))
+                continue
+            if message.get("role") == "user" and "tool_result" in kinds:
+                out.extend(_user(content, f"messages[{index}]"))
+                continue
+        except InvalidRequest:
+            pass
+        out.append(message)
+    return out
+
+
 def message_to_chat(message: Mapping[str, Any]) -> dict[str, Any] | None:
     """An Anthropic ``message`` as the assistant message of a chat (None if it is not one)."""
     blocks = message.get("content")

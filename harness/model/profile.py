@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UsageError
-from refserver.anthropic import chat_to_messages
+from refserver.anthropic import chat_to_messages, messages_to_chat
 
 
 class _Model(BaseModel):
@@ -201,6 +201,8 @@ def read_trajectory(profile: Profile, body: Any) -> TrajectoryState:
     records = body.get("records") if isinstance(body.get("records"), list) else None
     in_flight = body.get("in_flight") if isinstance(body.get("in_flight"), bool) else None
     convention = profile.trajectory
+    if profile.api == "anthropic-messages" and isinstance(body.get("messages"), list):
+        body = {**body, "messages": messages_to_chat(body["messages"])}
     if convention.num_assistant == "len(records)":
         num_assistant = len(records) if records is not None else None
     else:

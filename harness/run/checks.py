@@ -89,11 +89,10 @@ def check_step(
 
     matcher = expect.status_matcher
     if matcher is not None and not matcher.matches(observation.status):
-        status = observation.status or 0
         wanted_success = matcher.outcome
         excused = _excused_refusal(scenario, step_id, observation, profile)
         implicit = implicit_creation_excuse(step_id, observation, context, profile, matcher)
-        if wanted_success is not None and (status // 100 == 2) != wanted_success:
+        if wanted_success is not None and observation.succeeded != wanted_success:
             if implicit is not None:
                 convention(f"status {matcher.describe()}", describe_answer(observation), implicit)
             elif wanted_success and excused is not None:
@@ -514,7 +513,14 @@ def _check_groups(scenario: Scenario, context: RunContext, profile: Profile) -> 
         kind, steps = group.kind_and_steps
         matcher = parse_status(group.status)
         observed = {s: context.observations.get(s) for s in steps}
-        hits = [s for s, o in observed.items() if o is not None and matcher.matches(o.status)]
+        # A 200 stream that ended with an error event was a refusal, not a success.
+        hits = [
+            s
+            for s, o in observed.items()
+            if o is not None
+            and matcher.matches(o.status)
+            and (o.succeeded or matcher.outcome is not True)
+        ]
         ok = {
             "exactly_one": len(hits) == 1,
             "at_most_one": len(hits) <= 1,
@@ -623,7 +629,7 @@ def _check_no_success_after_delete(context: RunContext, profile: Profile) -> lis
         session_id = context.session_of_step.get(step_id)
         if session_id is None or session_id not in deleted_at:
             continue
-        if observation.started > deleted_at[session_id] and _is_2xx(observation):
+        if observation.started > deleted_at[session_id] and observation.succeeded:
             findings.append(
                 Finding(
                     step_id,
