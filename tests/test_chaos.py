@@ -129,9 +129,13 @@ def test_a_server_that_commits_a_cut_stream_is_caught_and_shrunk(tmp_path: Path)
         "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
-    (scenario,) = out.glob("chaos-seed1-*.yaml")
+    written = list(out.glob("chaos-seed1-*.yaml"))
+    assert len(written) == 1, done.stdout  # shrunk, and confirmed 5/5 and 5/5 by then
+    (scenario,) = written
     assert "stream: true" in scenario.read_text()
     on_variant = sessctl("run-scenarios", str(scenario), "--emulate", "commit-partial-stream")
     on_reference = sessctl("run-scenarios", str(scenario))
-    assert (on_variant.returncode, on_reference.returncode) == (1, 0), on_variant.stdout
+    assert (on_variant.returncode, on_reference.returncode) == (1, 0), (
+        done.stdout + on_variant.stdout + on_reference.stdout
+    )
     assert sessctl("chaos", "--stream-ratio", "1.5").returncode == 2

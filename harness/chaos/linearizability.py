@@ -526,7 +526,9 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
             worked = ending[1] == "answered" or ending[0] > max(at, delete.complete) + bound
             if at > accepted and worked:
                 problem = "started after the session's DELETE had been accepted"
-            elif at <= accepted and ending[0] > delete.complete and worked:
+            elif at <= accepted and ending[0] > delete.complete and worked and _waits(chat):
+                # (A call the engine answers at once can finish just after a DELETE
+                # that stopped its turn: its answer was already on the wire.)
                 problem = "was still running when the DELETE completed, and was not cancelled"
             else:
                 continue
@@ -538,6 +540,22 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
                 (delete, chat),
             )
             break
+
+
+def _waits(chat: Operation) -> bool:
+    """Its upstream script makes the engine wait (hold, hang, delay): only such a call
+    can be seen running on after a DELETE, rather than answered as it was stopped."""
+    for behaviour in chat.script or ["hold"]:
+        if behaviour in ("hold", "hang"):
+            return True
+        if isinstance(behaviour, dict) and {
+            "delay",
+            "hold_after",
+            "hang_after",
+            "chunk_delay",
+        } & set(behaviour):
+            return True
+    return False
 
 
 # -- the whole history ---------------------------------------------------------------

@@ -198,12 +198,22 @@ class ChaosRun:
                 op,
                 upstream=self._events(self._op_tags[op.id], since=op.invoke),
                 outwaited=[self._op_tags[op.id]] if op.id in self._outwaited_hangups else None,
+                answer_if_committed=self._answer_if_committed(op),
             )
             if op.id in self._op_tags
             else op
             for op in self.history
         ]
         return sorted(history, key=lambda op: op.invoke)
+
+    def _answer_if_committed(self, op: Operation) -> dict[str, Any] | None:
+        """What an unknown chat committed, if it did: the upstream's last answer for
+        its tag (the server may have sent the engine other messages than the client
+        sent it, say through an API translation), else the predicted answer."""
+        answered = self.upstream.answers(self._op_tags[op.id])
+        if op.unknown and answered:
+            return answered[-1]
+        return op.answer_if_committed
 
     def tags(self) -> list[str]:
         """Every tag this run's chats carried (to clear them from the upstream)."""

@@ -65,6 +65,7 @@ class ChaosUpstream:
         # Indexed by tag too: chaos runs record hundreds of thousands of events.
         self._events_by_tag: dict[str, list[StepEvent]] = {}
         self._calls: dict[str, int] = {}
+        self._answers: dict[str, list[dict[str, Any]]] = {}
         self.streamed_calls: dict[str, int] = {}
         """Calls per tag that asked for a stream (a buffering server asks for none)."""
         self._waiters: list[_Waiter] = []
@@ -87,6 +88,7 @@ class ChaosUpstream:
             self._releases.pop(tag, None)
             self._calls.pop(tag, None)
             self.streamed_calls.pop(tag, None)
+            self._answers.pop(tag, None)
             self._events_by_tag.pop(tag, None)
         self._events = [e for e in self._events if e.tag not in dropped]
 
@@ -99,6 +101,11 @@ class ChaosUpstream:
 
     def count(self, tag: str, kind: EventKind) -> int:
         return sum(1 for e in self._events_by_tag.get(tag, ()) if e.kind is kind)
+
+    def answers(self, tag: str) -> list[dict[str, Any]]:
+        """The assistant messages this upstream answered for ``tag``, in order: what a
+        server that committed one of them has committed, in whatever form it sent."""
+        return list(self._answers.get(tag, ()))
 
     def calls(self, tag: str) -> int:
         return self._calls.get(tag, 0)
@@ -207,6 +214,9 @@ class ChaosUpstream:
             # the call, which is what "cancelled" means.
             self._record(tag, EventKind.CANCELLED, call, behaviour)
             raise
+        if behaviour.action not in (Action.STATUS, Action.GARBAGE, Action.ABORT):
+            answer = self._completion(body, behaviour)["choices"][0]["message"]
+            self._answers.setdefault(tag, []).append(answer)
         self._record(tag, EventKind.ANSWERED, call, behaviour)
 
     async def _stream(
