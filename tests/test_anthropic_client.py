@@ -15,7 +15,8 @@ from typing import Any
 import anthropic
 import pytest
 
-from harness.upstream.script import EventKind
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind, parse_behaviour
 from refserver.anthropic import chat_to_messages, parse_messages_request
 from refserver.errors import InvalidRequest
 from refserver.rules import comparable
@@ -184,3 +185,36 @@ def test_the_whole_library_passes_over_the_messages_api_through_the_cli() -> Non
     )  # fmt: skip
     assert broken.returncode == 1, broken.stdout
     assert "200 ✓[DONE]" in broken.stdout  # the stream ran on, as Anthropic events
+
+
+async def test_the_chaos_upstream_answers_and_streams_the_messages_api(
+    chaos: ChaosUpstream,
+) -> None:
+    """So a server that calls an Anthropic-style engine can be raced with the same
+    scripts: holds after chunk k, statuses, and the events recorded per chunk."""
+    assert chaos.url is not None
+    engine = anthropic.AsyncAnthropic(
+        base_url=chaos.url.removesuffix("/v1"), api_key="unused", max_retries=0
+    )
+    ask: Any = [{"role": "user", "content": user("e1")["content"]}]
+    reply = await engine.messages.create(model="m", max_tokens=64, messages=ask)
+    assert reply.content[0].text.startswith("answer")  # type: ignore[union-attr]
+    chaos.script("e2", [parse_behaviour({"chunks": 4, "hold_after": 2})])
+    held: Any = [{"role": "user", "content": user("e2")["content"]}]
+    texts: list[str] = []
+    async with engine.messages.stream(model="m", max_tokens=64, messages=held) as stream:
+        async for text in stream.text_stream:
+            texts.append(text)
+            if len(texts) == 2:
+                assert chaos.count("e2", EventKind.SENT) == 2  # held after the second chunk
+                chaos.release("e2")
+        final = await stream.get_final_message()
+    assert len(texts) == 4
+    assert final.stop_reason == "end_turn"
+    await chaos.wait_for("e2", EventKind.ANSWERED)
+    chaos.script("e3", [parse_behaviour({"status": 503})])
+    failing: Any = [{"role": "user", "content": user("e3")["content"]}]
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        await engine.messages.create(model="m", max_tokens=64, messages=failing)
+    assert raised.value.status_code == 503
+    await engine.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from harness.model.profile import load_profile
 from refserver.server import serve_asgi
 
 from .conftest import free_port
@@ -66,3 +67,16 @@ async def test_chaos_finds_it_with_streams_and_not_without(nursery: trio.Nursery
     assert "INVALID" in out
     code, out = await sessctl("chaos", *options, "--ops", "2000", "--no-shrink")
     assert code == 0, out
+
+
+async def test_profile_check_finds_the_messages_api(nursery: trio.Nursery, tmp_path: Path) -> None:
+    _, options = await start(nursery)
+    written = tmp_path / "suggested.yaml"
+    code, out = await sessctl("profile", "check", *options[:4], "--output", str(written))
+    assert code == 0, out
+    suggested = load_profile(str(written))
+    assert (suggested.api, suggested.addressing, suggested.creation) == (
+        "anthropic-messages",
+        "path",
+        "explicit",
+    )

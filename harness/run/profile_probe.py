@@ -61,9 +61,13 @@ ADDRESSINGS = (
     Profile(addressing="header:X-Session-ID"),
     Profile(addressing="body:metadata.session_id"),
     Profile(addressing="body:session_id"),
+    Profile(api="anthropic-messages"),
+    Profile(api="anthropic-messages", addressing="header:x-api-key"),
 )
-"""Where sessions are named, in the order ``profile check`` tries them: the path,
-then the published designs where the agent's base URL is the engine's own."""
+"""Where sessions are named, and which API names them, in the order ``profile
+check`` tries them: the path, then the published designs where the agent's base
+URL is the engine's own; then Anthropic's Messages API, in the path or in the
+API key (the ``x-api-key`` header its SDK sends)."""
 
 
 @dataclass
@@ -211,6 +215,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     profile = Profile(
         name="suggested",
         description=f"suggested by sessctl profile check against {client.base_url}",
+        api=probe.addressing.api,
         addressing=probe.addressing.addressing,
         chat_path=probe.addressing.chat_path,
         creation=probe.addressing.creation,
@@ -303,10 +308,10 @@ async def _first_turn(
         turn = await probe.chat(session_id, [first])
         answer = answer_of(turn)
         if turn.status == 200 and answer is not None and probe.chaos.calls(tag) > calls:
-            if candidate.addressing != "path" or not explicit:
+            if candidate.addressing != "path" or not explicit or candidate.api != "openai-chat":
                 probe.notes.append(
                     f"the first chat went through with the session named by "
-                    f"{candidate.addressing} at {candidate.resolved_chat_path}"
+                    f"{candidate.addressing} at {candidate.resolved_chat_path} ({candidate.api})"
                 )
             return answer
         if turn.status == 200 and answer is not None:

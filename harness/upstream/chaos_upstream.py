@@ -32,11 +32,13 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from harness.errors import ListenFailed, ScriptError
+from refserver import anthropic
+from refserver.errors import InvalidRequest
 from refserver.fake_upstream import (
     STREAM_END,
     Flavor,
@@ -166,24 +168,23 @@ class ChaosUpstream:
         request = exchange.request
         if request.method == "POST" and request.path.endswith("/chat/completions"):
             await self._chat(exchange)
+        elif request.method == "POST" and request.path.endswith("/messages"):
+            await self._chat(exchange, messages_api=True)
         elif request.path.startswith("/_sessctl/"):
             await self._control(exchange)
         else:
             await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
 
-    async def _chat(self, exchange: Exchange) -> None:
+    async def _chat(self, exchange: Exchange, *, messages_api: bool = False) -> None:
+        dialect = _MessagesDialect() if messages_api else _ChatDialect(self.flavor)
         try:
-            body = json.loads(exchange.request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            await _respond_json(exchange, 400, _error("invalid_request", "invalid JSON"))
-            return
-        if not isinstance(body, dict):
-            await _respond_json(exchange, 400, _error("invalid_request", "expected an object"))
+            body = dialect.parse(exchange.request.body)
+        except ValueError as refused:
+            await exchange.respond(400, dialect.error("invalid_request", str(refused)))
             return
         tag = tag_of(body)
         if tag is None:
-            completion = completion_for(body, flavor=self.flavor)
-            await exchange.respond(200, encode_completion(completion, self.flavor))
+            await exchange.respond(200, dialect.answer(completion_for(body, flavor=self.flavor)))
             return
         call = self._calls[tag] = self._calls.get(tag, 0) + 1
         script = self._scripts.get(tag, (Behaviour(),))
@@ -204,10 +205,10 @@ class ChaosUpstream:
                 Action.STATUS,
                 Action.GARBAGE if before else Action.RESPOND,
             ):
-                if not await self._stream(exchange, body, tag, call, behaviour):
+                if not await self._stream(exchange, body, tag, call, behaviour, dialect):
                     return
             else:
-                status, payload = self._answer(body, behaviour)
+                status, payload = self._answer(body, behaviour, dialect)
                 await exchange.respond(status, payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The server hung up while the answer was being written: it stopped
@@ -220,7 +221,13 @@ class ChaosUpstream:
         self._record(tag, EventKind.ANSWERED, call, behaviour)
 
     async def _stream(
-        self, exchange: Exchange, body: dict[str, Any], tag: str, call: int, behaviour: Behaviour
+        self,
+        exchange: Exchange,
+        body: dict[str, Any],
+        tag: str,
+        call: int,
+        behaviour: Behaviour,
+        dialect: _Dialect,
     ) -> bool:
         """Stream the answer, acting after chunk ``behaviour.after``; False if the
         stream was stopped (held and hung up on, reset, spoiled) before its end."""
@@ -251,9 +258,9 @@ class ChaosUpstream:
                 if not await self._wait_unless_hung_up(exchange, pause):
                     self._record(tag, EventKind.CANCELLED, call, behaviour)
                     return False
-            await exchange.send_part(encode_chunk(chunk, self.flavor))
+            await exchange.send_part(dialect.chunk(chunk))
             self._record(tag, EventKind.SENT, call, behaviour)
-        await exchange.send_part(STREAM_END)
+        await exchange.send_part(dialect.end(chunks))
         await exchange.end()
         return True
 
@@ -312,13 +319,15 @@ class ChaosUpstream:
             body = {**body, "tools": _STEP_TOOL}
         return completion_for(body, flavor=self.flavor, finish_reason=finish_reason)
 
-    def _answer(self, body: dict[str, Any], behaviour: Behaviour) -> tuple[int, bytes]:
+    def _answer(
+        self, body: dict[str, Any], behaviour: Behaviour, dialect: _Dialect
+    ) -> tuple[int, bytes]:
         if behaviour.action is Action.STATUS:
             message = f"chaos upstream scripted status {behaviour.status}"
-            return behaviour.status, json.dumps(_error("upstream_chaos", message)).encode()
+            return behaviour.status, dialect.error("upstream_chaos", message)
         if behaviour.action is Action.GARBAGE:
             return 200, b'{"choices": [{"message": <<not json>>'
-        return 200, encode_completion(self._completion(body, behaviour), self.flavor)
+        return 200, dialect.answer(self._completion(body, behaviour))
 
     async def _control(self, exchange: Exchange) -> None:
         request = exchange.request
@@ -340,6 +349,78 @@ class ChaosUpstream:
                 await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
         except (ScriptError, ValueError, AttributeError) as error:
             await _respond_json(exchange, 400, _error("invalid_request", str(error)))
+
+
+class _Dialect(Protocol):
+    """How one call is read and answered: OpenAI's chat completions (in the
+    flavour's shape) or Anthropic's Messages. Scripts act the same on both."""
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        """The request as a chat body; ``ValueError`` if it cannot be read."""
+        ...
+
+    def answer(self, completion: dict[str, Any]) -> bytes: ...
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes: ...
+
+    def end(self, chunks: list[dict[str, Any]]) -> bytes: ...
+
+    def error(self, kind: str, message: str) -> bytes: ...
+
+
+class _ChatDialect:
+    def __init__(self, flavor: Flavor) -> None:
+        self.flavor = flavor
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("invalid JSON") from None
+        if not isinstance(body, dict):
+            raise ValueError("expected an object")
+        return body
+
+    def answer(self, completion: dict[str, Any]) -> bytes:
+        return encode_completion(completion, self.flavor)
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        return encode_chunk(chunk, self.flavor)
+
+    def end(self, chunks: list[dict[str, Any]]) -> bytes:
+        return STREAM_END
+
+    def error(self, kind: str, message: str) -> bytes:
+        return json.dumps(_error(kind, message)).encode()
+
+
+class _MessagesDialect:
+    """Anthropic's Messages API, translated by the reference's own module: the
+    request into a chat body, answers and chunks into a message and its events."""
+
+    def __init__(self) -> None:
+        self._writer = anthropic.EventWriter()
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        try:
+            return anthropic.parse_messages_request(raw).body
+        except InvalidRequest as refused:
+            raise ValueError(refused.message) from None
+
+    def answer(self, completion: dict[str, Any]) -> bytes:
+        return json.dumps(anthropic.to_message(completion)).encode()
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        return b"".join(self._writer.chunk(chunk))
+
+    def end(self, chunks: list[dict[str, Any]]) -> bytes:
+        finish = next(
+            (c["choices"][0]["finish_reason"] for c in reversed(chunks) if c["choices"]), None
+        )
+        return b"".join(self._writer.finish(finish))
+
+    def error(self, kind: str, message: str) -> bytes:
+        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
 
 
 _STEP_TOOL = [{"type": "function", "function": {"name": "sessctl_step", "parameters": {}}}]
