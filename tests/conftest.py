@@ -39,6 +39,18 @@ def free_port() -> int:
         return port
 
 
+async def sessctl_cli(*args: str) -> tuple[int, str]:
+    """``sessctl ARGS`` in a child process, as a user runs it: exit code, and output."""
+    done = await trio.run_process(
+        [sys.executable, "-m", "sessctl", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+    return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
 def start_sessctl_serve(*args: str, **popen: Any) -> tuple[subprocess.Popen[str], str]:
     """``sessctl serve --port 0 ARGS`` in a child process, and the URL it announces."""
     process = subprocess.Popen(

@@ -11,7 +11,6 @@ before its first turn are conventions: NON-STRICT, never FAIL, never ERROR.
 from __future__ import annotations
 
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -22,19 +21,10 @@ from harness.run.checks import RESURRECTION
 from refserver.server import serve_asgi
 
 from .bearer_server import create_bearer_app
-from .conftest import free_port
+from .conftest import free_port, sessctl_cli
 
-ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
 ALWAYS_CAUGHT = {"chat-and-get-after-delete", "no-resurrection-after-preempt"}
 SOMETIMES_CAUGHT = {"chat-during-delete"}  # its race is left free on purpose
-
-
-async def sessctl(*args: str) -> tuple[int, str]:
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", *args],
-        capture_stdout=True, capture_stderr=True, check=False, env=ENV,
-    )  # fmt: skip
-    return done.returncode, done.stdout.decode() + done.stderr.decode()
 
 
 async def start(nursery: trio.Nursery, *, fixed: bool) -> tuple[str, int]:
@@ -49,7 +39,7 @@ async def test_the_library_fails_exactly_where_sessions_come_back_after_delete(
 ) -> None:
     url, port = await start(nursery, fixed=False)
     report = tmp_path / "report.json"
-    code, out = await sessctl(
+    code, out = await sessctl_cli(
         "run-scenarios", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
         "--profile", "bearer-implicit", "--json", str(report),
     )  # fmt: skip
@@ -73,7 +63,7 @@ async def test_chaos_finds_the_resurrection_and_says_why_it_cannot_shrink_it(
     nursery: trio.Nursery,
 ) -> None:
     url, port = await start(nursery, fixed=False)
-    code, out = await sessctl(
+    code, out = await sessctl_cli(
         "chaos", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
         "--profile", "bearer-implicit", "--ops", "2000",
     )  # fmt: skip
@@ -87,10 +77,10 @@ async def test_the_fixed_server_gets_no_safety_failure_and_a_valid_history(
 ) -> None:
     url, port = await start(nursery, fixed=True)
     listen = ["--upstream-listen", f"127.0.0.1:{port}", "--profile", "bearer-implicit"]
-    code, out = await sessctl("run-scenarios", "--target", url, *listen)
+    code, out = await sessctl_cli("run-scenarios", "--target", url, *listen)
     assert code == 0, out
     assert "0 failed, 0 errors" in out
-    code, out = await sessctl("chaos", "--target", url, *listen, "--ops", "2000")
+    code, out = await sessctl_cli("chaos", "--target", url, *listen, "--ops", "2000")
     assert code == 0, out
     assert "VALID" in out
 
@@ -100,7 +90,7 @@ async def test_profile_check_finds_the_bearer_token_and_creation_on_first_use(
 ) -> None:
     url, port = await start(nursery, fixed=True)
     written = tmp_path / "suggested.yaml"
-    code, out = await sessctl(
+    code, out = await sessctl_cli(
         "profile", "check", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
         "--output", str(written),
     )  # fmt: skip

@@ -9,7 +9,6 @@ the bug lives only in streams.
 from __future__ import annotations
 
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -18,19 +17,10 @@ import trio
 from harness.model.profile import load_profile
 from refserver.server import serve_asgi
 
-from .conftest import free_port
+from .conftest import free_port, sessctl_cli
 from .messages_server import create_messages_app
 
-ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
 PLANTED = {"delete-mid-stream", "delete-during-a-held-chunk"}
-
-
-async def sessctl(*args: str) -> tuple[int, str]:
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", *args],
-        capture_stdout=True, capture_stderr=True, check=False, env=ENV,
-    )  # fmt: skip
-    return done.returncode, done.stdout.decode() + done.stderr.decode()
 
 
 async def start(nursery: trio.Nursery) -> tuple[str, list[str]]:
@@ -46,7 +36,7 @@ async def test_the_library_fails_exactly_on_the_stream_a_delete_does_not_stop(
 ) -> None:
     _, options = await start(nursery)
     report = tmp_path / "report.json"
-    code, out = await sessctl("run-scenarios", *options, "--json", str(report))
+    code, out = await sessctl_cli("run-scenarios", *options, "--json", str(report))
     assert code == 1, out
     assert "Traceback" not in out
     document = json.loads(report.read_text())
@@ -60,19 +50,19 @@ async def test_the_library_fails_exactly_on_the_stream_a_delete_does_not_stop(
 
 async def test_chaos_finds_it_with_streams_and_not_without(nursery: trio.Nursery) -> None:
     _, options = await start(nursery)
-    code, out = await sessctl(
+    code, out = await sessctl_cli(
         "chaos", *options, "--stream-ratio", "0.5", "--duration", "10", "--no-shrink"
     )
     assert code == 1, out
     assert "INVALID" in out
-    code, out = await sessctl("chaos", *options, "--ops", "2000", "--no-shrink")
+    code, out = await sessctl_cli("chaos", *options, "--ops", "2000", "--no-shrink")
     assert code == 0, out
 
 
 async def test_profile_check_finds_the_messages_api(nursery: trio.Nursery, tmp_path: Path) -> None:
     _, options = await start(nursery)
     written = tmp_path / "suggested.yaml"
-    code, out = await sessctl("profile", "check", *options[:4], "--output", str(written))
+    code, out = await sessctl_cli("profile", "check", *options[:4], "--output", str(written))
     assert code == 0, out
     suggested = load_profile(str(written))
     assert (suggested.api, suggested.addressing, suggested.creation) == (

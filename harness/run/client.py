@@ -26,6 +26,13 @@ class StreamProgress:
     ended: bool = False
     _waiters: list[tuple[Callable[[], bool], trio.Event]] = field(default_factory=list)
 
+    def took_chunk(self, *, finished: bool, hang_up_after: int | Literal["finish"] | None) -> bool:
+        """One more chunk arrived; True if the scenario says to hang up now."""
+        self.chunks += 1
+        self.finished = finished
+        self._changed()
+        return (hang_up_after == "finish" and finished) or hang_up_after == self.chunks
+
     def _changed(self) -> None:
         for reached, event in self._waiters:
             if reached():
@@ -245,12 +252,7 @@ async def _read_stream(
                 if not messages.add(sse.event, data):
                     continue
                 first_chunk_at = first_chunk_at or trio.current_time()
-                progress.chunks += 1
-                progress.finished = messages.finished
-                progress._changed()
-                if (hang_up_after == "finish" and messages.finished) or (
-                    hang_up_after == progress.chunks
-                ):
+                if progress.took_chunk(finished=messages.finished, hang_up_after=hang_up_after):
                     end = StreamEnd.HUNG_UP
                     break
                 continue
@@ -272,12 +274,7 @@ async def _read_stream(
                 end, error_type = StreamEnd.ERROR, f"(malformed chunk: {refused})"
                 break
             first_chunk_at = first_chunk_at or trio.current_time()
-            progress.chunks += 1
-            progress.finished = assembler.finished
-            progress._changed()
-            if (hang_up_after == "finish" and assembler.finished) or (
-                hang_up_after == progress.chunks
-            ):
+            if progress.took_chunk(finished=assembler.finished, hang_up_after=hang_up_after):
                 end = StreamEnd.HUNG_UP
                 break
     except (httpx.TransportError, httpx_sse.SSEError):
