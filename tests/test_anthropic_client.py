@@ -206,7 +206,10 @@ async def test_the_chaos_upstream_answers_and_streams_the_messages_api(
         async for text in stream.text_stream:
             texts.append(text)
             if len(texts) == 2:
-                assert chaos.count("e2", EventKind.SENT) == 2  # held after the second chunk
+                # The upstream records a chunk once it is written: wait for it, then
+                # see that the hold keeps the third back.
+                await chaos.wait_for("e2", EventKind.SENT, 2)
+                assert chaos.count("e2", EventKind.SENT) == 2
                 chaos.release("e2")
         final = await stream.get_final_message()
     assert len(texts) == 4
