@@ -123,19 +123,28 @@ def test_a_server_that_commits_a_cut_stream_is_caught_and_shrunk(tmp_path: Path)
             [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
         )
 
-    out = tmp_path / "run"
-    done = sessctl(
-        "chaos", "--ops", "3000", "--stream-ratio", "0.5", "--emulate", "commit-partial-stream",
-        "--out", str(out),
-    )  # fmt: skip
-    assert done.returncode == 1, done.stdout + done.stderr
-    written = list(out.glob("chaos-seed1-*.yaml"))
-    assert len(written) == 1, done.stdout  # shrunk, and confirmed 5/5 and 5/5 by then
+    # Every seed must find the bug. Which finding shrinks depends on the run's
+    # timing: a finding whose window holds cannot force is reported unshrunk (seen
+    # in about one run in five here), so the next seed is tried for the scenario.
+    written: list[Path] = []
+    runs = ""
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"run{seed}"
+        done = sessctl(
+            "chaos", "--ops", "3000", "--stream-ratio", "0.5", "--seed", seed,
+            "--emulate", "commit-partial-stream", "--out", str(out),
+        )  # fmt: skip
+        assert done.returncode == 1, done.stdout + done.stderr
+        runs += done.stdout
+        written = list(out.glob(f"chaos-seed{seed}-*.yaml"))
+        if written:
+            break
+    assert len(written) == 1, runs  # shrunk, and confirmed 5/5 and 5/5 by then
     (scenario,) = written
     assert "stream: true" in scenario.read_text()
     on_variant = sessctl("run-scenarios", str(scenario), "--emulate", "commit-partial-stream")
     on_reference = sessctl("run-scenarios", str(scenario))
     assert (on_variant.returncode, on_reference.returncode) == (1, 0), (
-        done.stdout + on_variant.stdout + on_reference.stdout
+        runs + on_variant.stdout + on_reference.stdout
     )
     assert sessctl("chaos", "--stream-ratio", "1.5").returncode == 2

@@ -88,7 +88,7 @@ class ShrinkSettings:
     """Seconds before stopping with the smallest failing case found so far."""
     confirm_runs: int = 5
     """Replays of the result on each server, to show it is deterministic."""
-    findings_tried: int = 3
+    findings_tried: int = 5
     """Findings to start from, smallest session first, until one replays."""
 
 
