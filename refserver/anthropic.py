@@ -30,9 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import strictjson
 from .errors import InvalidRequest, SessionServerError
-from .protocol import ChatRequest, check_message, json_type
+from .protocol import ChatRequest, check_message, read_json_object
 
 _PASSED_ON = ("temperature", "top_p", "top_k")
 _KNOWN = {
@@ -79,12 +78,7 @@ def error_body(error: SessionServerError) -> dict[str, Any]:
 def parse_messages_request(raw: bytes) -> ChatRequest:
     """A Messages request as the chat request the session core runs; ``InvalidRequest``
     names the field (``messages[2].content[0]``) when it cannot be one."""
-    try:
-        body = strictjson.loads(raw)
-    except strictjson.JsonRefused as refused:
-        raise InvalidRequest(f"the body is refused: {refused}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"the body must be a JSON object; got {json_type(body)}")
+    body = read_json_object(raw)
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
         raise InvalidRequest(f"unsupported fields: {', '.join(unknown)}", param=unknown[0])

@@ -111,72 +111,51 @@ def create_app(
 
     turns = trio.CapacityLimiter(limits.max_turns_in_flight)
 
-    async def chat_completions(request: Request) -> Response:
-        chat_request = parse(await read_body(request, limits))
+    async def turn(
+        request: Request, parse_turn: Callable[[bytes], ChatRequest], spelling: Spelling
+    ) -> Response:
+        """One chat turn, in whichever API ``spelling`` writes (errors included)."""
         try:
-            turns.acquire_nowait()
-        except trio.WouldBlock:
-            raise ServerBusy(
-                f"{limits.max_turns_in_flight} turns are in flight (--max-turns-in-flight); "
-                "nothing was done: retry later"
-            ) from None
+            chat_request = parse_turn(await read_body(request, limits))
+            try:
+                turns.acquire_nowait()
+            except trio.WouldBlock:
+                raise ServerBusy(
+                    f"{limits.max_turns_in_flight} turns are in flight (--max-turns-in-flight); "
+                    "nothing was done: retry later"
+                ) from None
+        except SessionServerError as error:
+            return spelling.error_response(error)
         if chat_request.stream:
             # The turn runs when Starlette sends the response; it releases the slot.
             return StreamedTurn(
-                service, request.path_params["session_id"], chat_request, turns.release
+                service, request.path_params["session_id"], chat_request, turns.release, spelling
             )
         try:
-            return await run_chat(request, chat_request)
+            return await run_chat(request, chat_request, spelling)
         finally:
             turns.release()
 
-    async def run_chat(
-        request: Request,
-        chat_request: ChatRequest,
-        answer: Callable[[dict[str, Any]], Response] = JSONResponse,
-        refuse: Callable[[SessionServerError], Response] = error_response,
-    ) -> Response:
+    async def run_chat(request: Request, chat_request: ChatRequest, spelling: Spelling) -> Response:
         response: Response | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
             try:
                 completion = await service.chat(request.path_params["session_id"], chat_request)
-                response = answer(completion)
+                response = spelling.answer(completion)
             except SessionServerError as error:
-                response = refuse(error)
+                response = spelling.error_response(error)
             nursery.cancel_scope.cancel()
         if response is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return response
 
+    async def chat_completions(request: Request) -> Response:
+        return await turn(request, parse, OpenAISpelling())
+
     async def messages(request: Request) -> Response:
         # Anthropic's Messages API on the same session core: errors in its shape.
-        try:
-            chat_request = anthropic.parse_messages_request(await read_body(request, limits))
-            turns.acquire_nowait()
-        except SessionServerError as error:
-            return anthropic_error_response(error)
-        except trio.WouldBlock:
-            return anthropic_error_response(
-                ServerBusy(f"{limits.max_turns_in_flight} turns are in flight; retry later")
-            )
-        if chat_request.stream:
-            return StreamedTurn(
-                service,
-                request.path_params["session_id"],
-                chat_request,
-                turns.release,
-                AnthropicStream(),
-            )
-        try:
-            return await run_chat(
-                request,
-                chat_request,
-                lambda completion: JSONResponse(anthropic.to_message(completion)),
-                anthropic_error_response,
-            )
-        finally:
-            turns.release()
+        return await turn(request, anthropic.parse_messages_request, AnthropicSpelling())
 
     async def on_session_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SessionServerError)
@@ -230,9 +209,12 @@ SSE_HEADERS = [
 ]
 
 
-class StreamSpelling(Protocol):
-    """How a streamed turn is written on the wire: the session core relays the
-    engine's chunks (OpenAI's ``data:`` events); an API spells them its way."""
+class Spelling(Protocol):
+    """How a turn is written on the wire in one API: the session core answers
+    with the engine's completion, or relays its chunks (OpenAI's ``data:``
+    events); an API spells answers, events and errors its way."""
+
+    def answer(self, completion: dict[str, Any]) -> Response: ...
 
     def events(self, data: bytes) -> list[bytes]: ...
 
@@ -241,7 +223,10 @@ class StreamSpelling(Protocol):
     def error_response(self, error: SessionServerError) -> Response: ...
 
 
-class OpenAIStream:
+class OpenAISpelling:
+    def answer(self, completion: dict[str, Any]) -> Response:
+        return JSONResponse(completion)
+
     def events(self, data: bytes) -> list[bytes]:
         return [data]
 
@@ -252,8 +237,9 @@ class OpenAIStream:
         return error_response(error)
 
 
-class AnthropicStream:
-    """The engine's chunks as Anthropic's Messages events (``anthropic.EventWriter``)."""
+class AnthropicSpelling:
+    """Anthropic's Messages API: a ``message``, its events (``anthropic.EventWriter``),
+    and its error shape."""
 
     def __init__(self) -> None:
         self._writer = anthropic.EventWriter()
@@ -268,15 +254,14 @@ class AnthropicStream:
             self._finish_reason = choice.get("finish_reason") or self._finish_reason
         return self._writer.chunk(chunk)
 
+    def answer(self, completion: dict[str, Any]) -> Response:
+        return JSONResponse(anthropic.to_message(completion))
+
     def error_event(self, error: SessionServerError) -> bytes:
         return anthropic.error_event(error)
 
     def error_response(self, error: SessionServerError) -> Response:
-        return anthropic_error_response(error)
-
-
-def anthropic_error_response(error: SessionServerError) -> Response:
-    return JSONResponse(anthropic.error_body(error), status_code=error.status_code)
+        return JSONResponse(anthropic.error_body(error), status_code=error.status_code)
 
 
 class StreamedTurn(Response):
@@ -294,14 +279,14 @@ class StreamedTurn(Response):
         session_id: str,
         chat_request: ChatRequest,
         release: Callable[[], None],
-        spelling: StreamSpelling | None = None,
+        spelling: Spelling,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self._service = service
         self._session_id = session_id
         self._chat_request = chat_request
         self._release = release
-        self._spelling = spelling or OpenAIStream()
+        self._spelling = spelling
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

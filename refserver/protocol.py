@@ -60,13 +60,19 @@ class ChatRequest:
         return self.body.get("stream") is True
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def read_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a strict-JSON object (of any API), or ``InvalidRequest``."""
     try:
         body = strictjson.loads(raw)
     except strictjson.JsonRefused as refused:
         raise InvalidRequest(f"the body is refused: {refused}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the body must be a JSON object; got {json_type(body)}")
+    return body
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    body = read_json_object(raw)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest(

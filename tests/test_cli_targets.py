@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -26,20 +25,7 @@ from starlette.routing import Route
 from harness.upstream.http11 import Exchange, serve_http11
 from refserver.server import ServerConfig, serve, serve_asgi
 
-from .conftest import free_port
-
-ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
-
-
-async def sessctl(*args: str) -> tuple[int, str]:
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=ENV,
-    )
-    return done.returncode, done.stdout.decode() + done.stderr.decode()
+from .conftest import free_port, sessctl_cli
 
 
 async def _html(exchange: Exchange) -> None:
@@ -108,7 +94,7 @@ async def test_a_target_that_cannot_be_raced_is_exit_3_with_what_it_answered(
     port = free_port()
     url = await start(nursery, port)
     extra = ["--json", str(tmp_path / "r.json")] if command == "run-scenarios" else []
-    code, out = await sessctl(
+    code, out = await sessctl_cli(
         command, "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
         "--target-wait", "0", *extra,
     )  # fmt: skip
@@ -128,7 +114,7 @@ async def test_profile_check_refuses_them_the_same_way(
 ) -> None:
     port = free_port()
     url = await start(nursery, port)
-    code, out = await sessctl(
+    code, out = await sessctl_cli(
         "profile", "check", "--target", url, "--upstream-listen", f"127.0.0.1:{port}"
     )
     assert code == 3, out
@@ -140,7 +126,7 @@ async def test_profile_check_refuses_them_the_same_way(
 async def test_check_refuses_an_empty_history(tmp_path: Path) -> None:
     empty = tmp_path / "history.jsonl"
     empty.write_text("")
-    code, out = await sessctl("check", str(empty))
+    code, out = await sessctl_cli("check", str(empty))
     assert code == 2
     assert "the history has no operations to check" in out
 
@@ -160,7 +146,7 @@ async def test_check_refuses_an_empty_history(tmp_path: Path) -> None:
 async def test_bad_option_values_are_usage_errors_naming_the_option(
     args: list[str], says: str
 ) -> None:
-    code, out = await sessctl(*args)
+    code, out = await sessctl_cli(*args)
     assert code == 2, out
     assert says in out
     assert "Traceback" not in out
@@ -172,7 +158,7 @@ async def test_a_busy_chaos_upstream_port_says_which_and_how_to_pick_another() -
         busy.listen()
         port = busy.getsockname()[1]
         for command in ("run-scenarios", "chaos"):
-            code, out = await sessctl(
+            code, out = await sessctl_cli(
                 command, "--target", "http://127.0.0.1:9", "--upstream-listen", f"127.0.0.1:{port}"
             )
             assert code == 2, out
