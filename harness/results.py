@@ -135,12 +135,7 @@ class Observation:
 
     @property
     def error_type(self) -> str | None:
-        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
-            # A server on Anthropic's API that says the session's own type says it here.
-            error = self.body["error"]
-            kind = error.get("sessctl_type") or error.get("type")
-            return str(kind) if kind is not None else None
-        return None
+        return error_type_of(self.body)
 
     @property
     def cell(self) -> str:
@@ -251,6 +246,17 @@ class SuiteResult:
         if any(s.verdict in (Verdict.FAIL, Verdict.ERROR) for s in self.scenarios):
             return 1
         return 0
+
+
+def error_type_of(body: Any) -> str | None:
+    """``error.type`` of an error body (or error event), in either API's shape; a
+    server on Anthropic's API that says the session's own type says it in
+    ``sessctl_type``."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    kind = error.get("sessctl_type") or error.get("type")
+    return str(kind) if kind is not None else None
 
 
 def answer_of(observation: Observation | None) -> dict[str, Any] | None:

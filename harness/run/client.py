@@ -12,7 +12,7 @@ import httpx_sse
 import trio
 import trio.testing
 
-from harness.results import Observation, SentRequest, StreamEnd, StreamRecord
+from harness.results import Observation, SentRequest, StreamEnd, StreamRecord, error_type_of
 from refserver.anthropic import MessageAssembler, message_to_chat
 from refserver.streaming import ChunkRefused, StreamAssembler
 
@@ -242,9 +242,7 @@ async def _read_stream(
                     continue
                 data = json.loads(sse.data) if sse.data.strip() else {}
                 if sse.event == "error":
-                    error = data.get("error") if isinstance(data, dict) else None
-                    kind = _anthropic_error_type(error)
-                    end, error_type, body = StreamEnd.ERROR, kind, data
+                    end, error_type, body = StreamEnd.ERROR, error_type_of(data) or "error", data
                     break
                 if sse.event == "message_stop":
                     end = StreamEnd.DONE
@@ -262,9 +260,7 @@ async def _read_stream(
             try:
                 data = json.loads(sse.data)
                 if isinstance(data, dict) and "error" in data:
-                    failure = data["error"]
-                    named = failure.get("type") if isinstance(failure, dict) else None
-                    end, error_type, body = StreamEnd.ERROR, str(named or "error"), data
+                    end, error_type, body = StreamEnd.ERROR, error_type_of(data) or "error", data
                     break
                 assembler.add(data)
             except json.JSONDecodeError:
@@ -296,13 +292,6 @@ async def _read_stream(
         end, progress.chunks, assembler.finished, assembled, error_type, first_chunk_at
     )
     return body, record
-
-
-def _anthropic_error_type(error: Any) -> str:
-    """An Anthropic error's type; the session's own where the server says it."""
-    if not isinstance(error, dict):
-        return "error"
-    return str(error.get("sessctl_type") or error.get("type") or "error")
 
 
 STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
