@@ -13,6 +13,8 @@ from harness.chaos.history import read_history, write_history
 from harness.chaos.linearizability import CheckResult, check_history
 from harness.chaos.shrink import ShrinkResult, ShrinkSettings
 from harness.chaos.workload import ChaosReport, ChaosSettings, describe_target, run_chaos
+from harness.errors import UsageError
+from harness.model.scenario import TrajectoryModel
 from harness.report.console import (
     announce_chaos_upstream,
     render_check,
@@ -102,7 +104,10 @@ def chaos(
     elif report.shrink_skipped is not None:
         render_shrink_skipped(console, report.shrink_skipped)
     if history_path is not None:
-        console.print(f"re-check with: sessctl check {history_path}")
+        again = ["sessctl", "check", str(history_path)]
+        if profile_option is not None:
+            again += ["--profile", profile_option]
+        console.print(f"re-check with: {shlex.join(again)}")
     return CHECK_EXIT[report.result.verdict]
 
 
@@ -176,10 +181,17 @@ def check_report(result: CheckResult) -> dict[str, object]:
     }
 
 
-def check(history: Path, output: Path | None, console: Console) -> int:
+def check(
+    history: Path, output: Path | None, console: Console, model: TrajectoryModel = "linear"
+) -> int:
     """Re-check a saved history: 0 valid, 1 invalid, 4 the search budget ran out."""
     operations = read_history(history)
-    result = check_history(operations)
+    if model == "linear" and any(op.turns is not None for op in operations):
+        raise UsageError(
+            f"{history} was recorded on a server whose trajectory is a tree (its reads list "
+            "turns): pass the --profile it was recorded with"
+        )
+    result = check_history(operations, model=model)
     render_check(console, result, str(history))
     if output is not None:
         write_json_file(output, check_report(result))

@@ -19,7 +19,7 @@ from rich.text import Text
 from harness.chaos.shrink import ShrinkSettings
 from harness.chaos.workload import ChaosSettings, Fault
 from harness.errors import HarnessError
-from harness.model.profile import load_profile
+from harness.model.profile import builtin_profiles, load_profile
 from harness.run.profile_probe import ProbeOptions
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver import RunningServer, ServerConfig
@@ -79,7 +79,7 @@ ProfileOption = Annotated[
     typer.Option(
         "--profile",
         help="How the target differs in conventions: a profile YAML file, or the name of "
-        "a built-in one (reference, records-tool-400). Default: reference.",
+        f"a built-in one ({', '.join(sorted(builtin_profiles()))}). Default: reference.",
     ),
 ]
 FlavorOption = Annotated[
@@ -459,14 +459,18 @@ def chaos_command(
 def check_command(
     history: Annotated[Path, typer.Argument(help="A history file (JSON lines).")],
     json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Check a saved history: linearizability per session, durability, no 2xx after
-    DELETE, no leaked LLM work.
+    DELETE, no leaked LLM work. ``--profile``: the one the history was recorded
+    with (its trajectory model decides what a turn may do).
 
     Exit status: 0 valid, 1 invalid, 2 unreadable history, 4 undecided (the
     search budget ran out).
     """
-    raise typer.Exit(_run_harness(lambda: check(history, json, console)))
+    raise typer.Exit(
+        _run_harness(lambda: check(history, json, console, load_profile(profile).trajectory.model))
+    )
 
 
 profile_app = typer.Typer(

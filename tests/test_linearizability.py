@@ -92,6 +92,74 @@ def test_two_writers_both_200_is_a_phantom_commit() -> None:
     assert {op.id for op in linear.window} >= {1, 2}
 
 
+def test_on_a_tree_two_writers_both_200_are_siblings() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 6, 200, messages=[U1], answer=A1)
+    h.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    h.add("get", 8, 9, 200, messages=[W, B1], turns=[[U1, A1], [W, B1]])
+    # A turn on a branch, from the first writer's path, while its sibling stands.
+    h.add("chat", 10, 11, 200, messages=[U1, A1, U2], answer=A2)
+    h.add("get", 12, 13, 200, turns=[[W, B1], [U1, A1], [U1, A1, U2, A2]])
+    result = check_history(h.ops, model="tree")
+    assert result.verdict == "valid", result.findings
+    # The same history on a linear model is the phantom commit of the seed PR.
+    assert check_history(h.ops).verdict == "invalid"
+
+
+def test_on_a_tree_a_200_in_no_branch_is_found() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 6, 200, messages=[U1], answer=A1)
+    h.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    h.add("get", 8, 9, 200, messages=[U1, A1], turns=[[U1, A1]])  # W's turn was overwritten
+    result = check_history(h.ops, model="tree")
+    assert {f.kind for f in result.findings} == {"linearizability", "durability"}
+    durability = next(f for f in result.findings if f.kind == "durability")
+    assert "no branch has it: a phantom commit" in durability.explanation
+    assert {op.id for op in durability.window} == {2, 3}
+    linear = next(f for f in result.findings if f.kind == "linearizability")
+    assert "1 answered 200 but in no branch" in linear.explanation
+
+
+def test_on_a_tree_a_listed_turn_that_was_refused_fits_nowhere() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 409, messages=[W])
+    h.add("get", 4, 5, 200, turns=[[W, B1]])
+    result = check_history(h.ops, model="tree")
+    assert [f.kind for f in result.findings] == ["linearizability"]
+    assert "1 listed but never committed" in result.findings[0].explanation
+
+
+def test_on_a_tree_an_unknown_chat_may_or_may_not_be_a_branch() -> None:
+    for listed in ([[U1, A1]], [[U1, A1], [W, B1]]):
+        h = History()
+        h.add("create", 0, 1, 201)
+        h.add("chat", 2, 3, 200, messages=[U1], answer=A1)
+        h.add("chat", 4, None, None, messages=[W], answer_if_committed=B1)
+        h.add("get", 6, 7, 200, turns=listed)
+        assert check_history(h.ops, model="tree").verdict == "valid"
+
+
+def test_on_a_tree_many_unknown_chats_stay_one_state_and_once_listed_stay_listed() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    turns = []
+    for index in range(60):  # a linear search over 2**60 subsets would never end
+        sent = [{"role": "user", "content": f"writer {index}"}]
+        answer = {"role": "assistant", "content": f"answer {index}"}
+        h.add("chat", 2 + index, None, None, messages=sent, answer_if_committed=answer)
+        turns.append([*sent, answer])
+    h.add("get", 100, 101, 200, turns=turns[:30])
+    h.add("get", 102, 103, 200, turns=turns[:45])
+    assert check_history(h.ops, model="tree").verdict == "valid"
+    h.add("get", 104, 105, 200, turns=turns[1:45])  # one committed turn is gone
+    result = check_history(h.ops, model="tree")
+    assert result.verdict == "invalid"
+    assert "1 answered 200 but in no branch" in result.findings[0].explanation
+
+
 def test_a_chat_served_after_delete_is_not_linearizable() -> None:
     h = History()
     h.add("create", 0, 1, 201)
@@ -213,21 +281,29 @@ def test_upstream_work_for_a_deleted_session_must_be_cancelled() -> None:
     assert [f.kind for f in result.findings] == ["llm-leak"]
     assert "after the session's DELETE had been accepted" in result.findings[0].explanation
 
-    leaked = History()
-    leaked.add("create", 0, 1, 201)
-    # 410 to the caller, but the upstream never saw a hang-up: the call ran on.
-    leaked.add(
-        "chat",
-        2,
-        4.4,
-        410,
-        messages=[U1],
-        upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("answered", 4.9)],
-    )
-    leaked.add("delete", 4, 4.6, 204)
-    result = check_history(leaked.ops)
+    def stopped_late(answered: float) -> History:
+        h = History()
+        h.add("create", 0, 1, 201)
+        # 410 to the caller; the upstream saw no hang-up before it answered.
+        h.add(
+            "chat",
+            2,
+            4.4,
+            410,
+            messages=[U1],
+            upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("answered", answered)],
+        )
+        h.add("delete", 4, 4.6, 204)
+        return h
+
+    # The call ran on: the harness held it back for its patience after the DELETE
+    # (2 s), and it was still there to be answered.
+    result = check_history(stopped_late(6.7).ops)
     assert [f.kind for f in result.findings] == ["llm-leak"]
     assert "not cancelled" in result.findings[0].explanation
+    # Answered a moment after the DELETE completed: a server that answers the DELETE
+    # just before its stopped turn closes the engine connection. Within the bound.
+    assert check_history(stopped_late(4.62).ops).verdict == "valid"
 
 
 def test_a_retry_does_not_inherit_the_cancellation_of_the_turn_it_retries() -> None:

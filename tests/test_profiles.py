@@ -135,3 +135,40 @@ def test_a_closed_session_may_answer_any_refusal_the_profile_names() -> None:
     assert "a closed session answers 410, not 404" in reclaimed.differences()
     with pytest.raises(ValidationError):
         Profile(closed_status=[204])
+
+
+def test_a_tree_is_read_from_records_in_get_or_from_its_turns_route() -> None:
+    first = [{"role": "user", "content": "one"}]
+    other = [{"role": "user", "content": "other"}]
+    answer = {"role": "assistant", "content": "a"}
+
+    def record(messages: list[dict[str, str]]) -> dict[str, object]:
+        return {"request": {"messages": messages}, "response": {"choices": [{"message": answer}]}}
+
+    records = [record(first), record(other)]
+    in_get = Profile(trajectory={"model": "tree", "source": "records"})  # type: ignore[arg-type]
+    state = read_trajectory(in_get, {"records": records})
+    assert state.turns == [[*first, answer], [*other, answer]]
+    assert state.messages == [*other, answer]  # the active path: the branch committed last
+    assert state.has_turn([*first, answer])
+    assert not state.has_turn([*first, answer, *other])
+    routed = load_profile("tree-turns")
+    body = {"messages": [*other, answer]}
+    for listed in ({"records": records}, records):
+        assert read_trajectory(routed, body, listed).turns == state.turns
+    assert read_trajectory(routed, body, None).turns is None  # the route did not answer
+    assert read_trajectory(REFERENCE_PROFILE, {"records": records}).turns is None  # linear
+    assert routed.differences()[2:4] == [
+        "the trajectory is a tree: a divergent turn starts a branch",
+        "GET shows no count of turns",
+    ]
+
+
+def test_a_tree_must_say_where_every_turn_is_listed() -> None:
+    for trajectory in (
+        {"model": "tree"},  # GET's messages show one path only
+        {"model": "linear", "turns_path": "/sessions/{session}/turns"},
+        {"model": "tree", "turns_path": "/turns"},
+    ):
+        with pytest.raises(ValidationError):
+            Profile.model_validate({"trajectory": trajectory})

@@ -65,6 +65,14 @@ HEAD = "name: x\ndescription: d\nsteps:\n  - create: s1\n"
             20,
             "'d1' is not a step",
         ),
+        (
+            HEAD + "  - get: g1\n    expect: {tree: {contains: [c9]}}\n",
+            6,
+            13,
+            "'c9' is not an earlier chat step",
+        ),
+        (HEAD + "expect:\n  tree:\n    upstream:\n      c9: {calls: 1}\n", 8, 11, "'c9'"),
+        (HEAD + "  - chat: c1\n    expect: {tree: {staus: 200}}\n", 6, 21, "unknown field"),
     ],
 )
 def test_malformed_files_name_the_line_and_column(
@@ -120,3 +128,30 @@ def test_a_latency_budget_is_judged_only_when_asked_for() -> None:
     assert finding.expected == "an answer within 100 ms (--latency-budgets)"
     assert finding.actual == "250.0 ms"
     assert finding.label == "GET over its latency budget"
+
+
+def test_a_scenario_says_what_differs_on_a_tree_and_nothing_else_changes() -> None:
+    [scenario] = load_scenarios([], "concurrent-writers-no-phantom")
+    linear, tree = scenario.for_model("linear"), scenario.for_model("tree")
+    c2_linear, c2_tree = linear.step("c2").expect, tree.step("c2").expect
+    assert c2_linear is not None
+    assert c2_tree is not None
+    assert (c2_linear.status, c2_linear.error_type) == (409, "trajectory_conflict")
+    assert (c2_tree.status, c2_tree.error_type) == (200, None)
+    get_linear, get_tree = linear.step("g1").expect, tree.step("g1").expect
+    assert get_linear is not None
+    assert get_tree is not None
+    assert (get_tree.contains, get_tree.excludes, get_tree.num_assistant) == (
+        ["c1", "c2"],
+        [],
+        None,
+    )
+    assert (get_linear.contains, get_linear.excludes) == (["c1"], ["c2"])
+    assert get_tree.status == get_linear.status == 200  # not named under tree: kept
+    assert [g.kind_and_steps for g in linear.expect.groups] == [("exactly_one", ["c1", "c2"])]
+    assert tree.expect.groups == []
+    assert tree.expect.upstream["c2"].calls == 1
+    assert linear.expect.upstream["c2"].calls == 0
+    # Resolved once, a scenario has no tree expectations left to apply.
+    assert tree.for_model("linear") == tree
+    assert all(s.expect is None or s.expect.on_tree is None for s in tree.steps)

@@ -16,7 +16,8 @@ when it completed (monotonic seconds), its arguments and what came back::
 * ``chat``: ``messages`` sent; ``answer`` is the assistant message of a 200;
   ``answer_if_committed`` is what the (deterministic) upstream would answer,
   so an unknown chat that did commit can be recognised later.
-* ``get``: ``messages`` and ``num_assistant`` as read.
+* ``get``: ``messages`` and ``num_assistant`` as read; on a tree-shaped
+  trajectory, ``turns``: every committed turn listed, each as its whole path.
 * ``upstream``: the chaos upstream's events for this operation's calls.
 * ``stream`` (chat sent with ``stream: true``): how the stream ended, as the
   client saw it: ``done`` ([DONE] arrived), ``error:TYPE`` (an error event),
@@ -66,6 +67,8 @@ class Operation:
     answer: dict[str, Any] | None = None
     answer_if_committed: dict[str, Any] | None = None
     num_assistant: int | None = None
+    turns: list[list[dict[str, Any]]] | None = None
+    """``get`` on a tree: every committed turn, each as its request's messages and answer."""
     upstream: list[UpstreamEvent] = field(default_factory=list)
     script: list[Any] | None = None
     """``chat``: the upstream script it was sent with (scenario syntax: ``["hold"]``)."""
@@ -155,6 +158,7 @@ def _operation(data: dict[str, Any]) -> Operation:
         answer=data.get("answer"),
         answer_if_committed=data.get("answer_if_committed"),
         num_assistant=data.get("num_assistant"),
+        turns=data.get("turns"),
         upstream=events,
         script=data.get("script"),
         gave_up=None if data.get("gave_up") is None else float(data["gave_up"]),

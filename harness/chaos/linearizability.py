@@ -13,9 +13,16 @@ Operations with an unknown outcome never return (their return is at +inf),
 and the model lets them either take effect or not; to keep the search
 deterministic, the model state is the *set* of states the session may be in.
 
-Beside linearizability, four invariants are checked on the raw history:
+On a tree-shaped trajectory (``model="tree"``) the session is a set of
+branches: a chat answered 200 adds its turn (its request's messages, then its
+answer) as a branch, whatever its history, and a read lists exactly the
+committed turns. Which divergent turns a tree server accepts is its convention;
+that every 200 is in some branch is not.
 
-* durable: a chat answered 200 is a prefix of every later read trajectory;
+Beside linearizability, these invariants are checked on the raw history:
+
+* durable: a chat answered 200 is a prefix of every later read trajectory (on a
+  tree, a turn of every later read tree);
 * streamed answers: where a streamed chat's client got [DONE], the answer
   committed after its request is the one the client assembled from the chunks;
 * no 2xx on a session once a DELETE of it has completed with 2xx;
@@ -25,8 +32,8 @@ Beside linearizability, four invariants are checked on the raw history:
 * a hang-up stops the turn: a chat whose client hung up while its upstream
   call was held, and whose server had not hung up on that call 2 s later;
 * no LLM work leaks: an upstream call that a server makes after a DELETE of
-  its session was invoked, or that is still pending when the DELETE
-  completes, is cancelled within a bound and never answered.
+  its session was accepted is never answered, and one still pending when the
+  DELETE completes has ended (cancelled) within a bound (1 s) of it.
 
 The last one is what catches servers that let queued chats proceed after a
 DELETE: in statuses alone that is linearizable (the queued turn can be placed
@@ -40,6 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from harness.model.scenario import TrajectoryModel
 from harness.upstream.script import tag_of
 from refserver.rules import Conflict, Extend, Replay, classify_turn, comparable
 
@@ -67,6 +75,12 @@ class State:
     last_request: tuple[Any, ...] | None = None
     stored_answer: Any = None
     num_assistant: int = 0
+    turns: frozenset[tuple[Any, ...]] = frozenset()
+    """A tree: every committed turn, each as its whole path (comparable messages)."""
+    maybe: frozenset[tuple[Any, ...]] = frozenset()
+    """A tree: turns of chats with an unknown outcome, which may commit at any moment
+    from now on (or never). Adding to a set commutes, so one state carries them all,
+    where a linear model needs one state per choice."""
 
     @property
     def alive(self) -> bool:
@@ -84,6 +98,8 @@ class State:
             None if self.last_request is None else tuple(comparable(m) for m in self.last_request),
             None if self.stored_answer is None else comparable(self.stored_answer),
             self.num_assistant,
+            self.turns,
+            self.maybe,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -107,12 +123,13 @@ class Step:
     """Why not, in plain words, when ``states`` is empty."""
 
 
-def step(state: State, op: Operation) -> Step:
-    """What ``op``, with the outcome it observed, does to a session in ``state``."""
+def step(state: State, op: Operation, model: TrajectoryModel = "linear") -> Step:
+    """What ``op``, with the outcome it observed, does to a session in ``state``,
+    whose trajectory is one line (``linear``) or a set of branches (``tree``)."""
     if op.op == "create" and op.implicit:
         return Step((LATENT,)) if state == NOT_CREATED else Step((), "an id was made up twice")
     if state == LATENT:
-        return _latent(op)
+        return _latent(op, model)
     if op.op == "create":
         if op.unknown:
             return Step((state, ALIVE) if state == NOT_CREATED else (state,))
@@ -122,20 +139,23 @@ def step(state: State, op: Operation) -> Step:
     if op.op == "delete":
         return _delete(state, op)
     if op.op == "get":
-        return _get(state, op)
-    return _chat(state, op)
+        return _get_tree(state, op) if model == "tree" else _get(state, op)
+    return _chat_tree(state, op) if model == "tree" else _chat(state, op)
 
 
-def _latent(op: Operation) -> Step:
+def _latent(op: Operation, model: TrajectoryModel) -> Step:
     """An id not used yet, on a server that creates sessions on first use: a chat
     creates the session as if it existed empty; a read or DELETE may not find it."""
+    if op.op == "chat" and model == "tree" and op.unknown and op.answer_if_committed:
+        # Whether this chat brought the session into being is unknown too.
+        return Step((LATENT, _branch(ALIVE, op.messages or [], op.answer_if_committed)))
     if op.op == "chat":
-        outcomes = _chat(ALIVE, op)
+        outcomes = _chat_tree(ALIVE, op) if model == "tree" else _chat(ALIVE, op)
         # Whatever did not commit leaves the session as it was: not there yet.
         return Step(tuple(LATENT if s == ALIVE else s for s in outcomes.states), outcomes.reason)
     if op.unknown or op.status == 404:
         return Step((LATENT, GONE) if op.op == "delete" and op.unknown else (LATENT,))
-    if op.op == "get" and op.ok and not op.messages:
+    if op.op == "get" and op.ok and not op.messages and not op.turns:
         return Step((LATENT,))
     if op.op == "delete" and op.ok:
         return Step((GONE,))
@@ -210,6 +230,51 @@ def _chat(state: State, op: Operation) -> Step:
     return Step((state,))  # an upstream failure, or unknown: no commit
 
 
+def _get_tree(state: State, op: Operation) -> Step:
+    """A read of a tree: the turns it lists are exactly the committed ones."""
+    if not state.alive or op.status == 404:
+        return _get(state, op)  # whether the session exists is judged as on a line
+    if not op.ok or op.turns is None:
+        return Step((state,))
+    read = frozenset(_path(turn) for turn in op.turns)
+    missing, extra = state.turns - read, read - state.turns - state.maybe
+    if missing or extra:
+        return Step(
+            (),
+            f"GET listed {len(read)} turns where {len(state.turns)} are committed: "
+            f"{len(missing)} answered 200 but in no branch, {len(extra)} listed but never "
+            "committed",
+        )
+    # Turns of unknown chats that are listed did commit: every later read lists them.
+    return Step((State("alive", turns=read, maybe=state.maybe - read),))
+
+
+def _chat_tree(state: State, op: Operation) -> Step:
+    """A turn on a tree: whatever its history, a 200 commits it (a divergent turn
+    starts a branch); a refusal commits nothing. Which turns a tree server accepts
+    is its convention; that every 200 is in some branch is not."""
+    if not state.alive or op.status in (404, 410):
+        return _chat(state, op)
+    messages = op.messages or []
+    if op.ok and op.answer is not None:
+        return Step((_branch(state, messages, op.answer),))
+    if op.unknown and op.answer_if_committed is not None:
+        turn = _path([*messages, op.answer_if_committed])
+        if turn in state.turns:
+            return Step((state,))
+        return Step((State("alive", turns=state.turns, maybe=state.maybe | {turn}),))
+    return Step((state,))
+
+
+def _branch(state: State, messages: list[dict[str, Any]], answer: dict[str, Any]) -> State:
+    turn = _path([*messages, answer])
+    return State("alive", turns=state.turns | {turn}, maybe=state.maybe - {turn})
+
+
+def _path(messages: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(comparable(m) for m in messages)
+
+
 def _commit(state: State, messages: list[dict[str, Any]], answer: dict[str, Any]) -> State:
     return State(
         "alive",
@@ -264,13 +329,16 @@ class _Entry:
 
 
 def check_session(
-    operations: Sequence[Operation], budget: int = DEFAULT_BUDGET
+    operations: Sequence[Operation],
+    budget: int = DEFAULT_BUDGET,
+    model: TrajectoryModel = "linear",
 ) -> tuple[Verdict, Finding | None]:
     """Is this one session's sub-history linearizable?"""
     ops = sorted(operations, key=lambda o: o.invoke)
     if not ops:
         return "valid", None
     initial = NOT_CREATED if any(o.op == "create" for o in ops) else GONE
+    forced = _forced(ops, model)
     head = _entries(ops)
     cache: set[tuple[int, frozenset[State]]] = set()
     stack: list[tuple[_Entry, frozenset[State]]] = []
@@ -286,7 +354,7 @@ def check_session(
         assert entry is not None
         if entry.is_call:
             op = ops[entry.op_index]
-            successors = _successors(states, op)
+            successors = _successors(states, op, model)
             key = (linearized | (1 << entry.op_index), successors)
             if successors and key not in cache:
                 cache.add(key)
@@ -300,19 +368,37 @@ def check_session(
                     deepest = (len(stack), states, entry.op_index)
                 entry = entry.next
         else:
-            if not stack:
-                return "invalid", _explain(ops, deepest)
-            entry, states = stack.pop()
-            linearized &= ~(1 << entry.op_index)
-            _unlift(entry)
+            while True:
+                if not stack:
+                    return "invalid", _explain(ops, deepest, model)
+                entry, states = stack.pop()
+                linearized &= ~(1 << entry.op_index)
+                _unlift(entry)
+                if entry.op_index not in forced:
+                    break  # a forced operation's one placement failed: backtrack further
             entry = entry.next
     return "valid", None
 
 
-def _successors(states: frozenset[State], op: Operation) -> frozenset[State]:
+def _forced(ops: Sequence[Operation], model: TrajectoryModel) -> frozenset[int]:
+    """Operations the search places as early as it can and never tries later.
+
+    On a tree, a chat of unknown outcome only makes its turn possible from then on
+    (``State.maybe``): placing it earlier never invalidates a later read, so trying
+    it later too would only multiply orders (2**n of them for n such chats, all
+    failing alike when the history is invalid). Not so where creation is implicit:
+    there the chat may also have brought the session into being."""
+    if model != "tree" or any(o.op == "create" and o.implicit for o in ops):
+        return frozenset()
+    return frozenset(i for i, o in enumerate(ops) if o.op == "chat" and o.unknown)
+
+
+def _successors(
+    states: frozenset[State], op: Operation, model: TrajectoryModel
+) -> frozenset[State]:
     found: set[State] = set()
     for state in states:
-        found.update(step(state, op).states)
+        found.update(step(state, op, model).states)
     return frozenset(found)
 
 
@@ -354,10 +440,14 @@ def _unlift(call: _Entry) -> None:
             entry.next.prev = entry
 
 
-def _explain(ops: Sequence[Operation], deepest: tuple[int, frozenset[State], int]) -> Finding:
+def _explain(
+    ops: Sequence[Operation],
+    deepest: tuple[int, frozenset[State], int],
+    model: TrajectoryModel,
+) -> Finding:
     depth, states, index = deepest
     culprit = ops[index] if index >= 0 else ops[0]
-    reasons = {step(state, culprit).reason for state in states} - {""}
+    reasons = {step(state, culprit, model).reason for state in states} - {""}
     end = culprit.complete if culprit.complete is not None else float("inf")
     window = tuple(
         o
@@ -378,7 +468,9 @@ def _explain(ops: Sequence[Operation], deepest: tuple[int, frozenset[State], int
 
 
 def check_invariants(
-    operations: Sequence[Operation], leak_bound: float = DEFAULT_LEAK_BOUND
+    operations: Sequence[Operation],
+    leak_bound: float = DEFAULT_LEAK_BOUND,
+    model: TrajectoryModel = "linear",
 ) -> list[Finding]:
     findings: list[Finding] = []
     by_session: dict[str, list[Operation]] = defaultdict(list)
@@ -386,8 +478,9 @@ def check_invariants(
         by_session[op.session].append(op)
     for session, ops in by_session.items():
         ops.sort(key=lambda o: o.invoke)
-        findings.extend(_durability(session, ops))
-        findings.extend(_streamed_answers(session, ops))
+        findings.extend(_durability(session, ops, model))
+        if model == "linear":  # on a tree, a streamed turn's answer is checked as durable
+            findings.extend(_streamed_answers(session, ops))
         findings.extend(_delete_waits(session, ops))
         findings.extend(_hangups_ignored(session, ops))
         findings.extend(_success_after_delete(session, ops))
@@ -395,19 +488,35 @@ def check_invariants(
     return findings
 
 
-def _later_reads(chat: Operation, ops: list[Operation]) -> Iterable[Operation]:
+def _later_reads(
+    chat: Operation, ops: list[Operation], model: TrajectoryModel = "linear"
+) -> Iterable[Operation]:
+    """Reads that began after ``chat`` completed (on a tree, those that listed its turns)."""
     assert chat.complete is not None
     for read in ops:
-        if read.op == "get" and read.status == 200 and read.invoke > chat.complete:
+        listed = model == "linear" or read.turns is not None
+        if read.op == "get" and read.status == 200 and read.invoke > chat.complete and listed:
             yield read
 
 
-def _durability(session: str, ops: list[Operation]) -> Iterable[Finding]:
+def _durability(session: str, ops: list[Operation], model: TrajectoryModel) -> Iterable[Finding]:
     for chat in ops:
         if chat.op != "chat" or not chat.ok or chat.answer is None or chat.complete is None:
             continue
         turn = [comparable(m) for m in [*(chat.messages or []), chat.answer]]
-        for read in _later_reads(chat, ops):
+        for read in _later_reads(chat, ops, model):
+            if read.turns is not None:
+                if tuple(turn) not in {_path(t) for t in read.turns}:
+                    yield Finding(
+                        "durability",
+                        session,
+                        f"{chat.describe()} was answered 200, but {read.describe()} listed "
+                        f"a tree of {len(read.turns)} turns in which no branch has it: a "
+                        "phantom commit",
+                        (chat, read),
+                    )
+                    break
+                continue
             prefix = [comparable(m) for m in (read.messages or [])[: len(turn)]]
             if chat.stream is not None and prefix[:-1] == turn[:-1] and len(prefix) == len(turn):
                 continue  # its turn is there with another answer: _streamed_answers says so
@@ -514,7 +623,8 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
     for chat in ops:
         if chat.op != "chat":
             continue
-        for at in (e.at for e in chat.upstream if e.kind == "received"):
+        received = [e.at for e in chat.upstream if e.kind == "received"]
+        for call, at in enumerate(received):
             ending = min(
                 ((e.at, e.kind) for e in chat.upstream if e.kind != "received" and e.at >= at),
                 default=(float("inf"), "none"),
@@ -526,9 +636,16 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
             worked = ending[1] == "answered" or ending[0] > max(at, delete.complete) + bound
             if at > accepted and worked:
                 problem = "started after the session's DELETE had been accepted"
-            elif at <= accepted and ending[0] > delete.complete and worked and _waits(chat):
-                # (A call the engine answers at once can finish just after a DELETE
-                # that stopped its turn: its answer was already on the wire.)
+            elif (
+                at <= accepted
+                and ending[0] > delete.complete + bound
+                and _work_done_at(chat, call, at) > delete.complete
+            ):
+                # Within the bound, a call may end either way: a server may answer
+                # the DELETE a moment before the stopped turn closes its engine
+                # connection, and an engine whose work ran out in that moment
+                # answers. (The harness holds a held call back that long, so a
+                # server that never hangs up is seen answered past the bound.)
                 problem = "was still running when the DELETE completed, and was not cancelled"
             else:
                 continue
@@ -542,20 +659,21 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
             break
 
 
-def _waits(chat: Operation) -> bool:
-    """Its upstream script makes the engine wait (hold, hang, delay): only such a call
-    can be seen running on after a DELETE, rather than answered as it was stopped."""
-    for behaviour in chat.script or ["hold"]:
-        if behaviour in ("hold", "hang"):
-            return True
-        if isinstance(behaviour, dict) and {
-            "delay",
-            "hold_after",
-            "hang_after",
-            "chunk_delay",
-        } & set(behaviour):
-            return True
-    return False
+def _work_done_at(chat: Operation, call: int, received: float) -> float:
+    """When the engine's scripted work for the ``call``-th upstream call of ``chat``
+    was done: at once, after its delay, or never by itself (a hold, a hang, a stream
+    that holds or trickles its chunks). Only a call still working when a DELETE
+    completed can be seen running on after it, rather than answered as it was stopped."""
+    script = chat.script or ["hold"]
+    behaviour = script[min(call, len(script) - 1)]  # the last behaviour repeats
+    if behaviour in ("hold", "hang"):
+        return float("inf")
+    if isinstance(behaviour, dict):
+        if {"hold_after", "hang_after", "chunk_delay"} & set(behaviour):
+            return float("inf")
+        if isinstance(behaviour.get("delay"), int | float):
+            return received + float(behaviour["delay"])
+    return received
 
 
 # -- the whole history ---------------------------------------------------------------
@@ -565,6 +683,7 @@ def check_history(
     operations: Sequence[Operation],
     budget: int = DEFAULT_BUDGET,
     leak_bound: float = DEFAULT_LEAK_BOUND,
+    model: TrajectoryModel = "linear",
 ) -> CheckResult:
     by_session: dict[str, list[Operation]] = defaultdict(list)
     for op in operations:
@@ -572,11 +691,11 @@ def check_history(
     findings: list[Finding] = []
     undecided: list[str] = []
     for session, ops in by_session.items():
-        session_verdict, finding = check_session(ops, budget)
+        session_verdict, finding = check_session(ops, budget, model)
         if session_verdict == "unknown":
             undecided.append(session)
         elif finding is not None:
             findings.append(finding)
-    findings.extend(check_invariants(operations, leak_bound))
+    findings.extend(check_invariants(operations, leak_bound, model))
     verdict: Verdict = "invalid" if findings else "unknown" if undecided else "valid"
     return CheckResult(verdict, len(operations), len(by_session), findings, undecided)

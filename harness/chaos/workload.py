@@ -27,9 +27,9 @@ from typing import Any
 import trio
 
 from harness.errors import TargetUnreachable
-from harness.model.profile import REFERENCE_PROFILE, Profile, read_trajectory
+from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.results import Observation, StreamEnd, answer_of
-from harness.run.client import StreamProgress, TargetClient
+from harness.run.client import StreamProgress, TargetClient, read_session
 from harness.run.preflight import check_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -174,6 +174,8 @@ class ChaosRun:
         self._outwaited_hangups: set[int] = set()
         """Chats whose held call the server did not stop within PATIENCE of the hang-up."""
         self._pending_deletes: dict[str, _PendingDelete] = {}
+        self._deleted: set[str] = set()
+        """Sessions a DELETE has been answered 2xx for."""
         """Session -> its DELETE in flight (holds on it wait for the answer)."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
@@ -394,8 +396,9 @@ class ChaosRun:
         )
 
     async def _get(self, client: _Client, session: str, ticket: int) -> None:
-        observation = await self.client.send("chaos", "get", "GET", f"/sessions/{session}")
-        state = read_trajectory(self.settings.profile, observation.body)
+        observation, state = await read_session(
+            self.client, "chaos", session, self.settings.profile
+        )
         messages = state.messages
         if observation.status == 200 and messages is not None:
             client.views[session] = messages
@@ -407,15 +410,19 @@ class ChaosRun:
             observation,
             messages=messages,
             num_assistant=state.num_assistant,
+            turns=state.turns,
         )
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
         pending = self._pending_deletes[session] = _PendingDelete()
+        observation: Observation | None = None
         try:
             observation = await self.client.send(
                 "chaos", "delete", "DELETE", f"/sessions/{session}"
             )
         finally:
+            if observation is not None and observation.status in range(200, 300):
+                self._deleted.add(session)
             pending.answered.set()
             if self._pending_deletes.get(session) is pending:
                 del self._pending_deletes[session]
@@ -455,9 +462,15 @@ class ChaosRun:
           answered. A server that preempts answers it while the call is held; one
           whose DELETE waits for the engine does not, and after ``PATIENCE`` the
           hold is released and the DELETE records that it was outwaited;
-        * if the chat's client has hung up, only once the server has hung up on
-          the call (``cancelled``); after ``PATIENCE`` the chat records that it
-          was outwaited: the server kept the engine working for nobody.
+        * if the chat's client has hung up, only once the call has ended (the
+          server hung up on it, or an exact retry's hold on the same tag was
+          released); after ``PATIENCE`` the chat records that it was outwaited:
+          the server kept the engine working for nobody;
+        * once a DELETE of its session has been answered 2xx, only once the server
+          has hung up on the call, or after ``PATIENCE``: a server may answer the
+          DELETE a moment before the cancelled turn closes its engine connection,
+          and a release in that moment would make the engine answer a turn that
+          was stopped (a call still running ``PATIENCE`` later is leaked work).
 
         The races are made structural, as a scenario's hold does."""
         assert self._nursery is not None
@@ -473,6 +486,8 @@ class ChaosRun:
                 pending.outwaited.append(tag)
             if ticket in self._hung_up and await self._ignores_hang_up(tag):
                 self._outwaited_hangups.add(ticket)
+            elif session in self._deleted and self._call_in_flight(tag):
+                await self._hung_up_on_within_patience(tag)
             self.upstream.release(tag)
 
         self._nursery.start_soon(release)
@@ -487,17 +502,26 @@ class ChaosRun:
                 await self.upstream.wait_for(tag, EventKind.RECEIVED, arrived)
             if not self._call_in_flight(tag):
                 return False
-        cancelled = self.upstream.count(tag, EventKind.CANCELLED) + 1
+        return not await self._hung_up_on_within_patience(tag)
+
+    async def _hung_up_on_within_patience(self, tag: str) -> bool:
+        """Wait up to ``PATIENCE`` for the call in flight to end: the server hangs up
+        on it, or it is answered because another attempt's hold on the same tag (an
+        exact retry shares it) was released; either way the harness did not keep it
+        held for this one."""
+        ended = self._ended_calls(tag) + 1
         with trio.move_on_after(PATIENCE):
-            await self.upstream.wait_for(tag, EventKind.CANCELLED, cancelled)
-            return False
-        return True
+            await self.upstream.wait_until(lambda: self._ended_calls(tag) >= ended)
+            return True
+        return False
+
+    def _ended_calls(self, tag: str) -> int:
+        ends = (EventKind.ANSWERED, EventKind.CANCELLED, EventKind.DROPPED)
+        return sum(self.upstream.count(tag, kind) for kind in ends)
 
     def _call_in_flight(self, tag: str) -> bool:
         """The upstream has a call for ``tag`` that has not ended yet."""
-        count = self.upstream.count
-        ended = sum(count(tag, kind) for kind in (EventKind.ANSWERED, EventKind.CANCELLED))
-        return count(tag, EventKind.RECEIVED) > ended + count(tag, EventKind.DROPPED)
+        return self.upstream.count(tag, EventKind.RECEIVED) > self._ended_calls(tag)
 
     # -- the history ------------------------------------------------------------------------
 
@@ -625,7 +649,7 @@ async def run_chaos(
         finally:
             await client.aclose()
         checked = trio.current_time()
-        result = check_history(history)
+        result = check_history(history, model=settings.profile.trajectory.model)
         check_seconds = trio.current_time() - checked
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
@@ -659,10 +683,11 @@ def _unshrinkable(profile: Profile) -> str | None:
     and the reference server names its sessions in the path and creates them
     with POST /sessions: on another addressing or creation, its answers say
     nothing about the target's."""
-    if profile.addressing != "path" or profile.creation != "explicit":
+    if profile.addressing != "path" or profile.creation != "explicit" or profile.trajectory.tree:
         return (
             f"not shrunk: the expected answers come from the reference server, which does not "
-            f"speak this profile (addressing {profile.addressing}, creation {profile.creation}); "
+            f"speak this profile (addressing {profile.addressing}, creation {profile.creation}, "
+            f"a {profile.trajectory.model} trajectory); "
             "the findings above, the history and the timeline show the failure"
         )
     return None

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UsageError
-from refserver.anthropic import chat_to_messages, messages_to_chat
+from refserver.anthropic import chat_to_messages, message_to_chat, messages_to_chat
+from refserver.rules import comparable
 
 
 class _Model(BaseModel):
@@ -33,11 +34,39 @@ class CreateConvention(_Model):
 
 
 class TrajectoryConvention(_Model):
+    model: Literal["linear", "tree"] = "linear"
+    """``linear``: one trajectory; a turn that diverges from it is refused. ``tree``:
+    a divergent turn starts a branch, and concurrent writers both commit, as
+    siblings; every turn answered 200 must be in some branch."""
     source: Literal["messages", "records"] = "messages"
-    """``messages``: GET has the committed messages. ``records``: they are the last
-    record's ``request.messages`` plus its ``response.choices[0].message``."""
-    num_assistant: str = "num_assistant"
-    """A field of the GET body, or ``len(records)``."""
+    """``messages``: GET has the committed messages (on a tree, the active path).
+    ``records``: they are the last record's ``request.messages`` plus its
+    ``response.choices[0].message``; on a tree, the records are every committed
+    turn (the whole tree)."""
+    num_assistant: str | None = "num_assistant"
+    """A field of the GET body, ``len(records)``, or null where the server shows
+    no count (then no scenario judges one)."""
+    turns_path: str | None = None
+    """A tree: the route that lists every committed turn, as ``{"records": [...]}``
+    or a bare list of records (``{session}`` is the id), where GET shows only the
+    active path."""
+
+    @model_validator(mode="after")
+    def _a_tree_is_readable(self) -> TrajectoryConvention:
+        if self.turns_path is not None and "{session}" not in self.turns_path:
+            raise ValueError("turns_path must contain {session}")
+        if self.turns_path is not None and self.model != "tree":
+            raise ValueError("turns_path is for model: tree (a linear GET shows every turn)")
+        if self.model == "tree" and self.source != "records" and self.turns_path is None:
+            raise ValueError(
+                "model: tree needs every committed turn: source: records (GET lists them "
+                "all) or turns_path (a route that does)"
+            )
+        return self
+
+    @property
+    def tree(self) -> bool:
+        return self.model == "tree"
 
 
 ADDRESSING = re.compile(r"^(path|bearer|header:[A-Za-z0-9-]+|body:[A-Za-z_][A-Za-z0-9_.]*)$")
@@ -145,8 +174,17 @@ class Profile(_Model):
             found.append(f"create answers {self.create.status}, not 201")
         if self.health_path != reference.health_path:
             found.append(f"health route {self.health_path or 'none'}, not /healthz")
-        if self.trajectory != reference.trajectory:
+        if self.trajectory.tree:
+            found.append(TREE)
+        if self.trajectory.source != reference.trajectory.source:
             found.append("the trajectory is derived from records")
+        if self.trajectory.num_assistant is None:
+            found.append("GET shows no count of turns")
+        elif self.trajectory.num_assistant not in (
+            reference.trajectory.num_assistant,
+            "len(records)",
+        ):
+            found.append(f"the number of turns is read from {self.trajectory.num_assistant}")
         if self.appends_tool_results:
             found.append("only tool messages may follow an assistant turn")
         if self.retry != reference.retry:
@@ -184,18 +222,30 @@ REFUSED_RETRY = "an exact retry is refused (state unchanged)"
 
 ROLLED_BACK = "a request that differs in its last turn rolls that turn back"
 
+TREE = "the trajectory is a tree: a divergent turn starts a branch"
+
 REFERENCE_PROFILE = Profile()
 
 
 @dataclass(frozen=True)
 class TrajectoryState:
     messages: list[dict[str, Any]] | None
+    """The trajectory (on a tree, the active path)."""
     num_assistant: int | None
     in_flight: bool | None
+    turns: list[list[dict[str, Any]]] | None = None
+    """A tree: every committed turn, each as its whole path (its request's
+    messages, then its answer); None on a linear model, or if unreadable."""
+
+    def has_turn(self, path: list[dict[str, Any]]) -> bool:
+        """Is the turn whose whole path is ``path`` committed (in some branch)?"""
+        wanted = [comparable(m) for m in path]
+        return any([comparable(m) for m in turn] == wanted for turn in self.turns or [])
 
 
-def read_trajectory(profile: Profile, body: Any) -> TrajectoryState:
-    """The committed trajectory in a GET body, read the way the profile says."""
+def read_trajectory(profile: Profile, body: Any, turns_body: Any = None) -> TrajectoryState:
+    """The committed trajectory in a GET body, read the way the profile says;
+    ``turns_body``: the answer of the profile's ``turns_path``, if it has one."""
     if not isinstance(body, dict):
         return TrajectoryState(None, None, None)
     records = body.get("records") if isinstance(body.get("records"), list) else None
@@ -203,32 +253,57 @@ def read_trajectory(profile: Profile, body: Any) -> TrajectoryState:
     convention = profile.trajectory
     if profile.api == "anthropic-messages" and isinstance(body.get("messages"), list):
         body = {**body, "messages": messages_to_chat(body["messages"])}
+    num_assistant: int | None = None
     if convention.num_assistant == "len(records)":
         num_assistant = len(records) if records is not None else None
-    else:
+    elif convention.num_assistant is not None:
         value = body.get(convention.num_assistant)
         num_assistant = value if isinstance(value, int) else None
+    turns = None
+    if convention.tree:
+        listed = turns_body if convention.turns_path is not None else records
+        if isinstance(listed, dict) and isinstance(listed.get("records"), list):
+            listed = listed["records"]
+        turns = _turns_from_records(listed if isinstance(listed, list) else None, profile)
     if convention.source == "messages":
         messages = body.get("messages")
         return TrajectoryState(
-            messages if isinstance(messages, list) else None, num_assistant, in_flight
+            messages if isinstance(messages, list) else None, num_assistant, in_flight, turns
         )
-    return TrajectoryState(_messages_from_records(records), num_assistant, in_flight)
+    return TrajectoryState(
+        _path_of_record(records[-1], profile) if records else ([] if records == [] else None),
+        num_assistant,
+        in_flight,
+        turns,
+    )
 
 
-def _messages_from_records(records: list[Any] | None) -> list[dict[str, Any]] | None:
+def _turns_from_records(
+    records: list[Any] | None, profile: Profile
+) -> list[list[dict[str, Any]]] | None:
     if records is None:
         return None
-    if not records:
-        return []
-    last = records[-1]
+    paths = [_path_of_record(record, profile) for record in records]
+    return None if any(path is None for path in paths) else [p for p in paths if p is not None]
+
+
+def _path_of_record(record: Any, profile: Profile) -> list[dict[str, Any]] | None:
+    """A record's whole path: its request's messages, then its answer (an OpenAI
+    choice's message, or an Anthropic message, translated to chat form)."""
     try:
-        request_messages = last["request"]["messages"]
-        answer = last["response"]["choices"][0]["message"]
+        request_messages = record["request"]["messages"]
+        response = record["response"]
+        answer = (
+            message_to_chat(response)
+            if isinstance(response, dict) and response.get("type") == "message"
+            else response["choices"][0]["message"]
+        )
     except (KeyError, IndexError, TypeError):
         return None
     if not isinstance(request_messages, list) or not isinstance(answer, dict):
         return None
+    if profile.api == "anthropic-messages":
+        request_messages = messages_to_chat(request_messages)
     return [*request_messages, answer]
 
 

@@ -84,6 +84,8 @@ def parse_status(spec: int | str | Sequence[int | str]) -> StatusMatcher:
 
 StatusSpec = int | str | list[int | str]
 
+TrajectoryModel = Literal["linear", "tree"]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -107,6 +109,9 @@ class Expect(_Model):
     """For a streamed chat answered 200: how the stream ends. ``done``: with
     ``[DONE]``; ``error``: with an error event (of ``error_type``, if given) and
     no ``[DONE]``; ``cut``: with neither."""
+    on_tree: Expect | None = Field(default=None, alias="tree")
+    """What differs on a server whose trajectory is a tree (a divergent turn starts
+    a branch): only the keys given here replace the ones above; ``null`` drops one."""
 
     @field_validator("status")
     @classmethod
@@ -114,6 +119,13 @@ class Expect(_Model):
         if value is not None:
             parse_status(value)
         return value
+
+    def for_model(self, model: TrajectoryModel) -> Expect:
+        """These expectations on a server of this trajectory model."""
+        if model == "tree" and self.on_tree is not None:
+            changed = {name: getattr(self.on_tree, name) for name in self.on_tree.model_fields_set}
+            return self.model_copy(update={**changed, "on_tree": None})
+        return self.model_copy(update={"on_tree": None})
 
     @property
     def status_matcher(self) -> StatusMatcher | None:
@@ -438,6 +450,17 @@ class ScenarioExpect(_Model):
     """Every chat answered 200 is a prefix of its session's final trajectory."""
     no_success_after_delete: bool = True
     """No step on a session gets 2xx once a DELETE of it has completed with 2xx."""
+    on_tree: ScenarioExpect | None = Field(default=None, alias="tree")
+    """What differs on a tree-shaped trajectory: ``groups`` given here replace the
+    ones above; ``upstream`` entries replace the same steps' entries."""
+
+    def for_model(self, model: TrajectoryModel) -> ScenarioExpect:
+        tree = self.on_tree
+        if model != "tree" or tree is None:
+            return self.model_copy(update={"on_tree": None})
+        changed: dict[str, Any] = {name: getattr(tree, name) for name in tree.model_fields_set}
+        changed["upstream"] = {**self.upstream, **tree.upstream}
+        return self.model_copy(update={**changed, "on_tree": None})
 
 
 class Scenario(_Model):
@@ -472,6 +495,17 @@ class Scenario(_Model):
             if step.id == step_id:
                 return step
         raise KeyError(step_id)
+
+    def for_model(self, model: TrajectoryModel) -> Scenario:
+        """This scenario as a server of this trajectory model should pass it: each
+        ``tree:`` expectation applied (on a tree) or dropped (on a linear one)."""
+        steps = [
+            step
+            if step.expect is None
+            else step.model_copy(update={"expect": step.expect.for_model(model)})
+            for step in self.steps
+        ]
+        return self.model_copy(update={"steps": steps, "expect": self.expect.for_model(model)})
 
 
 @dataclass(frozen=True)
@@ -536,8 +570,9 @@ def check_references(scenario: Scenario) -> list[ReferenceProblem]:
                         ("steps", index, field), f"{ref!r} must be a background step to cancel"
                     )
                 )
-        if step.expect is not None:
-            for ref in [*step.expect.contains, *step.expect.excludes]:
+        tree = step.expect.on_tree if step.expect is not None else None
+        for expect in (e for e in (step.expect, tree) if e is not None):
+            for ref in [*expect.contains, *expect.excludes]:
                 if not isinstance(seen.get(ref), ChatStep):
                     problems.append(
                         ReferenceProblem(
@@ -547,13 +582,23 @@ def check_references(scenario: Scenario) -> list[ReferenceProblem]:
         if isinstance(step, CreateStep | GhostStep):
             sessions.add(step.id)
         seen[step.id] = step
-    for name in scenario.expect.upstream:
+    problems.extend(_expect_references(scenario.expect, ("expect",), seen))
+    if scenario.expect.on_tree is not None:
+        problems.extend(_expect_references(scenario.expect.on_tree, ("expect", "tree"), seen))
+    return problems
+
+
+def _expect_references(
+    expect: ScenarioExpect, where: tuple[str | int, ...], seen: dict[str, Step]
+) -> list[ReferenceProblem]:
+    problems: list[ReferenceProblem] = []
+    for name in expect.upstream:
         if not isinstance(seen.get(name), ChatStep):
             problems.append(
-                ReferenceProblem(("expect", "upstream", name), f"{name!r} is not a chat step")
+                ReferenceProblem((*where, "upstream", name), f"{name!r} is not a chat step")
             )
-    for group_index, group in enumerate(scenario.expect.groups):
-        here: tuple[str | int, ...] = ("expect", "groups", group_index)
+    for group_index, group in enumerate(expect.groups):
+        here: tuple[str | int, ...] = (*where, "groups", group_index)
         try:
             kind, steps = group.kind_and_steps
         except ValueError as error:

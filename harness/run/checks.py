@@ -28,6 +28,7 @@ from harness.model.profile import (
     ROLLED_BACK,
     STREAMING_UNSUPPORTED,
     Profile,
+    TrajectoryState,
     read_trajectory,
 )
 from harness.model.scenario import ChatStep, Expect, Scenario, StatusMatcher, parse_status
@@ -381,10 +382,9 @@ def _check_no_commit_after_stream_error(scenario: Scenario, context: RunContext)
         if record is None or record.end not in (StreamEnd.ERROR, StreamEnd.CUT):
             continue
         final = context.final_trajectories.get(context.session_of_step[step.id])
-        if not final or record.assembled is None:
+        if final is None or record.assembled is None:
             continue
-        turn = [comparable(m) for m in [*context.sent_messages[step.id], record.assembled]]
-        if [comparable(m) for m in final[: len(turn)] if isinstance(m, dict)] == turn:
+        if turn_committed(final, [*context.sent_messages[step.id], record.assembled]):
             assert observation is not None
             findings.append(
                 Finding(
@@ -437,7 +437,7 @@ def _check_trajectory(
         return []
     repro = curl_line(observation)
     guards = scenario.property_of(step_id)
-    state = read_trajectory(profile, observation.body)
+    state = context.reads.get(step_id) or read_trajectory(profile, observation.body)
     findings: list[Finding] = []
     # Counts written for a server that retries do not hold where a chat's
     # failure was passed through (its turn was, rightly, not committed): those
@@ -462,7 +462,8 @@ def _check_trajectory(
             return
         findings.append(Finding(step_id, expected, actual, repro, Kind.SAFETY, guards))
 
-    if expect.num_assistant is not None and state.num_assistant != expect.num_assistant:
+    counted = profile.trajectory.num_assistant is not None  # else the server shows no count
+    if expect.num_assistant is not None and counted and state.num_assistant != expect.num_assistant:
         fail(f"num_assistant = {expect.num_assistant}", f"num_assistant = {state.num_assistant!r}")
     if (
         expect.in_flight is not None
@@ -476,12 +477,19 @@ def _check_trajectory(
             f"{expect.length} messages",
             "no readable trajectory" if messages is None else f"{len(messages)} messages",
         )
-    committed = {comparable(m) for m in messages or [] if isinstance(m, dict)}
+    # On a tree, "in the trajectory" is in some branch: every turn counts.
+    shown = [m for turn in state.turns or [] for m in turn] if state.turns is not None else messages
+    committed = {comparable(m) for m in shown or [] if isinstance(m, dict)}
+    if profile.trajectory.tree and state.turns is None:
+        convention("every committed turn listed (model: tree)", "no readable list", UNREAD_TREE)
     rolled_back = _rolled_back(scenario, context, profile)
     for chat in expect.contains:
         answer = answer_of(context.observations.get(chat))
         if answer is None:
             fail(f"{chat}'s answer in the trajectory", f"{chat} got no answer")
+        elif state.turns is not None:
+            if not state.has_turn([*context.sent_messages.get(chat, []), answer]):
+                fail(f"{chat}'s turn in a branch of the tree", "it is in no branch")
         elif comparable(answer) not in committed and chat in rolled_back:
             convention(
                 f"{chat}'s answer in the trajectory",
@@ -566,7 +574,23 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
         if final is None:
             continue  # the session was deleted; there is nothing left to be durable in
         turn = [*context.sent_messages[step.id], answer]
-        prefix = [comparable(m) for m in final[: len(turn)] if isinstance(m, dict)]
+        if profile.trajectory.tree and final.turns is None:
+            continue  # unreadable: the read step says so; no guess from the active path
+        if final.turns is not None:
+            if not final.has_turn(turn):
+                findings.append(
+                    Finding(
+                        step.id,
+                        f"{step.id} answered 200, so its turn is in a branch of the final tree",
+                        f"it is in no branch (the tree has {len(final.turns)} turns): "
+                        "a phantom commit",
+                        curl_line(observation),
+                        label="phantom commit",
+                    )
+                )
+            continue
+        messages = final.messages or []
+        prefix = [comparable(m) for m in messages[: len(turn)] if isinstance(m, dict)]
         if prefix[:-1] == [comparable(m) for m in turn[:-1]] and observation.stream:
             if prefix[-1:] != [comparable(answer)]:
                 findings.append(
@@ -584,12 +608,25 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
                 Finding(
                     step.id,
                     f"{step.id} answered 200, so its turn is in the final trajectory",
-                    f"it is not (final trajectory has {len(final)} messages): a phantom commit",
+                    f"it is not (final trajectory has {len(messages)} messages): a phantom commit",
                     curl_line(observation),
                     label="phantom commit",
                 )
             )
     return findings
+
+
+UNREAD_TREE = "profile: model tree, but the server's answer lists no turns as records"
+
+
+def turn_committed(state: TrajectoryState, turn: list[dict[str, Any]]) -> bool:
+    """Is ``turn`` (a request's messages, then its answer) committed: a prefix of
+    the trajectory, or on a tree, in some branch?"""
+    if state.turns is not None:
+        return state.has_turn(turn)
+    messages = state.messages or []
+    wanted = [comparable(m) for m in turn]
+    return [comparable(m) for m in messages[: len(turn)] if isinstance(m, dict)] == wanted
 
 
 def _rolled_back(scenario: Scenario, context: RunContext, profile: Profile) -> set[str]:

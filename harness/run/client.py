@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
@@ -12,6 +12,7 @@ import httpx_sse
 import trio
 import trio.testing
 
+from harness.model.profile import Profile, TrajectoryState, read_trajectory
 from harness.results import Observation, SentRequest, StreamEnd, StreamRecord, error_type_of
 from refserver.anthropic import MessageAssembler, message_to_chat
 from refserver.streaming import ChunkRefused, StreamAssembler
@@ -312,3 +313,20 @@ def _body(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {"_raw": response.text[:500]}
+
+
+async def read_session(
+    client: TargetClient, step: str, session_id: str, profile: Profile
+) -> tuple[Observation, TrajectoryState]:
+    """GET a session and read its trajectory the profile's way. A tree whose GET
+    shows only the active path is listed whole by its ``turns_path``, read just
+    after (on a 200): its turns are those of that second answer."""
+    observation = await client.send(step, "get", "GET", f"/sessions/{session_id}")
+    turns_path = profile.trajectory.turns_path
+    turns_body = None
+    if turns_path is not None and observation.status == 200:
+        listed = await client.send(step, "get", "GET", turns_path.replace("{session}", session_id))
+        turns_body = listed.body if listed.status == 200 else None
+        # The read lasts until the list is in: a turn may commit between the two.
+        observation = replace(observation, ended=listed.ended)
+    return observation, read_trajectory(profile, observation.body, turns_body)

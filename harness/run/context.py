@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.model.profile import TrajectoryState
 from harness.results import Observation
 
 
@@ -30,5 +31,7 @@ class RunContext:
     """Streamed chat step -> why the race on its stream could not be set up (the
     server buffers, or refuses to stream): the convention's label. How such a
     stream ends says nothing about safety."""
-    final_trajectories: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
-    """Session id -> its messages at the end, or None if it no longer exists."""
+    reads: dict[str, TrajectoryState] = field(default_factory=dict)
+    """Get step -> the trajectory it read, the profile's way (on a tree, every turn)."""
+    final_trajectories: dict[str, TrajectoryState | None] = field(default_factory=dict)
+    """Session id -> its trajectory at the end, or None if it no longer exists."""

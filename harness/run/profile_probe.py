@@ -9,8 +9,9 @@ scenario run, that answers each question of the profile in turn:
 4. May a user message follow an assistant turn, or only a tool result?
 5. Does an exact retry of the last turn replay it (no upstream call), regenerate
    it, or refuse it? Is an exact retry of the *first* turn refused?
-6. How is a conflicting request rejected: which status, which error shape? (One
-   that is accepted means branches or rollbacks: said in a note.)
+6. How is a conflicting request rejected: which status, which error shape? One
+   that is accepted may be a branch: if GET's records or a route such as
+   ``/sessions/{id}/turns`` then lists both turns, the trajectory is a tree.
 7. Is a retryable upstream failure (a 503) retried, or passed to the agent?
 8. Is ``stream: true`` relayed chunk by chunk, buffered (the answer comes in one
    go once the engine is done), or refused?
@@ -35,7 +36,7 @@ from refserver.fake_upstream import Flavor
 from refserver.service import new_session_id
 
 from .checks import last_turn_start
-from .client import StreamProgress, TargetClient
+from .client import StreamProgress, TargetClient, read_session
 from .preflight import describe, wait_until_up
 from .runner import AGENT_TOOLS
 
@@ -186,19 +187,30 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
             rollback = "one-step"
             probe.notes.append("a request that differs in its last turn replaced that turn")
 
-    # How is a conflicting request rejected?
+    # How is a conflicting request rejected? Or is it a branch of a tree?
     _, stranger = probe.user("a different first turn")
     conflict = await probe.chat(session_id, [stranger], tools=tools)
     rejected_status = 409
+    branch = answer_of(conflict)
     if conflict.status is not None and 400 <= conflict.status < 500:
         rejected_status = conflict.status
-    elif conflict.status is not None and conflict.status // 100 == 2:
-        probe.notes.append(
-            f"a request that diverges from the committed trajectory was accepted "
-            f"({_shown(conflict)}): the server keeps branches (a tree) or rolls back; the "
-            "scenarios assume a linear trajectory, so expect FAILs on concurrent writers "
-            "and stale writers that are this design, not a bug"
-        )
+    elif conflict.status is not None and conflict.status // 100 == 2 and branch is not None:
+        tree = await _tree_convention(probe, session_id, trajectory, [messages, [stranger, branch]])
+        if tree is not None:
+            trajectory, rollback = tree, "none"  # a rewound turn was a branch too
+            probe.notes[:] = [n for n in probe.notes if "replaced that turn" not in n]
+            listed = tree.turns_path or "GET's records"
+            probe.notes.append(
+                f"a request that diverges from the committed trajectory started a branch, "
+                f"and both turns are listed ({listed}): the trajectory is a tree"
+            )
+        else:
+            probe.notes.append(
+                f"a request that diverges from the committed trajectory was accepted "
+                f"({_shown(conflict)}), but no list of every turn was found (GET's records, "
+                f"{', '.join(TURN_LISTS)}): if the server keeps branches, set trajectory.model: "
+                "tree and turns_path; as suggested, concurrent and stale writers will FAIL"
+            )
     else:
         probe.notes.append(f"a conflicting request got {_shown(conflict)}, not a 4xx")
     error = conflict.body.get("error") if isinstance(conflict.body, dict) else None
@@ -392,11 +404,47 @@ async def _try_tool_results(probe: _Probe, id_field: str) -> tuple[str, list[dic
     return session_id, [first, answer, result, second_answer], tag
 
 
+TURN_LISTS = (
+    "/sessions/{session}/turns",
+    "/sessions/{session}/records",
+    "/sessions/{session}/tree",
+)
+"""Routes that may list every committed turn of a tree, tried in this order."""
+
+
+async def _tree_convention(
+    probe: _Probe,
+    session_id: str,
+    linear: TrajectoryConvention,
+    branches: list[list[dict[str, Any]]],
+) -> TrajectoryConvention | None:
+    """Where a server that accepted a divergent turn lists every turn: GET's records,
+    or a route of ``TURN_LISTS``; the tree convention if one lists both ``branches``."""
+    for turns_path in (None, *TURN_LISTS):
+        tree = TrajectoryConvention(
+            model="tree",
+            source="records" if turns_path is None else linear.source,
+            num_assistant=linear.num_assistant,
+            turns_path=turns_path,
+        )
+        profile = Profile(api=probe.addressing.api, trajectory=tree)
+        _, state = await read_session(probe.client, "probe", session_id, profile)
+        if state.turns is not None and all(state.has_turn(path) for path in branches):
+            return tree
+    return None
+
+
 def _trajectory_convention(state: Observation) -> TrajectoryConvention:
     body = state.body if isinstance(state.body, dict) else {}
     if state.status != 200:
         raise ProbeFailed(f"GET /sessions/{{id}} answered {_shown(state)}")
-    count = "num_assistant" if isinstance(body.get("num_assistant"), int) else "len(records)"
+    count = (
+        "num_assistant"
+        if isinstance(body.get("num_assistant"), int)
+        else "len(records)"
+        if isinstance(body.get("records"), list)
+        else None  # the server shows no count
+    )
     if isinstance(body.get("messages"), list):
         return TrajectoryConvention(source="messages", num_assistant=count)
     if isinstance(body.get("records"), list):

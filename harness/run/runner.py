@@ -24,7 +24,6 @@ from harness.model.profile import (
     REFERENCE_CHAT_PATH,
     REFERENCE_PROFILE,
     Profile,
-    read_trajectory,
 )
 from harness.model.scenario import (
     AwaitStep,
@@ -58,7 +57,7 @@ from .checks import (
     refused_stream,
     streaming_label,
 )
-from .client import StreamProgress, TargetClient
+from .client import StreamProgress, TargetClient, read_session
 from .context import RunContext
 from .preflight import describe
 
@@ -133,7 +132,7 @@ class ScenarioRun:
         index: int,
         settings: RunSettings,
     ) -> None:
-        self.scenario = scenario
+        self.scenario = scenario.for_model(settings.profile.trajectory.model)
         self.client = client
         self.chaos = chaos
         self.index = index
@@ -429,7 +428,10 @@ class ScenarioRun:
                 step.id, "delete", "DELETE", f"/sessions/{session_id}"
             )
         elif isinstance(step, GetStep):
-            observation = await self.client.send(step.id, "get", "GET", f"/sessions/{session_id}")
+            observation, state = await read_session(
+                self.client, step.id, session_id, self.settings.profile
+            )
+            self.context.reads[step.id] = state
         else:
             assert isinstance(step, RequestStep)
             observation = await self._raw_request(step, session_id)
@@ -585,6 +587,12 @@ class ScenarioRun:
         expected: str,
         actual: str,
     ) -> Finding:
+        observation = self.context.observations.get(step_id)
+        if refused_stream(self.scenario, step_id, observation, self.settings.profile):
+            # No call, because the server does not stream: its design, not a race
+            # (nor whatever convention the counts were written for).
+            label = streaming_label(self.settings.profile, "unsupported")
+            return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=label)
         if spec.convention:
             return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=spec.convention)
         if kind is None and passed_through(
@@ -598,7 +606,6 @@ class ScenarioRun:
                 kind=Kind.CONVENTION,
                 label=passed_through_label(self.settings.profile),
             )
-        observation = self.context.observations.get(step_id)
         step = self.scenario.step(step_id)
         implicit = observation is not None and implicit_creation_excuse(
             step_id,
@@ -610,10 +617,6 @@ class ScenarioRun:
         if implicit:
             # Calls made for a chat that created its session on first use.
             return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=implicit)
-        if refused_stream(self.scenario, step_id, observation, self.settings.profile):
-            # No call, because the server does not stream: its design, not a race.
-            label = streaming_label(self.settings.profile, "unsupported")
-            return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=label)
         if kind is None and declared_rollback(step_id, self.context, self.settings.profile):
             # Accepted by the declared policy, so the engine was called for it.
             return Finding(
@@ -642,13 +645,12 @@ class ScenarioRun:
 
     async def _read_final_trajectories(self) -> None:
         for name, session_id in self.context.sessions.items():
-            observation = await self.client.send(
-                f"final-{name}", "get", "GET", f"/sessions/{session_id}"
-            )
             # Through the profile: a records-style server keeps no "messages".
-            messages = read_trajectory(self.settings.profile, observation.body).messages
-            ok = observation.status == 200 and isinstance(messages, list)
-            self.context.final_trajectories[session_id] = messages if ok else None
+            observation, state = await read_session(
+                self.client, f"final-{name}", session_id, self.settings.profile
+            )
+            ok = observation.status == 200 and isinstance(state.messages, list)
+            self.context.final_trajectories[session_id] = state if ok else None
 
     def _own_events(self) -> list[StepEvent]:
         # Through the upstream's index by tag: after a long chaos run its

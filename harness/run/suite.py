@@ -85,6 +85,8 @@ async def run_suite(
 ) -> SuiteResult:
     """Run every scenario on every target; ``chaos`` may be one already serving."""
     hooks = hooks or SuiteHooks()
+    # One library for every shape: each scenario says what differs on a tree.
+    scenarios = [s.for_model(settings.run.profile.trajectory.model) for s in scenarios]
     results: list[ScenarioResult] = []
     unreachable: dict[str, str] = {}
     async with trio.open_nursery() as nursery:

@@ -113,9 +113,10 @@ class ChaosUpstream:
         return self._calls.get(tag, 0)
 
     async def wait_for(self, tag: str, kind: EventKind, count: int = 1) -> None:
-        def reached() -> bool:
-            return self.count(tag, kind) >= count
+        await self.wait_until(lambda: self.count(tag, kind) >= count)
 
+    async def wait_until(self, reached: Callable[[], bool]) -> None:
+        """Return once ``reached()`` holds; it is asked again after every event."""
         if reached():
             return
         waiter = _Waiter(reached, trio.Event())
