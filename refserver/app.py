@@ -9,24 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import anthropic
 from .errors import (
     BodyTooLarge,
-    InvalidRequest,
     MethodNotAllowed,
     RequestTimeout,
     RouteNotFound,
@@ -157,45 +154,81 @@ def create_app(
         # Anthropic's Messages API on the same session core: errors in its shape.
         return await turn(request, anthropic.parse_messages_request, AnthropicSpelling())
 
-    async def on_session_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, SessionServerError)
-        return error_response(exc)
-
-    async def on_http_exception(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        error: SessionServerError
-        if exc.status_code == 404:
-            error = RouteNotFound(f"no route {request.method} {request.url.path}")
-        elif exc.status_code == 405:
-            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-        else:
-            error = InvalidRequest(str(exc.detail))
-        return error_response(error, headers=dict(exc.headers or {}))
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        # Starlette re-raises after this answer; ``ServerBoundary`` logs it, once.
-        if isinstance(exc, CLIENT_GONE):
-            return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody is there to read it
-        return JSONResponse(internal_error_body(request_id_of(request.scope)), status_code=500)
-
-    starlette = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/sessions", create_session, methods=["POST"]),
-            Route("/sessions/{session_id}", session_resource, methods=["GET", "DELETE"]),
-            Route("/sessions/{session_id}/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/sessions/{session_id}/v1/messages", messages, methods=["POST"]),
-        ],
-        exception_handlers={
-            SessionServerError: on_session_error,
-            HTTPException: on_http_exception,
-            Exception: on_unexpected,
-        },
+    router = Router(
+        [
+            Route("/healthz", {"GET": healthz}),
+            Route("/sessions", {"POST": create_session}),
+            Route("/sessions/{session_id}", {"GET": session_resource, "DELETE": session_resource}),
+            Route("/sessions/{session_id}/v1/chat/completions", {"POST": chat_completions}),
+            Route("/sessions/{session_id}/v1/messages", {"POST": messages}),
+        ]
     )
-    # A trailing slash is a 404, never a redirect: Starlette would build the
-    # Location from the request's Host header.
-    starlette.router.redirect_slashes = False
-    return ServerBoundary(starlette, access_log=access_log)
+    return ServerBoundary(router, access_log=access_log)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Route:
+    """A path with ``{name}`` parameters (one path segment each) and its handlers by method."""
+
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+        pattern = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path))
+        self.pattern = re.compile(pattern)
+        # As HTTP has it: a resource that answers GET answers HEAD.
+        self.handlers = {"HEAD": handlers["GET"], **handlers} if "GET" in handlers else handlers
+
+
+class Router:
+    """The routes, matched by hand, and ``SessionServerError`` rendered as its answer.
+
+    Starlette's application (its router, middleware stack and exception
+    handlers) cost about a tenth of a proxied turn's CPU and a frame or more
+    per layer for every turn in flight; the server needs five routes. An
+    unknown path is 404 ``not_found`` and a known one with another method 405
+    ``method_not_allowed`` with ``Allow``; a trailing slash is a 404, never a
+    redirect (one would be built from the request's Host header). Anything
+    else a handler raises is a bug of ours, left to ``ServerBoundary``.
+    """
+
+    def __init__(self, routes: list[Route]) -> None:
+        self._routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        for route in self._routes:
+            match = route.pattern.fullmatch(path)
+            if match is not None:
+                break
+        else:
+            await error_response(RouteNotFound(f"no route {method} {path}"))(scope, receive, send)
+            return
+        handler = route.handlers.get(method)
+        if handler is None:
+            refusal = MethodNotAllowed(f"{method} is not allowed on {path}")
+            allowed = {"allow": ", ".join(route.handlers)}
+            await error_response(refusal, headers=allowed)(scope, receive, send)
+            return
+        scope["path_params"] = match.groupdict()
+        try:
+            response = await handler(Request(scope, receive))
+        except SessionServerError as error:
+            response = error_response(error)
+        await response(scope, receive, send)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to start or stop: say so, so hypercorn does not log its absence."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 HEAD_WRITE_TIMEOUT = 5.0

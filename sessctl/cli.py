@@ -178,6 +178,12 @@ def serve(
             "Default: 10,000, or what the open-file limit allows (2 per turn).",
         ),
     ] = None,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            help="Log one line per request (with its x-request-id). Errors are logged either way."
+        ),
+    ] = True,
 ) -> None:
     """Run the reference session server."""
     if emulate == "list":
@@ -200,6 +206,7 @@ def serve(
         limits=HttpLimits(max_body_bytes=max_body_bytes, max_turns_in_flight=max_turns_in_flight),
         grace_period=grace_period,
         log_requests=True,
+        access_log=access_log,
         emulate=emulate,
         upstream_clients=upstream_clients,
     )

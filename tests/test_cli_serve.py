@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 import trio
 
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -47,8 +48,10 @@ async def test_sigterm_answers_the_turn_in_flight_503_and_stops(chaos: ChaosUpst
     assert chaos.count("term", EventKind.ANSWERED) == 0
 
 
-def test_serve_prints_its_url_logs_requests_and_exits_on_sigint() -> None:
-    process, url = start_sessctl_serve(stderr=subprocess.STDOUT)
+@pytest.mark.parametrize("access_log", [True, False])
+def test_serve_prints_its_url_logs_requests_and_exits_on_sigint(access_log: bool) -> None:
+    option = "--access-log" if access_log else "--no-access-log"
+    process, url = start_sessctl_serve(option, stderr=subprocess.STDOUT)
     try:
         assert url.startswith("http://127.0.0.1:")
         with httpx.Client(base_url=url) as client:
@@ -64,7 +67,8 @@ def test_serve_prints_its_url_logs_requests_and_exits_on_sigint() -> None:
     finally:
         process.kill()
     assert process.returncode == 0
-    assert f'"POST /sessions/{session_id}/v1/chat/completions 1.1" 200' in output
+    logged = f'"POST /sessions/{session_id}/v1/chat/completions 1.1" 200' in output
+    assert logged is access_log
     assert "Traceback" not in output
 
 
