@@ -124,7 +124,7 @@ def create_app(
         except SessionServerError as error:
             return spelling.error_response(error)
         if chat_request.stream:
-            # The turn runs when Starlette sends the response; it releases the slot.
+            # The turn runs as the response is sent; it releases the slot.
             return StreamedTurn(
                 service, request.path_params["session_id"], chat_request, turns.release, spelling
             )
