@@ -5,8 +5,8 @@ Pure functions over what the run observed; no I/O.
 Invariants checked on every scenario unless it opts out:
 
 * durable: every chat answered 200 is a prefix of its session's final
-  trajectory (request messages + the answer). A 200 whose turn was dropped
-  is a phantom commit.
+  trajectory (request messages + the answer); on a tree, a turn of the final
+  tree. A 200 whose turn was dropped (in no branch) is a phantom commit.
 * no_success_after_delete: once a DELETE of a session has completed with
   2xx, no later request on that session gets 2xx (no auto-create, no
   resurrection, no queued turn committing into a deleted session).
