@@ -75,11 +75,17 @@ def test_concurrent_writers_one_200_one_409_is_valid_in_either_order() -> None:
         assert check_history(h.ops).verdict == "valid"
 
 
-def test_two_writers_both_200_is_a_phantom_commit() -> None:
+def two_writers_both_200() -> History:
+    """Two concurrent first turns on one session, both answered 200 (ops 1 and 2)."""
     h = History()
     h.add("create", 0, 1, 201)
     h.add("chat", 2, 6, 200, messages=[U1], answer=A1)
     h.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    return h
+
+
+def test_two_writers_both_200_is_a_phantom_commit() -> None:
+    h = two_writers_both_200()
     h.add("get", 8, 9, 200, messages=[W, B1], num_assistant=1)
     result = check_history(h.ops)
     assert result.verdict == "invalid"
@@ -93,10 +99,7 @@ def test_two_writers_both_200_is_a_phantom_commit() -> None:
 
 
 def test_on_a_tree_two_writers_both_200_are_siblings() -> None:
-    h = History()
-    h.add("create", 0, 1, 201)
-    h.add("chat", 2, 6, 200, messages=[U1], answer=A1)
-    h.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    h = two_writers_both_200()
     h.add("get", 8, 9, 200, messages=[W, B1], turns=[[U1, A1], [W, B1]])
     # A turn on a branch, from the first writer's path, while its sibling stands.
     h.add("chat", 10, 11, 200, messages=[U1, A1, U2], answer=A2)
@@ -108,10 +111,7 @@ def test_on_a_tree_two_writers_both_200_are_siblings() -> None:
 
 
 def test_on_a_tree_a_200_in_no_branch_is_found() -> None:
-    h = History()
-    h.add("create", 0, 1, 201)
-    h.add("chat", 2, 6, 200, messages=[U1], answer=A1)
-    h.add("chat", 3, 7, 200, messages=[W], answer=B1)
+    h = two_writers_both_200()
     h.add("get", 8, 9, 200, messages=[U1, A1], turns=[[U1, A1]])  # W's turn was overwritten
     result = check_history(h.ops, model="tree")
     assert {f.kind for f in result.findings} == {"linearizability", "durability"}
