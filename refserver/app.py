@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import anthropic
 from .errors import (
     BodyTooLarge,
+    InvalidRequest,
     MethodNotAllowed,
     RequestTimeout,
     RouteNotFound,
@@ -198,6 +199,9 @@ class Router:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
+        if scope["type"] != "http":
+            await _refuse_websocket(scope, send)
+            return
         method, path = scope["method"], scope["path"]
         for route in self._routes:
             match = route.pattern.fullmatch(path)
@@ -218,6 +222,21 @@ class Router:
         except SessionServerError as error:
             response = error_response(error)
         await response(scope, receive, send)
+
+
+async def _refuse_websocket(scope: Scope, send: Send) -> None:
+    """No route speaks WebSocket: a handshake is refused before it is accepted, with
+    a 400 in the OpenAI shape where the server can send one (else hypercorn's 403)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    error = InvalidRequest(f"{scope['path']} does not speak WebSocket; use HTTP")
+    body = json.dumps(error.to_body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send(
+        {"type": "websocket.http.response.start", "status": error.status_code, "headers": headers}
+    )
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -169,8 +169,9 @@ def _raw_exchange(url: str, data: bytes) -> bytes:
         (b"GARBAGE\r\n\r\n", 400, "invalid_request"),
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431, "request_header_fields_too_large"),  # noqa: E501
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n", 400, "invalid_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 400, "invalid_request"),  # noqa: E501
     ],
-    ids=["bad-request-line", "headers-too-large", "bad-header-line"],
+    ids=["bad-request-line", "headers-too-large", "bad-header-line", "websocket-handshake"],
 )  # fmt: skip
 async def test_requests_hypercorn_refuses_get_the_openai_error_shape(
     server: RunningServer, request_bytes: bytes, status: int, error_type: str
