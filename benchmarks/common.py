@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,3 +46,12 @@ def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def run_sessctl(*args: str) -> tuple[int, str, float]:
+    """``sessctl ARGS`` to its end: its exit status, its output, and the seconds it took."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, check=False
+    )
+    return done.returncode, done.stdout, time.perf_counter() - started

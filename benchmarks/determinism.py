@@ -27,13 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import run_sessctl
+
 
 def sessctl(*args: str) -> tuple[int, float]:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, check=False
-    )
-    return done.returncode, time.perf_counter() - started
+    code, _, seconds = run_sessctl(*args)
+    return code, seconds
 
 
 HOG = "while True: pass"

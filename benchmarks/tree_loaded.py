@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common import run_sessctl
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = """
 import sys, trio
@@ -60,14 +62,6 @@ def tree_server(kind: str) -> Iterator[list[str]]:
         process.wait(timeout=30)
 
 
-def sessctl(*args: str) -> tuple[int, str, float]:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, check=False
-    )
-    return done.returncode, done.stdout, time.perf_counter() - started
-
-
 def main(args: argparse.Namespace) -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
         hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
         try:
             with tree_server("fixed") as target:
-                code, _, seconds = sessctl(
+                code, _, seconds = run_sessctl(
                     "run-scenarios", *target, "--repeat", str(args.repeat), "--quiet",
                     "--json", str(report),
                 )  # fmt: skip
@@ -88,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
                 verdicts: list[str] = []
                 started = time.perf_counter()
                 for seed in range(1, args.chaos_runs + 1):
-                    code, out, _ = sessctl(
+                    code, out, _ = run_sessctl(
                         "chaos", *target, "--ops", str(args.chaos_ops), "--seed", str(seed)
                     )
                     verdict = "valid" if code == 0 else "INVALID" if code == 1 else f"exit {code}"
@@ -106,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
             for hog in hogs:
                 hog.kill()
         with tree_server("buggy") as target:
-            code, _, _ = sessctl("run-scenarios", *target, "--json", str(report))
+            code, _, _ = run_sessctl("run-scenarios", *target, "--json", str(report))
             scenarios = json.loads(report.read_text())["scenarios"]
             failed = sorted(s["name"] for s in scenarios if s["verdict"] == "fail")
             print(f"with the planted bug: exit {code}; FAIL on {', '.join(failed) or 'nothing'}")

@@ -232,16 +232,17 @@ def test_an_exact_retry_must_replay_the_stored_answer() -> None:
 
 
 def test_upstream_work_for_a_deleted_session_must_be_cancelled() -> None:
-    def preempted_turn(h: History) -> None:
+    def preempted_turn(h: History, ended: UpstreamEvent | None = None) -> None:
+        """A turn in flight answered 410 by a DELETE completed at 4.6; by default the
+        upstream sees it hang up at 4.3."""
         h.add("create", 0, 1, 201)
-        # The turn in flight is preempted: the upstream sees it hang up at 4.3.
         h.add(
             "chat",
             2,
             4.4,
             410,
             messages=[U1],
-            upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("cancelled", 4.3)],
+            upstream=[UpstreamEvent("received", 2.1), ended or UpstreamEvent("cancelled", 4.3)],
         )
         h.add("delete", 4, 4.6, 204)
 
@@ -282,18 +283,9 @@ def test_upstream_work_for_a_deleted_session_must_be_cancelled() -> None:
     assert "after the session's DELETE had been accepted" in result.findings[0].explanation
 
     def stopped_late(answered: float) -> History:
-        h = History()
-        h.add("create", 0, 1, 201)
         # 410 to the caller; the upstream saw no hang-up before it answered.
-        h.add(
-            "chat",
-            2,
-            4.4,
-            410,
-            messages=[U1],
-            upstream=[UpstreamEvent("received", 2.1), UpstreamEvent("answered", answered)],
-        )
-        h.add("delete", 4, 4.6, 204)
+        h = History()
+        preempted_turn(h, UpstreamEvent("answered", answered))
         return h
 
     # The call ran on: the harness held it back for its patience after the DELETE

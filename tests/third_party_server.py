@@ -56,6 +56,8 @@ from starlette.routing import Route
 
 from refserver.server import serve_asgi
 
+from .field_kit import unless_hung_up
+
 MAX_BODY = 8 * 1024 * 1024
 BLOCKING_PARSE_SECONDS = 1.0
 """How long an oversized body blocks the event loop before its 413."""
@@ -202,22 +204,10 @@ def create_third_party_app(upstream_url: str) -> Starlette:
                 return _error(400, "only tool messages may follow an assistant message")
             expected_records = len(state.records)
         # BUG 1: the lock is released for the upstream call.
-        completion: dict[str, Any] | None = None
-        hung_up = False
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                nonlocal hung_up
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                hung_up = True
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch_disconnect)
-            completion, failure = await call_upstream(body)
-            nursery.cancel_scope.cancel()
-        if hung_up:
+        called = await unless_hung_up(request, lambda: call_upstream(body))
+        if called is None:
             return Response(status_code=499)  # the client hung up: nothing committed
+        completion, failure = called
         if completion is None:
             return failure
         async with state.lock:

@@ -33,16 +33,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-ROLES = {"system", "developer", "user", "assistant", "tool"}
-MAX_BODY = 8 * 1024 * 1024
-ATTEMPTS = 3
+from .field_kit import Engine, chat_body, error, unless_hung_up
 
 
 @dataclass
@@ -51,10 +48,6 @@ class _Tree:
     """Every committed turn: its request's messages and the engine's completion."""
     in_flight: set[trio.CancelScope] = field(default_factory=set)
     closed: bool = False
-
-
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
 
 def _key(messages: list[dict[str, Any]]) -> str:
@@ -69,79 +62,18 @@ def _path(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [*record["request"]["messages"], record["response"]["choices"][0]["message"]]
 
 
-def _well_formed(messages: Any) -> bool:
-    if not isinstance(messages, list) or not messages:
-        return False
-    for message in messages:
-        if not isinstance(message, dict):
-            return False
-        if not isinstance(message.get("role"), str) or message["role"] not in ROLES:
-            return False
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            return False
-        if not isinstance(message.get("tool_calls") or [], list):
-            return False
-        for key in ("name", "tool_call_id"):
-            if message.get(key) is not None and not isinstance(message[key], str):
-                return False
-    return True
-
-
-def _finite(raw: bytes) -> Any:
-    def refuse(token: str) -> Any:
-        raise ValueError(f"{token} is not JSON")
-
-    def number(text: str) -> float:
-        value = float(text)
-        if value in (float("inf"), float("-inf")):
-            raise ValueError(f"{text} overflows")
-        return value
-
-    return json.loads(raw, parse_constant=refuse, parse_float=number)
-
-
 def create_tree_app(upstream_url: str, *, fixed: bool = False) -> Starlette:
     """``fixed=True`` appends each turn to the tree as it is at the commit: the
     same server without its bug, which must get no safety failure at all."""
     trees: dict[str, _Tree] = {}
     reclaimed: set[str] = set()
-    engine = httpx.AsyncClient(timeout=httpx.Timeout(60.0))
+    engine = Engine(upstream_url)
 
     def find(session_id: str) -> _Tree | Response:
         if session_id in reclaimed:
-            return _error(410, "session_closed", "the session was reclaimed")
+            return error(410, "session_closed", "the session was reclaimed")
         tree = trees.get(session_id)
-        return tree if tree is not None else _error(404, "session_not_found", "no such session")
-
-    async def generate(body: dict[str, Any]) -> dict[str, Any] | Response:
-        failure = "no attempt"
-        for attempt in range(ATTEMPTS):
-            if attempt:
-                await trio.sleep(0.01 * attempt)
-            try:
-                answer = await engine.post(f"{upstream_url}/chat/completions", json=body)
-            except httpx.TransportError as error:
-                failure = type(error).__name__
-                continue
-            if answer.status_code in (429, 503):
-                failure = f"engine {answer.status_code}"
-                continue
-            if answer.status_code != 200:
-                return _error(502, "upstream_error", f"the engine answered {answer.status_code}")
-            try:
-                completion = answer.json()
-                choice = completion["choices"][0]
-                message = choice["message"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                return _error(502, "upstream_error", "the engine's answer is not a completion")
-            if choice.get("finish_reason") == "abort":
-                failure = "aborted"
-                continue
-            if not _well_formed([message]):
-                return _error(502, "upstream_error", "the engine's message is not valid")
-            return dict(completion)
-        return _error(502, "upstream_error", f"the engine failed: {failure}")
+        return tree if tree is not None else error(404, "session_not_found", "no such session")
 
     async def create(request: Request) -> Response:
         session_id = secrets.token_hex(12)
@@ -156,19 +88,12 @@ def create_tree_app(upstream_url: str, *, fixed: bool = False) -> Starlette:
         if isinstance(found, Response):
             return found
         tree = found
-        if len(raw) > MAX_BODY:
-            return _error(413, "request_too_large", "the body is over 8 MiB")
-        try:
-            body = _finite(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return _error(400, "invalid_request", "the body is not JSON")
-        if not isinstance(body, dict) or not _well_formed(body.get("messages")):
-            return _error(400, "invalid_request", "messages must be a list of messages")
-        if body.get("stream") is True:
-            return _error(400, "invalid_request", "stream: true is not supported")
+        body = chat_body(raw)
+        if isinstance(body, Response):
+            return body
         messages: list[dict[str, Any]] = body["messages"]
         if messages[-1].get("role") == "assistant":
-            return _error(409, "trajectory_conflict", "the request ends with an answer")
+            return error(409, "trajectory_conflict", "the request ends with an answer")
         for record in tree.records:
             if _key(record["request"]["messages"]) == _key(messages):
                 return JSONResponse(record["response"])  # an exact retry: replayed
@@ -176,30 +101,18 @@ def create_tree_app(upstream_url: str, *, fixed: bool = False) -> Starlette:
         if answered:
             history = _key(messages[: answered[-1] + 1])
             if all(_key(_path(record)) != history for record in tree.records):
-                return _error(409, "trajectory_conflict", "the history names an unknown answer")
+                return error(409, "trajectory_conflict", "the history names an unknown answer")
         # BUG (split read-modify-write): unless fixed, the turns are read here,
         # before the engine call, and written back after it.
         before = list(tree.records)
         completion: dict[str, Any] | Response | None = None
-        hung_up = False
         with trio.CancelScope() as turn:
             tree.in_flight.add(turn)
-            async with trio.open_nursery() as nursery:
-
-                async def watch_disconnect() -> None:
-                    nonlocal hung_up
-                    while (await request.receive())["type"] != "http.disconnect":
-                        pass
-                    hung_up = True
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch_disconnect)
-                completion = await generate(body)
-                nursery.cancel_scope.cancel()
+            completion = await unless_hung_up(request, lambda: engine.complete(body))
         tree.in_flight.discard(turn)
         if tree.closed:
-            return _error(410, "session_closed", "the session was closed during the turn")
-        if hung_up or completion is None:
+            return error(410, "session_closed", "the session was closed during the turn")
+        if completion is None:  # the client hung up
             return Response(status_code=499)
         if isinstance(completion, Response):
             return completion

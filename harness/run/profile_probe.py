@@ -184,8 +184,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         _, rewound = probe.user("a rewound last turn")
         rewind = await probe.chat(session_id, [*messages[: last_turn_start(messages)], rewound])
         if rewind.status is not None and rewind.status // 100 == 2:
-            rollback = "one-step"
-            probe.notes.append("a request that differs in its last turn replaced that turn")
+            rollback = "one-step"  # noted below, unless it turns out to be a branch
 
     # How is a conflicting request rejected? Or is it a branch of a tree?
     _, stranger = probe.user("a different first turn")
@@ -198,7 +197,6 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         tree = await _tree_convention(probe, session_id, trajectory, [messages, [stranger, branch]])
         if tree is not None:
             trajectory, rollback = tree, "none"  # a rewound turn was a branch too
-            probe.notes[:] = [n for n in probe.notes if "replaced that turn" not in n]
             listed = tree.turns_path or "GET's records"
             probe.notes.append(
                 f"a request that diverges from the committed trajectory started a branch, "
@@ -213,6 +211,8 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
             )
     else:
         probe.notes.append(f"a conflicting request got {_shown(conflict)}, not a 4xx")
+    if rollback == "one-step":
+        probe.notes.append("a request that differs in its last turn replaced that turn")
     error = conflict.body.get("error") if isinstance(conflict.body, dict) else None
     error_shape: Literal["openai", "string"] = "string" if isinstance(error, str) else "openai"
 
