@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import httpx
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -24,6 +22,7 @@ from starlette.types import ASGIApp
 
 from . import hypercorn_compat
 from .app import HttpLimits, create_app
+from .engine_http import EngineConnections
 from .fake_upstream import create_fake_upstream_app
 from .hypercorn_compat import ProtocolLimits
 from .protocol import ChatRequest, parse_chat_request
@@ -50,8 +49,6 @@ class ServerConfig:
     """With ``log_requests``: one line per request, too."""
     emulate: str | None = None
     """A known-broken variant from refserver.variants, for self-tests and demos."""
-    upstream_clients: int = 8
-    """httpx clients the upstream calls are spread over (see upstream.HttpUpstream)."""
 
 
 @dataclass(frozen=True)
@@ -119,77 +116,67 @@ async def serve(
     """Run until ``shutdown`` is set; in-flight turns then answer 503 and commit nothing."""
     if shutdown is None:
         shutdown = trio.Event()
-    # Every admitted turn can have its own upstream connection, so no turn ever
-    # waits in httpcore's pool queue (whose scan is quadratic in its length).
-    clients_count = max(1, config.upstream_clients)
-    per_client = -(-config.limits.max_turns_in_flight // clients_count) + 16
-    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=UPSTREAM_KEEPALIVE)
-    # No read timeout here: the deadline of a whole turn is the upstream's own.
-    timeout = httpx.Timeout(None, connect=10.0)
-    # One TLS context for all the clients, and none for a plain-http engine (the
-    # embedded one included): each client would otherwise load its own (certifi included).
-    https = config.upstream_url is not None and httpx.URL(config.upstream_url).scheme == "https"
-    tls: ssl.SSLContext | bool = httpx.create_ssl_context() if https else False
-    async with contextlib.AsyncExitStack() as clients_stack, trio.open_nursery() as nursery:
-        clients = [
-            await clients_stack.enter_async_context(
-                httpx.AsyncClient(limits=limits, timeout=timeout, verify=tls)
+    with contextlib.ExitStack() as on_exit:
+        async with trio.open_nursery() as nursery:
+            upstream_url = config.upstream_url
+            if upstream_url is None:
+                fake = create_fake_upstream_app(delay=config.upstream_delay)
+                upstream_url = (
+                    await nursery.start(partial(serve_asgi, fake, "127.0.0.1", 0)) + "/v1"
+                )
+            # Every admitted turn may open its own connection to the engine, so no
+            # turn waits for one; the deadline of a whole turn is the upstream's own.
+            engine = EngineConnections(upstream_url, keepalive=UPSTREAM_KEEPALIVE)
+            on_exit.callback(engine.close)  # after the server's last turn
+
+            service_class: type[SessionService] = SessionService
+            retry = config.retry
+            parse: Callable[[bytes], ChatRequest] = parse_chat_request
+            if config.emulate is not None:
+                variant = VARIANTS[config.emulate]
+                service_class, retry = variant.service, variant.retry or retry
+                parse = variant.parse or parse
+            upstream = HttpUpstream(engine, timeout=config.upstream_timeout, retry=retry)
+            service = service_class(upstream)
+
+            async def shutdown_trigger() -> None:
+                await shutdown.wait()
+                service.shutdown()
+
+            async def run_session_server(task_status: trio.TaskStatus[str]) -> None:
+                await serve_asgi(
+                    create_app(
+                        service,
+                        config.limits,
+                        access_log=config.log_requests and config.access_log,
+                        parse=parse,
+                    ),
+                    config.host,
+                    config.port,
+                    shutdown_trigger=shutdown_trigger,
+                    log_errors=config.log_requests,
+                    grace_period=config.grace_period,
+                    limits=config.limits,
+                    task_status=task_status,
+                )
+                nursery.cancel_scope.cancel()  # the embedded upstream goes with us
+
+            url = await nursery.start(run_session_server)
+            task_status.started(
+                RunningServer(url, upstream_url, upstream_is_embedded=config.upstream_url is None)
             )
-            for _ in range(clients_count)
-        ]
-        upstream_url = config.upstream_url
-        if upstream_url is None:
-            fake = create_fake_upstream_app(delay=config.upstream_delay)
-            upstream_url = await nursery.start(partial(serve_asgi, fake, "127.0.0.1", 0)) + "/v1"
-
-        service_class: type[SessionService] = SessionService
-        retry = config.retry
-        parse: Callable[[bytes], ChatRequest] = parse_chat_request
-        if config.emulate is not None:
-            variant = VARIANTS[config.emulate]
-            service_class, retry = variant.service, variant.retry or retry
-            parse = variant.parse or parse
-        upstream = HttpUpstream(upstream_url, clients, timeout=config.upstream_timeout, retry=retry)
-        service = service_class(upstream)
-
-        async def shutdown_trigger() -> None:
-            await shutdown.wait()
-            service.shutdown()
-
-        async def run_session_server(task_status: trio.TaskStatus[str]) -> None:
-            await serve_asgi(
-                create_app(
-                    service,
-                    config.limits,
-                    access_log=config.log_requests and config.access_log,
-                    parse=parse,
-                ),
-                config.host,
-                config.port,
-                shutdown_trigger=shutdown_trigger,
-                log_errors=config.log_requests,
-                grace_period=config.grace_period,
-                limits=config.limits,
-                task_status=task_status,
-            )
-            nursery.cancel_scope.cancel()  # the embedded upstream goes with us
-
-        url = await nursery.start(run_session_server)
-        task_status.started(
-            RunningServer(url, upstream_url, upstream_is_embedded=config.upstream_url is None)
-        )
 
 
 TURNS_WANTED = 10_000
 """What a trainer running thousands of agents needs in flight at once."""
 
-UPSTREAM_KEEPALIVE = 64
-"""Idle connections each upstream client keeps open for reuse."""
+UPSTREAM_KEEPALIVE = 256
+"""Idle connections to the engine kept open for reuse."""
 
-RESERVED_DESCRIPTORS = 64 + 8 * UPSTREAM_KEEPALIVE
+RESERVED_DESCRIPTORS = 64 + UPSTREAM_KEEPALIVE
 """Descriptors kept for everything but turns in flight: listeners, logs, the embedded
-upstream, and the idle connections the default 8 upstream clients keep alive (without
-them, a server at its limit ran out of descriptors once earlier turns' connections idled)."""
+upstream, and the idle engine connections kept alive (without them, a server at its
+limit ran out of descriptors once earlier turns' connections idled)."""
 
 
 def default_max_turns_in_flight() -> int:

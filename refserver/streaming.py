@@ -14,6 +14,9 @@ as ``rules.py`` holds the session rules:
   that a client that has its last chunk knows the turn is committed.
 * ``replay_chunks`` turns a stored completion back into chunks, for an exact
   retry that asks for a stream.
+* ``EventReader`` reads the engine's Server-Sent Events from the bytes as they
+  arrive (the WHATWG rules: any line ending, ``:`` comments, ``data`` lines
+  joined; other fields are not needed here).
 * ``event`` / ``DONE`` / ``error_event`` are the Server-Sent Events framing.
   An error after the stream began is a ``data:`` event whose object has an
   ``error`` member in the OpenAI shape (the OpenAI SDK raises it as
@@ -37,6 +40,42 @@ def event(payload: Mapping[str, Any]) -> bytes:
 def error_event(error_body: Mapping[str, Any]) -> bytes:
     """``error_body`` is ``{"error": {...}}``, as a non-streamed error's body."""
     return event(error_body)
+
+
+class EventReader:
+    """The ``data`` of each Server-Sent Event in a byte stream, as its events complete.
+
+    An event ends at a blank line; one with no ``data`` line is not an event
+    (the WHATWG rule), so a keep-alive such as ``event: ping`` is skipped. A
+    line may be split anywhere across parts, a ``\\r\\n`` included.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an event not complete yet (to bound what a stream may hold back)."""
+        return len(self._pending) + sum(len(line) for line in self._data)
+
+    def feed(self, part: bytes) -> list[bytes]:
+        buffer = self._pending + part
+        # A closing \r may be the first half of \r\n: it waits for the next part.
+        cut = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
+        lines = buffer[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._pending = lines.pop() + buffer[cut:]
+        events: list[bytes] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+                continue
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                self._data.append(value.removeprefix(b" "))
+        return events
 
 
 class ChunkRefused(ValueError):

@@ -1,7 +1,8 @@
 """The client for the LLM engine: POST ``{base}/chat/completions`` with retries.
 
-This is the only module that meets httpx (and httpx-sse); their exceptions
-become ``UpstreamError`` / ``UpstreamTimeout`` here.
+The bytes travel over ``engine_http.EngineConnections``; its
+``EngineTransportError`` becomes a retry, and then ``UpstreamError`` /
+``UpstreamTimeout``, here. An answer is bounded (``MAX_ANSWER_BYTES``).
 
 Retried, with exponential backoff, a bounded number of times: connection
 errors, 429, 503, and completions whose ``finish_reason`` is ``"abort"``
@@ -19,19 +20,19 @@ to be sent once the turn is committed (``streaming.py``).
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import httpx
-import httpx_sse
 import trio
 
 from . import strictjson
+from .engine_http import EngineConnections, EngineResponse, EngineTransportError
 from .errors import InvalidRequest, StreamCut, UpstreamError, UpstreamTimeout
 from .protocol import check_message
-from .streaming import ChunkRefused, StreamAssembler, event, replay_chunks
+from .streaming import ChunkRefused, EventReader, StreamAssembler, event, replay_chunks
 
 Answer = TypeVar("Answer")
 
@@ -48,6 +49,10 @@ class StreamedAnswer:
 
 
 RETRYABLE_STATUS = frozenset({429, 503})
+
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""The most an engine's answer (a completion, or a whole stream) may take: it is
+held in memory and committed, and no real answer comes near it."""
 
 
 def base_url_problem(url: str, example: str = "http://127.0.0.1:30000/v1") -> str | None:
@@ -88,19 +93,8 @@ class _Retryable(Exception):
 
 
 class HttpUpstream:
-    def __init__(
-        self,
-        base_url: str,
-        clients: Sequence[httpx.AsyncClient],
-        *,
-        timeout: float,
-        retry: RetryPolicy,
-    ) -> None:
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        # Calls are spread round-robin over several clients: under trio, one
-        # httpx pool serving 64 concurrent calls is itself the bottleneck
-        # (benchmarks/refserver_bench.py compares 1 client with 8).
-        self._clients = itertools.cycle(clients)
+    def __init__(self, engine: EngineConnections, *, timeout: float, retry: RetryPolicy) -> None:
+        self._engine = engine
         self._timeout = timeout
         self._retry = retry
 
@@ -112,15 +106,15 @@ class HttpUpstream:
     async def _with_retries(
         self,
         attempt: Callable[[], Awaitable[Answer]],
-        unless: Callable[[_Retryable], None] = lambda failure: None,
+        unless: Callable[[Exception], None] = lambda failure: None,
     ) -> Answer:
         """``attempt`` until it succeeds, with backoff; ``unless`` may raise instead
-        of letting a failure be retried."""
+        of letting a failure be retried. A broken connection is retried too."""
         last_failure = ""
         for number in range(1, self._retry.attempts + 1):
             try:
                 return await attempt()
-            except _Retryable as failure:
+            except (_Retryable, EngineTransportError) as failure:
                 unless(failure)
                 last_failure = str(failure)
             if number < self._retry.attempts:
@@ -131,18 +125,12 @@ class HttpUpstream:
         )
 
     async def _attempt(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await next(self._clients).post(self._url, json=body)
-        except httpx.TransportError as error:
-            raise _Retryable(f"{type(error).__name__}: {error or 'connection failed'}") from None
-        if response.status_code in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {response.status_code}")
-        if response.status_code != 200:
-            raise UpstreamError(
-                f"the upstream answered HTTP {response.status_code}: {response.text[:200]}",
-                upstream_status=response.status_code,
-            )
-        completion = _parse_completion(response.content)
+        async with self._engine.post("/chat/completions", _encode(body)) as response:
+            _check_status(response)
+            content = await _read(response)
+            if response.status != 200:
+                raise _refused(response.status, content)
+        completion = _parse_completion(content)
         if self._retry.retry_aborts and completion["choices"][0].get("finish_reason") == "abort":
             raise _Retryable("the completion was aborted (finish_reason: abort)")
         _check_answer(completion)
@@ -163,7 +151,7 @@ class HttpUpstream:
             assembler = StreamAssembler()
             return await self._stream_attempt(body, counted, assembler)
 
-        def unless_relayed(failure: _Retryable) -> None:
+        def unless_relayed(failure: Exception) -> None:
             if relayed:
                 # The client has seen tokens: another attempt would send it a
                 # second, different beginning. The turn ends here.
@@ -185,38 +173,35 @@ class HttpUpstream:
         self, body: dict[str, Any], relay: Relay, assembler: StreamAssembler
     ) -> StreamedAnswer:
         tail: list[bytes] = []
-        try:
-            async with httpx_sse.aconnect_sse(
-                next(self._clients), "POST", self._url, json=body
-            ) as source:
-                response = source.response
-                if response.status_code in RETRYABLE_STATUS:
-                    raise _Retryable(f"HTTP {response.status_code}")
-                if response.status_code != 200:
-                    text = (await response.aread())[:200].decode(errors="replace")
-                    raise UpstreamError(
-                        f"the upstream answered HTTP {response.status_code}: {text}",
-                        upstream_status=response.status_code,
-                    )
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    # An engine that ignores stream: true answers one JSON completion;
-                    # it is relayed as the chunks it would have been.
-                    return self._whole_answer_as_stream(await response.aread())
-                async for sse in source.aiter_sse():
-                    if sse.data.strip() == "[DONE]":
+        async with self._engine.post(
+            "/chat/completions", _encode(body), accept="text/event-stream"
+        ) as response:
+            _check_status(response)
+            if response.status != 200:
+                raise _refused(response.status, await _read(response))
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                # An engine that ignores stream: true answers one JSON completion;
+                # it is relayed as the chunks it would have been.
+                return self._whole_answer_as_stream(await _read(response))
+            events = EventReader()
+            received = 0
+            while (part := await response.next_part()) is not None:
+                received += len(part)
+                if received > MAX_ANSWER_BYTES:
+                    raise UpstreamError(f"the upstream's stream exceeds {MAX_ANSWER_BYTES} bytes")
+                for data in events.feed(part):
+                    if data.strip() == b"[DONE]":
                         if not assembler.finished:
                             raise _Retryable("the stream ended ([DONE]) without a finish_reason")
                         return self._finished(assembler, tail)
                     try:
-                        assembler.add(strictjson.loads(sse.data.encode()))
+                        assembler.add(strictjson.loads(data))
                     except (strictjson.JsonRefused, ChunkRefused) as refused:
                         raise _Retryable(f"the upstream sent a refused chunk: {refused}") from None
                     if assembler.finished:
-                        tail.append(b"data: " + sse.data.encode() + b"\n\n")
+                        tail.append(b"data: " + data + b"\n\n")
                     else:
-                        await relay(b"data: " + sse.data.encode() + b"\n\n")
-        except httpx.TransportError as error:
-            raise _Retryable(f"{type(error).__name__}: {error or 'connection failed'}") from None
+                        await relay(b"data: " + data + b"\n\n")
         raise _Retryable(f"the stream ended after {assembler.chunks} chunk(s) without [DONE]")
 
     def _finished(self, assembler: StreamAssembler, tail: list[bytes]) -> StreamedAnswer:
@@ -232,6 +217,28 @@ class HttpUpstream:
             raise _Retryable("the completion was aborted (finish_reason: abort)")
         _check_answer(completion)
         return StreamedAnswer(completion, [event(c) for c in replay_chunks(completion)])
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    # Compact, and UTF-8 as it came: the body was parsed strictly, so it has no NaN.
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _check_status(response: EngineResponse) -> None:
+    if response.status in RETRYABLE_STATUS:
+        raise _Retryable(f"HTTP {response.status}")
+
+
+async def _read(response: EngineResponse) -> bytes:
+    content = await response.read(MAX_ANSWER_BYTES)
+    if content is None:
+        raise UpstreamError(f"the upstream's answer exceeds {MAX_ANSWER_BYTES} bytes")
+    return content
+
+
+def _refused(status: int, content: bytes) -> UpstreamError:
+    text = content[:200].decode(errors="replace")
+    return UpstreamError(f"the upstream answered HTTP {status}: {text}", upstream_status=status)
 
 
 def _parse_completion(content: bytes) -> dict[str, Any]:

@@ -165,11 +165,14 @@ def serve(
         ),
     ] = None,
     upstream_clients: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=1, help="httpx clients the upstream calls are spread over (one pool each)."
+            min=1,
+            hidden=True,
+            help="No effect (kept so that old scripts still start): there is one pool of "
+            "engine connections, and each turn in flight may open its own.",
         ),
-    ] = 8,
+    ] = None,
     max_turns_in_flight: Annotated[
         int | None,
         typer.Option(
@@ -208,7 +211,6 @@ def serve(
         log_requests=True,
         access_log=access_log,
         emulate=emulate,
-        upstream_clients=upstream_clients,
     )
 
     def announce(running: RunningServer) -> None:
@@ -220,7 +222,12 @@ def serve(
             )
         console.print(f"upstream ({upstream_note}): {running.upstream_url}")
         console.print(f"agents use {running.url}/sessions/{{id}}/v1 as their OpenAI base URL")
-        for hint in capacity_hints(max_turns_in_flight):
+        hints = capacity_hints(max_turns_in_flight)
+        if upstream_clients is not None:
+            hints.append(
+                "--upstream-clients has no effect any more (one pool of engine connections)"
+            )
+        for hint in hints:
             err_console.print(Text.assemble(("warning: ", "bold yellow"), hint), soft_wrap=True)
 
     bind_error = _run_trio(partial(serve_until_signalled, config, announce))

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from refserver.app import HttpLimits, create_app
+from refserver.engine_http import EngineConnections
 from refserver.server import RunningServer, serve_asgi
 from refserver.service import SessionService
 from refserver.upstream import HttpUpstream
@@ -239,34 +240,32 @@ async def test_an_upstream_answer_the_contract_would_refuse_is_a_502_not_a_commi
 async def test_an_unexpected_error_is_one_500_and_one_log_line_with_a_request_id(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with httpx.AsyncClient() as upstream_client:
-        service = SessionService(
-            HttpUpstream("http://127.0.0.1:9/v1", [upstream_client], timeout=5.0, retry=FAST_RETRY)
-        )
+    engine = EngineConnections("http://127.0.0.1:9/v1")
+    service = SessionService(HttpUpstream(engine, timeout=5.0, retry=FAST_RETRY))
 
-        def broken_get(session_id: str) -> dict[str, Any]:
-            raise RuntimeError("a bug of ours")
+    def broken_get(session_id: str) -> dict[str, Any]:
+        raise RuntimeError("a bug of ours")
 
-        service.get = broken_get  # type: ignore[method-assign]
-        app = create_app(service)
-        url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0, limits=HttpLimits()))
-        with caplog.at_level(logging.INFO, logger="refserver"):
-            async with httpx.AsyncClient(base_url=url, timeout=HANG_GUARD) as client:
-                response = await client.get("/sessions/abc")
-                assert response.status_code == 500
-                error = response.json()["error"]
-                assert error["type"] == "server_error"
-                assert error["request_id"] == response.headers["x-request-id"]
-                assert (await client.get("/healthz")).status_code == 200
-        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1
-        line = errors[0].getMessage()
-        assert error["request_id"] in line
-        assert "RuntimeError" in line
-        assert "test_bad_input.py" in line  # where it was raised
-        assert "\n" not in line
-        assert app.unexpected == 1
-        nursery.cancel_scope.cancel()
+    service.get = broken_get  # type: ignore[method-assign]
+    app = create_app(service)
+    url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0, limits=HttpLimits()))
+    with caplog.at_level(logging.INFO, logger="refserver"):
+        async with httpx.AsyncClient(base_url=url, timeout=HANG_GUARD) as client:
+            response = await client.get("/sessions/abc")
+            assert response.status_code == 500
+            error = response.json()["error"]
+            assert error["type"] == "server_error"
+            assert error["request_id"] == response.headers["x-request-id"]
+            assert (await client.get("/healthz")).status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    line = errors[0].getMessage()
+    assert error["request_id"] in line
+    assert "RuntimeError" in line
+    assert "test_bad_input.py" in line  # where it was raised
+    assert "\n" not in line
+    assert app.unexpected == 1
+    nursery.cancel_scope.cancel()
 
 
 async def test_refused_input_never_reaches_the_last_resort(

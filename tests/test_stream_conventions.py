@@ -10,10 +10,10 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import httpx
 import trio
 
 from refserver.app import create_app
+from refserver.engine_http import EngineConnections
 from refserver.errors import InvalidRequest
 from refserver.protocol import ChatRequest, parse_chat_request
 from refserver.server import serve_asgi
@@ -38,10 +38,8 @@ async def test_a_server_that_refuses_streams_is_non_strict_on_every_streaming_sc
     nursery: trio.Nursery,
 ) -> None:
     port = free_port()
-    client = httpx.AsyncClient()
-    upstream = HttpUpstream(
-        f"http://127.0.0.1:{port}/v1", [client], timeout=30, retry=RetryPolicy()
-    )
+    engine = EngineConnections(f"http://127.0.0.1:{port}/v1")
+    upstream = HttpUpstream(engine, timeout=30, retry=RetryPolicy())
     app = create_app(SessionService(upstream), parse=refuse_streams)
     url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
     assert len(STREAMING_SCENARIOS) == 7
@@ -56,5 +54,5 @@ async def test_a_server_that_refuses_streams_is_non_strict_on_every_streaming_sc
     assert "7 scenario results: 0 passed, 7 non-strict, 0 failed, 0 errors" in out
     assert "0 safety failures" in out
     assert "stream: true is refused" in out
-    await client.aclose()
+    engine.close()
     nursery.cancel_scope.cancel()
