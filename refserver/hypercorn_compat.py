@@ -1,4 +1,4 @@
-"""Two answers hypercorn gives on its own, before any ASGI app runs, kept to the contract.
+"""Two answers hypercorn gives on its own kept to the contract, and its answers written at once.
 
 1. A request hypercorn cannot parse (a malformed request line, headers over
    its size limit) is answered 400 or 431 with an *empty* body. The contract
@@ -9,11 +9,19 @@
    ``Content-Length`` is over the limit, the 100 is not sent: the app's 413
    is the answer, and the body is never read.
 
-hypercorn has no hook for either, so both are small wrappers around two
+3. hypercorn writes an answer's head, its body and its end in three socket
+   writes, each under a lock and a shielded cancel scope: about a tenth of a
+   proxied turn's CPU (``benchmarks/refserver_bench.py``). The head of an
+   answer with a ``Content-Length`` (every answer but a stream) is held and
+   written with its body, and the empty write that ends such a body is
+   skipped. A streamed answer's head is written at once, as before.
+
+hypercorn has no hook for any of these, so they are small wrappers around two
 methods of its HTTP/1.1 protocol class, active only on servers whose config
 carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
-``tests/test_bad_input.py`` checks both over raw sockets, so a hypercorn
-release that renames these methods fails a test, not a user.
+``tests/test_bad_input.py`` checks the first two over raw sockets, and every
+test of the reference server goes through the third, so a hypercorn release
+that renames these methods fails a test, not a user.
 """
 
 from __future__ import annotations
@@ -73,6 +81,13 @@ def _declared_length_over(protocol: H11Protocol, limit: int) -> bool:
     return False
 
 
+_HELD_HEAD = "_sessctl_held_head"
+"""The attribute of an ``H11Protocol`` holding an answer's head until its body."""
+
+def _has_length(response: h11.Response) -> bool:
+    return any(name == b"content-length" for name, _value in response.headers)
+
+
 _installed = False
 
 
@@ -112,14 +127,29 @@ def _install() -> None:
 
     async def send_h11_event(self: H11Protocol, event: Any) -> None:
         limits = _limits(self)
-        if (
-            limits is not None
-            and isinstance(event, h11.InformationalResponse)
-            and event.status_code == 100
-            and _declared_length_over(self, limits.max_body_bytes)
-        ):
-            return  # the app answers 413 instead; the client never sends the body
-        await original_send(self, event)
+        if limits is None:
+            await original_send(self, event)
+            return
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 100 and _declared_length_over(self, limits.max_body_bytes):
+                return  # the app answers 413 instead; the client never sends the body
+            await original_send(self, event)
+            return
+        try:
+            data = self.connection.send(event) or b""
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return  # as hypercorn does: the client already broke the exchange
+        if isinstance(event, h11.Response) and _has_length(event):
+            setattr(self, _HELD_HEAD, data)
+            return
+        held: bytes = getattr(self, _HELD_HEAD, b"")
+        if held:
+            setattr(self, _HELD_HEAD, b"")
+            data = held + data
+        if data:
+            await self.send(RawData(data=data))
 
     H11Protocol._send_error_response = send_error_response  # type: ignore[method-assign]
     H11Protocol._send_h11_event = send_h11_event  # type: ignore[method-assign]
