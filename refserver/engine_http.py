@@ -15,7 +15,7 @@ refserver_bench.py`` and ``benchmarks/scale_bench.py`` measure both).
 Every turn may open its own connection, so no turn ever waits in a queue
 here: how many turns run at once is decided by the server's admission
 (``--max-turns-in-flight``), not by a pool limit. At most ``keepalive``
-idle connections are kept, each for at most ``KEEPALIVE_EXPIRY`` seconds.
+idle connections are kept, each for less than ``KEEPALIVE_EXPIRY`` seconds.
 
 The engine is reached directly: proxy variables (``HTTP_PROXY``) are not
 read. A connection a turn leaves before its answer ended (a DELETE, a
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import h11
@@ -46,18 +44,22 @@ _FAILURES = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.Pr
 """What a broken connection raises underneath (``ssl.SSLError`` is an ``OSError``)."""
 
 
+_CLOSED_BEFORE_ANSWER = "the engine closed the connection before it answered"
+
+
 class EngineTransportError(Exception):
     """The exchange with the engine failed below HTTP: no connection, a reset,
     a connection closed before the answer ended, or bytes that are not HTTP/1.1."""
 
 
 class _Connection:
-    __slots__ = ("h11", "idle_since", "stream")
+    __slots__ = ("_plain", "h11", "idle_since", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self._plain = isinstance(stream, trio.SocketStream)
 
     def socket(self) -> trio.socket.SocketType:
         stream = self.stream
@@ -65,6 +67,13 @@ class _Connection:
             stream = stream.transport_stream
         assert isinstance(stream, trio.SocketStream)
         return stream.socket
+
+    async def receive(self) -> bytes:
+        if self._plain:
+            # The socket itself, below SocketStream's layers: a turn held at the
+            # engine waits here, and each layer is memory per turn (and CPU).
+            return await self.socket().recv(READ_CHUNK)
+        return bytes(await self.stream.receive_some(READ_CHUNK))
 
     def close(self) -> None:
         # Synchronous, so it happens even in a cancelled scope: the engine sees
@@ -109,6 +118,60 @@ class EngineResponse:
         raise EngineTransportError(f"unexpected {type(event).__name__} in an answer")
 
 
+class EngineExchange:
+    """One POST on a connection of its own while it lasts.
+
+    The connection goes back to the pool if the answer was read to its end,
+    and is closed otherwise (left early, cancelled, or failed). A plain class,
+    not a generator-based context manager: it holds no copy of the request
+    while the engine works, and a turn held at the engine costs less.
+    """
+
+    __slots__ = ("_accept", "_body", "_connection", "_path", "_pool")
+
+    def __init__(self, pool: EngineConnections, path: str, body: bytes, accept: str) -> None:
+        self._pool = pool
+        self._path = path
+        self._body = body
+        self._accept = accept
+        self._connection: _Connection | None = None
+
+    async def __aenter__(self) -> EngineResponse:
+        connection = await self._pool._connection()
+        self._connection = connection
+        body, self._body = self._body, b""
+        try:
+            request = self._pool._request_head(self._path, len(body), self._accept)
+            # One write for the head and the body.
+            data = b"".join(
+                connection.h11.send(event) or b""
+                for event in (request, h11.Data(data=body), h11.EndOfMessage())
+            )
+            del request, body  # not kept while the engine works: a trajectory may be long
+            try:
+                await connection.stream.send_all(data)
+            except _FAILURES as failure:
+                raise EngineTransportError(_describe(failure)) from None
+            del data
+            event = await _next_event(connection)
+            while isinstance(event, h11.InformationalResponse):
+                event = await _next_event(connection)
+            if not isinstance(event, h11.Response):
+                raise EngineTransportError(f"unexpected {type(event).__name__} for an answer")
+        except BaseException:
+            connection.close()
+            raise
+        return EngineResponse(connection, event)
+
+    async def __aexit__(self, *failure: object) -> None:
+        connection = self._connection
+        assert connection is not None
+        if failure[0] is None and _finished(connection):
+            self._pool._put_back(connection)
+        else:
+            connection.close()
+
+
 class EngineConnections:
     """Keep-alive connections to one engine (``base_url``'s scheme, host and port)."""
 
@@ -117,6 +180,7 @@ class EngineConnections:
         base_url: str,
         *,
         keepalive: int = 256,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -132,6 +196,7 @@ class EngineConnections:
         self._host_header = (host if default_port else f"{host}:{self._port}").encode()
         self.base_path = parts.path.rstrip("/")
         self._keepalive = keepalive
+        self._keepalive_expiry = keepalive_expiry
         self._connect_timeout = connect_timeout
         self._idle: deque[_Connection] = deque()
 
@@ -140,55 +205,34 @@ class EngineConnections:
         """Idle connections kept open for reuse."""
         return len(self._idle)
 
-    @asynccontextmanager
-    async def post(
-        self, path: str, body: bytes, *, accept: str = "application/json"
-    ) -> AsyncIterator[EngineResponse]:
-        """POST ``body`` (JSON) to ``base_path + path``; yields once the answer's head arrived.
+    def post(self, path: str, body: bytes, *, accept: str = "application/json") -> EngineExchange:
+        """POST ``body`` (JSON) to ``base_path + path``: ``async with`` gives the answer
+        once its head arrived. See ``EngineExchange`` for what becomes of the connection."""
+        return EngineExchange(self, path, body, accept)
 
-        The connection goes back to the pool if the body was read to its end,
-        and is closed otherwise (left early, cancelled, or failed).
-        """
-        connection = await self._connection()
-        reuse = False
-        try:
-            request = h11.Request(
-                method="POST",
-                target=(self.base_path + path).encode(),
-                headers=[
-                    (b"host", self._host_header),
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"%d" % len(body)),
-                    (b"accept", accept.encode()),
-                    (b"user-agent", b"sessctl-refserver"),
-                ],
-            )
-            # One write for the head and the body.
-            data = b"".join(
-                connection.h11.send(event) or b""
-                for event in (request, h11.Data(data=body), h11.EndOfMessage())
-            )
-            try:
-                await connection.stream.send_all(data)
-            except _FAILURES as failure:
-                raise EngineTransportError(_describe(failure)) from None
-            event = await _next_event(connection)
-            while isinstance(event, h11.InformationalResponse):
-                event = await _next_event(connection)
-            if not isinstance(event, h11.Response):
-                raise EngineTransportError(f"unexpected {type(event).__name__} for an answer")
-            yield EngineResponse(connection, event)
-            reuse = _finished(connection)
-        finally:
-            if reuse and len(self._idle) < self._keepalive:
-                connection.idle_since = trio.current_time()
-                self._idle.append(connection)
-            else:
-                connection.close()
+    def _put_back(self, connection: _Connection) -> None:
+        if len(self._idle) < self._keepalive:
+            connection.idle_since = trio.current_time()
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def _request_head(self, path: str, length: int, accept: str) -> h11.Request:
+        return h11.Request(
+            method="POST",
+            target=(self.base_path + path).encode(),
+            headers=[
+                (b"host", self._host_header),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % length),
+                (b"accept", accept.encode()),
+                (b"user-agent", b"sessctl-refserver"),
+            ],
+        )
 
     async def _connection(self) -> _Connection:
         now = trio.current_time()
-        while self._idle and now - self._idle[0].idle_since > KEEPALIVE_EXPIRY:
+        while self._idle and now - self._idle[0].idle_since >= self._keepalive_expiry:
             self._idle.popleft().close()
         while self._idle:
             connection = self._idle.pop()
@@ -220,13 +264,25 @@ class EngineConnections:
 
 async def _next_event(connection: _Connection) -> object:
     """h11's next event of the answer, reading as needed; an early close is an error."""
+    closed = False
+    waiting_for_head = connection.h11.their_state is h11.SEND_RESPONSE
     try:
         while (event := connection.h11.next_event()) is h11.NEED_DATA:
-            connection.h11.receive_data(bytes(await connection.stream.receive_some(READ_CHUNK)))
+            data = await connection.receive()
+            closed = not data
+            connection.h11.receive_data(data)
+    except h11.RemoteProtocolError as error:
+        if not closed:
+            raise EngineTransportError(_describe(error)) from None
+        if waiting_for_head:
+            raise EngineTransportError(_CLOSED_BEFORE_ANSWER) from None
+        raise EngineTransportError(
+            f"the engine closed the connection before its answer ended ({error})"
+        ) from None
     except _FAILURES as failure:
         raise EngineTransportError(_describe(failure)) from None
     if isinstance(event, h11.ConnectionClosed):
-        raise EngineTransportError("the engine closed the connection before it answered")
+        raise EngineTransportError(_CLOSED_BEFORE_ANSWER)
     return event
 
 

@@ -84,6 +84,7 @@ def _declared_length_over(protocol: H11Protocol, limit: int) -> bool:
 _HELD_HEAD = "_sessctl_held_head"
 """The attribute of an ``H11Protocol`` holding an answer's head until its body."""
 
+
 def _has_length(response: h11.Response) -> bool:
     return any(name == b"content-length" for name, _value in response.headers)
 

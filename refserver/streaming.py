@@ -47,12 +47,14 @@ class EventReader:
 
     An event ends at a blank line; one with no ``data`` line is not an event
     (the WHATWG rule), so a keep-alive such as ``event: ping`` is skipped. A
-    line may be split anywhere across parts, a ``\\r\\n`` included.
+    line may be split anywhere across parts, a ``\\r\\n`` included, and an event is
+    read as soon as its blank line arrives.
     """
 
     def __init__(self) -> None:
         self._pending = b""
         self._data: list[bytes] = []
+        self._after_cr = False
 
     @property
     def pending(self) -> int:
@@ -60,11 +62,15 @@ class EventReader:
         return len(self._pending) + sum(len(line) for line in self._data)
 
     def feed(self, part: bytes) -> list[bytes]:
+        # A \r ends a line at once; a \n right after it (maybe in this part) is its other half.
+        if not part:
+            return []
+        if self._after_cr and part.startswith(b"\n"):
+            part = part[1:]
         buffer = self._pending + part
-        # A closing \r may be the first half of \r\n: it waits for the next part.
-        cut = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
-        lines = buffer[:cut].replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._pending = lines.pop() + buffer[cut:]
+        self._after_cr = buffer.endswith(b"\r")
+        lines = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._pending = lines.pop()
         events: list[bytes] = []
         for line in lines:
             if not line:
