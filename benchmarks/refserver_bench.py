@@ -17,8 +17,8 @@ Measured side by side in one run, each against its baseline:
    against the embedded default's fake upstream (hypercorn + Starlette).
    The "direct" rows are also the load generator's own ceiling: it spends
    about as much CPU per turn as a server does, on a machine of two cores.
-3. The proxy with its upstream calls in one httpx client (one pool) against
-   the default of eight, side by side: why the server spreads them.
+   Each phase also reports the server's CPU per proxied turn (from
+   /proc/PID/stat), the figure that decides how many turns two cores carry.
 
 Every server runs in its own process (started with the installed ``sessctl``),
 so the load generator does not share a trio loop with what it measures.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import httpx
 import trio
@@ -142,6 +144,8 @@ class Throughput:
     turns: int
     seconds: float
     latencies_ms: list[float]
+    server_cpu_s: float = 0.0
+    """CPU the session server spent in the timed window (0 when it was bypassed)."""
 
     @property
     def per_second(self) -> float:
@@ -149,14 +153,29 @@ class Throughput:
 
     def row(self) -> str:
         s = self.latencies_ms
+        cpu = f"  server CPU {1e6 * self.server_cpu_s / self.turns:5.0f} us/turn" * bool(
+            self.server_cpu_s
+        )
         return (
             f"{self.name:<28} {self.per_second:8.0f} turns/s  "
-            f"p50={statistics.median(s):6.2f} ms  p99={percentile(s, 99):6.2f} ms"
+            f"p50={statistics.median(s):6.2f} ms  p99={percentile(s, 99):6.2f} ms{cpu}"
         )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(
-    base_url: str, name: str, sessions: int, seconds: float, *, direct_url: str | None
+    base_url: str,
+    name: str,
+    sessions: int,
+    seconds: float,
+    *,
+    direct_url: str | None,
+    server_pid: int | None = None,
 ) -> Throughput:
     latencies: list[float] = []
     turns = 0
@@ -194,13 +213,15 @@ async def load(
             await stack.enter_async_context(httpx.AsyncClient(base_url=base_url, timeout=60))
             for _ in range(sessions)
         ]
+        cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
         start = trio.current_time()
         with trio.move_on_after(seconds):
             async with trio.open_nursery() as nursery:
                 for index, client in enumerate(clients):
                     nursery.start_soon(agent, client, index)
         elapsed = trio.current_time() - start
-    return Throughput(name, turns, elapsed, latencies)
+        cpu = cpu_seconds(server_pid) - cpu_before if server_pid else 0.0
+    return Throughput(name, turns, elapsed, latencies, cpu)
 
 
 FAKE_UPSTREAM = (
@@ -247,27 +268,13 @@ async def throughput(
     ):
         return await side_by_side(
             partial(load, served.url, f"direct to {kind} upstream", direct_url=upstream),
-            partial(load, served.url, f"proxy -> {kind} upstream", direct_url=None),
-            sessions,
-            seconds,
-            rounds,
-        )
-
-
-async def pool_comparison(
-    sessions: int, seconds: float, rounds: int
-) -> tuple[Throughput, Throughput]:
-    """The proxy with its upstream calls in one httpx pool, against the default 8 pools."""
-    serve_args = ("serve", "--port", "0", "--upstream")
-    prefix = "sessctl reference server on"
-    with (
-        upstream_process("chaos") as upstream,
-        sessctl_process(*serve_args, upstream, "--upstream-clients", "1", url_prefix=prefix) as one,
-        sessctl_process(*serve_args, upstream, url_prefix=prefix) as eight,
-    ):
-        return await side_by_side(
-            partial(load, one.url, "proxy, 1 upstream client", direct_url=None),
-            partial(load, eight.url, "proxy, 8 upstream clients", direct_url=None),
+            partial(
+                load,
+                served.url,
+                f"proxy -> {kind} upstream",
+                direct_url=None,
+                server_pid=served.pid,
+            ),
             sessions,
             seconds,
             rounds,
@@ -298,6 +305,7 @@ def merge(runs: list[Throughput]) -> Throughput:
         sum(r.turns for r in runs),
         sum(r.seconds for r in runs),
         [x for r in runs for x in r.latencies_ms],
+        sum(r.server_cpu_s for r in runs),
     )
 
 
@@ -326,10 +334,6 @@ async def main(args: argparse.Namespace) -> int:
         ratios.append(proxied.per_second / direct.per_second)
         verdict = "met" if ratios[-1] >= 0.5 else "NOT met"
         print(f"proxy / direct throughput = {ratios[-1]:.2f}  (goal >= 0.5: {verdict})")
-    single, sharded = await pool_comparison(args.sessions, args.seconds, args.rounds)
-    print(single.row())
-    print(sharded.row())
-    print(f"8 upstream clients / 1 = {sharded.per_second / single.per_second:.2f}x throughput")
     return 0 if delete_ok and min(ratios) >= 0.5 else 1
 
 
