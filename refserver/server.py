@@ -64,6 +64,7 @@ def _hypercorn_config(
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace
+    config.keep_alive_timeout = AGENT_KEEPALIVE
     if limits is not None:
         # hypercorn's default backlog of 100 overflowed under thousands of agents
         # connecting at once; the kernel caps it at net.core.somaxconn.
@@ -166,6 +167,13 @@ async def serve(
                 RunningServer(url, upstream_url, upstream_is_embedded=config.upstream_url is None)
             )
 
+
+AGENT_KEEPALIVE = 75.0
+"""Seconds an agent's idle connection is kept (nginx's default; hypercorn's is 5 s).
+Longer than an HTTP client's own expiry (httpx and the OpenAI SDK keep 5 s), so the
+client, not the server, ends an idle connection, and never while it sends on it. With 5 s,
+under thousands of agents connecting at once, hundreds of held turns of
+``benchmarks/scale_bench.py`` lost their connection this way."""
 
 TURNS_WANTED = 10_000
 """What a trainer running thousands of agents needs in flight at once."""
