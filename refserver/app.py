@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from .errors import (
     ServerBusy,
     SessionServerError,
 )
+from .hypercorn_compat import DISCONNECT, ClientGone
 from .protocol import ChatRequest, parse_chat_request
 from .service import SessionService
 from .streaming import error_event
@@ -81,6 +82,32 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+@contextlib.asynccontextmanager
+async def until_client_leaves(scope: Scope, receive: Receive) -> AsyncIterator[Callable[[], None]]:
+    """The block is cancelled if the request's client hangs up; yields ``check``,
+    to call after each write to the client.
+
+    On the reference server (hypercorn with ``hypercorn_compat``) the request's
+    ``ClientGone`` cancels the block, so a turn held at the engine costs no task
+    of its own; a hang-up found while the block itself wrote is acted on by
+    ``check``. Elsewhere (an app served without the reference server's limits)
+    a watcher task reads ``http.disconnect``.
+    """
+    gone = scope.get("extensions", {}).get(DISCONNECT)
+    if isinstance(gone, ClientGone):
+        with trio.CancelScope() as cancel_scope:
+            gone.watch(cancel_scope)
+            try:
+                yield gone.check
+            finally:
+                gone.watch(None)
+        return
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        yield lambda: None
+        nursery.cancel_scope.cancel()
 
 
 def create_app(
@@ -136,14 +163,12 @@ def create_app(
 
     async def run_chat(request: Request, chat_request: ChatRequest, spelling: Spelling) -> Response:
         response: Response | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
+        async with until_client_leaves(request.scope, request.receive):
             try:
                 completion = await service.chat(request.path_params["session_id"], chat_request)
                 response = spelling.answer(completion)
             except SessionServerError as error:
                 response = spelling.error_response(error)
-            nursery.cancel_scope.cancel()
         if response is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return response
@@ -348,6 +373,7 @@ class StreamedTurn(Response):
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
+        checks: list[Callable[[], None]] = []  # the hang-up check, once the turn runs
 
         spelling = self._spelling
 
@@ -369,9 +395,11 @@ class StreamedTurn(Response):
                         {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                     )
             await send({"type": "http.response.body", "body": data, "more_body": True})
+            for check in checks:
+                check()  # a hang-up hypercorn found during this write
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        async with until_client_leaves(scope, receive) as check_client:
+            checks.append(check_client)
             try:
                 tail = await self._service.chat_stream(self._session_id, self._chat_request, relay)
             except SessionServerError as error:
@@ -383,7 +411,6 @@ class StreamedTurn(Response):
                 for data in tail:
                     await relay(data)
                 await send({"type": "http.response.body", "body": b""})
-            nursery.cancel_scope.cancel()
 
 
 # A client that hangs up while its response is being written is not a server

@@ -16,8 +16,16 @@
    written with its body, and the empty write that ends such a body is
    skipped. A streamed answer's head is written at once, as before.
 
-hypercorn has no hook for any of these, so they are small wrappers around two
-methods of its HTTP/1.1 protocol class, active only on servers whose config
+4. hypercorn tells an app that its client went away only as an
+   ``http.disconnect`` message, so a handler that waits on the engine needs
+   a second task, reading ``receive`` beside it, to notice: a task and a
+   nursery for every turn in flight. Instead each request's scope carries a
+   ``ClientGone`` (extension ``DISCONNECT``) that hypercorn's own connection
+   task sets when the connection closes before the answer was sent; it
+   cancels the scope the handler watches with. The message is still sent.
+
+hypercorn has no hook for any of these, so they are small wrappers around
+methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
 carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
 ``tests/test_bad_input.py`` checks the first two over raw sockets, and every
 test of the reference server goes through the third, so a hypercorn release
@@ -33,9 +41,12 @@ from itertools import chain
 from typing import Any
 
 import h11
+import trio
 from hypercorn.config import Config
 from hypercorn.events import RawData
+from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 SESSCTL_LIMITS = "sessctl_limits"
 """The attribute of a hypercorn ``Config`` that turns the wrappers on."""
@@ -46,6 +57,42 @@ _ERRORS = {
     505: ("http_version_not_supported", "the HTTP version is not supported"),
 }
 """Status -> the OpenAI ``error.type`` and message of hypercorn's own refusals."""
+
+
+DISCONNECT = "sessctl.disconnect"
+"""The ASGI scope extension holding the request's ``ClientGone``."""
+
+
+class ClientGone:
+    """Set when the request's client hangs up before its answer was sent.
+
+    ``watch`` names the cancel scope to cancel then (one at a time). When the
+    hang-up is noticed inside the watching task itself (hypercorn notices a
+    broken connection while the handler writes to it), the scope is not
+    cancelled under hypercorn's feet: ``check`` cancels it once the write
+    returned.
+    """
+
+    __slots__ = ("_scope", "_task", "gone")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self._scope: trio.CancelScope | None = None
+        self._task: trio.lowlevel.Task | None = None
+
+    def watch(self, scope: trio.CancelScope | None) -> None:
+        self._scope = scope
+        self._task = trio.lowlevel.current_task() if scope is not None else None
+        self.check()
+
+    def set(self) -> None:
+        self.gone = True
+        if self._task is not trio.lowlevel.current_task():
+            self.check()
+
+    def check(self) -> None:
+        if self.gone and self._scope is not None:
+            self._scope.cancel()
 
 
 @dataclass(frozen=True)
@@ -59,7 +106,7 @@ def enable(config: Config, limits: ProtocolLimits) -> None:
     setattr(config, SESSCTL_LIMITS, limits)
 
 
-def _limits(protocol: H11Protocol) -> ProtocolLimits | None:
+def _limits(protocol: H11Protocol | HTTPStream) -> ProtocolLimits | None:
     limits = getattr(protocol.config, SESSCTL_LIMITS, None)
     return limits if isinstance(limits, ProtocolLimits) else None
 
@@ -152,5 +199,23 @@ def _install() -> None:
         if data:
             await self.send(RawData(data=data))
 
+    original_handle: Callable[[HTTPStream, Any], Awaitable[None]] = HTTPStream.handle
+
+    async def handle(self: HTTPStream, event: Any) -> None:
+        if _limits(self) is None:
+            await original_handle(self, event)
+            return
+        if isinstance(event, StreamClosed) and not self.closed:
+            scope: dict[str, Any] = getattr(self, "scope", {})
+            gone = scope.get("extensions", {}).get(DISCONNECT)
+            # CLOSED: the answer was sent, and this is the connection moving on.
+            if isinstance(gone, ClientGone) and self.state is not ASGIHTTPState.CLOSED:
+                gone.set()
+        await original_handle(self, event)
+        if isinstance(event, Request) and not self.closed:
+            # The app's task is spawned but has not run yet: it finds this.
+            self.scope["extensions"][DISCONNECT] = ClientGone()  # type: ignore[assignment]
+
+    HTTPStream.handle = handle  # type: ignore[method-assign]
     H11Protocol._send_error_response = send_error_response  # type: ignore[method-assign]
     H11Protocol._send_h11_event = send_h11_event  # type: ignore[method-assign]

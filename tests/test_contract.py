@@ -6,6 +6,7 @@ Races are placed with chaos-upstream holds and events, never with sleeps.
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import httpx
@@ -15,9 +16,13 @@ import trio.testing
 
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind
-from refserver.server import RunningServer
+from refserver.app import create_app
+from refserver.engine_http import EngineConnections
+from refserver.server import RunningServer, serve_asgi
+from refserver.service import SessionService
+from refserver.upstream import HttpUpstream
 
-from .conftest import HANG_GUARD, Api, ServerStarter, user
+from .conftest import FAST_RETRY, HANG_GUARD, Api, ServerStarter, user
 
 
 async def _in_background(nursery: trio.Nursery, fn: Any, *args: Any) -> dict[str, Any]:
@@ -375,6 +380,9 @@ async def test_client_disconnect_mid_turn_cancels_upstream_and_commits_nothing(
             )
         )
         await api.chaos.wait_for("gone", EventKind.RECEIVED)
+        # hypercorn's connection task cancels the held turn (hypercorn_compat.ClientGone):
+        # a turn in flight costs no watcher task of its own.
+        assert _tasks_named("_cancel_on_disconnect") == 0
         n.cancel_scope.cancel()  # the agent hangs up mid-turn
     with trio.fail_after(HANG_GUARD):
         await api.chaos.wait_for("gone", EventKind.CANCELLED)
@@ -384,6 +392,43 @@ async def test_client_disconnect_mid_turn_cancels_upstream_and_commits_nothing(
     assert state["in_flight"] is False
     # The lock was released: the next turn goes through.
     assert (await api.chat(session_id, [user("again")])).status_code == 200
+
+
+def _tasks_named(fragment: str) -> int:
+    """Tasks of this trio run whose name contains ``fragment``."""
+    found = 0
+    pending = [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        assert task is not None
+        found += fragment in task.name
+        pending.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return found
+
+
+async def test_an_app_served_without_the_compat_layer_still_stops_a_turn_whose_client_left(
+    nursery: trio.Nursery, chaos: ChaosUpstream
+) -> None:
+    # The fallback of app.until_client_leaves: a watcher task reads http.disconnect.
+    assert chaos.url is not None
+    engine = EngineConnections(chaos.url)
+    app = create_app(SessionService(HttpUpstream(engine, timeout=60, retry=FAST_RETRY)))
+    url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
+    async with httpx.AsyncClient(base_url=url, timeout=HANG_GUARD) as client:
+        api = Api(client, chaos)
+        session_id = await api.create()
+        api.script("left", "hold")
+        async with trio.open_nursery() as agent:
+            agent.start_soon(api.chat, session_id, [user("left")])
+            await chaos.wait_for("left", EventKind.RECEIVED)
+            assert _tasks_named("_cancel_on_disconnect") == 1
+            agent.cancel_scope.cancel()
+        with trio.fail_after(HANG_GUARD):
+            await chaos.wait_for("left", EventKind.CANCELLED)
+        chaos.release("left")
+        assert (await api.get(session_id)).json()["num_assistant"] == 0
+    engine.close()
+    nursery.cancel_scope.cancel()
 
 
 # -- bad input ----------------------------------------------------------------------
