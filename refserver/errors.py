@@ -26,8 +26,10 @@ Hierarchy::
     ├── ServerShuttingDown            503 server_shutting_down
     └── ServerBusy                    503 server_busy       (over --max-turns-in-flight)
 
-Foreign exceptions (httpx, JSON decoding) are translated into these at the
-boundary that meets them (``upstream.py``, ``app.py``) and nowhere else.
+Foreign exceptions (sockets and h11 toward the engine, JSON decoding) are
+translated at the boundary that meets them (``engine_http.py`` into its
+``EngineTransportError``, which ``upstream.py`` turns into these; ``app.py``)
+and nowhere else.
 
 Outside that hierarchy, because no client is ever answered with it::
 
