@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import percentile, sessctl_process
 
 from harness.upstream.script import marker
-from refserver.server import default_max_turns_in_flight
+from refserver.server import SOMAXCONN, default_max_turns_in_flight
 
 TAG = "scale"
 
@@ -165,9 +165,11 @@ async def main(args: argparse.Namespace) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = [int(x) for x in args.levels.split(",")]
     levels = [min(level, admitted - args.samples) for level in wanted]
+    somaxconn = Path(SOMAXCONN).read_text().strip()
     print(
         f"sessctl scale benchmark: the server admits {admitted} turns in flight "
-        f"(open-file limit {soft}, two descriptors a turn)"
+        f"(open-file limit {soft}, two descriptors a turn); listen backlogs capped at "
+        f"{somaxconn} (net.core.somaxconn)"
     )
     if levels != wanted:
         print(f"levels capped to what the limit admits: {levels} (asked for {wanted})")

@@ -213,14 +213,21 @@ def capacity_hints(max_turns_in_flight: int) -> list[str]:
             f"the open-file limit (ulimit -n) is {soft}; raise it to "
             f"{2 * TURNS_WANTED + 1024} to admit {TURNS_WANTED}"
         )
-    somaxconn = _read_int("/proc/sys/net/core/somaxconn")
-    if somaxconn is not None and somaxconn < min(max_turns_in_flight, 1024):
+    somaxconn = _read_int(SOMAXCONN)
+    # Every admitted turn may be an agent connecting at once. With 4096 here,
+    # benchmarks/scale_bench.py lost 60 and 158 of 9,790 turns so (502s and resets);
+    # with 16384, none.
+    if somaxconn is not None and somaxconn < max_turns_in_flight:
         hints.append(
-            f"the kernel caps the listen backlog at {somaxconn} (net.core.somaxconn): a burst "
-            f"of more new connections than that may be refused before they are accepted; "
-            f"raise it (sysctl -w net.core.somaxconn={max_turns_in_flight}) for large bursts"
+            f"the kernel caps listen backlogs at {somaxconn} (net.core.somaxconn), below the "
+            f"{max_turns_in_flight} turns admitted: a burst of more new connections than that "
+            f"may be refused or reset before they are accepted (the engine's connections too, "
+            f"if it runs here); raise it (sysctl -w net.core.somaxconn={max_turns_in_flight})"
         )
     return hints
+
+
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
 
 def _read_int(path: str) -> int | None:

@@ -82,6 +82,18 @@ def test_asking_for_more_than_the_limit_allows_is_warned(monkeypatch: pytest.Mon
     assert "ulimit -n 21024" in hint
 
 
+@pytest.mark.parametrize(("somaxconn", "warned"), [(4096, True), (16384, False)])
+def test_a_listen_backlog_below_the_turns_admitted_is_warned(
+    monkeypatch: pytest.MonkeyPatch, somaxconn: int, warned: bool
+) -> None:
+    _limit(monkeypatch, 1_000_000)
+    monkeypatch.setattr(
+        server, "_read_int", lambda path: somaxconn if path == server.SOMAXCONN else None
+    )
+    hints = server.capacity_hints(10_000)
+    assert any("sysctl -w net.core.somaxconn=10000" in hint for hint in hints) is warned
+
+
 def test_serve_says_so_at_start_up() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     too_many = str(soft)  # two descriptors a turn: always more than the limit allows
