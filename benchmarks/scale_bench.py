@@ -41,6 +41,10 @@ from refserver.server import SOMAXCONN, default_max_turns_in_flight
 TAG = "scale"
 
 
+def listen_backlog_cap() -> str:
+    return Path(SOMAXCONN).read_text().strip()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -165,7 +169,7 @@ async def main(args: argparse.Namespace) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = [int(x) for x in args.levels.split(",")]
     levels = [min(level, admitted - args.samples) for level in wanted]
-    somaxconn = Path(SOMAXCONN).read_text().strip()
+    somaxconn = listen_backlog_cap()
     print(
         f"sessctl scale benchmark: the server admits {admitted} turns in flight "
         f"(open-file limit {soft}, two descriptors a turn); listen backlogs capped at "
