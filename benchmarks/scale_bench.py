@@ -104,11 +104,11 @@ async def run_level(
             )
             for _ in range(count)
         ]
-        # Held chats never go out on a connection that answered before: httpcore
-        # (1.0.9) counts its keep-alive expiry from the previous answer even while
-        # a new request waits on that connection, and closes it under the held
-        # chat (seen as turns "lost" with RemoteProtocolError, and 499 in the
-        # server's log, when the creates shared a client with the held chats).
+        # Held chats go out on fresh connections only, never on one that carried
+        # the creates and reads: a held turn's outcome should depend on the server,
+        # not on the load generator reusing a connection. (With a 2 s keep-alive
+        # expiry in these clients and one client for both, hundreds of held chats
+        # died with RemoteProtocolError; the cause inside httpcore was not found.)
         client = await stack.enter_async_context(
             httpx.AsyncClient(base_url=server, limits=limits, timeout=timeout)
         )
