@@ -56,11 +56,6 @@ class EventReader:
         self._data: list[bytes] = []
         self._after_cr = False
 
-    @property
-    def pending(self) -> int:
-        """Bytes of an event not complete yet (to bound what a stream may hold back)."""
-        return len(self._pending) + sum(len(line) for line in self._data)
-
     def feed(self, part: bytes) -> list[bytes]:
         # A \r ends a line at once; a \n right after it (maybe in this part) is its other half.
         if not part:
