@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -109,3 +110,23 @@ def test_serve_says_so_at_start_up() -> None:
     finally:
         process.kill()
         process.wait(timeout=HANG_GUARD)
+
+
+def test_serve_warns_of_a_listen_backlog_below_the_turns_admitted() -> None:
+    somaxconn = int(Path(server.SOMAXCONN).read_text())
+    turns = str(somaxconn + 1)
+    process, _url = start_sessctl_serve("--max-turns-in-flight", turns, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        for line in process.stdout:  # the warnings follow the URL; read up to ours
+            lines.append(line)
+            if "somaxconn" in line:
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=HANG_GUARD)
+    output = "".join(lines)
+    assert f"(net.core.somaxconn), below the {turns} turns admitted" in output
+    assert f"sysctl -w net.core.somaxconn={turns}" in output
+    assert "Traceback" not in output
