@@ -71,6 +71,8 @@ class Level:
         self._next = 0
         self.outcomes: dict[str, str] = {}
         """Session -> how its held chat ended (a status, or the exception's name)."""
+        self.examples: dict[str, str] = {}
+        """Outcome other than 410 -> the first such answer's body or error, to say why."""
 
     async def create(self) -> str:
         session_id: str = (await self.client.post("/sessions")).json()["session_id"]
@@ -82,9 +84,12 @@ class Level:
         client = self.clients[self._next % len(self.clients)]
         try:
             answer = await client.post(f"/sessions/{session_id}/v1/chat/completions", json=body)
-            self.outcomes[session_id] = str(answer.status_code)
+            outcome, detail = str(answer.status_code), answer.text
         except httpx.HTTPError as error:
-            self.outcomes[session_id] = type(error).__name__
+            outcome, detail = type(error).__name__, repr(error)
+        self.outcomes[session_id] = outcome
+        if outcome != "410":
+            self.examples.setdefault(outcome, detail[:300])
 
     async def received(self) -> int:
         events = (await self.client.get(f"{self.upstream}/_sessctl/events")).json()["events"]
@@ -149,6 +154,8 @@ async def run_level(
                 deletes.append((time.perf_counter() - start) * 1000)
             for session_id in sessions[:level]:
                 await client.delete(f"/sessions/{session_id}")
+        for outcome, detail in run.examples.items():
+            print(f"  a held chat lost as {outcome}: {detail}")
         lost = sum(1 for outcome in run.outcomes.values() if outcome != "410") + max(
             0, len(sessions) - len(run.outcomes)
         )

@@ -303,4 +303,9 @@ def _finished(connection: _Connection) -> bool:
 
 
 def _describe(failure: BaseException) -> str:
-    return f"{type(failure).__name__}: {failure or 'connection failed'}"
+    described = f"{type(failure).__name__}: {failure or 'connection failed'}"
+    # trio's "all attempts to connect ... failed" keeps the reasons in its cause.
+    reasons = failure.__cause__
+    if isinstance(reasons, BaseExceptionGroup):
+        described += " (" + "; ".join(sorted({str(reason) for reason in reasons.exceptions})) + ")"
+    return described

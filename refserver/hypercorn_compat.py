@@ -1,4 +1,4 @@
-"""Two answers hypercorn gives on its own kept to the contract, and its answers written at once.
+"""hypercorn kept to the contract (its own answers, hang-ups), made leaner, and accepting in bursts.
 
 1. A request hypercorn cannot parse (a malformed request line, headers over
    its size limit) is answered 400 or 431 with an *empty* body. The contract
@@ -24,7 +24,25 @@
    task sets when the connection closes before the answer was sent; it
    cancels the scope the handler watches with. The message is still sent.
 
-hypercorn has no hook for any of these, so they are small wrappers around
+5. hypercorn's trio worker accepts with trio's ``SocketListener``: one
+   connection per scheduler round, so thousands of agents connecting at once
+   overflowed the kernel's accept queue and some were reset. ``serve`` is
+   hypercorn's ``worker_serve`` for plain-TCP binds with ``BurstListener``
+   (``refserver/listening.py``) instead; everything after accept is hypercorn's,
+   but for items 6 and 7 (a subclass of its connection class).
+6. When a client closes a kept-alive connection, hypercorn (0.18) does not
+   close its side until the keep-alive timeout: the connection's task waits
+   for its idle timer's task before closing. Agents that close after their
+   answer left sockets in CLOSE-WAIT by the thousand, and at scale the server
+   ran out of descriptors (``benchmarks/scale_bench.py``: 715 of 9,790 turns
+   lost as 502, EMFILE on the engine connect). ``serve``'s connections close
+   their socket as soon as their client has closed.
+7. hypercorn's keep-alive timer is a task restarted after every answer (a
+   lock, and ``nursery.start``): about 7% of a proxied turn's CPU in a profile.
+   ``serve``'s connections keep it as a deadline on the read their task already
+   waits in (``_IdleDeadline``). Idle connections still close at shutdown.
+
+hypercorn has no hook for 1 to 4, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
 carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
 ``tests/test_bad_input.py`` checks the first two over raw sockets, and every
@@ -35,18 +53,30 @@ that renames these methods fails a test, not a user.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
+from math import inf
 from typing import Any
 
 import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.events import RawData
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from starlette.types import ASGIApp
+
+from .listening import BurstListener
 
 SESSCTL_LIMITS = "sessctl_limits"
 """The attribute of a hypercorn ``Config`` that turns the wrappers on."""
@@ -219,3 +249,137 @@ def _install() -> None:
     HTTPStream.handle = handle  # type: ignore[method-assign]
     H11Protocol._send_error_response = send_error_response  # type: ignore[method-assign]
     H11Protocol._send_h11_event = send_h11_event  # type: ignore[method-assign]
+
+
+class _Context(WorkerContext):
+    """hypercorn's worker context, knowing its live connections (to close idle ones at shutdown)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+
+    async def close_idle_connections(self) -> None:
+        await self.terminated.set()
+        for connection in list(self.connections):
+            connection.idle_task.terminated()
+
+
+class _IdleDeadline:
+    """hypercorn's keep-alive timer as a deadline on its connection's read (item 7).
+
+    hypercorn restarts a task for the timer after every answer (``TrioSingleTask``:
+    a lock, and ``nursery.start`` of a new task), about 7% of a proxied turn's CPU.
+    Here ``restart`` and ``stop`` only move the deadline of the read the
+    connection's own task already waits in. Same methods, same meaning.
+    """
+
+    __slots__ = ("_connection", "deadline", "read_scope")
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self.deadline = inf
+        self.read_scope: trio.CancelScope | None = None
+
+    def _set(self, deadline: float) -> None:
+        self.deadline = deadline
+        if self.read_scope is not None:
+            self.read_scope.deadline = deadline
+
+    async def restart(self, task_group: object, action: object) -> None:
+        config, context = self._connection.config, self._connection.context
+        closing_now = context.terminated.is_set()
+        self._set(-inf if closing_now else trio.current_time() + config.keep_alive_timeout)
+
+    async def stop(self) -> None:
+        self._set(inf)
+
+    def terminated(self) -> None:
+        """Shutting down: an idle connection closes now, a busy one after its answer."""
+        if self.deadline != inf:
+            self._set(-inf)
+
+
+class _Connection(TCPServer):
+    """hypercorn's connection task: its keep-alive timer a deadline, not a task (item 7),
+    and closing at once when its client closed (item 6)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.idle_task: _IdleDeadline = _IdleDeadline(self)  # type: ignore[assignment]
+        self.context.connections.add(self)  # type: ignore[attr-defined]
+
+    async def _read_data(self) -> None:
+        idle = self.idle_task
+        while True:
+            data: bytes | None = None
+            with trio.CancelScope(deadline=idle.deadline) as scope:
+                idle.read_scope = scope
+                try:
+                    with trio.fail_after(self.config.read_timeout or inf):
+                        data = bytes(await self.stream.receive_some(MAX_RECV))
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                finally:
+                    idle.read_scope = None
+            if data is None:
+                # Kept alive this long with no request: close, as hypercorn's
+                # _idle_timeout does (shielded: the close must finish).
+                with trio.CancelScope(shield=True):
+                    await self._initiate_server_close()
+                return
+            await self.protocol.handle(RawData(data))
+            if not data:
+                break  # the client closed: nothing keeps this task now (item 6)
+        await self.protocol.handle(Closed())
+
+
+async def serve(
+    app: ASGIApp,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``hypercorn.trio.serve`` for plain-TCP binds, accepting in bursts (item 5).
+
+    The same steps as hypercorn's ``worker_serve`` (0.18): lifespan, listen,
+    serve until the trigger, then a graceful deadline for connections left.
+    """
+    config.set_statsd_logger_class(StatsdLogger)
+    wrapped = wrap_app(app, config.wsgi_max_body_size, None)  # type: ignore[arg-type]
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = _Context()
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            if sockets.secure_sockets or sockets.quic_sockets:
+                raise ValueError("sessctl serves plain HTTP only (no certfile, no QUIC)")
+            listeners: list[BurstListener] = []
+            binds: list[str] = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(BurstListener(sock))
+                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            state = ConnectionState(lifespan_state.copy())
+            handler = partial(_Connection, wrapped, config, context, state)
+            task_status.started(binds)
+            try:
+                async with trio.open_nursery() as nursery:
+                    if shutdown_trigger is not None:
+                        nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    serving = partial(trio.serve_listeners, handler_nursery=server_nursery)
+                    nursery.start_soon(serving, handler, listeners)
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
+                if other_errors is not None:
+                    raise other_errors from None
+            finally:
+                await context.close_idle_connections()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()

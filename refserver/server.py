@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 from starlette.types import ASGIApp
@@ -99,8 +98,8 @@ async def serve_asgi(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(
-                hypercorn.trio.serve,
-                app,  # type: ignore[arg-type]
+                hypercorn_compat.serve,
+                app,
                 config,
                 shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
             )

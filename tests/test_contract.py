@@ -15,10 +15,10 @@ import trio
 import trio.testing
 
 from harness.upstream.chaos_upstream import ChaosUpstream
-from harness.upstream.script import EventKind
+from harness.upstream.script import EventKind, marker
 from refserver.app import create_app
 from refserver.engine_http import EngineConnections
-from refserver.server import RunningServer, serve_asgi
+from refserver.server import AGENT_KEEPALIVE, RunningServer, ServerConfig, serve, serve_asgi
 from refserver.service import SessionService
 from refserver.upstream import HttpUpstream
 
@@ -563,3 +563,118 @@ async def test_a_client_gone_while_its_answer_is_written_is_not_logged_as_an_err
     async with httpx.AsyncClient(base_url=server.url) as client:
         assert (await client.get("/healthz")).status_code == 200
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+# -- connections --------------------------------------------------------------------
+
+
+async def _raw_chat(server: RunningServer, session_id: str, tag: str) -> trio.SocketStream:
+    """A keep-alive connection of its own carrying one chat, as an agent's SDK opens it."""
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    assert port is not None
+    stream = await trio.open_tcp_stream(host, port)
+    body = b'{"messages": [{"role": "user", "content": "hi %s"}]}' % marker(tag).encode()
+    await stream.send_all(
+        b"POST /sessions/%s/v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+        % (session_id.encode(), len(body), body)
+    )
+    return stream
+
+
+async def _read_answer(stream: trio.SocketStream) -> bytes:
+    """One answer with a Content-Length, read to its end."""
+
+    async def more() -> bytes:
+        data = await stream.receive_some()
+        assert data, "the server closed the connection before its answer ended"
+        return data
+
+    received = b""
+    with trio.fail_after(HANG_GUARD):
+        while b"\r\n\r\n" not in received:
+            received += await more()
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+        while len(body) < length:
+            body += await more()
+    return head
+
+
+@pytest.mark.parametrize("ending", ["delete", "answer"])
+async def test_the_server_closes_a_connection_its_agent_closed_after_the_answer(
+    api: Api, server: RunningServer, ending: str
+) -> None:
+    # A leak found at scale: connections whose held turn was answered 410 stayed
+    # open on the server (CLOSE-WAIT) after their agents closed them, until the
+    # keep-alive timeout; thousands of them ran the server out of descriptors.
+    session_id = await api.create()
+    api.script("conn", "hold")
+    stream = await _raw_chat(server, session_id, "conn")
+    await api.chaos.wait_for("conn", EventKind.RECEIVED)
+    if ending == "delete":
+        assert (await api.delete(session_id)).status_code == 204
+    else:
+        api.chaos.release("conn")
+    head = await _read_answer(stream)
+    assert head.startswith(b"HTTP/1.1 410" if ending == "delete" else b"HTTP/1.1 200")
+    await stream.send_eof()  # the agent is done with this connection
+    with trio.fail_after(HANG_GUARD):
+        assert await stream.receive_some() == b""  # and so is the server
+    await stream.aclose()
+
+
+async def _kept_alive(server: RunningServer) -> trio.SocketStream:
+    """A connection that carried one answer and is now idle, kept alive."""
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    assert port is not None
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert (await _read_answer(stream)).startswith(b"HTTP/1.1 200")
+    return stream
+
+
+# The next three run on trio's autojump clock: when every task waits, virtual
+# time jumps to the next deadline, so the keep-alive timer is met without
+# waiting 75 s. Virtual time is what is asserted; no wall clock.
+VIRTUAL_HANG_GUARD = 10 * AGENT_KEEPALIVE
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock, server: RunningServer
+) -> None:
+    stream = await _kept_alive(server)
+    idle_since = trio.current_time()
+    with trio.fail_after(VIRTUAL_HANG_GUARD):
+        assert await stream.receive_some() == b""
+    assert trio.current_time() - idle_since >= AGENT_KEEPALIVE
+    await stream.aclose()
+
+
+async def test_a_turn_held_longer_than_the_keep_alive_timeout_still_gets_its_answer(
+    autojump_clock: trio.testing.MockClock, api: Api, server: RunningServer
+) -> None:
+    session_id = await api.create()
+    api.script("long", "hold")
+    stream = await _raw_chat(server, session_id, "long")
+    await api.chaos.wait_for("long", EventKind.RECEIVED)
+    await trio.sleep(3 * AGENT_KEEPALIVE)  # virtual: the engine thinks for 225 s
+    api.chaos.release("long")
+    assert (await _read_answer(stream)).startswith(b"HTTP/1.1 200")
+    await stream.aclose()
+
+
+async def test_shutdown_closes_idle_connections_at_once(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, chaos: ChaosUpstream
+) -> None:
+    shutdown = trio.Event()
+    config = ServerConfig(port=0, upstream_url=chaos.url, grace_period=5.0)
+    server = await nursery.start(partial(serve, config, shutdown=shutdown))
+    stream = await _kept_alive(server)
+    shutdown_at = trio.current_time()
+    shutdown.set()
+    with trio.fail_after(VIRTUAL_HANG_GUARD):
+        assert await stream.receive_some() == b""
+    # Closed as shutdown began, not when the grace period ran out.
+    assert trio.current_time() - shutdown_at < config.grace_period
+    await stream.aclose()

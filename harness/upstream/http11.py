@@ -17,6 +17,8 @@ from functools import partial
 import h11
 import trio
 
+from refserver.listening import BurstListener
+
 MAX_BODY_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 65536
 
@@ -93,7 +95,12 @@ async def serve_http11(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    # Accepted in bursts: a server whose turns each open an engine connection
+    # connects by the thousand at once (see refserver.listening).
+    listeners = [
+        BurstListener.taking_over(listener)
+        for listener in await trio.open_tcp_listeners(port, host=host)
+    ]
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     task_status.started(f"http://{shown_host}:{bound_port}")
