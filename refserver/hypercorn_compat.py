@@ -315,8 +315,11 @@ class _Connection(TCPServer):
             with trio.CancelScope(deadline=idle.deadline) as scope:
                 idle.read_scope = scope
                 try:
-                    with trio.fail_after(self.config.read_timeout or inf):
+                    if self.config.read_timeout is None:  # the default: no generator per read
                         data = bytes(await self.stream.receive_some(MAX_RECV))
+                    else:
+                        with trio.fail_after(self.config.read_timeout):
+                            data = bytes(await self.stream.receive_some(MAX_RECV))
                 except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break
                 finally:
