@@ -42,7 +42,15 @@
    ``serve``'s connections keep it as a deadline on the read their task already
    waits in (``_IdleDeadline``). Idle connections still close at shutdown.
 
-hypercorn has no hook for 1 to 4, so they are small wrappers around
+8. An answer sent before the request's body has arrived (a 404 or 405 for a
+   route that reads no body, a 413 on the declared length) ends the
+   connection, since the rest of the body would be read as the next request;
+   hypercorn closed it without saying so, and a client that reused it lost its
+   next request ("Server disconnected without sending a response": the local
+   fuzz profile found it, a PUT with a body to an unknown path, then GET
+   /healthz). Such an answer now carries ``Connection: close``.
+
+hypercorn has no hook for 1 to 4 and 8, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
 carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
 ``tests/test_bad_input.py`` checks the first two over raw sockets, and every
@@ -162,6 +170,12 @@ _HELD_HEAD = "_sessctl_held_head"
 """The attribute of an ``H11Protocol`` holding an answer's head until its body."""
 
 
+def _closing(response: h11.Response) -> h11.Response:
+    """The answer with ``Connection: close`` (item 8)."""
+    headers = [*response.headers, (b"connection", b"close")]
+    return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+
+
 def _has_length(response: h11.Response) -> bool:
     return any(name == b"content-length" for name, _value in response.headers)
 
@@ -213,6 +227,8 @@ def _install() -> None:
                 return  # the app answers 413 instead; the client never sends the body
             await original_send(self, event)
             return
+        if isinstance(event, h11.Response) and self.connection.their_state is h11.SEND_BODY:
+            event = _closing(event)
         try:
             data = self.connection.send(event) or b""
         except h11.LocalProtocolError:

@@ -330,3 +330,25 @@ def test_serve_refuses_bad_options_at_start_up(args: list[str], option: str) -> 
     assert done.returncode == 2
     assert f"Invalid value for '{option}'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_an_answer_before_the_body_arrived_says_the_connection_closes(
+    server: RunningServer,
+) -> None:
+    # The body is announced but not yet sent when the 404 is written: the server
+    # will not read it as a request, so the answer must say the connection ends,
+    # or a client reusing it loses its next request (found by the fuzz profile).
+    url = httpx.URL(server.url)
+    assert url.port is not None
+    stream = await trio.open_tcp_stream(url.host, url.port)
+    await stream.send_all(b"PUT /no/such/route HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\n")
+    received = b""
+    with trio.fail_after(HANG_GUARD):
+        while b"\r\n\r\n" not in received:
+            data = await stream.receive_some()
+            assert data, "closed without an answer"
+            received += data
+    head = received.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 404")
+    assert b"\r\nconnection: close" in head
+    await stream.aclose()
