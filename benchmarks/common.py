@@ -19,10 +19,13 @@ class Child:
 
 
 @contextmanager
-def sessctl_process(*args: str, url_prefix: str) -> Iterator[Child]:
-    """Start ``sessctl ARGS``; yield once it prints a line starting with url_prefix."""
+def sessctl_process(
+    *args: str, url_prefix: str, launcher: tuple[str, ...] = ("-m", "sessctl")
+) -> Iterator[Child]:
+    """Start ``sessctl ARGS`` (``launcher``: how python runs it); yield once it
+    prints a line starting with url_prefix."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sessctl", *args],
+        [sys.executable, *launcher, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -1,6 +1,6 @@
 """Scale: thousands of turns held at the engine, and DELETE still answers at once.
 
-    python benchmarks/scale_bench.py [--levels 1,100,1000,10000] [--samples 50]
+    python benchmarks/scale_bench.py [--levels 1,100,1000,10000] [--samples 50] [--gc]
 
 The server (``sessctl serve``, default settings), the chaos upstream (``sessctl
 upstream``) and this load generator each run in their own process. At each
@@ -16,13 +16,21 @@ The server admits ``--max-turns-in-flight`` turns (by default what the open-file
 limit allows, two descriptors a turn); a level above that is capped to it and
 the output says so. Goal (issue 15): DELETE p99 <= 20 ms and <= 3x healthz p99
 at every level, 0 lost, RSS <= 300 MB.
+
+``--gc`` runs the server under ``benchmarks/gc_probe.py`` and adds, per level,
+the garbage collections the server ran while the level was reached (count,
+total, longest, per generation), its tracked objects, and the time of one
+full collection at that level; the idle server's is the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -39,6 +47,7 @@ from harness.upstream.script import marker
 from refserver.server import SOMAXCONN, default_max_turns_in_flight
 
 TAG = "scale"
+GC_PROBE = str(Path(__file__).resolve().parent / "gc_probe.py")
 
 
 def listen_backlog_cap() -> str:
@@ -96,8 +105,27 @@ class Level:
         return sum(1 for e in events if e["kind"] == "received")
 
 
+async def collections(pid: int, report: Path) -> str:
+    """What ``gc_probe.py`` in the server says of its garbage collections since it last said."""
+    path = trio.Path(report)
+    await path.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    while not await path.exists():  # noqa: ASYNC110 (another process writes it)
+        await trio.sleep(0.05)
+    found = json.loads(await path.read_text())
+    runs = ", ".join(
+        f"gen{generation} {row['count']}x {row['total_s']:.2f} s in all, longest "
+        f"{1000 * row['max_s']:.0f} ms"
+        for generation, row in sorted(found["collections"].items())
+    )
+    return (
+        f"server GC since the last report: {runs or 'none'}; tracked objects "
+        f"{found['tracked']:,}, a full collection now {1000 * found['full_s']:.0f} ms"
+    )
+
+
 async def run_level(
-    server: str, upstream: str, pid: int, level: int, samples: int
+    server: str, upstream: str, pid: int, level: int, samples: int, gc_report: Path | None
 ) -> dict[str, float]:
     limits = httpx.Limits(max_connections=AGENTS_PER_CLIENT + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(600.0, connect=60.0)
@@ -137,6 +165,8 @@ async def run_level(
                 answered = sorted(set(run.outcomes.values()))
                 print(f"  only {held} of {level} reached the upstream; the rest: {answered}")
             memory = rss_mb(pid)
+            if gc_report is not None:
+                print(f"  {level} held, {await collections(pid, gc_report)}")
             deletes: list[float] = []
             healthz: list[float] = []
             for _ in range(samples):
@@ -185,17 +215,24 @@ async def main(args: argparse.Namespace) -> int:
     if levels != wanted:
         print(f"levels capped to what the limit admits: {levels} (asked for {wanted})")
     ok = True
+    gc_report = Path(f"/tmp/sessctl-gc-{os.getpid()}.json") if args.gc else None
+    launcher = ("-m", "sessctl") if gc_report is None else (GC_PROBE, str(gc_report))
     with (
         sessctl_process("upstream", "--listen", "127.0.0.1:0", url_prefix="point a session") as up,
         sessctl_process(
-            "serve", "--port", "0", "--upstream", up.url, url_prefix="sessctl reference server on"
+            "serve", "--port", "0", "--upstream", up.url,
+            url_prefix="sessctl reference server on", launcher=launcher,
         ) as served,
-    ):
+    ):  # fmt: skip
         upstream_root = up.url.removesuffix("/v1")
         idle_rss = rss_mb(served.pid)
         print(f"server RSS before any turn: {idle_rss:.0f} MB")
+        if gc_report is not None:
+            print(f"  idle, {await collections(served.pid, gc_report)}")
         for level in levels:
-            row = await run_level(served.url, upstream_root, served.pid, level, args.samples)
+            row = await run_level(
+                served.url, upstream_root, served.pid, level, args.samples, gc_report
+            )
             per_turn_kb = 1024 * (float(row["rss_mb"]) - idle_rss) / max(1, int(row["level"]))
             delete_p99 = float(row["delete_p99"])
             delete_ok = delete_p99 <= 20 and delete_p99 <= 3 * float(row["healthz_p99"])
@@ -215,4 +252,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,100,1000,10000")
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--gc", action="store_true", help="report the server's collections")
     sys.exit(trio.run(main, parser.parse_args()))

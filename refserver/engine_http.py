@@ -28,12 +28,15 @@ leave it as ``EngineTransportError`` and nothing else.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections import deque
 from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from . import socket_io
 
 READ_CHUNK = 65536
 KEEPALIVE_EXPIRY = 5.0
@@ -70,9 +73,9 @@ class _Connection:
 
     async def receive(self) -> bytes:
         if self._plain:
-            # The socket itself, below SocketStream's layers: a turn held at the
-            # engine waits here, and each layer is memory per turn (and CPU).
-            return await self.socket().recv(READ_CHUNK)
+            # Below SocketStream's layers, and trio's socket's own: a turn held
+            # at the engine waits here, and each layer is memory per turn.
+            return await socket_io.receive(self.socket(), READ_CHUNK)
         return bytes(await self.stream.receive_some(READ_CHUNK))
 
     def close(self) -> None:
@@ -172,6 +175,36 @@ class EngineExchange:
             connection.close()
 
 
+_HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f:.]+")
+"""A host name or an IPv4 address; or, as ``urlsplit`` gives it without brackets, IPv6."""
+
+
+def base_url_problem(url: str, example: str = "http://127.0.0.1:30000/v1") -> str | None:
+    """Why ``url`` cannot be a base URL (of an engine, or of a server under test), or None.
+
+    Stricter than ``urlsplit``, which splits almost any string: what passes here
+    is a URL that ``EngineConnections`` can reach and that httpx (the harness's
+    client) parses the same way, so a bad one fails at its option, not mid-run."""
+    if not url.isascii() or any(char.isspace() or not char.isprintable() for char in url):
+        return f"{url!r} is not a URL: it has a space, a control or a non-ASCII character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        return f"{url!r} is not a URL: {error}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http(s) URL with a host, such as {example}"
+    if not _HOST.fullmatch(parts.hostname) or (port is None and parts.netloc.endswith(":")):
+        return f"{url!r} is not a URL: {parts.netloc!r} is not a host[:port]"
+    if parts.username is not None or parts.password is not None:
+        # The engine client would drop them silently, and a target's would name
+        # the target by them in every report.
+        return f"{url!r} has a user or password in it; give the URL without them"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return f"{url!r} has a query or fragment; give the base URL only"
+    return None
+
+
 class EngineConnections:
     """Keep-alive connections to one engine (``base_url``'s scheme, host and port)."""
 
@@ -184,9 +217,11 @@ class EngineConnections:
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        problem = base_url_problem(base_url)
+        if problem is not None:
+            raise ValueError(problem)
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{base_url!r} is not an http(s) URL with a host")
+        assert parts.hostname is not None
         https = parts.scheme == "https"
         self._tls = (ssl_context or ssl.create_default_context()) if https else None
         self._host = parts.hostname

@@ -29,7 +29,7 @@
    overflowed the kernel's accept queue and some were reset. ``serve`` is
    hypercorn's ``worker_serve`` for plain-TCP binds with ``BurstListener``
    (``refserver/listening.py``) instead; everything after accept is hypercorn's,
-   but for items 6 and 7 (a subclass of its connection class).
+   but for items 6, 7 and 9 (a subclass of its connection class).
 6. When a client closes a kept-alive connection, hypercorn (0.18) does not
    close its side until the keep-alive timeout: the connection's task waits
    for its idle timer's task before closing. Agents that close after their
@@ -49,6 +49,13 @@
    next request ("Server disconnected without sending a response": the local
    fuzz profile found it, a PUT with a body to an unknown path, then GET
    /healthz). Such an answer now carries ``Connection: close``.
+
+9. A turn held at the engine keeps its agent's connection waiting, and at
+   10,000 turns what a waiting connection costs is the server's memory. Its
+   read is ``socket_io.receive`` (below trio's ``SocketStream`` layers), and
+   its app's messages go through an ``_AppQueue`` instead of a trio memory
+   channel: together about 3 KB less per turn (``tests/test_socket_io.py``,
+   ``benchmarks/scale_bench.py``).
 
 hypercorn has no hook for 1 to 4 and 8, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
@@ -73,17 +80,26 @@ import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.utils import (
+    ShutdownError,
+    parse_socket_addr,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
 from starlette.types import ASGIApp
 
+from . import socket_io
 from .listening import BurstListener
 
 SESSCTL_LIMITS = "sessctl_limits"
@@ -315,28 +331,119 @@ class _IdleDeadline:
             self._set(-inf)
 
 
+class _AppQueue:
+    """What hypercorn's connection puts for its app (the body, ``http.disconnect``) (item 9).
+
+    hypercorn opens a trio memory channel per request, about 1.7 KB that a
+    turn held at the engine keeps; this is a list and, only while one side
+    waits, an event. The same behaviour: ``put`` waits while ``limit``
+    messages are queued, and both are checkpoints, as the channel's are.
+    """
+
+    __slots__ = ("_limit", "_messages", "_ready", "_space")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._messages: list[Any] = []
+        self._ready: trio.Event | None = None
+        self._space: trio.Event | None = None
+
+    async def put(self, message: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        blocked = False
+        while len(self._messages) >= self._limit:
+            blocked = True
+            self._space = self._space or trio.Event()
+            await self._space.wait()
+        self._messages.append(message)
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
+        if not blocked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def get(self) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        blocked = False
+        while not self._messages:
+            blocked = True
+            self._ready = self._ready or trio.Event()
+            await self._ready.wait()
+        message = self._messages.pop(0)
+        if self._space is not None:
+            self._space.set()
+            self._space = None
+        if not blocked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return message
+
+
+class _TaskGroup(TaskGroup):
+    """hypercorn's per-connection task group, its app's messages in an ``_AppQueue``."""
+
+    async def spawn_app(
+        self, app: Any, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        queue = _AppQueue(config.max_app_queue_size)
+        assert self._nursery is not None
+        run_sync, run = trio.to_thread.run_sync, trio.from_thread.run
+        self._nursery.start_soon(_handle, app, config, scope, queue.get, send, run_sync, run)
+        return queue.put
+
+
 class _Connection(TCPServer):
     """hypercorn's connection task: its keep-alive timer a deadline, not a task (item 7),
-    and closing at once when its client closed (item 6)."""
+    closing at once when its client closed (item 6), and waiting leaner (item 9)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.idle_task: _IdleDeadline = _IdleDeadline(self)  # type: ignore[assignment]
         self.context.connections.add(self)  # type: ignore[attr-defined]
 
+    async def run(self) -> None:
+        # hypercorn's TCPServer.run (0.18) for a plain-TCP stream (serve accepts
+        # no other), with the lighter task group.
+        socket = self.stream.socket
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with _TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = ProtocolWrapper(
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    False,
+                    client,
+                    server,
+                    self.protocol_send,
+                    "http/1.1",
+                )
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
     async def _read_data(self) -> None:
         idle = self.idle_task
+        socket = self.stream.socket
         while True:
             data: bytes | None = None
             with trio.CancelScope(deadline=idle.deadline) as scope:
                 idle.read_scope = scope
                 try:
                     if self.config.read_timeout is None:  # the default: no generator per read
-                        data = bytes(await self.stream.receive_some(MAX_RECV))
+                        data = await socket_io.receive(socket, MAX_RECV)
                     else:
                         with trio.fail_after(self.config.read_timeout):
-                            data = bytes(await self.stream.receive_some(MAX_RECV))
-                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                            data = await socket_io.receive(socket, MAX_RECV)
+                # OSError: a reset, as SocketStream would have raised it (BrokenResourceError).
+                except (OSError, trio.ClosedResourceError, trio.TooSlowError):
                     break
                 finally:
                     idle.read_scope = None

@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import httpx
 import trio
 
 from . import strictjson
@@ -53,19 +52,6 @@ RETRYABLE_STATUS = frozenset({429, 503})
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 """The most an engine's answer (a completion, or a whole stream) may take: it is
 held in memory and committed, and no real answer comes near it."""
-
-
-def base_url_problem(url: str, example: str = "http://127.0.0.1:30000/v1") -> str | None:
-    """Why ``url`` cannot be a base URL (of an upstream, or a target), or None if it can."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as error:
-        return f"{url!r} is not a URL: {error}"
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        return f"{url!r} is not an http(s) URL with a host, such as {example}"
-    if parsed.query or parsed.fragment:
-        return f"{url!r} has a query or fragment; give the base URL only"
-    return None
 
 
 class Upstream(Protocol):

@@ -24,7 +24,8 @@ from harness.report.console import (
 from harness.report.timeline import render_timeline
 from harness.run.suite import Target
 
-from .run import DEFAULT_EXTERNAL_UPSTREAM, parse_listen, parse_target, write_json_file, writing
+from .defaults import DEFAULT_EXTERNAL_UPSTREAM
+from .run import parse_listen, parse_target, write_json_file, writing
 
 CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
 

@@ -9,39 +9,33 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import trio
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from harness.chaos.shrink import ShrinkSettings
-from harness.chaos.workload import ChaosSettings, Fault
 from harness.errors import HarnessError
-from harness.model.profile import builtin_profiles, load_profile
-from harness.run.profile_probe import ProbeOptions
-from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.model.builtin_profiles import builtin_profiles
 from refserver import RunningServer, ServerConfig
+from refserver.engine_http import base_url_problem
 from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import (
     capacity_hints,
     default_max_turns_in_flight,
     serve_until_signalled,
 )
-from refserver.upstream import base_url_problem
 from refserver.variants import VARIANTS
 
-from .chaos import chaos, check
-from .run import (
-    DEFAULT_EXTERNAL_UPSTREAM,
-    RunOptions,
-    list_scenarios,
-    parse_listen,
-    profile_check,
-    run_scenarios,
-    selftest,
-)
+from .defaults import DEFAULT_EXTERNAL_UPSTREAM
+
+if TYPE_CHECKING:
+    from harness.chaos.workload import Fault
+
+# The harness (pydantic, YAML, httpx, the report) is imported by the commands
+# that use it, not here: `sessctl serve` runs the reference server alone, and
+# an idle server started through the CLI weighed 62 MB with it, 43 MB without.
 
 app = typer.Typer(
     help="Race-test LLM session servers.",
@@ -311,6 +305,8 @@ def run_scenarios_command(
     scenario failed, 2 usage or scenario-file error, 3 a target was unreachable
     or not wired to the chaos upstream.
     """
+    from .run import RunOptions, list_scenarios, run_scenarios
+
     options = RunOptions(
         paths=paths or [],
         targets=target or [],
@@ -350,6 +346,8 @@ def selftest_command(
     Exit status 0 only if the clean server passes everything and every variant
     is caught by at least one scenario.
     """
+    from .run import RunOptions, selftest
+
     options = RunOptions(paths=paths or [], name_filter=filter, repeat=repeat, json=json)
     raise typer.Exit(_run_harness(lambda: selftest(options, console)))
 
@@ -362,6 +360,8 @@ def list_scenarios_command(
     filter: Annotated[str | None, typer.Option("--filter", help="GLOB[,GLOB]")] = None,
 ) -> None:
     """List scenarios: name, runs, description, file."""
+    from .run import RunOptions, list_scenarios
+
     options = RunOptions(paths=paths or [], name_filter=filter)
     raise typer.Exit(_run_harness(lambda: list_scenarios(options, console)))
 
@@ -424,6 +424,12 @@ def chaos_command(
     Exit status: 0 valid, 1 invalid, 2 usage error, 3 target unreachable,
     4 undecided (search budget).
     """
+    from harness.chaos.shrink import ShrinkSettings
+    from harness.chaos.workload import ChaosSettings, Fault
+    from harness.model.profile import load_profile
+
+    from .chaos import chaos
+
     _known_variant(emulate, with_target=target is not None)
     if shrink_budget <= 0:
         _usage_error("--shrink-budget must be a positive number of seconds")
@@ -482,6 +488,10 @@ def check_command(
     Exit status: 0 valid, 1 invalid, 2 unreadable history, 4 undecided (the
     search budget ran out).
     """
+    from harness.model.profile import load_profile
+
+    from .chaos import check
+
     raise typer.Exit(
         _run_harness(lambda: check(history, json, console, load_profile(profile).trajectory.model))
     )
@@ -513,6 +523,10 @@ def profile_check_command(
     2 usage error, 3 the target is unreachable, not a session server, or not
     wired to the chaos upstream.
     """
+    from harness.run.profile_probe import ProbeOptions
+
+    from .run import profile_check
+
     probe = ProbeOptions(request_timeout, target_wait, _parse_flavor(flavor))
     raise typer.Exit(
         _run_harness(lambda: profile_check(target, upstream_listen, output, probe, console))
@@ -525,6 +539,10 @@ def upstream(
     flavor: FlavorOption = "openai",
 ) -> None:
     """Run the chaos upstream on its own (scriptable over /_sessctl/...)."""
+    from harness.upstream.chaos_upstream import ChaosUpstream
+
+    from .run import parse_listen
+
     try:
         host, port = parse_listen(listen)
     except HarnessError as problem:

@@ -32,11 +32,10 @@ from harness.run.profile_probe import ProbeOptions, check_profile
 from harness.run.runner import RunSettings
 from harness.run.selftest import run_selftest
 from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
+from refserver.engine_http import base_url_problem
 from refserver.fake_upstream import Flavor
-from refserver.upstream import base_url_problem
 
-DEFAULT_EXTERNAL_UPSTREAM = "127.0.0.1:8900"
-"""Where the chaos upstream listens when an external target must be pointed at it."""
+from .defaults import DEFAULT_EXTERNAL_UPSTREAM
 
 
 @dataclass(frozen=True)

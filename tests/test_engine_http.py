@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 import h11
+import httpx
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refserver.engine_http import EngineConnections, EngineTransportError
+from refserver.engine_http import EngineConnections, EngineTransportError, base_url_problem
 from refserver.streaming import EventReader
 
 from .conftest import HANG_GUARD
@@ -244,6 +245,61 @@ async def test_an_answer_over_the_limit_is_refused_and_the_next_turn_is_served(
 def test_a_base_url_must_be_http_with_a_host() -> None:
     with pytest.raises(ValueError, match="not an http"):
         EngineConnections("ftp://engine/v1")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("notaurl", "not an http(s) URL with a host"),
+        ("http://[::1", "not a URL: Invalid IPv6 URL"),
+        ("http://engine:99999/v1", "not a URL: Port out of range"),
+        ("http://engine:x/v1", "not a URL: Port could not be cast"),
+        ("http://engine:/v1", "'engine:' is not a host[:port]"),
+        ("http://en gine/v1", "has a space"),
+        ("http://engine/v1\n", "a control"),
+        ("http://\u00e9ngine/v1", "non-ASCII"),
+        ("http://127.0.0.1:30000/v1", None),
+        ("http://user:pw@engine/v1", "a user or password"),
+        ("http://engine/v1?x=1", "query or fragment"),
+        ("http://engine/v1#", "query or fragment"),
+        ("http://en%67ine/v1", "is not a host[:port]"),
+        ("http://[::1]:8000/v1", None),
+        ("https://engine.example/v1", None),
+    ],
+)
+def test_a_bad_base_url_is_named_for_what_is_wrong(url: str, says: str | None) -> None:
+    problem = base_url_problem(url)
+    if says is None:
+        assert problem is None
+    else:
+        assert problem is not None
+        assert says in problem, problem
+
+
+URL_PIECE = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=6)
+
+
+@given(
+    scheme=st.sampled_from(["http", "https", "ftp", "HTTP", ""]),
+    host=st.one_of(st.sampled_from(["engine", "127.0.0.1", "[::1]", "a.b-c", ""]), URL_PIECE),
+    port=st.one_of(st.none(), st.integers(-1, 70000).map(str), URL_PIECE),
+    path=st.one_of(st.sampled_from(["", "/v1", "/v1/"]), URL_PIECE.map(lambda p: "/" + p)),
+    tail=st.sampled_from(["", "?", "#x", "?a=b"]),
+)
+def test_a_base_url_that_passes_means_one_host_to_the_engine_client_and_httpx(
+    scheme: str, host: str, port: str | None, path: str, tail: str
+) -> None:
+    # The server reaches its engine with EngineConnections; the harness reaches
+    # a target with httpx. One check guards both, so what it lets through must
+    # mean the same host and port to each.
+    url = f"{scheme}://{host}{'' if port is None else ':' + port}{path}{tail}"
+    if base_url_problem(url) is not None:
+        return
+    engine = EngineConnections(url)
+    parsed = httpx.URL(url)
+    assert parsed.scheme in ("http", "https")
+    default_port = 443 if parsed.scheme == "https" else 80
+    assert (parsed.host, parsed.port or default_port) == (engine._host, engine._port)
 
 
 LINE = st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=8)

@@ -10,6 +10,8 @@ or when modules import each other in a circle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -188,3 +190,15 @@ def test_a_circle_is_caught() -> None:
     assert found == [
         "import circle: harness.run.checks -> harness.run.runner -> harness.run.checks"
     ]
+
+
+def test_the_cli_imports_the_harness_only_for_the_commands_that_use_it() -> None:
+    # `sessctl serve` is the reference server at scale; the harness's libraries
+    # were a third of an idle server's memory when the CLI imported them up front.
+    probe = (
+        "import sys, sessctl.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'yaml', 'httpx')"
+        " or m.startswith(('harness.run', 'harness.chaos', 'harness.report', 'sessctl.run'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from harness.errors import UsageError
 from refserver.anthropic import chat_to_messages, message_to_chat, messages_to_chat
 from refserver.rules import comparable
+
+from .builtin_profiles import builtin_profiles
 
 
 class _Model(BaseModel):
@@ -314,15 +315,6 @@ def _with_field(body: dict[str, Any], keys: list[str], value: str) -> dict[str, 
     if rest:
         return {**body, head: _with_field(inner if isinstance(inner, dict) else {}, rest, value)}
     return {**body, head: value}
-
-
-def builtin_profiles() -> dict[str, Path]:
-    root = resources.files("profiles")
-    return {
-        entry.name.removesuffix(".yaml"): Path(str(entry))
-        for entry in root.iterdir()
-        if entry.name.endswith(".yaml")
-    }
 
 
 def load_profile(spec: str | None) -> Profile:
