@@ -5,7 +5,9 @@ The decisions, with no I/O: ``rules`` (session lifecycle, turn validation),
 ``protocol`` and ``strictjson`` (what a request may be). Carrying them out:
 ``service`` (locks, cancel scopes, commits), ``upstream`` (calling the engine,
 retries), ``engine_http`` (HTTP/1.1 to the engine), ``app`` (HTTP),
-``hypercorn_compat`` and ``server`` (hypercorn), ``errors`` (every answer's error).
+``hypercorn_compat`` and ``server`` (hypercorn), ``listening`` and ``socket_io``
+(accepting, and reading, at thousands of connections), ``errors`` (every
+answer's error).
 Never imports the harness.
 """
 
