@@ -7,12 +7,13 @@ Hierarchy::
     │   └── ListenFailed             2   the chaos upstream's address is taken or invalid
     ├── ScenarioFileError            2   a scenario file is malformed (file:line:col)
     ├── ScriptError                  2   an upstream behaviour cannot be understood
-    ├── ProbeFailed                  1   profile check: the server's answers fit no profile
     └── TargetUnreachable            3   the server under test does not answer at all
 
-Failures *of the server under test* are not exceptions: they are verdicts
-(FAIL, ERROR) in the report. Foreign exceptions (httpx, YAML, pydantic) are
-translated into these where they are met: ``run/client.py``, ``model/loader.py``.
+Failures *of the server under test* are not exceptions: they are verdicts in
+the report (FAIL, with server faults among them; UNTESTED where a race could not
+be placed), or notes of a partial profile (``profile check``). Foreign
+exceptions (httpx, YAML, pydantic) are translated into these where they are met:
+``run/client.py``, ``model/loader.py``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ class ScenarioFileError(HarnessError):
 
 class ScriptError(HarnessError):
     exit_code = 2
-
-
-class ProbeFailed(HarnessError):
-    exit_code = 1
 
 
 class TargetUnreachable(HarnessError):

@@ -14,14 +14,18 @@ class Verdict(enum.Enum):
     PASS = "pass"
     NON_STRICT = "non-strict"
     """Only conventions differ from docs/contract.md (201 vs 200, 409 vs 400...); safe."""
+    UNTESTED = "untested"
+    """The race was never placed: a setup step was answered otherwise than the
+    scenario needs, or a wait that places the race never filled. The scenario's
+    property was not tested; ``RunResult.untested`` quotes why."""
     FAIL = "fail"
-    """A safety property broke."""
+    """A safety property broke, or the server faulted (no answer, malformed HTTP)."""
     ERROR = "error"
-    """The run could not complete."""
+    """sessctl could not run: an unreachable target, or a bug of its own."""
 
     @staticmethod
     def worst(verdicts: list[Verdict]) -> Verdict:
-        for verdict in (Verdict.ERROR, Verdict.FAIL, Verdict.NON_STRICT):
+        for verdict in (Verdict.ERROR, Verdict.FAIL, Verdict.UNTESTED, Verdict.NON_STRICT):
             if verdict in verdicts:
                 return verdict
         return Verdict.PASS
@@ -32,6 +36,10 @@ class Kind(enum.Enum):
     """Must hold on every server: no phantom commit, no auto-create, preemption..."""
     CONVENTION = "convention"
     """How the contract spells things: 201 vs 200, 409 vs 400, 410, the error shape."""
+    FAULT = "server fault"
+    """The server under test answered no HTTP at all while it was up: no answer
+    within the request timeout, a reset connection, a malformed answer (a body
+    shorter than its Content-Length, bad chunking). A FAIL of its own kind."""
 
 
 KEPT_BODY_BYTES = 4096
@@ -84,6 +92,8 @@ class StreamRecord:
     """The error event's ``error.type``."""
     first_chunk_at: float | None = None
     """trio.current_time() of the first chunk: a buffering server sends it late."""
+    finish_reason: str | None = None
+    """The ``finish_reason`` (``stop_reason`` on Anthropic's API) the stream carried."""
 
     @property
     def mark(self) -> str:
@@ -120,6 +130,9 @@ class Observation:
     minted: bool = False
     """A create step on a server that creates sessions implicitly: the harness made
     the id up and sent nothing; the first request that names it creates it."""
+    unreachable: bool = False
+    """No connection could be made (refused, no route): the target is down, which
+    sessctl cannot judge; any other missing answer is the server's fault."""
 
     @property
     def succeeded(self) -> bool:
@@ -165,6 +178,13 @@ class Finding:
     kind: Kind = Kind.SAFETY
     label: str = ""
     """The property in a few words ("phantom commit"); the summary line lists these."""
+    follows: str | None = None
+    """The earlier unexpected observation this finding follows from (its step and
+    what it saw), when there is one: the report shows it under that cause, and
+    its label is not counted as a cause of its own."""
+    seen_at: float | None = None
+    """trio.current_time() when what it reports was observed (an answer, a wait
+    that gave up, the final read); None when not known. Orders causes."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +195,11 @@ class RunResult:
     failures: list[Finding] = field(default_factory=list)
     errors: list[Finding] = field(default_factory=list)
     upstream_events: list[dict[str, Any]] = field(default_factory=list)
+    untested: list[Finding] = field(default_factory=list)
+    """Why the race was never placed (the step, and what the server answered);
+    empty when it was. Such a run's scenario-specific expectations are not
+    judged: only the invariants that hold on any server (every 200 committed,
+    nothing succeeds after a DELETE, no commit after a stream error)."""
 
 
 @dataclass(frozen=True)
@@ -208,10 +233,19 @@ class ScenarioResult:
 
     @property
     def first_problem_run(self) -> RunResult | None:
+        """The first run whose verdict is the scenario's (its worst)."""
         for run in self.runs:
-            if run.verdict is not Verdict.PASS:
+            if run.verdict is self.verdict and run.verdict is not Verdict.PASS:
                 return run
         return None
+
+    @property
+    def untested_because(self) -> Finding | None:
+        """Why the race was never placed, for an UNTESTED scenario."""
+        run = self.first_problem_run
+        if self.verdict is not Verdict.UNTESTED or run is None or not run.untested:
+            return None
+        return run.untested[0]
 
 
 @dataclass(frozen=True)
@@ -220,6 +254,8 @@ class SuiteResult:
     scenarios: list[ScenarioResult]
     unreachable: dict[str, str] = field(default_factory=dict)
     """Target name -> why it could not be reached."""
+    strict: bool = False
+    """``--strict``: an UNTESTED scenario fails the run too."""
 
     def count(self, verdict: Verdict) -> int:
         return sum(1 for s in self.scenarios if s.verdict is verdict)
@@ -235,15 +271,19 @@ class SuiteResult:
                 if run.verdict is Verdict.ERROR:
                     continue
                 for finding in run.failures:
-                    if finding.kind is kind and finding.label:
+                    if finding.kind is kind and finding.label and finding.follows is None:
                         found.setdefault(finding.label)
         return list(found)
+
+    def untested(self) -> list[ScenarioResult]:
+        return [s for s in self.scenarios if s.verdict is Verdict.UNTESTED]
 
     @property
     def exit_code(self) -> int:
         if self.unreachable:
             return 3
-        if any(s.verdict in (Verdict.FAIL, Verdict.ERROR) for s in self.scenarios):
+        failing = {Verdict.FAIL, Verdict.ERROR} | ({Verdict.UNTESTED} if self.strict else set())
+        if any(s.verdict in failing for s in self.scenarios):
             return 1
         return 0
 

@@ -28,7 +28,11 @@ _EOS_TOKEN_ID = 2
 
 
 def completion_for(
-    body: dict[str, Any], *, flavor: Flavor = "openai", finish_reason: str = "stop"
+    body: dict[str, Any],
+    *,
+    flavor: Flavor = "openai",
+    finish_reason: str = "stop",
+    tool_call_content: str | None = None,
 ) -> dict[str, Any]:
     """The engine's answer to ``body``, in the dialect of ``flavor``.
 
@@ -41,7 +45,13 @@ def completion_for(
     ``token_ids`` with ``return_token_ids``, and ``meta_info`` (with
     ``output_token_logprobs`` when ``logprobs`` is asked for) with
     ``return_meta_info`` or ``logprobs``, as RL session servers built on
-    SGLang read them. The usage has SGLang's extra fields.
+    SGLang read them. The usage has SGLang's extra fields. A request that carries
+    ``input_ids`` (a server that tokenized the prompt itself) gets those back as
+    ``prompt_token_ids``, and its prompt counted in them.
+
+    ``tool_call_content``: the message's ``content`` beside tool calls: null, as
+    OpenAI and current SGLang send it, or "" as SGLang builds patched for servers
+    that refuse null send it.
     """
     messages = body.get("messages") or []
     digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
@@ -62,7 +72,7 @@ def completion_for(
             "type": "function",
             "function": {"name": tool, "arguments": json.dumps({"turn": digest[:8]})},
         }
-        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        message = {"role": "assistant", "content": tool_call_content, "tool_calls": [call]}
         if finish_reason == "stop":
             finish_reason = "tool_calls"
     if sglang:
@@ -84,14 +94,14 @@ def completion_for(
     if sglang:
         choice["matched_stop"] = _EOS_TOKEN_ID if finish_reason == "stop" else None
         if body.get("return_prompt_token_ids") is True:
-            choice["prompt_token_ids"] = _token_ids(prompt_words)
+            choice["prompt_token_ids"] = _prompt_ids(body, prompt_words)
         if body.get("return_token_ids") is True:
             choice["token_ids"] = _token_ids(output_words)
         if body.get("return_meta_info") is True or wants_logprobs:
             meta: dict[str, Any] = {
                 "id": digest[:32],
                 "finish_reason": {"type": finish_reason, "matched": choice["matched_stop"]},
-                "prompt_tokens": len(prompt_words),
+                "prompt_tokens": _prompt_length(body, prompt_words),
                 "completion_tokens": len(output_words),
                 "cached_tokens": 0,
             }
@@ -204,6 +214,24 @@ def encode_chunk(chunk: dict[str, Any], flavor: Flavor) -> bytes:
 
 
 STREAM_END = b"data: [DONE]\n\n"
+
+
+def _given_ids(body: dict[str, Any]) -> list[int] | None:
+    ids = body.get("input_ids")
+    if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return ids
+    return None
+
+
+def _prompt_ids(body: dict[str, Any], words: list[str]) -> list[int]:
+    """The prompt's token ids: the ones the server sent, else made from its words."""
+    given = _given_ids(body)
+    return list(given) if given is not None else _token_ids(words)
+
+
+def _prompt_length(body: dict[str, Any], words: list[str]) -> int:
+    given = _given_ids(body)
+    return len(given) if given is not None else len(words)
 
 
 def _token_ids(words: list[str]) -> list[int]:

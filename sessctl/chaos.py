@@ -14,7 +14,7 @@ from harness.chaos.linearizability import CheckResult, check_history
 from harness.chaos.shrink import ShrinkResult, ShrinkSettings
 from harness.chaos.workload import ChaosReport, ChaosSettings, describe_target, run_chaos
 from harness.errors import UsageError
-from harness.model.scenario import TrajectoryModel
+from harness.model.profile import Profile
 from harness.report.console import (
     announce_chaos_upstream,
     render_check,
@@ -182,17 +182,17 @@ def check_report(result: CheckResult) -> dict[str, object]:
     }
 
 
-def check(
-    history: Path, output: Path | None, console: Console, model: TrajectoryModel = "linear"
-) -> int:
-    """Re-check a saved history: 0 valid, 1 invalid, 4 the search budget ran out."""
+def check(history: Path, output: Path | None, console: Console, profile: Profile) -> int:
+    """Re-check a saved history the way the profile says the server behaves:
+    0 valid, 1 invalid, 4 the search budget ran out."""
+    model = profile.trajectory.model
     operations = read_history(history)
     if model == "linear" and any(op.turns is not None for op in operations):
         raise UsageError(
             f"{history} was recorded on a server whose trajectory is a tree (its reads list "
             "turns): pass the --profile it was recorded with"
         )
-    result = check_history(operations, model=model)
+    result = check_history(operations, model=model, rollback=profile.rollback == "one-step")
     render_check(console, result, str(history))
     if output is not None:
         write_json_file(output, check_report(result))

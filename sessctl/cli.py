@@ -489,9 +489,7 @@ def check_command(
 
     from .chaos import check
 
-    raise typer.Exit(
-        _run_harness(lambda: check(history, json, console, load_profile(profile).trajectory.model))
-    )
+    raise typer.Exit(_run_harness(lambda: check(history, json, console, load_profile(profile))))
 
 
 profile_app = typer.Typer(
@@ -516,9 +514,10 @@ def profile_check_command(
 ) -> None:
     """Probe a server and suggest a profile (YAML) for --profile.
 
-    Exit status: 0 a profile was suggested, 1 the answers fit no profile,
-    2 usage error, 3 the target is unreachable, not a session server, or not
-    wired to the chaos upstream.
+    Exit status: 0 a profile was suggested, 1 a partial one (some probes failed:
+    the notes quote the answers, and the file says what was not probed), 2 usage
+    error, 3 the target is unreachable, not a session server, or not wired to the
+    chaos upstream.
     """
     from harness.run.profile_probe import ProbeOptions
 

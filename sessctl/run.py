@@ -144,6 +144,8 @@ def profile_check(
     for note in result.notes:
         # Whole notes, never cut: they quote what the server answered.
         console.print(Text(f"note: {note}"), soft_wrap=True)
+    for gap in result.unprobed:
+        console.print(Text(f"not probed: {gap}"), soft_wrap=True)
     differences = result.profile.differences()
     console.print(
         "differs from the reference conventions: " + "; ".join(differences)
@@ -155,9 +157,25 @@ def profile_check(
     )
     console.print(document, highlight=False, markup=False)
     if output is not None:
+        # The notes go with the file: why each value was chosen, and what was not
+        # probed (those keep the reference's value until someone says otherwise).
+        header = [f"# note: {note}" for note in result.notes]
+        header += [
+            f"# not probed (the reference's value is kept): {gap}" for gap in result.unprobed
+        ]
+        text = "".join(f"{' '.join(line.split())}\n" for line in header) + document
         with writing(output):
-            output.write_text(document, encoding="utf-8")
+            output.write_text(text, encoding="utf-8")
         console.print(f"written to {output}; use it with --profile {output}")
+    if result.partial:
+        console.print(
+            Text(
+                f"partial: {len(result.unprobed)} part(s) of the profile could not be probed "
+                "(see 'not probed' above); check them by hand before trusting its verdicts"
+            ),
+            soft_wrap=True,
+        )
+        return 1
     return 0
 
 

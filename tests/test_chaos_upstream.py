@@ -216,3 +216,49 @@ def test_unknown_behaviours_are_refused() -> None:
     for spec in ["explode", {"delay": -1}, {"status": 42}, {"hold": 1, "x": 2}, 7]:
         with pytest.raises(ScriptError):
             parse_behaviour(spec)
+
+
+async def test_the_sglang_flavor_echoes_the_input_ids_it_was_sent(nursery: trio.Nursery) -> None:
+    """A server that tokenized the prompt itself sends ``input_ids``: SGLang answers
+    with those as the prompt's token ids, not with ids of its own."""
+    chaos = ChaosUpstream("sglang")
+    url = await nursery.start(chaos.serve)
+    async with httpx.AsyncClient(base_url=url) as client:
+        sent = [101, 7, 7, 4242]
+        answer = await client.post(
+            "/chat/completions",
+            json=body("ids", input_ids=sent, return_prompt_token_ids=True, return_meta_info=True),
+        )
+    choice = answer.json()["choices"][0]
+    assert choice["prompt_token_ids"] == sent
+    assert choice["meta_info"]["prompt_tokens"] == len(sent)
+    nursery.cancel_scope.cancel()
+
+
+async def test_the_sglang_flavor_writes_errors_compact(nursery: trio.Nursery) -> None:
+    chaos = ChaosUpstream("sglang")
+    url = await nursery.start(chaos.serve)
+    script(chaos, "err", {"status": 503})
+    async with httpx.AsyncClient(base_url=url) as client:
+        refused = await client.post("/chat/completions", json=body("err"))
+        malformed = await client.post("/chat/completions", content=b"{not json")
+    for raw in (refused.content, malformed.content):
+        assert b'":' in raw
+        assert b'": ' not in raw
+        assert b", " not in raw.split(b'"message":')[0]
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("content", "expected"), [(None, None), ("", "")])
+async def test_a_tool_call_carries_the_content_the_server_needs(
+    nursery: trio.Nursery, content: str | None, expected: str | None
+) -> None:
+    chaos = ChaosUpstream("sglang", tool_call_content=content)
+    url = await nursery.start(chaos.serve)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    async with httpx.AsyncClient(base_url=url) as client:
+        answer = await client.post("/chat/completions", json=body("tool", tools=tools))
+    message = answer.json()["choices"][0]["message"]
+    assert message["tool_calls"]
+    assert message["content"] == expected
+    nursery.cancel_scope.cancel()

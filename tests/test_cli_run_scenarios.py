@@ -48,18 +48,23 @@ def test_passing_run_exits_0_and_writes_json_junit_and_markdown(tmp_path: Path) 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "\x1b[" not in done.stdout  # plain text when not a terminal
     assert "PASS  delete-mid-proxy" in done.stdout
-    assert "3 scenario results: 3 passed, 0 non-strict, 0 failed, 0 errors" in done.stdout
+    assert (
+        "3 scenario results: 3 passed, 0 non-strict, 0 untested, 0 failed, 0 errors" in done.stdout
+    )
 
     report = json.loads(reports["json"].read_text())
     assert report["summary"] == {
         "passed": 3,
         "non_strict": 0,
+        "untested": 0,
         "failed": 0,
         "errors": 0,
         "exit_code": 0,
         "unreachable": {},
         "safety_failures": [],
+        "server_faults": [],
         "non_strict_conventions": [],
+        "not_tested": [],
     }
     names = {s["name"] for s in report["scenarios"]}
     assert names == {"double-delete-sequential", "double-delete-concurrent", "delete-mid-proxy"}

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from harness.chaos.history import Operation, UpstreamEvent, read_history, write_history
-from harness.chaos.linearizability import check_history, check_session
+from harness.chaos.linearizability import check_history, check_invariants, check_session
 from harness.errors import ScenarioFileError
 
 S = "s1"
@@ -498,3 +498,30 @@ def test_a_made_up_id_becomes_a_session_at_its_first_turn_and_not_again_after_de
     result = check_history(h.ops)
     assert result.verdict == "invalid"
     assert "resurrection" in result.findings[0].explanation
+
+
+def _rolled_back_life(rewind_sent_at: float) -> History:
+    """Turns one and two committed; then a request that keeps turn one and replaces
+    turn two (a one-step rollback), sent at ``rewind_sent_at``; then a read."""
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], answer=A1)
+    h.add("chat", 4, 5, 200, messages=[U1, A1, U2], answer=A2)
+    h.add("chat", rewind_sent_at, 7, 200, messages=[U1, A1, W], answer=B1)
+    h.add("get", 8, 9, 200, messages=[U1, A1, W, B1], num_assistant=2)
+    return h
+
+
+def test_durability_excuses_a_declared_rollback_sent_after_the_turn_it_replaced() -> None:
+    history = _rolled_back_life(rewind_sent_at=6).ops
+    excused = check_invariants(history, rollback=True)
+    assert [f for f in excused if f.kind == "durability"] == []
+    # Undeclared, the lost turn is a phantom commit, as run-scenarios says too.
+    undeclared = check_invariants(history, rollback=False)
+    assert [f.kind for f in undeclared] == ["durability"]
+
+
+def test_durability_does_not_excuse_a_rollback_by_a_writer_that_never_saw_the_turn() -> None:
+    # Sent before turn two was answered: its writer replaced a turn it never saw.
+    history = _rolled_back_life(rewind_sent_at=4.5).ops
+    assert [f.kind for f in check_invariants(history, rollback=True)] == ["durability"]

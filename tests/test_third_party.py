@@ -1,7 +1,9 @@
 """A third-party-style server (tests/third_party_server.py) under its profile.
 
 It must get FAIL on exactly its three planted safety bugs, NON-STRICT on its
-conventions, and PASS elsewhere; --strict turns its conventions into failures.
+conventions, UNTESTED where a race cannot be placed on it (it buffers streams and
+passes failures through), and PASS elsewhere; --strict turns its conventions
+into failures.
 """
 
 from __future__ import annotations
@@ -49,15 +51,18 @@ NON_STRICT = {
     "bad-input-values",  # 422 for ill-typed fields, 500 for NaN; stream: "false" read as false
     "stale-writer-gets-409",  # 400 instead of 409
     "upstream-abort-then-success",  # the abort and the 503 are passed to the agent
-    "delete-during-upstream-retry",  # likewise: the retry it races never happens
+    "stream-fails-before-first-chunk",  # likewise, before any chunk
+    "retry-of-a-lost-stream",  # the cut stream is a 502; the retry of a first turn is refused
+    "rollback-then-engine-failure",  # the rewound turn is refused with 400
+}
+UNTESTED = {
+    "delete-during-upstream-retry",  # the retry it races never happens: failures pass through
     # It buffers streams (a "fake stream"), so no mid-stream race can be set up:
     "delete-mid-stream",
     "delete-during-a-held-chunk",
     "client-disconnect-mid-stream",
     "upstream-cut-mid-stream",
     "concurrent-streaming-writers",
-    "stream-fails-before-first-chunk",  # and the failures are passed through
-    "retry-of-a-lost-stream",  # likewise; and the retry of a first turn is refused
 }
 PASSING = {
     "client-disconnect-mid-proxy",
@@ -90,7 +95,15 @@ async def test_fails_exactly_its_planted_bugs_and_is_non_strict_on_conventions(
     assert {n for n, v in verdicts.items() if v is Verdict.FAIL} == FAILING
     assert {n for n, v in verdicts.items() if v is Verdict.NON_STRICT} == NON_STRICT
     assert {n for n, v in verdicts.items() if v is Verdict.PASS} == PASSING
+    assert {n for n, v in verdicts.items() if v is Verdict.UNTESTED} == UNTESTED
     assert sorted(result.labels(Kind.SAFETY)) == sorted(PLANTED)
+    for scenario in result.untested():
+        assert scenario.untested_because is not None
+        # The cause is what the server did: it buffered, or passed the failure on.
+        assert (
+            "buffered" in scenario.untested_because.actual
+            or "passed through" in scenario.untested_because.actual
+        ), scenario.untested_because
     conventions = result.labels(Kind.CONVENTION)
     assert "create answers 200, not 201 (declared in the profile)" in conventions
     assert "rejected requests answer 400, not 409 (declared in the profile)" in conventions
@@ -112,6 +125,9 @@ async def test_strict_turns_conventions_into_failures(nursery: trio.Nursery) -> 
     verdicts = {s.name: s.verdict for s in result.scenarios}
     assert {n for n, v in verdicts.items() if v is Verdict.FAIL} == FAILING | NON_STRICT
     assert result.count(Verdict.NON_STRICT) == 0
+    # An untested race stays UNTESTED (it has no finding to fail), and fails the run.
+    assert {n for n, v in verdicts.items() if v is Verdict.UNTESTED} == UNTESTED
+    assert result.exit_code == 1
 
 
 async def test_the_readme_walkthrough_through_the_cli(
@@ -131,22 +147,26 @@ async def test_the_readme_walkthrough_through_the_cli(
         env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "120"},
     )  # fmt: skip
     out = done.stdout.decode()
+    (tmp_path / "walkthrough.txt").write_text(out)
+    print(out)  # README quotes this output (pytest -s shows it)
     assert done.returncode == 1, out + done.stderr.decode()
     assert "Traceback" not in out + done.stderr.decode()
     assert "NON-STRICT  bad-input-values  on " in out
     assert "FAIL  concurrent-writers-no-phantom  on " in out
     assert (
-        f"{len(FAILING | NON_STRICT | PASSING)} scenario results: {len(PASSING)} passed, "
-        f"{len(NON_STRICT)} non-strict, {len(FAILING)} failed, 0 errors"
+        f"{len(FAILING | NON_STRICT | PASSING | UNTESTED)} scenario results: "
+        f"{len(PASSING)} passed, {len(NON_STRICT)} non-strict, {len(UNTESTED)} untested, "
+        f"{len(FAILING)} failed, 0 errors"
     ) in out
+    assert f"{len(UNTESTED)} not tested (the race was never placed" in out
     summary = json.loads(reports["json"].read_text())["summary"]
     assert summary["non_strict"] == len(NON_STRICT)
+    assert {entry["scenario"] for entry in summary["not_tested"]} == UNTESTED
     assert sorted(summary["safety_failures"]) == sorted(PLANTED)
     suites = ET.parse(reports["xml"]).getroot()
     assert int(suites.get("failures") or suites[0].get("failures") or 0) == len(FAILING)
+    assert int(suites[0].get("skipped") or 0) == len(UNTESTED)
     assert "bad-input-values" in reports["md"].read_text()
-    (tmp_path / "walkthrough.txt").write_text(out)
-    print(out)  # README quotes this output (pytest -s shows it)
     nursery.cancel_scope.cancel()
 
 

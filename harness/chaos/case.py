@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from harness.model.messages import message_key
 from harness.results import RunResult
-from refserver.rules import comparable
 
 from .history import Operation
 from .linearizability import Finding
@@ -195,7 +195,7 @@ def _sent_at(op: Operation, arrival: Arrival) -> float:
 
 
 def _key(messages: Sequence[dict[str, Any]]) -> tuple[Any, ...]:
-    return tuple(comparable(m) for m in messages)
+    return tuple(message_key(m) for m in messages)
 
 
 def _end(op: Operation) -> float | None:

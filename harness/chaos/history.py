@@ -81,6 +81,9 @@ class Operation:
     implicit: bool = False
     """``create`` on a server that creates sessions implicitly: the client made the
     id up and sent nothing; the first request naming it creates the session."""
+    refusal: str | None = None
+    """An answer that is not 2xx: its status and the start of its body, as the
+    server sent it (a run in which nothing succeeded quotes these)."""
     outwaited: list[str] | None = None
     """``delete``: tags of held upstream calls the harness released because this
     DELETE had not been answered within its patience (it waited for the engine).
@@ -165,5 +168,6 @@ def _operation(data: dict[str, Any]) -> Operation:
         stream=None if data.get("stream") is None else str(data["stream"]),
         assembled=data.get("assembled"),
         outwaited=data.get("outwaited"),
+        refusal=None if data.get("refusal") is None else str(data["refusal"]),
         implicit=bool(data.get("implicit", False)),
     )

@@ -47,9 +47,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from harness.model.messages import message_key
 from harness.model.scenario import TrajectoryModel
+from harness.run.checks import rolls_back_one_step
 from harness.upstream.script import tag_of
-from refserver.rules import Conflict, Extend, Replay, classify_turn, comparable
+from refserver.rules import Conflict, Extend, Replay, classify_turn
 
 from .history import Operation
 
@@ -88,15 +90,15 @@ class State:
 
     @property
     def committed(self) -> tuple[Any, ...]:
-        return tuple(comparable(m) for m in self.messages)
+        return tuple(message_key(m) for m in self.messages)
 
     @property
     def key(self) -> tuple[Any, ...]:
         return (
             self.phase,
             self.committed,
-            None if self.last_request is None else tuple(comparable(m) for m in self.last_request),
-            None if self.stored_answer is None else comparable(self.stored_answer),
+            None if self.last_request is None else tuple(message_key(m) for m in self.last_request),
+            None if self.stored_answer is None else message_key(self.stored_answer),
             self.num_assistant,
             self.turns,
             self.maybe,
@@ -185,7 +187,7 @@ def _get(state: State, op: Operation) -> Step:
         return Step((), "GET answered 404 while the session exists")
     if not op.ok:
         return Step((state,))
-    read = tuple(comparable(m) for m in op.messages or [])
+    read = tuple(message_key(m) for m in op.messages or [])
     if read != state.committed:
         return Step(
             (),
@@ -217,7 +219,7 @@ def _chat(state: State, op: Operation) -> Step:
             return Step((), f"a chat answered 200 although it conflicts: {decision.reason}")
         return Step((state,))
     if isinstance(decision, Replay):
-        if op.ok and comparable(op.answer or {}) != comparable(state.stored_answer or {}):
+        if op.ok and message_key(op.answer or {}) != message_key(state.stored_answer or {}):
             return Step((), "an exact retry answered 200 with a different answer than was stored")
         return Step((state,))
     assert isinstance(decision, Extend)
@@ -272,7 +274,7 @@ def _branch(state: State, messages: list[dict[str, Any]], answer: dict[str, Any]
 
 
 def _path(messages: Iterable[Any]) -> tuple[Any, ...]:
-    return tuple(comparable(m) for m in messages)
+    return tuple(message_key(m) for m in messages)
 
 
 def _commit(state: State, messages: list[dict[str, Any]], answer: dict[str, Any]) -> State:
@@ -471,6 +473,7 @@ def check_invariants(
     operations: Sequence[Operation],
     leak_bound: float = DEFAULT_LEAK_BOUND,
     model: TrajectoryModel = "linear",
+    rollback: bool = False,
 ) -> list[Finding]:
     findings: list[Finding] = []
     by_session: dict[str, list[Operation]] = defaultdict(list)
@@ -478,7 +481,7 @@ def check_invariants(
         by_session[op.session].append(op)
     for session, ops in by_session.items():
         ops.sort(key=lambda o: o.invoke)
-        findings.extend(_durability(session, ops, model))
+        findings.extend(_durability(session, ops, model, rollback))
         if model == "linear":  # on a tree, a streamed turn's answer is checked as durable
             findings.extend(_streamed_answers(session, ops))
         findings.extend(_delete_waits(session, ops))
@@ -499,11 +502,18 @@ def _later_reads(
             yield read
 
 
-def _durability(session: str, ops: list[Operation], model: TrajectoryModel) -> Iterable[Finding]:
+def _durability(
+    session: str, ops: list[Operation], model: TrajectoryModel, rollback: bool = False
+) -> Iterable[Finding]:
+    """Every chat answered 200 is in every later read. ``rollback``: the profile
+    declares one-step rollbacks, and a turn replaced by one is excused exactly as
+    ``run-scenarios`` excuses it: the request that replaced it was answered 200
+    and sent after that turn was answered (a writer that never saw the turn it
+    replaced made a phantom commit)."""
     for chat in ops:
         if chat.op != "chat" or not chat.ok or chat.answer is None or chat.complete is None:
             continue
-        turn = [comparable(m) for m in [*(chat.messages or []), chat.answer]]
+        turn = [message_key(m) for m in [*(chat.messages or []), chat.answer]]
         for read in _later_reads(chat, ops, model):
             if read.turns is not None:
                 if tuple(turn) not in {_path(t) for t in read.turns}:
@@ -517,9 +527,11 @@ def _durability(session: str, ops: list[Operation], model: TrajectoryModel) -> I
                     )
                     break
                 continue
-            prefix = [comparable(m) for m in (read.messages or [])[: len(turn)]]
+            prefix = [message_key(m) for m in (read.messages or [])[: len(turn)]]
             if chat.stream is not None and prefix[:-1] == turn[:-1] and len(prefix) == len(turn):
                 continue  # its turn is there with another answer: _streamed_answers says so
+            if prefix != turn and rollback and _rolled_back_before(chat, read, ops):
+                break  # replaced by a declared rollback: gone from here on, rightly
             if prefix != turn:
                 yield Finding(
                     "durability",
@@ -531,20 +543,38 @@ def _durability(session: str, ops: list[Operation], model: TrajectoryModel) -> I
                 break
 
 
+def _rolled_back_before(chat: Operation, read: Operation, ops: list[Operation]) -> bool:
+    """A chat answered 200, sent after ``chat`` was answered and before ``read``
+    was, rolled ``chat``'s turn back one step."""
+    assert chat.complete is not None
+    assert chat.answer is not None
+    turn = [*(chat.messages or []), chat.answer]
+    end = read.complete if read.complete is not None else float("inf")
+    return any(
+        other.op == "chat"
+        and other.ok
+        and other is not chat
+        and other.invoke >= chat.complete
+        and other.invoke < end
+        and rolls_back_one_step(turn, other.messages or [])
+        for other in ops
+    )
+
+
 def _streamed_answers(session: str, ops: list[Operation]) -> Iterable[Finding]:
     for chat in ops:
         if chat.op != "chat" or chat.stream != "done" or chat.complete is None:
             continue
         if chat.assembled is None:
             continue
-        request = [comparable(m) for m in chat.messages or []]
+        request = [message_key(m) for m in chat.messages or []]
         for read in _later_reads(chat, ops):
             messages = read.messages or []
             if len(messages) <= len(request):
                 continue
-            if [comparable(m) for m in messages[: len(request)]] != request:
+            if [message_key(m) for m in messages[: len(request)]] != request:
                 continue
-            if comparable(messages[len(request)]) != comparable(chat.assembled):
+            if message_key(messages[len(request)]) != message_key(chat.assembled):
                 yield Finding(
                     "stream-mismatch",
                     session,
@@ -684,6 +714,7 @@ def check_history(
     budget: int = DEFAULT_BUDGET,
     leak_bound: float = DEFAULT_LEAK_BOUND,
     model: TrajectoryModel = "linear",
+    rollback: bool = False,
 ) -> CheckResult:
     by_session: dict[str, list[Operation]] = defaultdict(list)
     for op in operations:
@@ -696,6 +727,6 @@ def check_history(
             undecided.append(session)
         elif finding is not None:
             findings.append(finding)
-    findings.extend(check_invariants(operations, leak_bound, model))
+    findings.extend(check_invariants(operations, leak_bound, model, rollback))
     verdict: Verdict = "invalid" if findings else "unknown" if undecided else "valid"
     return CheckResult(verdict, len(operations), len(by_session), findings, undecided)

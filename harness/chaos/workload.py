@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -30,7 +31,7 @@ from harness.errors import TargetUnreachable
 from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.results import Observation, StreamEnd, answer_of
 from harness.run.client import StreamProgress, TargetClient, read_session
-from harness.run.preflight import check_target
+from harness.run.preflight import check_target, describe
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
@@ -547,6 +548,8 @@ class ChaosRun:
         unknown = observation.status is None and not observation.minted
         if unknown:
             fields["gave_up"] = observation.ended
+        elif observation.status is not None and observation.status // 100 != 2:
+            fields["refusal"] = describe(observation, limit=160)
         self.history.append(
             Operation(
                 id=ticket,
@@ -611,7 +614,7 @@ async def run_chaos(
     ``embedded_in_child=False`` keeps it in this trio loop, which
     ``benchmarks/chaos_bench.py`` measures as the baseline for that choice.
     """
-    upstream = ChaosUpstream(settings.flavor)
+    upstream = ChaosUpstream(settings.flavor, tool_call_content=settings.profile.engine.content)
     async with trio.open_nursery() as nursery:
         upstream_url = await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
         if on_upstream_ready is not None:
@@ -649,7 +652,11 @@ async def run_chaos(
         finally:
             await client.aclose()
         checked = trio.current_time()
-        result = check_history(history, model=settings.profile.trajectory.model)
+        result = check_history(
+            history,
+            model=settings.profile.trajectory.model,
+            rollback=settings.profile.rollback == "one-step",
+        )
         check_seconds = trio.current_time() - checked
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
@@ -697,10 +704,24 @@ def _check_not_vacuous(history: list[Operation], url: str) -> None:
     """A history in which nothing succeeded is linearizable, and proves nothing."""
     if not any(op.op == "chat" and op.ok for op in history):
         answered = sorted({str(op.status) for op in history if op.status is not None})
+        # The bodies name the cause ("assistant message content is None..."):
+        # the distinct ones the chats got, most frequent first.
+        refusals = Counter(op.refusal for op in history if op.op == "chat" and op.refusal)
+        quoted = "; ".join(
+            f"{text} (x{count})" if count > 1 else text
+            for text, count in refusals.most_common(QUOTED_REFUSALS)
+        )
+        more = len(refusals) - QUOTED_REFUSALS
         raise TargetUnreachable(
             f"no chat on {url} succeeded in {len(history)} operations "
             f"(statuses seen: {', '.join(answered) or 'none'}); such a history proves nothing"
+            + (f"; the chats were answered: {quoted}" if quoted else "")
+            + (f"; and {more} other answer(s)" if more > 0 else "")
         )
+
+
+QUOTED_REFUSALS = 5
+"""How many distinct refusals a chaos run that proved nothing quotes."""
 
 
 def describe_target(target_url: str | None, emulate: str | None) -> str:

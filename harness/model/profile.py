@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UsageError
 from refserver.anthropic import chat_to_messages, message_to_chat, messages_to_chat
-from refserver.rules import comparable
 
 from .builtin_profiles import builtin_profiles
+from .messages import message_key
 
 
 class _Model(BaseModel):
@@ -70,6 +70,19 @@ class TrajectoryConvention(_Model):
         return self.model == "tree"
 
 
+class EngineConvention(_Model):
+    """What the server needs of its engine's answers, where engines differ."""
+
+    tool_call_content: Literal["null", "empty"] = "null"
+    """A tool call's ``content``: ``null``, as OpenAI and current SGLang send it, or
+    ``empty`` (""), as SGLang builds patched for servers that refuse null send it.
+    The chaos upstream answers the way the server needs."""
+
+    @property
+    def content(self) -> str | None:
+        return "" if self.tool_call_content == "empty" else None
+
+
 ADDRESSING = re.compile(r"^(path|bearer|header:[A-Za-z0-9-]+|body:[A-Za-z_][A-Za-z0-9_.]*)$")
 
 REFERENCE_CHAT_PATH = "/sessions/{session}/v1/chat/completions"
@@ -105,6 +118,11 @@ class Profile(_Model):
     upstream_failures: Literal["retry", "pass-through"] = "retry"
     """What the server does with a retryable upstream failure (abort, reset, 429,
     503): retry it, or pass it to the agent (state unchanged) for the agent to retry."""
+    aborted_completions: Literal["retry", "commit"] = "retry"
+    """What the server does with an engine answer whose ``finish_reason`` is
+    ``abort`` (SGLang's, during a weight update): retry it (the contract), or
+    answer the agent 200 with that ``finish_reason`` and commit it as it is
+    (some RL servers keep aborted samples, marked, on purpose)."""
     rollback: Literal["none", "one-step"] = "none"
     """``one-step``: a request that differs from the committed trajectory only in its
     last turn replaces that turn (the server rolls it back) instead of a refusal."""
@@ -117,6 +135,7 @@ class Profile(_Model):
     """What a request on a deleted session answers: 404; or 410 (reclaimed), 409
     (the rollout concluded), 503 (still closing). Any of them is safe."""
     error_shape: Literal["openai", "string"] = "openai"
+    engine: EngineConvention = EngineConvention()
 
     @model_validator(mode="after")
     def _closed_statuses_refuse(self) -> Profile:
@@ -196,6 +215,8 @@ class Profile(_Model):
             )
         if self.upstream_failures != reference.upstream_failures:
             found.append(PASSED_THROUGH)
+        if self.aborted_completions != reference.aborted_completions:
+            found.append(ABORTS_COMMITTED)
         if self.rollback != reference.rollback:
             found.append(ROLLED_BACK)
         if self.streaming != reference.streaming:
@@ -209,6 +230,9 @@ class Profile(_Model):
             found.append("errors are plain strings, not OpenAI-shaped")
         return found
 
+
+ABORTS_COMMITTED = "aborted completions are answered 200 and committed, not retried"
+"""The convention's label: ``finish_reason: abort`` reaches the agent and the trajectory."""
 
 PASSED_THROUGH = "upstream failures are passed through, not retried"
 """The convention's label: the server hands abort/503s to the agent, state unchanged."""
@@ -240,8 +264,8 @@ class TrajectoryState:
 
     def has_turn(self, path: list[dict[str, Any]]) -> bool:
         """Is the turn whose whole path is ``path`` committed (in some branch)?"""
-        wanted = [comparable(m) for m in path]
-        return any([comparable(m) for m in turn] == wanted for turn in self.turns or [])
+        wanted = [message_key(m) for m in path]
+        return any([message_key(m) for m in turn] == wanted for turn in self.turns or [])
 
 
 def read_trajectory(profile: Profile, body: Any, turns_body: Any = None) -> TrajectoryState:

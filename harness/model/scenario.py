@@ -149,6 +149,11 @@ class Step(_Model):
     """Why this step is here; shown in the report."""
     safety_property: str | None = Field(default=None, alias="property")
     """The safety property this step's expectations guard (default: the scenario's)."""
+    setup: bool | None = None
+    """This step builds the state the race needs (True) or observes the property
+    (False). A setup step answered on the other side than expected means the
+    race was never placed: the run is UNTESTED, not FAIL. Default: see
+    ``Scenario.setup_steps``."""
 
     op: str = ""
 
@@ -211,11 +216,19 @@ class ChatStep(SessionStep):
         return behaviours_of(self.upstream)
 
     @property
+    def plain_script(self) -> bool:
+        """The engine just answers every call: nothing about it is the race."""
+        return all(b == Behaviour() for b in self.behaviours)
+
+    @property
     def starts_with_retryable_failure(self) -> bool:
         """Its first upstream call fails in a way the contract retries (an abort,
         a reset, 429 or 503): a server that passes such failures through to the
-        agent answers this chat with an error instead."""
+        agent answers this chat with an error instead. A stream cut after chunks
+        were relayed is not one: nothing can be retried once the agent has text."""
         first = self.behaviours[0]
+        if self.stream and first.after is not None and first.after > 0:
+            return False
         return first.action in (Action.ABORT, Action.RESET) or (
             first.action is Action.STATUS and first.status in (429, 503)
         )
@@ -321,7 +334,15 @@ class WaitStep(Step):
 
     @property
     def event(self) -> EventKind:
+        """The upstream event waited for; only for a wait that is not ``on_client``."""
         return EventKind(self.target.split(".", 1)[1])
+
+    @property
+    def places_the_race(self) -> bool:
+        """Waits until the race can be placed (the upstream has the call, the client
+        has chunks), rather than for what the race should bring about (a call
+        cancelled or answered): one that never fills means nothing was raced."""
+        return self.on_client or self.event in (EventKind.RECEIVED, EventKind.SENT)
 
     def references(self) -> list[tuple[str, str]]:
         return [("wait", self.chat_step)]
@@ -490,6 +511,34 @@ class Scenario(_Model):
                     return step.safety_property
         return self.guards
 
+    @property
+    def setup_steps(self) -> frozenset[str]:
+        """The steps that build the state the race needs.
+
+        A step's own ``setup:`` decides. Otherwise: every create and ghost, every
+        wait that places the race (``WaitStep.places_the_race``), and the plain
+        turns that open the scenario: chats in the foreground, answered by the
+        default upstream script, expected to succeed, before the first step that
+        is not setup. Anything later, or scripted, observes the property."""
+        found: set[str] = set()
+        opening = True
+        for step in self.steps:
+            if step.setup is not None:
+                is_setup = step.setup
+            elif isinstance(step, CreateStep | GhostStep):
+                is_setup = True
+            elif isinstance(step, WaitStep):
+                is_setup = step.places_the_race
+            elif isinstance(step, ChatStep):
+                is_setup = opening and _plain_turn(step)
+            else:
+                is_setup = False
+            if is_setup:
+                found.add(step.id)
+            elif not isinstance(step, WaitStep):
+                opening = False
+        return frozenset(found)
+
     def step(self, step_id: str) -> Step:
         for step in self.steps:
             if step.id == step_id:
@@ -506,6 +555,19 @@ class Scenario(_Model):
             for step in self.steps
         ]
         return self.model_copy(update={"steps": steps, "expect": self.expect.for_model(model)})
+
+
+def _plain_turn(step: ChatStep) -> bool:
+    """A turn that only builds history: sent and awaited, answered by the engine at
+    once, expected to succeed, with nothing of a race about it."""
+    matcher = step.expect.status_matcher if step.expect else None
+    return (
+        not step.background
+        and not step.stream
+        and step.retry is None
+        and step.plain_script
+        and (matcher is None or matcher.outcome is True)
+    )
 
 
 @dataclass(frozen=True)

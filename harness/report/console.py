@@ -23,7 +23,7 @@ from harness.chaos.linearizability import CheckResult
 from harness.chaos.shrink import ShrinkResult
 from harness.results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
 from harness.run.selftest import CLEAN, SelftestResult
-from harness.run.suite import SuiteHooks, Target
+from harness.run.suite import NOT_RUN, SuiteHooks, Target
 from refserver.variants import VARIANTS
 
 from .exporters import reproduce_command
@@ -31,6 +31,7 @@ from .exporters import reproduce_command
 VERDICT_STYLE = {
     Verdict.PASS: "bold green",
     Verdict.NON_STRICT: "bold yellow",
+    Verdict.UNTESTED: "bold cyan",
     Verdict.FAIL: "bold red",
     Verdict.ERROR: "bold magenta",
 }
@@ -68,7 +69,8 @@ def render_scenario(console: Console, result: ScenarioResult, target: Target | N
                 count = step.cells.get(column, 0)
                 if not count:
                     row.append("")
-                elif step.expected is None:
+                elif step.expected is None or column == NOT_RUN:
+                    # A step not run observed nothing: the cause is reported above it.
                     row.append(Text(str(count), style="dim"))
                 elif column in step.expected_cells:
                     row.append(Text(f"{count} ok", style="green"))
@@ -94,7 +96,27 @@ def render_scenario(console: Console, result: ScenarioResult, target: Target | N
         failed_runs = sum(1 for r in result.runs if r.verdict is not Verdict.PASS)
         if runs > 1:
             console.print(f"  {failed_runs} of {runs} runs did not pass; run {run.index} was:")
-        render_findings(console, run.errors + run.failures, step_order)
+        if run.untested:
+            cause = run.untested[0]
+            console.print(
+                Text.assemble(
+                    ("  not tested: ", "bold cyan"),
+                    f"the race was never placed, so {result.name!r} says nothing about "
+                    "its property on this server; the cause:",
+                ),
+                soft_wrap=True,
+            )
+            render_findings(console, [cause], step_order)
+            if run.failures or run.errors:
+                console.print("  and, whatever was raced:")
+        findings = run.errors + run.failures
+        causes = [f for f in findings if f.follows is None]
+        render_findings(console, causes, step_order)
+        followers = [f for f in findings if f.follows is not None]
+        if followers:
+            steps = [f.step or "the run" for f in causes if f.kind is not Kind.CONVENTION]
+            console.print(Text(f"  what follows from {', '.join(dict.fromkeys(steps))}:"))
+            render_findings(console, followers, step_order)
         console.print(
             Text.assemble("  reproduce: ", (reproduce_command(result, target), "cyan")),
             soft_wrap=True,
@@ -185,29 +207,53 @@ def render_target_matrix(console: Console, suite: SuiteResult) -> None:
 
 
 def summary_line(suite: SuiteResult) -> Text:
-    """Counts, then what broke in words: the safety properties first, then conventions."""
-    passed, non_strict, failed, errors = (
-        suite.count(v) for v in (Verdict.PASS, Verdict.NON_STRICT, Verdict.FAIL, Verdict.ERROR)
+    """Counts, then what broke in words: the safety properties first, then
+    conventions; last, the scenarios that tested nothing, by name and cause."""
+    passed, non_strict, untested, failed, errors = (
+        suite.count(v)
+        for v in (Verdict.PASS, Verdict.NON_STRICT, Verdict.UNTESTED, Verdict.FAIL, Verdict.ERROR)
     )
     counts = (
         f"{len(suite.scenarios)} scenario results: {passed} passed, {non_strict} non-strict, "
-        f"{failed} failed, {errors} errors"
+        f"{untested} untested, {failed} failed, {plural(errors, 'error')}"
     )
-    safety = suite.labels(Kind.SAFETY)
+    safety = suite.labels(Kind.SAFETY) + suite.labels(Kind.FAULT)
     conventions = suite.labels(Kind.CONVENTION)
     line = Text(counts, style="bold green" if failed == errors == 0 else "bold red")
     if safety or conventions:
         line.append("\n")
-        plural = "s" if len(safety) != 1 else ""
         line.append(
-            f"{len(safety)} safety failure{plural}" + (f" ({', '.join(safety)})" if safety else ""),
+            plural(len(safety), "safety failure") + (f" ({', '.join(safety)})" if safety else ""),
             style="bold red" if safety else "bold green",
         )
-        plural = "s" if len(conventions) != 1 else ""
-        line.append(f"; {len(conventions)} non-strict convention{plural}", style="yellow")
+        line.append(f"; {plural(len(conventions), 'non-strict convention')}", style="yellow")
         if conventions:
             line.append(f" ({'; '.join(conventions)})", style="yellow")
+    if untested:
+        line.append("\n")
+        strict = "; --strict fails the run for it" if suite.strict else ""
+        line.append(
+            f"{untested} not tested (the race was never placed: each cause is quoted above"
+            f"{strict}): ",
+            style="bold cyan",
+        )
+        line.append(", ".join(untested_names(suite)), style="cyan")
     return line
+
+
+def untested_names(suite: SuiteResult) -> list[str]:
+    """Each UNTESTED scenario with the step that kept its race from being placed."""
+    shown = []
+    for result in suite.untested():
+        cause = result.untested_because
+        where = f" ({cause.step})" if cause is not None and cause.step else ""
+        target = f" on {result.target}" if len(suite.targets) > 1 else ""
+        shown.append(f"{result.name}{target}{where}")
+    return shown
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def announce_chaos_upstream(console: Console, url: str) -> None:

@@ -24,6 +24,7 @@ def _finding(f: Finding) -> dict[str, Any]:
         "step": f.step,
         "kind": f.kind.value,
         "label": f.label,
+        "follows": f.follows,
         "expected": f.expected,
         "actual": f.actual,
         "reproduce": f.reproduce,
@@ -46,6 +47,7 @@ def _run(run: RunResult) -> dict[str, Any]:
             }
             for step, o in run.observations.items()
         },
+        "untested": [_finding(f) for f in run.untested],
         "failures": [_finding(f) for f in run.failures],
         "errors": [_finding(f) for f in run.errors],
         "upstream_events": run.upstream_events,
@@ -57,12 +59,22 @@ def to_json(suite: SuiteResult, targets: dict[str, Target]) -> dict[str, Any]:
         "summary": {
             "passed": suite.count(Verdict.PASS),
             "non_strict": suite.count(Verdict.NON_STRICT),
+            "untested": suite.count(Verdict.UNTESTED),
             "failed": suite.count(Verdict.FAIL),
             "errors": suite.count(Verdict.ERROR),
             "exit_code": suite.exit_code,
             "unreachable": suite.unreachable,
             "safety_failures": suite.labels(Kind.SAFETY),
+            "server_faults": suite.labels(Kind.FAULT),
             "non_strict_conventions": suite.labels(Kind.CONVENTION),
+            "not_tested": [
+                {
+                    "scenario": s.name,
+                    "target": s.target,
+                    "because": _finding(cause) if (cause := s.untested_because) else None,
+                }
+                for s in suite.untested()
+            ],
         },
         "scenarios": [
             {
@@ -103,6 +115,7 @@ def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> N
             tests=str(len(results)),
             failures=str(sum(1 for s in results if s.verdict is Verdict.FAIL)),
             errors=str(sum(1 for s in results if s.verdict is Verdict.ERROR)),
+            skipped=str(sum(1 for s in results if s.verdict is Verdict.UNTESTED)),
         )
         for result in results:
             case = ET.SubElement(
@@ -112,6 +125,15 @@ def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> N
             if run is None:
                 continue
             findings = run.errors or run.failures
+            if result.verdict is Verdict.UNTESTED:
+                # Not a pass and not a failure: CI tools show a skipped case with why.
+                cause = run.untested[0] if run.untested else None
+                message = f"not tested: {_one_line(cause)}" if cause else "not tested"
+                skipped = ET.SubElement(case, "skipped", message=message)
+                lines = [_one_line(f) for f in run.untested + run.failures]
+                lines.append(f"reproduce: {reproduce_command(result, targets.get(target))}")
+                skipped.text = "\n".join(lines)
+                continue
             if result.verdict is Verdict.NON_STRICT:
                 # Safe, so the case passes; what differs is kept where CI shows it.
                 notes = ET.SubElement(case, "system-out")
@@ -130,6 +152,7 @@ def write_markdown(path: Path, suite: SuiteResult, targets: dict[str, Target]) -
     lines = ["# sessctl scenario report", ""]
     lines.append(
         f"{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.NON_STRICT)} non-strict, "
+        f"{suite.count(Verdict.UNTESTED)} untested, "
         f"{suite.count(Verdict.FAIL)} failed, {suite.count(Verdict.ERROR)} errors"
     )
     lines.append("")
@@ -150,6 +173,8 @@ def write_markdown(path: Path, suite: SuiteResult, targets: dict[str, Target]) -
         run = result.first_problem_run
         lines.append(f"### {result.name} on {result.target}: {result.verdict.value.upper()}")
         lines.append("")
+        if run is not None and run.untested:
+            lines.append(f"- not tested: {_one_line(run.untested[0])}")
         for finding in (run.errors + run.failures) if run else []:
             lines.append(f"- {_one_line(finding)}")
         lines += ["", "```", reproduce_command(result, targets.get(result.target)), "```", ""]
@@ -159,4 +184,5 @@ def write_markdown(path: Path, suite: SuiteResult, targets: dict[str, Target]) -
 def _one_line(finding: Finding) -> str:
     where = f"{finding.step}: " if finding.step else ""
     kind = "[non-strict] " if finding.kind is Kind.CONVENTION else ""
-    return f"{where}{kind}expected {finding.expected}; got {finding.actual}"
+    follows = f" (follows from {finding.follows})" if finding.follows else ""
+    return f"{where}{kind}expected {finding.expected}; got {finding.actual}{follows}"

@@ -15,11 +15,15 @@ Invariants checked on every scenario unless it opts out:
 from __future__ import annotations
 
 import json
+import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
+from harness.model.messages import first_divergence, message_key, role_of
 from harness.model.profile import (
+    ABORTS_COMMITTED,
     BUFFERED,
     IMPLICIT_CREATION,
     PASSED_THROUGH,
@@ -33,8 +37,8 @@ from harness.model.profile import (
 )
 from harness.model.scenario import ChatStep, Expect, Scenario, StatusMatcher, parse_status
 from harness.results import Finding, Kind, Observation, StreamEnd, answer_of
+from harness.upstream.script import Action
 from refserver.anthropic import SESSION_TYPES_AS_ANTHROPIC
-from refserver.rules import comparable, first_divergence
 
 from .context import RunContext
 
@@ -45,26 +49,87 @@ def check_run(
     profile: Profile = REFERENCE_PROFILE,
     *,
     timing_bounds: bool = False,
+    placed: bool = True,
 ) -> list[Finding]:
-    findings: list[Finding] = []
+    """Every finding of a run. ``placed=False``: the race was never placed (the
+    run is UNTESTED), so what the scenario expected of it is not judged; the
+    invariants that hold on any server, whatever was raced, still are."""
+    if not placed:
+        findings = _check_no_commit_after_stream_error(scenario, context)
+        if scenario.expect.durable:
+            findings.extend(_check_durable(scenario, context, profile))
+        if scenario.expect.no_success_after_delete:
+            findings.extend(_check_no_success_after_delete(context, profile))
+        return findings
+    findings = []
     for step in scenario.steps:
         observation = context.observations.get(step.id)
         if observation is None or observation.status is None:
             continue
+        at_step: list[Finding] = []
         if step.expect is not None:
             expect = step.expect
             if not timing_bounds:
                 expect = expect.model_copy(update={"within_ms": None})
-            findings.extend(check_step(scenario, step.id, expect, observation, context, profile))
+            at_step.extend(check_step(scenario, step.id, expect, observation, context, profile))
         if isinstance(step, ChatStep):
-            findings.extend(_check_chat_body(scenario, step.id, observation))
+            at_step.extend(_check_chat_body(scenario, step.id, observation))
+        findings.extend(_seen(at_step, observation.ended))
     findings.extend(_check_groups(scenario, context, profile))
-    findings.extend(_check_no_commit_after_stream_error(scenario, context))
+    # What the final reads show is seen last.
+    findings.extend(_seen(_check_no_commit_after_stream_error(scenario, context), math.inf))
     if scenario.expect.durable:
-        findings.extend(_check_durable(scenario, context, profile))
+        findings.extend(_seen(_check_durable(scenario, context, profile), math.inf))
     if scenario.expect.no_success_after_delete:
-        findings.extend(_check_no_success_after_delete(context, profile))
+        for finding in _check_no_success_after_delete(context, profile):
+            observed = context.observations.get(finding.step or "")
+            findings.extend(_seen([finding], observed.ended if observed else None))
     return findings
+
+
+def _seen(findings: list[Finding], at: float | None) -> list[Finding]:
+    return [replace(f, seen_at=at) if f.seen_at is None else f for f in findings]
+
+
+def with_causes(
+    findings: list[Finding], session_of: Mapping[str, str] | None = None
+) -> list[Finding]:
+    """The first unexpected observation on a session is the cause; every later
+    safety finding or server fault on that session follows from it, says so, and
+    is not counted as a cause of its own. Findings on no one session (a group,
+    the run as a whole) follow the run's first cause.
+
+    First means seen first: a background chat's answer is seen when it comes,
+    the final trajectory last. Conventions are left alone: they fail nothing."""
+    session_of = session_of or {}
+    counted = [f for f in findings if f.kind is not Kind.CONVENTION]
+    if len(counted) < 2:
+        return findings
+
+    def when(finding: Finding) -> float:
+        return math.inf if finding.seen_at is None else finding.seen_at
+
+    def session(finding: Finding) -> str | None:
+        return session_of.get(finding.step) if finding.step else None
+
+    first_of: dict[str | None, Finding] = {}
+    for finding in sorted(counted, key=when):
+        first_of.setdefault(session(finding), finding)
+    overall = min(counted, key=when)
+    causes = set(map(id, first_of.values())) - {id(first_of.get(None))} | {id(overall)}
+
+    def short(cause: Finding) -> str:
+        text = f"{cause.step}: {cause.actual}" if cause.step else cause.actual
+        return text if len(text) <= 160 else text[:160] + "..."
+
+    marked = []
+    for finding in findings:
+        if finding.kind is Kind.CONVENTION or id(finding) in causes:
+            marked.append(finding)
+            continue
+        cause = first_of.get(session(finding)) if session(finding) is not None else overall
+        marked.append(replace(finding, follows=short(cause or overall)))
+    return marked
 
 
 def check_step(
@@ -91,10 +156,21 @@ def check_step(
     matcher = expect.status_matcher
     if matcher is not None and not matcher.matches(observation.status):
         wanted_success = matcher.outcome
-        excused = _excused_refusal(scenario, step_id, observation, profile)
+        excused = _excused_refusal(
+            scenario, step_id, observation, profile, context.engine_calls.get(step_id)
+        )
         implicit = implicit_creation_excuse(step_id, observation, context, profile, matcher)
+        failed_stream = expect.stream in ("error", "cut") and not observation.succeeded
         if wanted_success is not None and observation.succeeded != wanted_success:
-            if implicit is not None:
+            if failed_stream:
+                # A turn expected to fail inside its stream failed before the
+                # stream began: the same outcome (nothing committed), spelled otherwise.
+                convention(
+                    f"status {matcher.describe()}, then {expect.stream} in the stream",
+                    describe_answer(observation),
+                    "a failed stream answered as an HTTP error, not in the stream",
+                )
+            elif implicit is not None:
                 convention(f"status {matcher.describe()}", describe_answer(observation), implicit)
             elif wanted_success and excused is not None:
                 convention(f"status {matcher.describe()}", describe_answer(observation), excused)
@@ -105,7 +181,24 @@ def check_step(
                     ROLLED_BACK_DECLARED,
                 )
             else:
-                safety(f"status {matcher.describe()}", describe_answer(observation))
+                label = status_label(scenario, step_id, observation, wanted_success, context)
+                if expect.convention:  # the scenario says this step only checks a convention
+                    convention(
+                        f"status {matcher.describe()}",
+                        describe_answer(observation),
+                        expect.convention,
+                    )
+                else:
+                    findings.append(
+                        Finding(
+                            step_id,
+                            f"status {matcher.describe()}",
+                            describe_answer(observation),
+                            repro,
+                            Kind.SAFETY,
+                            label,
+                        )
+                    )
         else:
             convention(
                 f"status {matcher.describe()}",
@@ -137,6 +230,8 @@ def check_step(
             )
     if expect.stream is not None and observation.status == 200 and observation.stream:
         not_relayed = context.not_relayed.get(step_id)
+        if passed_through(scenario, step_id, observation, context.engine_calls.get(step_id)):
+            not_relayed = passed_through_label(profile)  # the failure, as the agent saw it
         accepted = accepted_error_types(expect, profile)
         if not_relayed is None:
             _check_stream_end(expect, accepted, observation, safety, convention)
@@ -165,17 +260,110 @@ def check_step(
     return findings
 
 
-def passed_through(scenario: Scenario, step_id: str, observation: Observation | None) -> bool:
-    """A chat whose first upstream call failed retryably, answered with a 429 or
-    5xx: the server handed the failure to the agent instead of retrying it."""
+REFUSED = {
+    "chat": "a turn the contract accepts was refused",
+    "delete": "DELETE refused",
+    "get": "GET refused",
+    "create": "create refused",
+    "request": "a valid request refused",
+}
+"""Labels of a refusal where the contract expects success, by what was refused."""
+
+
+def status_label(
+    scenario: Scenario,
+    step_id: str,
+    observation: Observation,
+    wanted_success: bool,
+    context: RunContext,
+) -> str:
+    """The label of a status on the wrong side, from what was observed at the step.
+
+    A scenario's headline names the race it places: a success where a refusal was
+    expected (the phantom, the resurrection, the turn not preempted), or the
+    failure of the step the race is about (a retry, a scripted engine failure).
+    A plain turn, a DELETE or a read refused is labelled as just that: the
+    headline would name a race the refusal says nothing about."""
     step = scenario.step(step_id)
-    status = observation.status if observation is not None else None
-    return (
-        isinstance(step, ChatStep)
-        and step.starts_with_retryable_failure
-        and status is not None
-        and (status == 429 or status >= 500)
-    )
+    if step.safety_property:
+        return step.safety_property
+    if not wanted_success:
+        session_id = context.session_of_step.get(step_id)
+        deleted_before = any(
+            other.op == "delete"
+            and _is_2xx(other)
+            and other.ended <= observation.started
+            and context.session_of_step.get(name) == session_id
+            for name, other in context.observations.items()
+        )
+        return "success after DELETE" if deleted_before else scenario.guards
+    if isinstance(step, ChatStep) and (step.retry is not None or not step.plain_script):
+        return scenario.guards
+    return REFUSED.get(observation.op, scenario.guards)
+
+
+def passed_through(
+    scenario: Scenario,
+    step_id: str,
+    observation: Observation | None,
+    engine_calls: int | None = None,
+) -> bool:
+    """A chat whose first upstream call failed retryably (an abort, a reset, 429,
+    503), whose failure the server handed to the agent instead of retrying: it
+    called the engine (where the count is known: a server that refused without
+    calling the engine passed nothing through) and answered a 429 or 5xx, or a
+    stream that ended in an error event or a cut. The same rule, streamed or
+    not. (An abort answered 200 as it came is ``abort_answered``.)"""
+    step = scenario.step(step_id)
+    if not isinstance(step, ChatStep) or not step.starts_with_retryable_failure:
+        return False
+    if observation is None or observation.status is None:
+        return False
+    if engine_calls == 0:
+        return False
+    status = observation.status
+    if status == 429 or status >= 500:
+        return True
+    if status // 100 != 2:
+        return False
+    return observation.stream is not None and not observation.succeeded
+
+
+def abort_answered(
+    scenario: Scenario,
+    step_id: str,
+    observation: Observation | None,
+    engine_calls: int | None = None,
+) -> bool:
+    """A chat whose first upstream call was aborted, answered 200 with that
+    ``finish_reason: abort`` instead of a retry: on a server that declares
+    ``aborted_completions: commit``, its convention; elsewhere a safety failure."""
+    step = scenario.step(step_id)
+    if not isinstance(step, ChatStep) or observation is None or observation.status != 200:
+        return False
+    if step.behaviours[0].action is not Action.ABORT or engine_calls == 0:
+        return False
+    return finish_reason_of(observation) == "abort"
+
+
+ABORT_AS_SUCCESS = "aborted completion answered as a success, not retried"
+"""An abort answered 200 (``finish_reason: abort``) where no profile declares it."""
+
+
+def abort_label(profile: Profile) -> str:
+    return _declared(ABORTS_COMMITTED, profile.aborted_completions == "commit")
+
+
+def finish_reason_of(observation: Observation) -> str | None:
+    """The ``finish_reason`` of a chat's answer, streamed or not."""
+    if observation.stream is not None:
+        return observation.stream.finish_reason
+    body = observation.body
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    return None
 
 
 def implicit_creation_excuse(
@@ -251,11 +439,15 @@ def streaming_label(profile: Profile, seen: Literal["buffered", "unsupported"]) 
 
 
 def _excused_refusal(
-    scenario: Scenario, step_id: str, observation: Observation, profile: Profile
+    scenario: Scenario,
+    step_id: str,
+    observation: Observation,
+    profile: Profile,
+    engine_calls: int | None = None,
 ) -> str | None:
     """The convention label of a refusal where success was expected, if the
     refusal is a design choice that leaves the state unchanged; else None."""
-    if passed_through(scenario, step_id, observation):
+    if passed_through(scenario, step_id, observation, engine_calls):
         return passed_through_label(profile)
     if refused_stream(scenario, step_id, observation, profile):
         return streaming_label(profile, "unsupported")
@@ -269,7 +461,7 @@ def _excused_refusal(
 def last_turn_start(messages: list[dict[str, Any]]) -> int:
     """Where the last turn of a committed trajectory begins: after the assistant
     message that ends the turn before it."""
-    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    answers = [i for i, m in enumerate(messages) if role_of(m) == "assistant"]
     return answers[-2] + 1 if len(answers) >= 2 else 0
 
 
@@ -280,7 +472,7 @@ def rolls_back_one_step(before: list[dict[str, Any]], sent: list[dict[str, Any]]
     divergence = first_divergence(before, sent)
     if divergence is None or divergence < last_turn_start(before):
         return False
-    return bool(sent) and sent[-1].get("role") != "assistant"
+    return bool(sent) and role_of(sent[-1]) != "assistant"
 
 
 def declared_rollback(step_id: str, context: RunContext, profile: Profile) -> bool:
@@ -436,7 +628,7 @@ def _check_trajectory(
     if not wants_state or observation.status != 200:
         return []
     repro = curl_line(observation)
-    guards = scenario.property_of(step_id)
+    own_property = scenario.step(step_id).safety_property
     state = context.reads.get(step_id) or read_trajectory(profile, observation.body)
     findings: list[Finding] = []
     # Counts written for a server that retries do not hold where a chat's
@@ -444,8 +636,17 @@ def _check_trajectory(
     # differences follow from the convention. What must never be there
     # (``excludes``) stays safety.
     follows = (
-        passed_through_label(profile)
-        if any(passed_through(scenario, s, o) for s, o in context.observations.items())
+        abort_label(profile)
+        if profile.aborted_completions == "commit"
+        and any(
+            abort_answered(scenario, s, o, context.engine_calls.get(s))
+            for s, o in context.observations.items()
+        )
+        else passed_through_label(profile)
+        if any(
+            passed_through(scenario, s, o, context.engine_calls.get(s))
+            for s, o in context.observations.items()
+        )
         else streaming_label(profile, "unsupported")
         if any(refused_stream(scenario, s, o, profile) for s, o in context.observations.items())
         else _declared(IMPLICIT_CREATION, True)
@@ -456,51 +657,51 @@ def _check_trajectory(
     def convention(expected: str, actual: str, label: str) -> None:
         findings.append(Finding(step_id, expected, actual, repro, Kind.CONVENTION, label))
 
-    def fail(expected: str, actual: str, *, count: bool = True) -> None:
+    def fail(expected: str, actual: str, label: str, *, count: bool = True) -> None:
         if count and follows is not None:
             convention(expected, actual, follows)
             return
-        findings.append(Finding(step_id, expected, actual, repro, Kind.SAFETY, guards))
-
-    counted = profile.trajectory.num_assistant is not None  # else the server shows no count
-    if expect.num_assistant is not None and counted and state.num_assistant != expect.num_assistant:
-        fail(f"num_assistant = {expect.num_assistant}", f"num_assistant = {state.num_assistant!r}")
-    if (
-        expect.in_flight is not None
-        and state.in_flight is not None
-        and state.in_flight != expect.in_flight
-    ):
-        fail(f"in_flight = {expect.in_flight}", f"in_flight = {state.in_flight}")
-    messages = state.messages
-    if expect.length is not None and (messages is None or len(messages) != expect.length):
-        fail(
-            f"{expect.length} messages",
-            "no readable trajectory" if messages is None else f"{len(messages)} messages",
+        findings.append(
+            Finding(step_id, expected, actual, repro, Kind.SAFETY, own_property or label)
         )
+
+    # What is (or is not) in the trajectory first, then the counts: at one read
+    # the specific finding is the cause the report leads with.
+    messages = state.messages
     # On a tree, "in the trajectory" is in some branch: every turn counts.
     shown = [m for turn in state.turns or [] for m in turn] if state.turns is not None else messages
-    committed = {comparable(m) for m in shown or [] if isinstance(m, dict)}
+    committed = {message_key(m) for m in shown or []}
     if profile.trajectory.tree and state.turns is None:
         convention("every committed turn listed (model: tree)", "no readable list", UNREAD_TREE)
     rolled_back = _rolled_back(scenario, context, profile)
     for chat in expect.contains:
-        answer = answer_of(context.observations.get(chat))
-        if answer is None:
-            fail(f"{chat}'s answer in the trajectory", f"{chat} got no answer")
+        answered = context.observations.get(chat)
+        answer = answer_of(answered)
+        excused = (
+            _excused_refusal(scenario, chat, answered, profile, context.engine_calls.get(chat))
+            if answered is not None and answer is None
+            else None
+        )
+        if answer is None and excused is not None:
+            # Refused by a convention (a refused retry, a failure passed through):
+            # that its answer is not in the trajectory follows from it.
+            convention(f"{chat}'s answer in the trajectory", f"{chat} got no answer", excused)
+        elif answer is None:
+            fail(f"{chat}'s answer in the trajectory", f"{chat} got no answer", REFUSED["chat"])
         elif state.turns is not None:
             if not state.has_turn([*context.sent_messages.get(chat, []), answer]):
-                fail(f"{chat}'s turn in a branch of the tree", "it is in no branch")
-        elif comparable(answer) not in committed and chat in rolled_back:
+                fail(f"{chat}'s turn in a branch of the tree", "it is in no branch", ANSWER_MISSING)
+        elif message_key(answer) not in committed and chat in rolled_back:
             convention(
                 f"{chat}'s answer in the trajectory",
                 "it is missing: a later request rolled its turn back",
                 ROLLED_BACK_DECLARED,
             )
-        elif comparable(answer) not in committed:
-            fail(f"{chat}'s answer in the trajectory", "it is missing")
+        elif message_key(answer) not in committed:
+            fail(f"{chat}'s answer in the trajectory", "it is missing", ANSWER_MISSING)
     for chat in expect.excludes:
         sent = context.sent_messages.get(chat)
-        if sent and comparable(sent[-1]) in committed:
+        if sent and message_key(sent[-1]) in committed:
             if declared_rollback(chat, context, profile):
                 convention(
                     f"{chat}'s message not in the trajectory",
@@ -508,7 +709,35 @@ def _check_trajectory(
                     ROLLED_BACK_DECLARED,
                 )
                 continue
-            fail(f"{chat}'s message not in the trajectory", "it is there", count=False)
+            fail(
+                f"{chat}'s message not in the trajectory",
+                "it is there",
+                _committed_label(scenario, context.observations.get(chat)),
+                count=False,
+            )
+    counted = profile.trajectory.num_assistant is not None  # else the server shows no count
+    if expect.num_assistant is not None and counted and state.num_assistant != expect.num_assistant:
+        fail(
+            f"num_assistant = {expect.num_assistant}",
+            f"num_assistant = {state.num_assistant!r}",
+            COUNT_DIFFERS,
+        )
+    if (
+        expect.in_flight is not None
+        and state.in_flight is not None
+        and state.in_flight != expect.in_flight
+    ):
+        fail(
+            f"in_flight = {expect.in_flight}",
+            f"in_flight = {state.in_flight}",
+            "in_flight misreported",
+        )
+    if expect.length is not None and (messages is None or len(messages) != expect.length):
+        fail(
+            f"{expect.length} messages",
+            "no readable trajectory" if messages is None else f"{len(messages)} messages",
+            COUNT_DIFFERS,
+        )
     return findings
 
 
@@ -545,6 +774,8 @@ def _check_groups(scenario: Scenario, context: RunContext, profile: Profile) -> 
                     label=streaming_label(profile, "unsupported")
                     if refused
                     else group.safety_property or scenario.guards,
+                    # Seen once the last of its steps has answered.
+                    seen_at=max((o.ended for o in observed.values() if o), default=None),
                 )
             )
     return findings
@@ -552,6 +783,7 @@ def _check_groups(scenario: Scenario, context: RunContext, profile: Profile) -> 
 
 def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) -> list[Finding]:
     findings: list[Finding] = []
+    unreadable_reported: set[str] = set()
     # A server that regenerates on an exact retry replaces the retried turn;
     # the retry's answer is then the one that must be durable.
     superseded = {
@@ -571,6 +803,20 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
             continue
         session_id = context.session_of_step[step.id]
         final = context.final_trajectories.get(session_id)
+        unreadable = context.unreadable_finals.get(session_id)
+        if final is None and unreadable is not None and session_id not in unreadable_reported:
+            unreadable_reported.add(session_id)
+            # Once per session: the first turn answered 200 that cannot be found.
+            findings.append(
+                Finding(
+                    step.id,
+                    f"{step.id} answered 200, so its turn is in the final trajectory",
+                    f"the final read answered {describe_answer(unreadable)} with no "
+                    f"trajectory the profile can read: {_excerpt(unreadable.body)}",
+                    curl_line(unreadable),
+                    label="trajectory unreadable after a turn answered 200",
+                )
+            )
         if final is None:
             continue  # the session was deleted; there is nothing left to be durable in
         turn = [*context.sent_messages[step.id], answer]
@@ -590,9 +836,9 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
                 )
             continue
         messages = final.messages or []
-        prefix = [comparable(m) for m in messages[: len(turn)] if isinstance(m, dict)]
-        if prefix[:-1] == [comparable(m) for m in turn[:-1]] and observation.stream:
-            if prefix[-1:] != [comparable(answer)]:
+        prefix = [message_key(m) for m in messages[: len(turn)]]
+        if prefix[:-1] == [message_key(m) for m in turn[:-1]] and observation.stream:
+            if prefix[-1:] != [message_key(answer)]:
                 findings.append(
                     Finding(
                         step.id,
@@ -603,7 +849,21 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
                         label="committed answer differs from the streamed one",
                     )
                 )
-        elif prefix != [comparable(m) for m in turn]:
+        elif prefix != [message_key(m) for m in turn]:
+            altered = _altered_at(turn, messages)
+            if altered is not None:
+                findings.append(
+                    Finding(
+                        step.id,
+                        f"{step.id} answered 200, so its turn is in the final trajectory "
+                        "as it was sent and answered",
+                        f"message {altered} was committed as {_excerpt(messages[altered])}, "
+                        f"not as sent: {_excerpt(turn[altered])}",
+                        curl_line(observation),
+                        label="committed turn altered",
+                    )
+                )
+                continue
             findings.append(
                 Finding(
                     step.id,
@@ -616,7 +876,39 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
     return findings
 
 
+def _altered_at(turn: list[dict[str, Any]], committed: list[Any]) -> int | None:
+    """Where the committed trajectory holds this turn's message changed (its text
+    is there, something else about it is not), rather than another turn in its
+    place (a phantom commit); None if it is not such a change."""
+    divergence = first_divergence(turn, committed)
+    if divergence is None or divergence >= len(committed):
+        return None
+    sent, stored = turn[divergence], committed[divergence]
+    if not isinstance(stored, dict) or not isinstance(sent, dict):
+        return divergence if isinstance(sent, dict) else None
+    same_text = sent.get("content") and sent.get("content") == stored.get("content")
+    return divergence if same_text else None
+
+
 UNREAD_TREE = "profile: model tree, but the server's answer lists no turns as records"
+
+
+def _committed_label(scenario: Scenario, observation: Observation | None) -> str:
+    """The label of a turn in the trajectory that should not be, by how it ended."""
+    if observation is None or observation.cancelled_by_scenario:
+        return "commit after the client hung up"
+    if observation.stream is not None and observation.stream.end is StreamEnd.HUNG_UP:
+        return "commit after the client hung up"
+    if observation.stream is not None and not observation.succeeded:
+        return "commit after a stream error"
+    if observation.status is None or observation.status // 100 != 2:
+        return "a refused turn committed"
+    return scenario.guards  # answered 200 where a refusal was expected: the race itself
+
+
+COUNT_DIFFERS = "trajectory length differs from the turns answered"
+ANSWER_MISSING = "phantom commit"
+"""A turn answered 200 that a read does not show: what ``durable`` calls it too."""
 
 
 def turn_committed(state: TrajectoryState, turn: list[dict[str, Any]]) -> bool:
@@ -625,8 +917,8 @@ def turn_committed(state: TrajectoryState, turn: list[dict[str, Any]]) -> bool:
     if state.turns is not None:
         return state.has_turn(turn)
     messages = state.messages or []
-    wanted = [comparable(m) for m in turn]
-    return [comparable(m) for m in messages[: len(turn)] if isinstance(m, dict)] == wanted
+    wanted = [message_key(m) for m in turn]
+    return [message_key(m) for m in messages[: len(turn)]] == wanted
 
 
 def _rolled_back(scenario: Scenario, context: RunContext, profile: Profile) -> set[str]:
@@ -641,13 +933,13 @@ def _rolled_back(scenario: Scenario, context: RunContext, profile: Profile) -> s
         if not declared_rollback(step.id, context, profile):
             continue
         # The turn it replaced is the one whose request and answer ``before`` ends with.
-        before = [comparable(m) for m in context.seen_before.get(step.id, [])]
+        before = [message_key(m) for m in context.seen_before.get(step.id, [])]
         for other, sent in context.sent_messages.items():
             answer = answer_of(context.observations.get(other))
             if (
                 other != step.id
                 and answer is not None
-                and [comparable(m) for m in [*sent, answer]] == before
+                and [message_key(m) for m in [*sent, answer]] == before
             ):
                 replaced.add(other)
     return replaced
@@ -679,6 +971,48 @@ def _check_no_success_after_delete(context: RunContext, profile: Profile) -> lis
                 )
             )
     return findings
+
+
+def server_fault(observation: Observation, observations: dict[str, Observation]) -> Finding:
+    """A request the server, up and reachable, gave no HTTP answer to: a finding of
+    its own kind, naming the request sent just before it (a body that blocked the
+    server's loop is the usual cause of the next request's silence)."""
+    reason = observation.transport_error or "no answer"
+    if reason.startswith("no answer within"):
+        label = "server fault: no answer within the request timeout"
+    elif reason.startswith(("RemoteProtocolError", "LocalProtocolError", "DecodingError")):
+        label = "server fault: malformed HTTP answer"
+    else:
+        label = "server fault: connection reset or closed without an answer"
+    before = [
+        other
+        for other in observations.values()
+        if other.step != observation.step
+        and other.request is not None
+        and other.started <= observation.started
+    ]
+    actual = reason
+    if before:
+        previous = max(before, key=lambda other: other.started)
+        assert previous.request is not None
+        size = f", a {previous.request.raw_size}-byte body" if previous.request.raw_size else ""
+        actual += (
+            f"; the request before it was {previous.step} ({previous.request.method} "
+            f"{previous.request.url}{size}), answered {describe_answer(previous)}"
+        )
+    return Finding(
+        observation.step,
+        "an HTTP answer",
+        actual,
+        curl_line(observation),
+        Kind.FAULT,
+        label,
+    )
+
+
+def _excerpt(body: Any, limit: int = 160) -> str:
+    text = " ".join(json.dumps(body, default=repr).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_2xx(observation: Observation) -> bool:

@@ -199,6 +199,9 @@ class TargetClient:
             trio.current_time(),
             transport_error=_reason(error, self._timeout),
             retried_after=retried_after,
+            # Refused or unroutable: the target is down, which is not a fault
+            # sessctl can judge; anything else happened on a server that was up.
+            unreachable=isinstance(error, httpx.ConnectError),
         )
 
     async def settle(self) -> None:
@@ -283,14 +286,27 @@ async def _read_stream(
         if end is StreamEnd.DONE and assembled is not None:
             body = messages.message()
         record = StreamRecord(
-            end, progress.chunks, messages.finished, assembled, error_type, first_chunk_at
+            end,
+            progress.chunks,
+            messages.finished,
+            assembled,
+            error_type,
+            first_chunk_at,
+            messages.stop_reason if isinstance(messages.stop_reason, str) else None,
         )
         return body, record
     assembled = assembler.message() if assembler.chunks else None
     if end is StreamEnd.DONE and assembled is not None:
         body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
+    reason = assembler.finish_reason
     record = StreamRecord(
-        end, progress.chunks, assembler.finished, assembled, error_type, first_chunk_at
+        end,
+        progress.chunks,
+        assembler.finished,
+        assembled,
+        error_type,
+        first_chunk_at,
+        reason if isinstance(reason, str) else None,
     )
     return body, record
 

@@ -31,7 +31,13 @@ class RunContext:
     """Streamed chat step -> why the race on its stream could not be set up (the
     server buffers, or refuses to stream): the convention's label. How such a
     stream ends says nothing about safety."""
+    engine_calls: dict[str, int] = field(default_factory=dict)
+    """Chat step -> the calls the chaos upstream received for it, counted once the
+    steps are done (a label counts the calls actually seen)."""
     reads: dict[str, TrajectoryState] = field(default_factory=dict)
     """Get step -> the trajectory it read, the profile's way (on a tree, every turn)."""
     final_trajectories: dict[str, TrajectoryState | None] = field(default_factory=dict)
     """Session id -> its trajectory at the end, or None if it no longer exists."""
+    unreadable_finals: dict[str, Observation] = field(default_factory=dict)
+    """Session id -> the final read that answered 2xx with no trajectory the
+    profile can read: a turn answered 200 cannot be found in it."""

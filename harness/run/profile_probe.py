@@ -27,8 +27,13 @@ from typing import Any, Literal
 
 import trio
 
-from harness.errors import ProbeFailed, TargetUnreachable
-from harness.model.profile import CreateConvention, Profile, TrajectoryConvention
+from harness.errors import TargetUnreachable
+from harness.model.profile import (
+    CreateConvention,
+    EngineConvention,
+    Profile,
+    TrajectoryConvention,
+)
 from harness.results import Observation, StreamEnd, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
@@ -54,6 +59,13 @@ class ProbeOptions:
 class ProbeResult:
     profile: Profile
     notes: list[str] = field(default_factory=list)
+    unprobed: list[str] = field(default_factory=list)
+    """What could not be learned, each with the answer that stopped it: the
+    profile keeps the reference's value there. Empty: a complete profile."""
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.unprobed)
 
 
 ADDRESSINGS = (
@@ -76,6 +88,7 @@ class _Probe:
     client: TargetClient
     chaos: ChaosUpstream
     notes: list[str] = field(default_factory=list)
+    unprobed: list[str] = field(default_factory=list)
     turns: int = 0
     addressing: Profile = field(default_factory=Profile)
     """Where chats name the session (and how sessions are created), once found."""
@@ -149,7 +162,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     answer = await _first_turn(probe, session_id, first, tag, explicit=explicit)
 
     state = await client.send("probe", "get", "GET", f"/sessions/{session_id}")
-    trajectory = _trajectory_convention(state)
+    trajectory = _trajectory_convention(probe, state)
 
     # May a user message follow an assistant turn?
     messages: list[dict[str, Any]] = [first, answer]
@@ -157,14 +170,80 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     second = await probe.chat(session_id, [*messages, follow_up])
     appends: list[Any] = ["user", "tool"]
     tools = False
+    history: tuple[str, list[dict[str, Any]], str] | None = None
     if second.status == 200 and (second_answer := answer_of(second)) is not None:
-        messages = [*messages, follow_up, second_answer]
-        last_tag = next_tag
+        history = session_id, [*messages, follow_up, second_answer], next_tag
     else:
         probe.notes.append(f"a user message after an assistant turn got {_shown(second)}")
-        session_id, messages, last_tag = await _try_tool_results(probe, id_field)
+        history = await _try_tool_results(probe)
         appends, tools = ["tool"], True
+        if history is None:
+            appends = ["user", "tool"]
+            probe.unprobed.append(
+                "what may follow an assistant turn (append_after_assistant), and with it "
+                "retry, rollback, rejected_status and error_shape: no second turn was accepted"
+            )
+    retry: Literal["replay", "regenerate", "refuse"] = "replay"
+    rollback: Literal["none", "one-step"] = "none"
+    rejected_status = 409
+    error_shape: Literal["openai", "string"] = "openai"
+    if history is not None:
+        session_id, messages, last_tag = history
+        retry, rollback, rejected_status, error_shape, trajectory = await _multi_turn(
+            probe, session_id, messages, last_tag, tools, trajectory
+        )
+    await client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
+    closed = await client.send("probe", "get", "GET", f"/sessions/{session_id}")
+    closed_status = [404]
+    if closed.status is not None and 400 <= closed.status <= 599 and closed.status != 404:
+        closed_status = [closed.status]
+        probe.notes.append(f"a GET of a deleted session answered {_shown(closed)}")
+    upstream_failures = await _upstream_failures(probe, id_field, tools)
+    streaming = await _streaming(probe, id_field, tools)
+    profile = Profile(
+        name="suggested",
+        description=f"suggested by sessctl profile check against {client.base_url}",
+        api=probe.addressing.api,
+        addressing=probe.addressing.addressing,
+        chat_path=probe.addressing.chat_path,
+        creation=probe.addressing.creation,
+        create=CreateConvention(
+            status=created.status if explicit and created.status else 201, id_field=id_field
+        ),
+        health_path=health_path,
+        trajectory=trajectory,
+        append_after_assistant=appends,
+        retry=retry,
+        upstream_failures=upstream_failures,
+        rollback=rollback,
+        rejected_status=rejected_status,
+        closed_status=closed_status,
+        error_shape=error_shape,
+        streaming=streaming,
+        engine=EngineConvention(
+            tool_call_content="empty" if chaos.tool_call_content == "" else "null"
+        ),
+    )
+    return ProbeResult(profile, probe.notes, probe.unprobed)
 
+
+async def _multi_turn(
+    probe: _Probe,
+    session_id: str,
+    messages: list[dict[str, Any]],
+    last_tag: str,
+    tools: bool,
+    trajectory: TrajectoryConvention,
+) -> tuple[
+    Literal["replay", "regenerate", "refuse"],
+    Literal["none", "one-step"],
+    int,
+    Literal["openai", "string"],
+    TrajectoryConvention,
+]:
+    """On a session with two committed turns: what an exact retry, a rewound last
+    turn and a stranger's first turn do."""
+    chaos = probe.chaos
     # Replay or regenerate? Count upstream calls for an exact retry of the last turn.
     calls_before = chaos.calls(last_tag)
     retried = await probe.chat(session_id, messages[:-1], tools=tools)
@@ -215,37 +294,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         probe.notes.append("a request that differs in its last turn replaced that turn")
     error = conflict.body.get("error") if isinstance(conflict.body, dict) else None
     error_shape: Literal["openai", "string"] = "string" if isinstance(error, str) else "openai"
-
-    await client.send("probe", "delete", "DELETE", f"/sessions/{session_id}")
-    closed = await client.send("probe", "get", "GET", f"/sessions/{session_id}")
-    closed_status = [404]
-    if closed.status is not None and 400 <= closed.status <= 599 and closed.status != 404:
-        closed_status = [closed.status]
-        probe.notes.append(f"a GET of a deleted session answered {_shown(closed)}")
-    upstream_failures = await _upstream_failures(probe, id_field, tools)
-    streaming = await _streaming(probe, id_field, tools)
-    profile = Profile(
-        name="suggested",
-        description=f"suggested by sessctl profile check against {client.base_url}",
-        api=probe.addressing.api,
-        addressing=probe.addressing.addressing,
-        chat_path=probe.addressing.chat_path,
-        creation=probe.addressing.creation,
-        create=CreateConvention(
-            status=created.status if explicit and created.status else 201, id_field=id_field
-        ),
-        health_path=health_path,
-        trajectory=trajectory,
-        append_after_assistant=appends,
-        retry=retry,
-        upstream_failures=upstream_failures,
-        rollback=rollback,
-        rejected_status=rejected_status,
-        closed_status=closed_status,
-        error_shape=error_shape,
-        streaming=streaming,
-    )
-    return ProbeResult(profile, probe.notes)
+    return retry, rollback, rejected_status, error_shape, trajectory
 
 
 async def _streaming(
@@ -382,26 +431,55 @@ async def _upstream_failures(
     return found
 
 
-async def _try_tool_results(probe: _Probe, id_field: str) -> tuple[str, list[dict[str, Any]], str]:
-    """On a fresh session: offer a tool, then answer the tool call with its result."""
+async def _try_tool_results(probe: _Probe) -> tuple[str, list[dict[str, Any]], str] | None:
+    """On a fresh session: offer a tool, then answer the tool call with its result.
+    A server that refuses the engine's tool call as it comes (``content: null``) is
+    offered one with ``content: ""``, as some SGLang builds send it. None, with a
+    note quoting the answers, if no second turn is accepted either way."""
     session_id = await probe.new_session()
     _, first = probe.user("probe with tools")
     turn = await probe.chat(session_id, [first], tools=True)
     answer = answer_of(turn)
-    calls = answer.get("tool_calls") if answer else None
-    if turn.status != 200 or not answer or not isinstance(calls, list) or not calls:
-        raise ProbeFailed(f"a chat offering a tool answered {_shown(turn)}")
+    if not _has_tool_call(turn, answer) and probe.chaos.tool_call_content is None:
+        refused = _shown(turn)
+        probe.chaos.tool_call_content = ""
+        _, first = probe.user("probe with tools, content empty")
+        turn = await probe.chat(session_id, [first], tools=True)
+        answer = answer_of(turn)
+        if _has_tool_call(turn, answer):
+            probe.notes.append(
+                f'a tool call with content: null was refused ({refused}); with content: "" '
+                "it was accepted (engine.tool_call_content: empty)"
+            )
+        else:
+            probe.chaos.tool_call_content = None
+            probe.notes.append(
+                f"a chat offering a tool was refused, with the tool call's content null "
+                f"({refused}) and empty ({_shown(turn)})"
+            )
+            return None
+    elif not _has_tool_call(turn, answer):
+        probe.notes.append(f"a chat offering a tool answered {_shown(turn)}")
+        return None
+    assert answer is not None
+    calls = answer["tool_calls"]
     tag, _ = probe.user("unused")
     result = {"role": "tool", "tool_call_id": calls[0].get("id"), "content": f"ok {marker(tag)}"}
     second = await probe.chat(session_id, [first, answer, result], tools=True)
     second_answer = answer_of(second)
     if second.status != 200 or second_answer is None:
-        raise ProbeFailed(
+        probe.notes.append(
             f"neither a user message nor a tool result may follow an assistant turn "
             f"(the tool result got {_shown(second)})"
         )
+        return None
     probe.notes.append("a tool result after an assistant turn was accepted")
     return session_id, [first, answer, result, second_answer], tag
+
+
+def _has_tool_call(turn: Observation, answer: dict[str, Any] | None) -> bool:
+    calls = answer.get("tool_calls") if answer else None
+    return turn.status == 200 and isinstance(calls, list) and bool(calls)
 
 
 TURN_LISTS = (
@@ -434,10 +512,8 @@ async def _tree_convention(
     return None
 
 
-def _trajectory_convention(state: Observation) -> TrajectoryConvention:
+def _trajectory_convention(probe: _Probe, state: Observation) -> TrajectoryConvention:
     body = state.body if isinstance(state.body, dict) else {}
-    if state.status != 200:
-        raise ProbeFailed(f"GET /sessions/{{id}} answered {_shown(state)}")
     count = (
         "num_assistant"
         if isinstance(body.get("num_assistant"), int)
@@ -445,11 +521,19 @@ def _trajectory_convention(state: Observation) -> TrajectoryConvention:
         if isinstance(body.get("records"), list)
         else None  # the server shows no count
     )
-    if isinstance(body.get("messages"), list):
+    if state.status == 200 and isinstance(body.get("messages"), list):
         return TrajectoryConvention(source="messages", num_assistant=count)
-    if isinstance(body.get("records"), list):
+    if state.status == 200 and isinstance(body.get("records"), list):
         return TrajectoryConvention(source="records", num_assistant=count)
-    raise ProbeFailed(f"GET /sessions/{{id}} has neither messages nor records: {sorted(body)}")
+    shown = (
+        f"answered {_shown(state)}"
+        if state.status != 200
+        else f"has neither messages nor records: {sorted(body)}"
+    )
+    probe.unprobed.append(
+        f"where the trajectory is read (trajectory): GET /sessions/{{id}} {shown}"
+    )
+    return TrajectoryConvention()
 
 
 def _id_like_field(body: dict[str, Any]) -> str | None:

@@ -15,12 +15,13 @@ final trajectories are read for the durability checks.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import trio
 
 from harness.model.profile import (
+    PASSED_THROUGH,
     REFERENCE_CHAT_PATH,
     REFERENCE_PROFILE,
     Profile,
@@ -48,14 +49,20 @@ from harness.upstream.script import EventKind, StepEvent, marker
 from refserver.service import new_session_id
 
 from .checks import (
+    ABORT_AS_SUCCESS,
     ROLLED_BACK_DECLARED,
+    abort_answered,
+    abort_label,
     check_run,
+    curl_line,
     declared_rollback,
     implicit_creation_excuse,
     passed_through,
     passed_through_label,
     refused_stream,
+    server_fault,
     streaming_label,
+    with_causes,
 )
 from .client import StreamProgress, TargetClient, read_session
 from .context import RunContext
@@ -109,12 +116,16 @@ grace), released holds answering, the final trajectories read."""
 
 
 class _Abort(Exception):
-    """Stop the remaining steps of this run; the finding says why."""
+    """Stop the remaining steps of this run; the finding says why.
 
-    def __init__(self, finding: Finding, *, is_error: bool) -> None:
+    ``untested``: the race was never placed (a setup step answered otherwise, a
+    wait that places it never filled), so the finding is the run's cause of
+    being UNTESTED, not a failure of the scenario's property."""
+
+    def __init__(self, finding: Finding, *, untested: bool = False) -> None:
         super().__init__(finding.actual)
         self.finding = finding
-        self.is_error = is_error
+        self.untested = untested
 
 
 @dataclass
@@ -149,6 +160,7 @@ class ScenarioRun:
     async def run(self) -> RunResult:
         failures: list[Finding] = []
         errors: list[Finding] = []
+        untested: list[Finding] = []
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             completed = True
@@ -157,15 +169,21 @@ class ScenarioRun:
                     for step in self.scenario.steps:
                         await self._run_step(step)
                 except _Abort as abort:
-                    (errors if abort.is_error else failures).append(abort.finding)
+                    stopped = replace(abort.finding, seen_at=trio.current_time())
+                    (untested if abort.untested else failures).append(stopped)
                     completed = False
             if deadline.cancelled_caught:
                 completed = False
-                errors.append(
+                # Every wait and request has its own bound, so a run over its
+                # whole budget is a server that keeps answering too slowly.
+                failures.append(
                     Finding(
                         None,
                         f"the scenario finishes within {self.scenario.timeout:g} s",
                         "it did not; the target may hang",
+                        kind=Kind.FAULT,
+                        label="server too slow to finish the scenario",
+                        seen_at=trio.current_time(),
                     )
                 )
             # The clean-up has a budget of its own, so a run takes at most
@@ -175,24 +193,33 @@ class ScenarioRun:
                 # After an abort only "must never happen" expectations can still be
                 # judged; one that waits for something would fail only because the
                 # steps that bring it about were skipped.
-                failures.extend(await self._check_upstream_expectations(positive=completed))
+                if not untested:
+                    counted = await self._check_upstream_expectations(positive=completed)
+                    now = trio.current_time()
+                    failures.extend(replace(f, seen_at=now) for f in counted)
                 await self._wind_down()
             nursery.cancel_scope.cancel()
         with trio.move_on_at(cleanup_deadline) as final_reads:
             await self._read_final_trajectories()
         if cleanup.cancelled_caught or final_reads.cancelled_caught:
-            errors.append(
+            failures.append(
                 Finding(
                     None,
                     f"the run's clean-up (releasing holds, reading the final trajectories) "
                     f"within {CLEANUP_BUDGET:g} s",
                     "it did not finish; the target may hang",
+                    kind=Kind.FAULT,
+                    label="server stopped answering",
+                    seen_at=trio.current_time(),
                 )
             )
         events = [
             {"step": e.tag.rsplit(".", 1)[-1], "kind": e.kind.value, "call": e.call}
             for e in self._own_events()
         ]
+        for step in self.scenario.steps:
+            if isinstance(step, ChatStep) and step.retry is None:
+                self.context.engine_calls[step.id] = self.chaos.calls(self.tag(step.id))
         self.chaos.forget([self.tag(s.id) for s in self.scenario.steps])
 
         failures.extend(
@@ -201,22 +228,47 @@ class ScenarioRun:
                 self.context,
                 self.settings.profile,
                 timing_bounds=self.settings.timing_bounds,
+                placed=not untested,
             )
         )
-        errors.extend(
-            Finding(obs.step, "an HTTP answer", obs.transport_error or "none")
-            for obs in self.context.observations.values()
-            if obs.status is None and not obs.cancelled_by_scenario and not obs.minted
-        )
-        verdict = self._verdict(failures, errors)
+        for observation in self.context.observations.values():
+            if observation.status is not None or observation.cancelled_by_scenario:
+                continue
+            if observation.minted:
+                continue
+            if observation.unreachable:
+                errors.append(
+                    Finding(
+                        observation.step,
+                        "a connection to the target",
+                        observation.transport_error or "none",
+                    )
+                )
+            else:
+                fault = server_fault(observation, self.context.observations)
+                failures.append(replace(fault, seen_at=observation.ended))
+        failures = with_causes(failures, self.context.session_of_step)
+        verdict = self._verdict(failures, errors, untested)
         return RunResult(
-            self.index, verdict, dict(self.context.observations), failures, errors, events
+            self.index,
+            verdict,
+            dict(self.context.observations),
+            failures,
+            errors,
+            events,
+            untested,
         )
 
-    def _verdict(self, failures: list[Finding], errors: list[Finding]) -> Verdict:
+    def _verdict(
+        self, failures: list[Finding], errors: list[Finding], untested: list[Finding]
+    ) -> Verdict:
         if errors:
             return Verdict.ERROR
-        if any(f.kind is Kind.SAFETY or self.settings.strict for f in failures):
+        if any(f.kind is not Kind.CONVENTION for f in failures):
+            return Verdict.FAIL
+        if untested:
+            return Verdict.UNTESTED
+        if failures and self.settings.strict:
             return Verdict.FAIL
         return Verdict.NON_STRICT if failures else Verdict.PASS
 
@@ -274,8 +326,7 @@ class ScenarioRun:
             if step.on_client:
                 if await self._client_received(step, progress):
                     return
-            else:
-                await self.chaos.wait_for(self.tag(step.chat_step), step.event, step.count)
+            elif await self._upstream_event(step):
                 return
         chat = self.context.observations.get(step.chat_step)
         if step.on_client:
@@ -286,35 +337,78 @@ class ScenarioRun:
         else:
             seen = self.chaos.count(self.tag(step.chat_step), step.event)
             expected = f"upstream event {step.target} (x{step.count}) within {step.timeout:g} s"
-        actual = f"seen {seen} time(s); the remaining steps were not run"
-        streaming = self._streaming_convention(step.chat_step, chat)
-        if streaming is not None:
-            # The server does not relay chunks as they come (or refuses to
-            # stream): the mid-stream race this step sets up cannot happen on it.
-            self.context.not_relayed[step.chat_step] = streaming
+        actual = f"seen {seen} time(s); {self._chat_state(step.chat_step)}"
+        never_called = self._engine_calls(step.chat_step) == 0
+        not_relayed = self._streaming_convention(step.chat_step, chat)
+        if step.id in self.scenario.setup_steps or never_called or not_relayed is not None:
+            why = not_relayed
+            if why is not None:
+                # The server does not relay chunks as they come (or refuses to
+                # stream): the mid-stream race this step sets up cannot happen on it.
+                self.context.not_relayed[step.chat_step] = why
+            elif not step.on_client and passed_through(
+                self.scenario, step.chat_step, chat, self.chaos.calls(self.tag(step.chat_step))
+            ):
+                why = f"{PASSED_THROUGH}: the retry this race needs never came"
+            elif never_called:
+                why = f"{step.chat_step} never reached the engine"
+            actual += f" ({why})" if why else ""
             raise _Abort(
-                Finding(step.id, expected, actual, kind=Kind.CONVENTION, label=streaming),
-                is_error=False,
+                Finding(step.id, expected, f"{actual}; the race was never placed"),
+                untested=True,
             )
-        if (
-            step.event is EventKind.RECEIVED
-            and seen < step.count
-            and passed_through(self.scenario, step.chat_step, chat)
-        ):
-            # The retry this step waits for never comes: the failure went to the
-            # agent instead. The race it sets up cannot happen on this server.
-            finding = Finding(
+        raise _Abort(
+            Finding(
                 step.id,
                 expected,
-                actual,
-                kind=Kind.CONVENTION,
-                label=passed_through_label(self.settings.profile),
+                f"{actual}; the remaining steps were not run",
+                label=self._cause_of_missing_event(step),
             )
-        else:
-            finding = Finding(
-                step.id, expected, actual, label=self.scenario.property_of(step.chat_step)
-            )
-        raise _Abort(finding, is_error=False)
+        )
+
+    async def _upstream_event(self, step: WaitStep) -> bool:
+        """Wait until the upstream has recorded what ``step`` waits for: True; or
+        False at once when it never can, because the chat was answered before its
+        call reached the engine (a refusal) and no call can come for it now."""
+        tag = self.tag(step.chat_step)
+        background = self._background.get(step.chat_step)
+        placing = step.event in (EventKind.RECEIVED, EventKind.SENT)
+        async with trio.open_nursery() as nursery:
+
+            async def recorded() -> None:
+                await self.chaos.wait_for(tag, step.event, step.count)
+                nursery.cancel_scope.cancel()
+
+            async def answered() -> None:
+                assert background is not None
+                await background.done.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(recorded)
+            if placing and background is not None:
+                nursery.start_soon(answered)
+        return self.chaos.count(tag, step.event) >= step.count
+
+    def _cause_of_missing_event(self, step: WaitStep) -> str:
+        """The label of a wait for what the race should bring about (a call
+        cancelled, answered, dropped) that never came."""
+        if step.safety_property:
+            return step.safety_property
+        chat_over = step.chat_step in self.context.observations  # answered, or hung up on
+        if not step.on_client and step.event is EventKind.CANCELLED and chat_over:
+            # Its caller is gone or has its answer, yet the engine works on.
+            return "LLM work leaked (upstream call not cancelled)"
+        # Still waiting: the turn itself was not stopped, whatever that guards.
+        return self.scenario.property_of(step.chat_step)
+
+    def _chat_state(self, step_id: str) -> str:
+        """Where chat ``step_id`` stands, quoting what the server answered."""
+        observation = self.context.observations.get(step_id)
+        if observation is None:
+            return f"{step_id} is still waiting for its answer"
+        if observation.status is None:
+            return f"{step_id} got no answer ({observation.transport_error or 'none'})"
+        return f"{step_id} was answered {describe(observation)}"
 
     async def _client_received(self, step: WaitStep, progress: StreamProgress) -> bool:
         """Wait until the client has what ``step`` waits for: True; or until it never
@@ -371,8 +465,7 @@ class ScenarioRun:
                 f"{', '.join(step.steps)} answered within {timeout:g} s",
                 f"{', '.join(pending)} still waiting; the remaining steps were not run",
                 label=self._cause_of_waiting(pending),
-            ),
-            is_error=False,
+            )
         )
 
     def _cause_of_waiting(self, pending: list[str]) -> str:
@@ -397,6 +490,19 @@ class ScenarioRun:
         }
         if any(self.context.session_of_step.get(name) in deleted for name in pending):
             return "in-flight turn not preempted"
+        refused = [
+            observation
+            for step_id, observation in self.context.observations.items()
+            if observation.op == "delete"
+            and observation.status is not None
+            and observation.status // 100 != 2
+            and any(
+                self.context.session_of_step.get(step_id) == self.context.session_of_step.get(n)
+                for n in pending
+            )
+        ]
+        if refused:
+            return f"DELETE refused ({refused[0].status}) while a turn was in flight"
         return self.scenario.property_of(pending[0])
 
     async def _http_step(self, step: Step) -> None:
@@ -409,12 +515,17 @@ class ScenarioRun:
             return
         if isinstance(step, CreateStep):
             observation = await self.client.send(step.id, "create", "POST", "/sessions")
-            session_id = _session_id_of(observation, self.settings.profile.create.id_field)
+            id_field = self.settings.profile.create.id_field
+            session_id = _session_id_of(observation, id_field)
             self.context.observations[step.id] = observation
             if session_id is None:
                 raise _Abort(
-                    Finding(step.id, "a created session", describe(observation)),
-                    is_error=observation.status is None,
+                    Finding(
+                        step.id,
+                        f"a created session (a 2xx JSON body with its {id_field!r})",
+                        f"{describe(observation)}; the race was never placed",
+                    ),
+                    untested=True,
                 )
             self._name_session(step.id, session_id)
             return
@@ -436,6 +547,55 @@ class ScenarioRun:
             assert isinstance(step, RequestStep)
             observation = await self._raw_request(step, session_id)
         self.context.observations[step.id] = observation
+        if not step.background and step.id in self.scenario.setup_steps:
+            self._check_setup(step, observation)
+        elif not step.background and isinstance(step, ChatStep):
+            self._check_engine_reached(step, observation)
+
+    def _engine_calls(self, step_id: str) -> int:
+        step = self.scenario.step(step_id)
+        retried = step.retry if isinstance(step, ChatStep) else None
+        return self.chaos.calls(self.tag(retried or step_id))
+
+    def _check_engine_reached(self, step: ChatStep, observation: Observation) -> None:
+        """A chat whose upstream script is the race (an abort, a hold, a cut
+        stream) refused before it reached the engine: that script never played."""
+        matcher = step.expect.status_matcher if step.expect else None
+        if step.plain_script or step.retry is not None:
+            return
+        if matcher is None or matcher.outcome is not True or observation.succeeded:
+            return
+        if observation.status is None or self._engine_calls(step.id):
+            return
+        script = ", ".join(b.describe() for b in step.behaviours)
+        raise _Abort(
+            Finding(
+                step.id,
+                f"status {matcher.describe()}, after the engine plays {script}",
+                f"{describe(observation)} before any engine call; the race was never placed",
+                curl_line(observation),
+            ),
+            untested=True,
+        )
+
+    def _check_setup(self, step: Step, observation: Observation) -> None:
+        """A setup step answered on the other side than the race needs: what it was
+        to build is not there, so nothing after it would test the property."""
+        matcher = step.expect.status_matcher if step.expect else None
+        if matcher is None or matcher.outcome is None:
+            return
+        if observation.status is not None and observation.succeeded == matcher.outcome:
+            return
+        side = "success" if matcher.outcome else "a refusal"
+        raise _Abort(
+            Finding(
+                step.id,
+                f"status {matcher.describe()} ({side}: this step sets the race up)",
+                f"{describe(observation)}; the race was never placed",
+                curl_line(observation),
+            ),
+            untested=True,
+        )
 
     async def _chat(self, step: ChatStep, session_id: str) -> Observation:
         tag = self.tag(step.id)
@@ -596,7 +756,7 @@ class ScenarioRun:
         if spec.convention:
             return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=spec.convention)
         if kind is None and passed_through(
-            self.scenario, step_id, self.context.observations.get(step_id)
+            self.scenario, step_id, observation, self.chaos.calls(self.tag(step_id))
         ):
             # It made no second call because it handed the failure to the agent.
             return Finding(
@@ -606,6 +766,14 @@ class ScenarioRun:
                 kind=Kind.CONVENTION,
                 label=passed_through_label(self.settings.profile),
             )
+        if kind is None and abort_answered(
+            self.scenario, step_id, observation, self.chaos.calls(self.tag(step_id))
+        ):
+            # One call: the abort went to the agent as a 200, and was kept.
+            if self.settings.profile.aborted_completions == "commit":
+                label = abort_label(self.settings.profile)
+                return Finding(step_id, expected, actual, kind=Kind.CONVENTION, label=label)
+            return Finding(step_id, expected, actual, label=ABORT_AS_SUCCESS)
         step = self.scenario.step(step_id)
         implicit = observation is not None and implicit_creation_excuse(
             step_id,
@@ -651,6 +819,8 @@ class ScenarioRun:
             )
             ok = observation.status == 200 and isinstance(state.messages, list)
             self.context.final_trajectories[session_id] = state if ok else None
+            if not ok and observation.succeeded:
+                self.context.unreadable_finals[session_id] = observation
 
     def _own_events(self) -> list[StepEvent]:
         # Through the upstream's index by tag: after a long chaos run its

@@ -29,6 +29,9 @@ from .runner import RunSettings, ScenarioRun
 
 EMBEDDED = "reference"
 
+NOT_RUN = "not run"
+"""The matrix cell of a step a run never reached (an earlier step stopped it)."""
+
 
 @dataclass(frozen=True)
 class Target:
@@ -91,7 +94,9 @@ async def run_suite(
     unreachable: dict[str, str] = {}
     async with trio.open_nursery() as nursery:
         if chaos is None or chaos.url is None:
-            chaos = chaos or ChaosUpstream(settings.flavor)
+            chaos = chaos or ChaosUpstream(
+                settings.flavor, tool_call_content=settings.run.profile.engine.content
+            )
             await nursery.start(
                 partial(chaos.serve, settings.upstream_host, settings.upstream_port)
             )
@@ -115,7 +120,7 @@ async def run_suite(
                 unreachable[target.name] = problem
             results.extend(target_results)
         nursery.cancel_scope.cancel()
-    return SuiteResult([t.name for t in targets], results, unreachable)
+    return SuiteResult([t.name for t in targets], results, unreachable, strict=settings.run.strict)
 
 
 async def _run_target(
@@ -202,7 +207,7 @@ def summarise(scenario: Scenario, target: str, runs: list[RunResult]) -> Scenari
         for run in runs:
             observation = run.observations.get(step.id)
             if observation is None:
-                cells["not run"] += 1
+                cells[NOT_RUN] += 1
                 continue
             cells[observation.cell] += 1
             if matcher is None or observation.status is None:

@@ -59,8 +59,11 @@ class _Waiter:
 
 
 class ChaosUpstream:
-    def __init__(self, flavor: Flavor = "openai") -> None:
+    def __init__(self, flavor: Flavor = "openai", *, tool_call_content: str | None = None) -> None:
         self.flavor = flavor
+        self.tool_call_content = tool_call_content
+        """A tool call's ``content``: null (OpenAI, current SGLang) or "" (patched
+        SGLang builds); ``profile check`` may switch it while serving."""
         self._scripts: dict[str, tuple[Behaviour, ...]] = {}
         self._releases: dict[str, trio.Event] = {}
         self._events: list[StepEvent] = []
@@ -185,7 +188,10 @@ class ChaosUpstream:
             return
         tag = tag_of(body)
         if tag is None:
-            await exchange.respond(200, dialect.answer(completion_for(body, flavor=self.flavor)))
+            completion = completion_for(
+                body, flavor=self.flavor, tool_call_content=self.tool_call_content
+            )
+            await exchange.respond(200, dialect.answer(completion))
             return
         call = self._calls[tag] = self._calls.get(tag, 0) + 1
         script = self._scripts.get(tag, (Behaviour(),))
@@ -318,7 +324,12 @@ class ChaosUpstream:
         finish_reason = "abort" if behaviour.action is Action.ABORT else "stop"
         if behaviour.tool_call and not body.get("tools"):
             body = {**body, "tools": _STEP_TOOL}
-        return completion_for(body, flavor=self.flavor, finish_reason=finish_reason)
+        return completion_for(
+            body,
+            flavor=self.flavor,
+            finish_reason=finish_reason,
+            tool_call_content=self.tool_call_content,
+        )
 
     def _answer(
         self, body: dict[str, Any], behaviour: Behaviour, dialect: _Dialect
@@ -392,7 +403,9 @@ class _ChatDialect:
         return STREAM_END
 
     def error(self, kind: str, message: str) -> bytes:
-        return json.dumps(_error(kind, message)).encode()
+        # SGLang answers with compact JSON (orjson), errors too.
+        compact = (",", ":") if self.flavor == "sglang" else None
+        return json.dumps(_error(kind, message), separators=compact).encode()
 
 
 class _MessagesDialect:
