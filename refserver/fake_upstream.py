@@ -61,8 +61,13 @@ def completion_for(
     prompt_words = [word for m in messages for word in str(_content(m)).split()]
     output_words = text.split()
     sglang = flavor == "sglang"
+    aborted = finish_reason == "abort"
+    if aborted:
+        # Aborted before its first token (a weight update, say): SGLang answers
+        # with what it had generated, which is nothing.
+        text, output_words = "", []
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    tool = _first_tool_name(body)
+    tool = None if aborted else _first_tool_name(body)
     if tool is not None:
         # An agent that offered tools gets a tool call, so its next turn can be
         # the tool's result (some servers only accept tool messages after a turn).

@@ -533,6 +533,13 @@ def profile_check_command(
 def upstream(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8900",
     flavor: FlavorOption = "openai",
+    tool_call_content: Annotated[
+        str,
+        typer.Option(
+            help='A tool call\'s content: null (OpenAI, current SGLang) or empty ("", as '
+            "SGLang builds patched for servers that refuse null send it)."
+        ),
+    ] = "null",
 ) -> None:
     """Run the chaos upstream on its own (scriptable over /_sessctl/...)."""
     from harness.upstream.chaos_upstream import ChaosUpstream
@@ -543,7 +550,11 @@ def upstream(
         host, port = parse_listen(listen)
     except HarnessError as problem:
         _usage_error(str(problem))
-    chaos = ChaosUpstream(_parse_flavor(flavor))
+    if tool_call_content not in ("null", "empty"):
+        _usage_error(f"--tool-call-content must be null or empty, not {tool_call_content!r}")
+    chaos = ChaosUpstream(
+        _parse_flavor(flavor), tool_call_content="" if tool_call_content == "empty" else None
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

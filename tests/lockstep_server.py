@@ -23,6 +23,8 @@ And the breakage seen on that server, each a switch of ``Faults``:
 * ``rollback_before_engine``: a request that replaces the last turn (a one-step
   rollback) drops that turn before the engine is called, and an engine failure
   then loses a turn already answered 200 (the defect missed in the field);
+* ``big_body_blocks``: a body over 8 MiB blocks the event loop for that many
+  seconds before the 413, as a synchronous parse does;
 * ``content_length_bug``: the answer to a chat that offered tools claims 4
   bytes more than it sends, as a server that forwards the engine's
   Content-Length over a tool call it re-rendered does: a malformed answer.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -63,6 +66,9 @@ class Faults:
     content_length_bug: bool = False
     refuse_tool_calls: bool = False
     rollback_before_engine: bool = False
+    big_body_blocks: float = 0.0
+    """Seconds a body over 8 MiB blocks the event loop (a synchronous parse) before
+    the 413: no other request is served meanwhile."""
 
 
 @dataclass
@@ -108,7 +114,10 @@ def create_lockstep_app(upstream_url: str, faults: Faults = Faults()) -> Starlet
         session = sessions.get(request.path_params["session_id"])
         if session is None or session.deleted:
             return _plain_error(404, "session not found")
-        body = chat_body(await request.body())
+        raw = await request.body()
+        if faults.big_body_blocks and len(raw) > 8 * 1024 * 1024:
+            time.sleep(faults.big_body_blocks)  # noqa: ASYNC251 (the whole server waits: the fault)
+        body = chat_body(raw)
         if isinstance(body, Response):
             return _plain_error(body.status_code, json.loads(bytes(body.body))["error"]["message"])
         messages: list[dict[str, Any]] = body["messages"]

@@ -239,3 +239,53 @@ async def test_chaos_that_proves_nothing_quotes_what_the_server_answered(
     assert "such a history proves nothing; the chats were answered: 502" in out
     assert "assistant message content is None" in out
     nursery.cancel_scope.cancel()
+
+
+async def test_a_body_that_blocks_the_server_is_a_fault_of_the_server(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Seen on the seed's server: a 9 MiB body blocked its event loop, and that
+    request and the next got no answer. A finding about the server, naming the
+    request before it, never an ERROR (sessctl ran fine). The server runs in this
+    process and sessctl in its own, so only the server is blocked: 4 s of it
+    against sessctl's 1 s request timeout."""
+    faults = Faults(big_body_blocks=4.0, refuse_null_tool_content=False)
+    code, out, report, junit = await run_cli_against(
+        nursery, tmp_path, faults, "--filter", "bad-input", "--request-timeout", "1"
+    )
+    assert verdicts(report) == {"bad-input": "fail"}, out
+    assert report["summary"]["errors"] == 0
+    assert (
+        "server fault: no answer within the request timeout" in report["summary"]["server_faults"]
+    )
+    assert "too-large: expected an HTTP answer from a server that is up" in out
+    assert "no answer within 1 s to a 9437184-byte body" in out
+    assert "the request before it was too-large (POST" in out  # the next one names it
+    assert "a 9437184-byte body" in out
+    assert junit.find(".//error") is None
+    assert code == 1
+    nursery.cancel_scope.cancel()
+
+
+def test_each_kind_of_missing_answer_is_named() -> None:
+    from harness.results import Kind, Observation, SentRequest
+    from harness.run.checks import server_fault
+
+    sent = SentRequest.of("POST", "http://x/sessions/s/v1/chat/completions", {"m": 1}, None)
+    before = Observation("c1", "chat", sent, 200, 0.0, 1.0)
+    reasons = {
+        "no answer within 10 s": "server fault: no answer within the request timeout",
+        "RemoteProtocolError: received 82 bytes, expected 86": (
+            "server fault: malformed HTTP answer"
+        ),
+        "ReadError: [Errno 104] Connection reset by peer": (
+            "server fault: connection reset or closed without an answer"
+        ),
+    }
+    for reason, label in reasons.items():
+        missing = Observation("c2", "chat", sent, None, 2.0, 3.0, transport_error=reason)
+        finding = server_fault(missing, {"c1": before, "c2": missing})
+        assert finding.kind is Kind.FAULT
+        assert finding.label == label
+        assert finding.actual.startswith(reason)
+        assert "the request before it was c1 (POST http://x/sessions/s" in finding.actual

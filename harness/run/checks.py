@@ -992,6 +992,8 @@ def server_fault(observation: Observation, observations: dict[str, Observation])
         and other.started <= observation.started
     ]
     actual = reason
+    if observation.request is not None and observation.request.raw_size:
+        actual += f" to a {observation.request.raw_size}-byte body"
     if before:
         previous = max(before, key=lambda other: other.started)
         assert previous.request is not None
@@ -1002,7 +1004,7 @@ def server_fault(observation: Observation, observations: dict[str, Observation])
         )
     return Finding(
         observation.step,
-        "an HTTP answer",
+        "an HTTP answer from a server that is up",
         actual,
         curl_line(observation),
         Kind.FAULT,
