@@ -13,8 +13,8 @@
    cores) run beside ``sessctl run-scenarios --repeat K`` and beside
    ``sessctl chaos --stream-ratio 0.5`` runs of 2,000 operations, each with its
    own seed. The
-   clean reference server must get 0 FAIL and 0 ERROR in every one: a
-   verdict that a busy CI runner can flip is worth nothing.
+   clean reference server must get 0 FAIL, 0 UNTESTED and 0 ERROR in every
+   one: a verdict that a busy CI runner can flip is worth nothing.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def loaded(args: argparse.Namespace, tmp: Path) -> bool:
         print(
             f"under load, run-scenarios --repeat {args.loaded_repeat}: exit {code} in "
             f"{seconds:.1f} s; {runs} runs; scenarios failed {summary['failed']}, "
-            f"errors {summary['errors']}"
+            f"untested {summary['untested']}, errors {summary['errors']}"
         )
-        ok &= code == 0 and summary["failed"] == 0 and summary["errors"] == 0
+        # A race the load kept from being placed is as much a flipped verdict.
+        ok &= code == 0 and summary["failed"] == summary["untested"] == summary["errors"] == 0
         verdicts: dict[int, int] = {}
         started = time.perf_counter()
         for seed in range(1, args.chaos_runs + 1):

@@ -10,14 +10,13 @@ quoted, a malformed answer is a server fault, garbage is judged, never a crash.
 from __future__ import annotations
 
 import json
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .conftest import free_port
+from .conftest import free_port, sessctl_cli
 from .lockstep_server import Faults, serve_lockstep
 
 
@@ -29,17 +28,14 @@ async def run_cli_against(
     port = free_port()
     url = await nursery.start(serve_lockstep, f"http://127.0.0.1:{port}/v1", faults)
     report, junit = tmp_path / "report.json", tmp_path / "junit.xml"
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
-         "--upstream-listen", f"127.0.0.1:{port}", "--profile", "records-tool-400",
-         "--flavor", "sglang", "--json", str(report), "--junit", str(junit), *extra],
-        capture_stdout=True, capture_stderr=True, check=False,
-        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    code, out = await sessctl_cli(
+        "run-scenarios", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--profile", "records-tool-400", "--flavor", "sglang",
+        "--json", str(report), "--junit", str(junit), *extra,
     )  # fmt: skip
-    out = done.stdout.decode() + done.stderr.decode()
     assert "Traceback" not in out, out
     assert "internal error" not in out, out
-    return done.returncode, out, json.loads(report.read_text()), ET.parse(junit).getroot()
+    return code, out, json.loads(report.read_text()), ET.parse(junit).getroot()
 
 
 def verdicts(report: dict[str, Any]) -> dict[str, str]:
@@ -142,16 +138,12 @@ async def profile_check_against(
     port = free_port()
     url = await nursery.start(serve_lockstep, f"http://127.0.0.1:{port}/v1", faults)
     written = tmp_path / "mine.yaml"
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", "profile", "check", "--target", url,
-         "--upstream-listen", f"127.0.0.1:{port}", "--flavor", "sglang",
-         "--output", str(written)],
-        capture_stdout=True, capture_stderr=True, check=False,
-        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    code, out = await sessctl_cli(
+        "profile", "check", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--flavor", "sglang", "--output", str(written),
     )  # fmt: skip
-    out = done.stdout.decode() + done.stderr.decode()
     assert "Traceback" not in out, out
-    return done.returncode, out, written, url, port
+    return code, out, written, url, port
 
 
 async def test_profile_check_finds_the_tool_call_content_a_server_needs(
@@ -166,14 +158,11 @@ async def test_profile_check_finds_the_tool_call_content_a_server_needs(
     assert text.startswith("# note: ")
     assert "a tool call with content: null was refused (502" in text
     assert "assistant message content is None" in text  # the server's words, quoted
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", "run-scenarios", "--target", url,
-         "--upstream-listen", f"127.0.0.1:{port}", "--flavor", "sglang",
-         "--profile", str(written), "--filter", "double-delete-sequential,exact-retry-replays"],
-        capture_stdout=True, capture_stderr=True, check=False,
-        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    _, report = await sessctl_cli(
+        "run-scenarios", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--flavor", "sglang", "--profile", str(written),
+        "--filter", "double-delete-sequential,exact-retry-replays",
     )  # fmt: skip
-    report = done.stdout.decode()
     assert "UNTESTED" not in report, report
     assert "0 untested, 0 failed, 0 errors" in report, report
     nursery.cancel_scope.cancel()
@@ -227,15 +216,11 @@ async def test_chaos_that_proves_nothing_quotes_what_the_server_answered(
     content: null tool calls: the run gives up, quoting the refusal."""
     port = free_port()
     url = await nursery.start(serve_lockstep, f"http://127.0.0.1:{port}/v1", Faults())
-    done = await trio.run_process(
-        [sys.executable, "-m", "sessctl", "chaos", "--target", url,
-         "--upstream-listen", f"127.0.0.1:{port}", "--profile", "records-tool-400",
-         "--flavor", "sglang", "--ops", "60", "--no-shrink"],
-        capture_stdout=True, capture_stderr=True, check=False,
-        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    code, out = await sessctl_cli(
+        "chaos", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--profile", "records-tool-400", "--flavor", "sglang", "--ops", "60", "--no-shrink",
     )  # fmt: skip
-    out = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode == 3, out
+    assert code == 3, out
     assert "such a history proves nothing; the chats were answered: 502" in out
     assert "assistant message content is None" in out
     nursery.cancel_scope.cancel()
