@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refserver.protocol import parse_chat_request
+from wire.protocol import parse_chat_request
 
 
 def agent_body(turns: int, text_repeat: int) -> bytes:

@@ -15,6 +15,10 @@ one way, down this list, never up (``tests/test_layering.py`` enforces it)::
 
 ``errors`` (every error the harness reports) and ``results`` (frozen records
 of what a run observed and concluded) sit below all five and import nothing of
-the harness. Any part may import ``refserver``; ``refserver`` never imports the
-harness. Only ``report`` (and the CLI in ``sessctl/``) imports rich.
+the harness. Any part may import ``wire`` (the API shapes, streams, errors and
+the contract's rules, which the reference server reads too). ``refserver`` is
+imported only to embed it: its server, child process, known-broken variants and
+their config; a judge that treats the reference as a black box shares nothing
+else of it. ``refserver`` never imports the harness. Only ``report`` (and the
+CLI in ``sessctl/``) imports rich.
 """

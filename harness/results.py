@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from refserver.anthropic import message_to_chat
+from wire.anthropic import message_to_chat
 
 
 class Verdict(enum.Enum):

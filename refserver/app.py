@@ -22,8 +22,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import anthropic
-from .errors import (
+from wire import anthropic
+from wire.errors import (
     BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
@@ -32,10 +32,11 @@ from .errors import (
     ServerBusy,
     SessionServerError,
 )
+from wire.protocol import ChatRequest, parse_chat_request
+from wire.streaming import error_event
+
 from .hypercorn_compat import DISCONNECT, ClientGone
-from .protocol import ChatRequest, parse_chat_request
 from .service import SessionService
-from .streaming import error_event
 
 logger = logging.getLogger("refserver")
 access_logger = logging.getLogger("refserver.access")

@@ -28,7 +28,7 @@
    connection per scheduler round, so thousands of agents connecting at once
    overflowed the kernel's accept queue and some were reset. ``serve`` is
    hypercorn's ``worker_serve`` for plain-TCP binds with ``BurstListener``
-   (``refserver/listening.py``) instead; everything after accept is hypercorn's,
+   (``wire/listening.py``) instead; everything after accept is hypercorn's,
    but for items 6, 7 and 9 (a subclass of its connection class).
 6. When a client closes a kept-alive connection, hypercorn (0.18) does not
    close its side until the keep-alive timeout: the connection's task waits
@@ -99,8 +99,9 @@ from hypercorn.utils import (
 )
 from starlette.types import ASGIApp
 
+from wire.listening import BurstListener
+
 from . import socket_io
-from .listening import BurstListener
 
 SESSCTL_LIMITS = "sessctl_limits"
 """The attribute of a hypercorn ``Config`` that turns the wrappers on."""

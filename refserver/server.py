@@ -19,12 +19,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from starlette.types import ASGIApp
 
+from wire.protocol import ChatRequest, parse_chat_request
+
 from . import hypercorn_compat
 from .app import HttpLimits, create_app
 from .engine_http import EngineConnections
 from .fake_upstream import create_fake_upstream_app
 from .hypercorn_compat import ProtocolLimits
-from .protocol import ChatRequest, parse_chat_request
 from .service import SessionService
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS

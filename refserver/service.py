@@ -23,7 +23,6 @@ the commit. A DELETE, a shutdown or a hang-up before that commits nothing.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import rules
-from .errors import (
+from wire import rules
+from wire.errors import (
     ServerShuttingDown,
     SessionDeleted,
     SessionNotFound,
@@ -40,8 +39,10 @@ from .errors import (
     StreamCut,
     TrajectoryConflict,
 )
-from .protocol import ChatRequest
-from .streaming import DONE, event, replay_chunks
+from wire.ids import new_session_id
+from wire.protocol import ChatRequest
+from wire.streaming import DONE, event, replay_chunks
+
 from .upstream import Relay, StreamedAnswer, Upstream, assistant_message
 
 
@@ -108,11 +109,6 @@ def conflict_error(conflict: rules.Conflict) -> TrajectoryConflict:
         committed_length=conflict.committed_length,
         diverging_index=conflict.diverging_index,
     )
-
-
-def new_session_id() -> str:
-    # 128 bits from the OS CSPRNG: ids are capabilities, they must not be guessable.
-    return secrets.token_hex(16)
 
 
 class SessionService:

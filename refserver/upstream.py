@@ -27,11 +27,12 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from . import strictjson
+from wire import strictjson
+from wire.errors import InvalidRequest, StreamCut, UpstreamError, UpstreamTimeout
+from wire.protocol import check_message
+from wire.streaming import ChunkRefused, EventReader, StreamAssembler, event, replay_chunks
+
 from .engine_http import EngineConnections, EngineResponse, EngineTransportError
-from .errors import InvalidRequest, StreamCut, UpstreamError, UpstreamTimeout
-from .protocol import check_message
-from .streaming import ChunkRefused, EventReader, StreamAssembler, event, replay_chunks
 
 Answer = TypeVar("Answer")
 

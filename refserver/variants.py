@@ -16,9 +16,10 @@ from typing import Any
 
 import trio
 
-from . import rules
-from .errors import InvalidRequest, SessionNotFound, SessionServerError, StreamCut
-from .protocol import ChatRequest
+from wire import rules
+from wire.errors import InvalidRequest, SessionNotFound, SessionServerError, StreamCut
+from wire.protocol import ChatRequest
+
 from .service import Session, SessionService, Turn, conflict_error
 from .upstream import Relay, RetryPolicy, assistant_message
 

@@ -20,13 +20,13 @@ from harness.errors import HarnessError
 from harness.model.builtin_profiles import builtin_profiles
 from refserver import RunningServer, ServerConfig
 from refserver.engine_http import base_url_problem
-from refserver.fake_upstream import FLAVORS, Flavor
 from refserver.server import (
     capacity_hints,
     default_max_turns_in_flight,
     serve_until_signalled,
 )
 from refserver.variants import VARIANTS
+from wire.engine import FLAVORS, Flavor
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM
 

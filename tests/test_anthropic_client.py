@@ -2,7 +2,7 @@
 
 The session keeps one trajectory whichever API writes it, so the rules are the
 same (exact retries replay, conflicts are refused, DELETE preempts a turn and
-its stream); only the spelling differs (``refserver/anthropic.py``).
+its stream); only the spelling differs (``wire/anthropic.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, parse_behaviour
-from refserver.anthropic import chat_to_messages, parse_messages_request
-from refserver.errors import InvalidRequest
-from refserver.rules import comparable
 from refserver.server import RunningServer
+from wire.anthropic import chat_to_messages, parse_messages_request
+from wire.errors import InvalidRequest
+from wire.rules import comparable
 
 from .conftest import Api, user
 

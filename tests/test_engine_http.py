@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refserver.engine_http import EngineConnections, EngineTransportError, base_url_problem
-from refserver.streaming import EventReader
+from wire.streaming import EventReader
 
 from .conftest import HANG_GUARD
 

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from refserver.rules import ROLES
+from wire.rules import ROLES
 
 from .conftest import HANG_GUARD, start_sessctl_serve
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("harness", "refserver", "sessctl")
+PACKAGES = ("wire", "harness", "refserver", "sessctl")
 
 # Lower rank = lower layer. A harness module may import modules of its own
 # rank or lower, never higher.
@@ -28,6 +28,17 @@ BASE_MODULES = {"harness.errors", "harness.results"}
 # behaviours and events), never the engine itself.
 MODEL_MAY_IMPORT_FROM_UPSTREAM = {"harness.upstream.script"}
 RICH_ALLOWED = ("harness.report", "sessctl")
+# What the harness may take from the reference server: the server itself, to
+# embed it (its config, its child process, its known-broken variants). What both
+# sides read (messages, API shapes, streams, errors) is in ``wire``.
+HARNESS_MAY_EMBED = {
+    "refserver",
+    "refserver.server",
+    "refserver.child",
+    "refserver.variants",
+    "refserver.errors",
+    "refserver.upstream",
+}
 
 
 def module_sources() -> dict[str, str]:
@@ -101,8 +112,12 @@ def _rule_broken(module: str, target: str) -> str | None:
         if not module.startswith(RICH_ALLOWED):
             return "only the report layer and the CLI render with rich"
         return None
-    if top == "refserver" and target_top != "refserver":
+    if top == "wire" and target_top in ("refserver", "harness", "sessctl"):
+        return "the wire formats are below both the server and the harness"
+    if top == "refserver" and target_top not in ("refserver", "wire"):
         return "the reference server stays blind to the harness and the CLI"
+    if top == "harness" and target_top == "refserver" and target not in HARNESS_MAY_EMBED:
+        return "the harness embeds the reference server; what both read is in wire"
     if top == "harness" and target_top == "sessctl":
         return "the harness never imports the CLI"
     if top != "harness" or target_top != "harness":
@@ -171,6 +186,8 @@ def test_every_harness_part_says_what_it_owns_and_may_import() -> None:
         ("refserver.app", "from harness.errors import UsageError", "blind to the harness"),
         ("harness.chaos.shrink", "from sessctl.cli import app", "never imports the CLI"),
         ("harness.chaos.case", "from ..report import timeline", "chaos is below report"),
+        ("harness.run.checks", "from refserver.rules import comparable", "what both read"),
+        ("wire.rules", "from refserver.service import SessionService", "below both"),
     ],
 )
 def test_a_wrong_arrow_is_caught(module: str, source: str, expected: str) -> None:

@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from refserver.listening import BurstListener
+from wire.listening import BurstListener
 
 QUEUED = 16
 

@@ -29,8 +29,8 @@ from harness.run.profile_probe import probe_profile
 from harness.run.runner import RunSettings
 from harness.run.suite import SuiteSettings, Target, run_suite
 from harness.upstream.chaos_upstream import ChaosUpstream
-from refserver.rules import first_divergence
 from refserver.server import serve_asgi
+from wire.rules import first_divergence
 
 ROLLBACK_PROFILE = REFERENCE_PROFILE.model_copy(update={"name": "rollback", "rollback": "one-step"})
 

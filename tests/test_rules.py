@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from refserver import rules
-from refserver.rules import Conflict, Extend, Replay, SessionState, Transition, classify_turn
+from wire import rules
+from wire.rules import Conflict, Extend, Replay, SessionState, Transition, classify_turn
 
 U1: dict[str, Any] = {"role": "user", "content": "one"}
 A1: dict[str, Any] = {"role": "assistant", "content": "first answer"}

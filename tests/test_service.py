@@ -8,11 +8,11 @@ import pytest
 import trio
 import trio.testing
 
-from refserver.errors import SessionNotFound
-from refserver.protocol import parse_chat_request
-from refserver.rules import SessionState
 from refserver.service import Session, SessionService
 from refserver.upstream import Relay, StreamedAnswer
+from wire.errors import SessionNotFound
+from wire.protocol import parse_chat_request
+from wire.rules import SessionState
 
 
 class EchoUpstream:

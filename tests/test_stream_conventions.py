@@ -15,11 +15,11 @@ import trio
 
 from refserver.app import create_app
 from refserver.engine_http import EngineConnections
-from refserver.errors import InvalidRequest
-from refserver.protocol import ChatRequest, parse_chat_request
 from refserver.server import serve_asgi
 from refserver.service import SessionService
 from refserver.upstream import HttpUpstream, RetryPolicy
+from wire.errors import InvalidRequest
+from wire.protocol import ChatRequest, parse_chat_request
 
 from .conftest import free_port
 

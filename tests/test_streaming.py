@@ -22,10 +22,10 @@ from openai.types.chat import ChatCompletionChunk
 
 from harness.errors import ScriptError
 from harness.upstream.script import EventKind, parse_behaviour
-from refserver.fake_upstream import FLAVORS, Flavor, completion_for, stream_chunks
-from refserver.rules import comparable
 from refserver.server import RunningServer
-from refserver.streaming import ChunkRefused, StreamAssembler, replay_chunks
+from wire.engine import FLAVORS, Flavor, completion_for, stream_chunks
+from wire.rules import comparable
+from wire.streaming import ChunkRefused, StreamAssembler, replay_chunks
 
 from .conftest import Api, user
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from refserver.strictjson import MAX_DEPTH, MAX_INT_DIGITS, JsonRefused, loads
+from wire.strictjson import MAX_DEPTH, MAX_INT_DIGITS, JsonRefused, loads
 
 
 @pytest.mark.parametrize(

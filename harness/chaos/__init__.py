@@ -6,5 +6,6 @@ history format (``history``), the linearizability checker and invariants
 and the shrinking search (``shrink``, over ``ddmin``).
 
 May import: ``harness.run``, ``harness.model``, ``harness.upstream``,
-``harness.errors``, ``harness.results``, ``refserver``. Never ``report``.
+``harness.errors``, ``harness.results``, ``wire``, ``refserver`` (to embed it).
+Never ``report``.
 """

@@ -1,7 +1,7 @@
 """Checking a history against the session contract: linearizability plus invariants.
 
 The sequential model is docs/contract.md, decided by the same rules module the
-reference server uses (``refserver.rules.classify_turn``). Sessions are
+reference server uses (``wire.rules.classify_turn``). Sessions are
 independent, so the history is partitioned by session id and each
 sub-history is checked on its own.
 
@@ -51,7 +51,7 @@ from harness.model.messages import message_key
 from harness.model.scenario import TrajectoryModel
 from harness.run.checks import rolls_back_one_step
 from harness.upstream.script import tag_of
-from refserver.rules import Conflict, Extend, Replay, classify_turn
+from wire.rules import Conflict, Extend, Replay, classify_turn
 
 from .history import Operation
 

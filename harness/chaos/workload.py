@@ -37,10 +37,10 @@ from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
 from refserver.child import serve_in_child
 from refserver.errors import ChildServerFailed
-from refserver.fake_upstream import Flavor, completion_for
 from refserver.server import RunningServer, ServerConfig, serve
-from refserver.service import new_session_id
 from refserver.upstream import RetryPolicy
+from wire.engine import Flavor, completion_for
+from wire.ids import new_session_id
 
 from .case import PROPERTY_OF_FINDING, ScenarioText
 from .history import Operation, UpstreamEvent

@@ -7,5 +7,5 @@ and messages as the checker compares them, whatever JSON a server sends back
 (``messages``).
 
 May import: ``harness.errors``, ``harness.results``, ``harness.upstream.script``
-(scenario files name upstream behaviours and events), ``refserver``.
+(scenario files name upstream behaviours and events), ``wire``.
 """

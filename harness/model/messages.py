@@ -1,6 +1,6 @@
 """Messages as the checker compares them: any JSON value a server sends back.
 
-The reference server compares messages with ``refserver.rules.comparable``
+The reference server compares messages with ``wire.rules.comparable``
 after it has validated them, so it only ever meets well-formed ones. The
 harness reads what a server *committed*, which may be anything: a role that is
 a list, a message that is a number. ``message_key`` gives every JSON value a
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from refserver.rules import comparable
+from wire.rules import comparable
 
 MessageKey = tuple[Any, ...]
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UsageError
-from refserver.anthropic import chat_to_messages, message_to_chat, messages_to_chat
+from wire.anthropic import chat_to_messages, message_to_chat, messages_to_chat
 
 from .builtin_profiles import builtin_profiles
 from .messages import message_key

@@ -7,5 +7,6 @@ against the known-broken variants (``selftest``), and ``profile check``
 (``profile_probe``).
 
 May import: ``harness.model``, ``harness.upstream``, ``harness.errors``,
-``harness.results``, ``refserver``. Never ``chaos`` or ``report``.
+``harness.results``, ``wire``, ``refserver`` (to embed it). Never ``chaos`` or
+``report``.
 """

@@ -38,7 +38,7 @@ from harness.model.profile import (
 from harness.model.scenario import ChatStep, Expect, Scenario, StatusMatcher, parse_status
 from harness.results import Finding, Kind, Observation, StreamEnd, answer_of
 from harness.upstream.script import Action
-from refserver.anthropic import SESSION_TYPES_AS_ANTHROPIC
+from wire.anthropic import SESSION_TYPES_AS_ANTHROPIC
 
 from .context import RunContext
 

@@ -14,8 +14,8 @@ import trio.testing
 
 from harness.model.profile import Profile, TrajectoryState, read_trajectory
 from harness.results import Observation, SentRequest, StreamEnd, StreamRecord, error_type_of
-from refserver.anthropic import MessageAssembler, message_to_chat
-from refserver.streaming import ChunkRefused, StreamAssembler
+from wire.anthropic import MessageAssembler, message_to_chat
+from wire.streaming import ChunkRefused, StreamAssembler
 
 
 @dataclass

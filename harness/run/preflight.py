@@ -29,7 +29,7 @@ from harness.model.profile import Profile
 from harness.results import Observation
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker
-from refserver.service import new_session_id
+from wire.ids import new_session_id
 
 from .client import TargetClient
 

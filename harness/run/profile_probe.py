@@ -37,8 +37,8 @@ from harness.model.profile import (
 from harness.results import Observation, StreamEnd, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
-from refserver.fake_upstream import Flavor
-from refserver.service import new_session_id
+from wire.engine import Flavor
+from wire.ids import new_session_id
 
 from .checks import last_turn_start
 from .client import StreamProgress, TargetClient, read_session

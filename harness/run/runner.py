@@ -46,7 +46,7 @@ from harness.model.scenario import (
 from harness.results import Finding, Kind, Observation, RunResult, Verdict, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, StepEvent, marker
-from refserver.service import new_session_id
+from wire.ids import new_session_id
 
 from .checks import (
     ABORT_AS_SUCCESS,

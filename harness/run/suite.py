@@ -20,8 +20,8 @@ import trio
 from harness.model.scenario import HTTP_OPS, Expect, Scenario
 from harness.results import Finding, RunResult, ScenarioResult, StepSummary, SuiteResult, Verdict
 from harness.upstream.chaos_upstream import ChaosUpstream
-from refserver.fake_upstream import Flavor
 from refserver.server import ServerConfig, serve
+from wire.engine import Flavor
 
 from .client import TargetClient
 from .preflight import check_target

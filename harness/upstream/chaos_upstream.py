@@ -37,9 +37,8 @@ from typing import Any, Protocol
 import trio
 
 from harness.errors import ListenFailed, ScriptError
-from refserver import anthropic
-from refserver.errors import InvalidRequest
-from refserver.fake_upstream import (
+from wire import anthropic
+from wire.engine import (
     STREAM_END,
     Flavor,
     completion_for,
@@ -47,6 +46,7 @@ from refserver.fake_upstream import (
     encode_completion,
     stream_chunks,
 )
+from wire.errors import InvalidRequest
 
 from .http11 import Exchange, serve_http11
 from .script import Action, Behaviour, EventKind, StepEvent, parse_behaviour, tag_of

@@ -17,7 +17,7 @@ from functools import partial
 import h11
 import trio
 
-from refserver.listening import BurstListener
+from wire.listening import BurstListener
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 READ_CHUNK = 65536
@@ -96,7 +96,7 @@ async def serve_http11(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # Accepted in bursts: a server whose turns each open an engine connection
-    # connects by the thousand at once (see refserver.listening).
+    # connects by the thousand at once (see wire.listening).
     listeners = [
         BurstListener.taking_over(listener)
         for listener in await trio.open_tcp_listeners(port, host=host)

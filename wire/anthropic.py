@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest, SessionServerError
+from wire.errors import InvalidRequest, SessionServerError
+
 from .protocol import ChatRequest, check_message, read_json_object
 
 _PASSED_ON = ("temperature", "top_p", "top_k")

@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from wire.errors import InvalidRequest
+
 from . import strictjson
-from .errors import InvalidRequest
 from .rules import ROLES
 
 # Roles whose content must be present (not null); assistant content may be
