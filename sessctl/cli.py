@@ -39,6 +39,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(highlight=False)
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -103,8 +104,27 @@ def _base_url_option(value: str | None) -> str | None:
     return value
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            shown = version("sessctl")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            shown = "unknown (not installed)"
+        console.print(f"sessctl {shown}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _group() -> None:
+def _group(
+    _version_flag: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Race-test LLM session servers: a reference server, a chaos upstream, a scenario harness."""
 
 
@@ -335,7 +355,7 @@ def selftest_command(
         typer.Argument(help="Scenario files or directories; default: the built-in library."),
     ] = None,
     filter: Annotated[str | None, typer.Option("--filter", help="GLOB[,GLOB]")] = None,
-    repeat: Annotated[int | None, typer.Option(help="Run every scenario N times.")] = None,
+    repeat: Annotated[int | None, typer.Option(min=1, help="Run every scenario N times.")] = None,
     json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
 ) -> None:
     """Prove the scenarios catch real bugs: run them on the clean server and every variant.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,20 @@ def writing(path: Path) -> Iterator[None]:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
 
 
+def check_writable(path: Path | None, option: str) -> None:
+    """Before a long run: a report that cannot be written is a usage error now,
+    not after every result has been computed and then lost."""
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory, not a file")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
+
+
 def write_json_file(path: Path, document: object) -> None:
     with writing(path):
         path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -118,6 +133,9 @@ def list_scenarios(options: RunOptions, console: Console) -> int:
 
 
 def selftest(options: RunOptions, console: Console) -> int:
+    check_writable(options.json, "--json")
+    if options.repeat is not None and options.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
     scenarios = select(options)
     settings = SuiteSettings(
         concurrency=options.concurrency or SuiteSettings.concurrency,
@@ -180,6 +198,12 @@ def profile_check(
 
 
 def run_scenarios(options: RunOptions, console: Console) -> int:
+    for path, option in (
+        (options.json, "--json"),
+        (options.junit, "--junit"),
+        (options.markdown, "--markdown"),
+    ):
+        check_writable(path, option)
     scenarios = select(options)
     targets = [parse_target(t) for t in options.targets] or [
         Target(options.emulate, None, emulate=options.emulate)

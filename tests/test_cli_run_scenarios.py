@@ -78,6 +78,7 @@ def test_passing_run_exits_0_and_writes_json_junit_and_markdown(tmp_path: Path) 
     assert suite is not None
     assert suite.get("tests") == "3"
     assert suite.get("failures") == "0"
+    assert suite.get("name") == "sessctl.reference"
     assert "| delete-mid-proxy | PASS |" in reports["md"].read_text()
 
 
@@ -93,9 +94,18 @@ def test_a_failing_scenario_exits_1_and_explains_itself(tmp_path: Path) -> None:
     assert "got      200" in out
     assert f"reproduce: sessctl run-scenarios {scenario}" in out
     assert "curl -sS -X POST" in out
-    case = ET.parse(junit).getroot().find("testsuite/testcase/failure")
+    root = ET.parse(junit).getroot()
+    case = root.find("testsuite/testcase/failure")
     assert case is not None
-    assert "expected status 404" in (case.get("message") or "")
+    # The message names the property that broke (this file names none: its name);
+    # the text has every finding, then how to rerun.
+    assert case.get("message") == "expects-the-wrong-thing"
+    assert case.get("type") == "safety"
+    assert "c1: expected status 404; got 200" in (case.text or "")
+    # Totals and times on every level, as CI dashboards read them.
+    assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("1", "1", "0")
+    assert float(root.get("time") or "-1") >= 0
+    assert float(root.find("testsuite/testcase").get("time") or "-1") >= 0  # type: ignore[union-attr]
 
 
 def test_emulate_runs_a_known_broken_variant_and_says_how_to_rerun_it() -> None:
@@ -184,3 +194,31 @@ def test_a_report_that_fails_to_render_still_writes_its_files_and_exits_3(
     assert json.loads(reports["json"].read_text())["summary"]["passed"] == 1
     assert ET.parse(reports["xml"]).getroot() is not None
     assert "delete-mid-proxy" in reports["md"].read_text()
+
+
+def test_version_and_short_help_are_understood() -> None:
+    version = sessctl("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("sessctl ")
+    short = sessctl("-h")
+    assert short.returncode == 0, short.stderr
+    assert "run-scenarios" in short.stdout
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    # Not after the whole suite has run and its results are lost.
+    done = sessctl("run-scenarios", "--junit", str(tmp_path / "no" / "such" / "r.xml"))
+    assert done.returncode == 2
+    assert "--junit" in done.stderr
+    assert "no such directory" in done.stderr
+    assert "scenario results" not in done.stdout  # nothing ran
+    folder = sessctl("selftest", "--json", str(tmp_path))
+    assert folder.returncode == 2
+    assert "is a directory" in folder.stderr
+
+
+def test_selftest_refuses_a_repeat_below_one() -> None:
+    for repeat in ("0", "-3"):
+        done = sessctl("selftest", "--repeat", repeat)
+        assert done.returncode == 2, done.stdout
+        assert "--repeat" in done.stderr

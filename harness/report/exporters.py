@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -105,21 +106,36 @@ def write_json(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> No
 
 
 def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> None:
+    """JUnit as CI tools read it: totals and times on every level, a failure's
+    ``type`` (safety or server fault) and a ``message`` naming the properties that
+    broke; an UNTESTED scenario is a skipped case whose message is its cause."""
     root = ET.Element("testsuites", name="sessctl")
+    totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    total_time = 0.0
     for target in suite.targets:
         results = [s for s in suite.scenarios if s.target == target]
-        element = ET.SubElement(
-            root,
-            "testsuite",
-            name=f"sessctl.{target}",
-            tests=str(len(results)),
-            failures=str(sum(1 for s in results if s.verdict is Verdict.FAIL)),
-            errors=str(sum(1 for s in results if s.verdict is Verdict.ERROR)),
-            skipped=str(sum(1 for s in results if s.verdict is Verdict.UNTESTED)),
-        )
+        # Viewers in the Jenkins style split a classname at its dots: a host's
+        # dots and a port's colon would make packages of an address.
+        classname = "sessctl." + re.sub(r"[^A-Za-z0-9_-]", "_", target)
+        counts = {
+            "tests": len(results),
+            "failures": sum(1 for s in results if s.verdict is Verdict.FAIL),
+            "errors": sum(1 for s in results if s.verdict is Verdict.ERROR),
+            "skipped": sum(1 for s in results if s.verdict is Verdict.UNTESTED),
+        }
+        seconds = sum(_seconds(result) for result in results)
+        element = ET.SubElement(root, "testsuite", name=classname, time=f"{seconds:.3f}")
+        for key, value in counts.items():
+            element.set(key, str(value))
+            totals[key] += value
+        total_time += seconds
         for result in results:
             case = ET.SubElement(
-                element, "testcase", classname=f"sessctl.{target}", name=result.name
+                element,
+                "testcase",
+                classname=classname,
+                name=result.name,
+                time=f"{_seconds(result):.3f}",
             )
             run = result.first_problem_run
             if run is None:
@@ -140,45 +156,95 @@ def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> N
                 notes.text = "non-strict:\n" + "\n".join(_one_line(f) for f in findings)
                 continue
             tag = "error" if result.verdict is Verdict.ERROR else "failure"
-            detail = ET.SubElement(case, tag, message=_one_line(findings[0]) if findings else tag)
-            lines = [_one_line(f) for f in findings]
+            causes = [f for f in findings if f.follows is None and f.kind is not Kind.CONVENTION]
+            labels = list(dict.fromkeys(f.label for f in causes if f.label))
+            kinds = list(dict.fromkeys(f.kind.value for f in causes))
+            message = "; ".join(labels) or (_one_line(findings[0]) if findings else tag)
+            detail = ET.SubElement(
+                case, tag, message=message, type=", ".join(kinds) if tag == "failure" else tag
+            )
+            # The causes first, then what follows from them.
+            ordered = sorted(findings, key=lambda f: f.follows is not None)
+            lines = [_one_line(f) for f in ordered]
             lines.append(f"reproduce: {reproduce_command(result, targets.get(target))}")
             detail.text = "\n".join(lines)
+    root.set("time", f"{total_time:.3f}")
+    for key, value in totals.items():
+        root.set(key, str(value))
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
+def _seconds(result: ScenarioResult) -> float:
+    """How long a scenario's runs took, from their first request to their last answer."""
+    total = 0.0
+    for run in result.runs:
+        observations = list(run.observations.values())
+        if observations:
+            total += max(o.ended for o in observations) - min(o.started for o in observations)
+    return total
+
+
 def write_markdown(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> None:
+    """For a pull-request comment: the verdict and what broke first, each scenario
+    that did not pass in a section of its kind (failures, not tested, non-strict),
+    its details folded; the table of every scenario last, folded too."""
+    errors = suite.count(Verdict.ERROR)
     lines = ["# sessctl scenario report", ""]
     lines.append(
-        f"{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.NON_STRICT)} non-strict, "
-        f"{suite.count(Verdict.UNTESTED)} untested, "
-        f"{suite.count(Verdict.FAIL)} failed, {suite.count(Verdict.ERROR)} errors"
+        f"**{suite.count(Verdict.PASS)} passed, {suite.count(Verdict.NON_STRICT)} non-strict, "
+        f"{suite.count(Verdict.UNTESTED)} untested, {suite.count(Verdict.FAIL)} failed, "
+        f"{errors} error{'' if errors == 1 else 's'}**"
     )
-    lines.append("")
+    safety = suite.labels(Kind.SAFETY) + suite.labels(Kind.FAULT)
+    if safety:
+        lines += ["", f"Safety failures: {', '.join(safety)}"]
+    for target, problem in suite.unreachable.items():
+        lines += ["", f"Target {target} unusable: {problem}"]
+    sections = (
+        ("Failures", (Verdict.FAIL, Verdict.ERROR)),
+        ("Not tested (the race was never placed)", (Verdict.UNTESTED,)),
+        ("Non-strict (conventions that differ, safely)", (Verdict.NON_STRICT,)),
+    )
+    for title, verdicts in sections:
+        shown = [s for s in suite.scenarios if s.verdict in verdicts]
+        if not shown:
+            continue
+        lines += ["", f"## {title}", ""]
+        for result in shown:
+            run = result.first_problem_run
+            findings = (run.untested + run.errors + run.failures) if run else []
+            causes = [f for f in findings if f.follows is None]
+            headline = "; ".join(dict.fromkeys(f.label for f in causes if f.label))
+            summary = f"{result.name} on {result.target}: {result.verdict.value.upper()}"
+            lines.append(
+                f"<details><summary>{_escape(summary)}"
+                + (f" ({_escape(headline)})" if headline else "")
+                + "</summary>"
+            )
+            lines.append("")
+            for finding in sorted(findings, key=lambda f: f.follows is not None):
+                lines.append(f"- {_escape(_one_line(finding))}")
+            lines += ["", "```", reproduce_command(result, targets.get(result.target)), "```"]
+            lines += ["", "</details>", ""]
     names = list(dict.fromkeys(s.name for s in suite.scenarios))
+    by_key = {(s.name, s.target): s for s in suite.scenarios}
+    lines += ["", "<details><summary>Every scenario</summary>", ""]
     lines.append("| scenario | " + " | ".join(suite.targets) + " |")
     lines.append("|---|" + "---|" * len(suite.targets))
-    by_key = {(s.name, s.target): s for s in suite.scenarios}
     for name in names:
         cells = [
             by_key[(name, t)].verdict.value.upper() if (name, t) in by_key else "-"
             for t in suite.targets
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    problems = [s for s in suite.scenarios if s.verdict is not Verdict.PASS]
-    if problems:
-        lines += ["", "## Failures", ""]
-    for result in problems:
-        run = result.first_problem_run
-        lines.append(f"### {result.name} on {result.target}: {result.verdict.value.upper()}")
-        lines.append("")
-        if run is not None and run.untested:
-            lines.append(f"- not tested: {_one_line(run.untested[0])}")
-        for finding in (run.errors + run.failures) if run else []:
-            lines.append(f"- {_one_line(finding)}")
-        lines += ["", "```", reproduce_command(result, targets.get(result.target)), "```", ""]
+    lines += ["", "</details>"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _escape(text: str) -> str:
+    """Findings quote the server's answers: keep them from reading as HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _one_line(finding: Finding) -> str:
