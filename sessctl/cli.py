@@ -232,7 +232,12 @@ def serve(
                 Text(f"EMULATING A BUG ({emulate}): {VARIANTS[emulate].bug}", style="bold red")
             )
         console.print(f"upstream ({upstream_note}): {running.upstream_url}")
-        console.print(f"agents use {running.url}/sessions/{{id}}/v1 as their OpenAI base URL")
+        console.print(
+            f"agents use {running.url}/sessions/{{id}}/v1 as their OpenAI base URL", soft_wrap=True
+        )
+        console.print(
+            f"        or {running.url}/sessions/{{id}} as their Anthropic base URL", soft_wrap=True
+        )
         hints = capacity_hints(max_turns_in_flight)
         if upstream_clients is not None:
             hints.append(
@@ -499,7 +504,7 @@ def check_command(
     profile: ProfileOption = None,
 ) -> None:
     """Check a saved history: linearizability per session, durability, no 2xx after
-    DELETE, no leaked LLM work. ``--profile``: the one the history was recorded
+    DELETE, no leaked LLM work. --profile: the one the history was recorded
     with (its trajectory model decides what a turn may do).
 
     Exit status: 0 valid, 1 invalid, 2 unreadable history, 4 undecided (the
@@ -582,10 +587,13 @@ def upstream(
             console.print(f"chaos upstream ({flavor}) on {url}")
             console.print(f"point a session server's LLM upstream at {url}")
 
-    bind_error = _run_trio(main)
-    if bind_error is not None:
-        print_error(f"cannot listen on {listen}: {bind_error}")
-        raise typer.Exit(3)
+    def run() -> int:
+        trio.run(main)
+        return 0
+
+    # The chaos upstream reports an address it cannot take as ListenFailed: one
+    # line and exit 2, as run-scenarios and chaos do.
+    raise typer.Exit(_run_harness(run))
 
 
 def _run_harness(command: Callable[[], int]) -> int:

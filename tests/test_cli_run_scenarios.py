@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -222,3 +223,15 @@ def test_selftest_refuses_a_repeat_below_one() -> None:
         done = sessctl("selftest", "--repeat", repeat)
         assert done.returncode == 2, done.stdout
         assert "--repeat" in done.stderr
+
+
+def test_the_upstream_on_a_busy_port_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = sessctl("upstream", "--listen", f"127.0.0.1:{port}")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: the chaos upstream cannot listen on")
+    assert len(done.stderr.strip().splitlines()) == 1

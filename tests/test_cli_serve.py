@@ -105,3 +105,16 @@ def test_serve_on_a_busy_port_says_so_without_a_traceback() -> None:
     assert done.returncode == 3
     assert "cannot listen" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_the_banner_gives_both_base_urls() -> None:
+    process, url = start_sessctl_serve()
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+    finally:
+        process.terminate()
+        process.wait(timeout=HANG_GUARD)
+    banner = "".join(lines)
+    assert f"{url}/sessions/{{id}}/v1 as their OpenAI base URL" in banner
+    assert f"or {url}/sessions/{{id}} as their Anthropic base URL" in banner
