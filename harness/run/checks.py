@@ -635,24 +635,7 @@ def _check_trajectory(
     # failure was passed through (its turn was, rightly, not committed): those
     # differences follow from the convention. What must never be there
     # (``excludes``) stays safety.
-    follows = (
-        abort_label(profile)
-        if profile.aborted_completions == "commit"
-        and any(
-            abort_answered(scenario, s, o, context.engine_calls.get(s))
-            for s, o in context.observations.items()
-        )
-        else passed_through_label(profile)
-        if any(
-            passed_through(scenario, s, o, context.engine_calls.get(s))
-            for s, o in context.observations.items()
-        )
-        else streaming_label(profile, "unsupported")
-        if any(refused_stream(scenario, s, o, profile) for s, o in context.observations.items())
-        else _declared(IMPLICIT_CREATION, True)
-        if _implicit_creation_showed(scenario, context, profile)
-        else None
-    )
+    follows = _counts_follow_from(scenario, context, profile)
 
     def convention(expected: str, actual: str, label: str) -> None:
         findings.append(Finding(step_id, expected, actual, repro, Kind.CONVENTION, label))
@@ -739,6 +722,26 @@ def _check_trajectory(
             COUNT_DIFFERS,
         )
     return findings
+
+
+def _counts_follow_from(scenario: Scenario, context: RunContext, profile: Profile) -> str | None:
+    """The convention that counts written for the contract's behaviour no longer
+    fit, where some step of the run showed one: an aborted completion kept (as
+    declared), a failure passed through, a refused stream, a session created on
+    first use. None: the counts are safety."""
+    observed = context.observations.items()
+    calls = context.engine_calls
+    if profile.aborted_completions == "commit" and any(
+        abort_answered(scenario, s, o, calls.get(s)) for s, o in observed
+    ):
+        return abort_label(profile)
+    if any(passed_through(scenario, s, o, calls.get(s)) for s, o in observed):
+        return passed_through_label(profile)
+    if any(refused_stream(scenario, s, o, profile) for s, o in observed):
+        return streaming_label(profile, "unsupported")
+    if _implicit_creation_showed(scenario, context, profile):
+        return _declared(IMPLICIT_CREATION, True)
+    return None
 
 
 def _check_groups(scenario: Scenario, context: RunContext, profile: Profile) -> list[Finding]:

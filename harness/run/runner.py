@@ -149,6 +149,8 @@ class ScenarioRun:
         self.index = index
         self.settings = settings
         self.run_id = f"{scenario.name}.{index}.{secrets.token_hex(3)}"
+        # Derived from the steps once per run (this model is what it judges by).
+        self._setup_steps = self.scenario.setup_steps
         self.context = RunContext()
         self._background: dict[str, _Background] = {}
         self._progress: dict[str, StreamProgress] = {}
@@ -340,7 +342,7 @@ class ScenarioRun:
         actual = f"seen {seen} time(s); {self._chat_state(step.chat_step)}"
         never_called = self._engine_calls(step.chat_step) == 0
         not_relayed = self._streaming_convention(step.chat_step, chat)
-        if step.id in self.scenario.setup_steps or never_called or not_relayed is not None:
+        if step.id in self._setup_steps or never_called or not_relayed is not None:
             why = not_relayed
             if why is not None:
                 # The server does not relay chunks as they come (or refuses to
@@ -547,7 +549,7 @@ class ScenarioRun:
             assert isinstance(step, RequestStep)
             observation = await self._raw_request(step, session_id)
         self.context.observations[step.id] = observation
-        if not step.background and step.id in self.scenario.setup_steps:
+        if not step.background and step.id in self._setup_steps:
             self._check_setup(step, observation)
         elif not step.background and isinstance(step, ChatStep):
             self._check_engine_reached(step, observation)
