@@ -53,13 +53,22 @@ class SentRequest:
     json_body: Any = None
     raw_body: bytes | None = None
     raw_size: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+    """The headers the harness set (the ones that address a session among them),
+    with secrets shown as the environment variable that holds them (``$NAME``)."""
 
     @staticmethod
-    def of(method: str, url: str, json_body: Any, raw_body: bytes | None) -> SentRequest:
+    def of(
+        method: str,
+        url: str,
+        json_body: Any,
+        raw_body: bytes | None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> SentRequest:
         # A suite keeps every observation until it reports; holding on to a
         # 9 MiB oversized body per run would cost gigabytes over a --repeat run.
         kept = raw_body if raw_body is not None and len(raw_body) <= KEPT_BODY_BYTES else None
-        return SentRequest(method, url, json_body, kept, len(raw_body or b""))
+        return SentRequest(method, url, json_body, kept, len(raw_body or b""), headers)
 
 
 class StreamEnd(enum.Enum):

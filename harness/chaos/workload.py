@@ -27,10 +27,11 @@ from typing import Any
 
 import trio
 
-from harness.errors import TargetUnreachable
+from harness.errors import TargetUnreachable, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.results import Observation, StreamEnd, answer_of
-from harness.run.client import StreamProgress, TargetClient, read_session
+from harness.run.client import StreamProgress, TargetClient
+from harness.run.lifecycle import Lifecycle
 from harness.run.preflight import check_target, describe
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -158,6 +159,7 @@ class ChaosRun:
         self.upstream = upstream
         self.settings = settings
         self.run_id = run_id
+        self.lifecycle = Lifecycle(client, settings.profile)
         self.history: list[Operation] = []
         self._slots = [_Slot() for _ in range(settings.sessions)]
         self.clients = [
@@ -311,12 +313,10 @@ class ChaosRun:
             return
         slot.creating = True
         try:
-            observation = await self.client.send("chaos", "create", "POST", "/sessions")
-            body = observation.body if isinstance(observation.body, dict) else {}
-            session = body.get(self.settings.profile.create.id_field)
-            if observation.status is not None and observation.status // 100 == 2 and session:
-                self._record(client, ticket, "create", str(session), observation)
-                slot.session = str(session)
+            created = await self.lifecycle.create("chaos")
+            if created.session is not None:
+                self._record(client, ticket, "create", created.session, created.observation)
+                slot.session = created.session
         finally:
             slot.creating = False
 
@@ -353,7 +353,8 @@ class ChaosRun:
         client.last_sent[session] = messages
         if planned.stream:
             body["stream"] = True
-        path, headers, body = self.settings.profile.chat_request(session, body)
+        agent = self.lifecycle.agent_of(session)
+        path, headers, body = self.settings.profile.chat_request(agent, body)
         patience = planned.patience if planned.kind == "hangup" else float("inf")
         observation = await self._send_chat(patience, path, body, headers)
         if observation.cancelled_by_scenario:
@@ -397,9 +398,7 @@ class ChaosRun:
         )
 
     async def _get(self, client: _Client, session: str, ticket: int) -> None:
-        observation, state = await read_session(
-            self.client, "chaos", session, self.settings.profile
-        )
+        observation, state = await self.lifecycle.read("chaos", session)
         messages = state.messages
         if observation.status == 200 and messages is not None:
             client.views[session] = messages
@@ -418,9 +417,7 @@ class ChaosRun:
         pending = self._pending_deletes[session] = _PendingDelete()
         observation: Observation | None = None
         try:
-            observation = await self.client.send(
-                "chaos", "delete", "DELETE", f"/sessions/{session}"
-            )
+            observation = await self.lifecycle.end("chaos", session)
         finally:
             if observation is not None and observation.status in range(200, 300):
                 self._deleted.add(session)
@@ -614,6 +611,9 @@ async def run_chaos(
     ``embedded_in_child=False`` keeps it in this trio loop, which
     ``benchmarks/chaos_bench.py`` measures as the baseline for that choice.
     """
+    unsupported = chaos_cannot_check(settings.profile)
+    if unsupported is not None:
+        raise UsageError(f"sessctl chaos: {unsupported}")
     upstream = ChaosUpstream(settings.flavor, tool_call_content=settings.profile.engine.content)
     async with trio.open_nursery() as nursery:
         upstream_url = await nursery.start(partial(upstream.serve, upstream_host, upstream_port))
@@ -681,6 +681,25 @@ async def run_chaos(
     return ChaosReport(
         history, plans, result, elapsed, check_seconds, shrunk, attempt, shrink_skipped=skipped
     )
+
+
+def chaos_cannot_check(profile: Profile) -> str | None:
+    """Why chaos mode cannot judge a server of this profile, if it cannot: its
+    checker reads the trajectory while the workload runs, as a linear or tree
+    model; a log, or a read that is an export, has no such reads."""
+    if profile.trajectory.log:
+        return (
+            f"profile {profile.name!r} says every call is a record (trajectory model: log); "
+            "the chaos checker models linear and tree trajectories only. Run "
+            "sessctl run-scenarios with this profile: its scenarios judge a log."
+        )
+    if profile.read.once:
+        return (
+            f"profile {profile.name!r} reads each session once, as an export; the chaos "
+            "checker needs reads while the workload runs. Run sessctl run-scenarios "
+            "with this profile."
+        )
+    return None
 
 
 def _unshrinkable(profile: Profile) -> str | None:

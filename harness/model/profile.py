@@ -11,7 +11,9 @@ The default is ``profiles/reference.yaml``.
 
 from __future__ import annotations
 
+import os
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,16 +31,122 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CreateConvention(_Model):
+PLACEHOLDERS = frozenset({"session", "agent", "admin_key", "task"})
+"""What a route template may name: ``{session}`` the id that ends and reads the
+session, ``{agent}`` the id the agent chats with (its API key, on some servers),
+``{admin_key}`` the value of the profile's ``admin_key_env``, ``{task}`` a fresh
+token per session (a task id)."""
+
+
+def placeholders_in(template: Any) -> set[str]:
+    """The ``{name}`` placeholders in a template: a string, or JSON holding strings."""
+    if isinstance(template, str):
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    if isinstance(template, dict):
+        return set().union(*(placeholders_in(v) for v in template.values()), set())
+    if isinstance(template, list):
+        return set().union(*(placeholders_in(v) for v in template), set())
+    return set()
+
+
+def fill(template: Any, values: dict[str, str]) -> Any:
+    """``template`` with each ``{name}`` replaced by ``values[name]`` (strings in
+    JSON too; other JSON values as they are)."""
+    if isinstance(template, str):
+        for name, value in values.items():
+            template = template.replace("{" + name + "}", value)
+        return template
+    if isinstance(template, dict):
+        return {key: fill(value, values) for key, value in template.items()}
+    if isinstance(template, list):
+        return [fill(value, values) for value in template]
+    return template
+
+
+class Route(_Model):
+    """One HTTP call of the session's lifecycle. The path, header values and the
+    strings of the JSON body may name ``{session}``, ``{agent}``, ``{admin_key}``
+    and ``{task}``."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    path: str = Field(pattern=r"^/")
+    headers: dict[str, str] = {}
+    body: Any = None
+    """A JSON body, sent with ``content-type: application/json``; none if null."""
+
+    @model_validator(mode="after")
+    def _names_known_placeholders(self) -> Route:
+        named = placeholders_in(self.path) | placeholders_in(self.body)
+        named |= placeholders_in(list(self.headers.values()))
+        unknown = named - PLACEHOLDERS
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder(s) {', '.join(sorted('{' + n + '}' for n in unknown))}; "
+                f"a route may name {', '.join(sorted('{' + n + '}' for n in PLACEHOLDERS))}"
+            )
+        return self
+
+    @property
+    def placeholders(self) -> set[str]:
+        return (
+            placeholders_in(self.path)
+            | placeholders_in(self.body)
+            | placeholders_in(list(self.headers.values()))
+        )
+
+    def describe(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+class CreateConvention(Route):
+    """How a session is made: by default ``POST /sessions``, answering 201 with
+    the id under ``session_id``."""
+
+    path: str = Field(default="/sessions", pattern=r"^/")
+    before: list[Route] = []
+    """Calls made, in order, before each create (a capacity grant, say); each must
+    answer 2xx, or the session was never made."""
     status: int = Field(default=201, ge=200, le=299)
     id_field: str = "session_id"
+    """Where the answer holds the id that ends and reads the session: a field, or a
+    dotted path (``data.session.id``)."""
+    agent_id_field: str | None = None
+    """Where the answer holds the id the agent chats with, where it differs (an
+    API key issued per session); default: the same id."""
+
+    @model_validator(mode="after")
+    def _creates_without_an_id(self) -> CreateConvention:
+        for route in (self, *self.before):
+            if {"session", "agent"} & route.placeholders:
+                raise ValueError(
+                    f"{route.describe()}: a create has no session yet; it may name "
+                    "{admin_key} and {task}"
+                )
+        return self
+
+
+class ReadRoute(Route):
+    """How the trainer reads a session's trajectory: by default ``GET /sessions/{session}``."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    path: str = Field(default="/sessions/{session}", pattern=r"^/")
+    once: bool = False
+    """The read is an export: it waits for the session's end, answers every
+    record, and removes the session (AReaL's ``export_trajectories``). The harness
+    then reads each session once, after its end, at the end of a scenario; a
+    scenario's earlier reads are not tested on such a server, and say so."""
+
+
+DEFAULT_END = Route(method="DELETE", path="/sessions/{session}")
 
 
 class TrajectoryConvention(_Model):
-    model: Literal["linear", "tree"] = "linear"
+    model: Literal["linear", "tree", "log"] = "linear"
     """``linear``: one trajectory; a turn that diverges from it is refused. ``tree``:
     a divergent turn starts a branch, and concurrent writers both commit, as
-    siblings; every turn answered 200 must be in some branch."""
+    siblings; every turn answered 200 must be in some branch. ``log``: every call
+    is a record (concurrent turns, exact retries, divergent requests), nothing is
+    refused for its history; every 2xx must be recorded exactly once."""
     source: Literal["messages", "records"] = "messages"
     """``messages``: GET has the committed messages (on a tree, the active path).
     ``records``: they are the last record's ``request.messages`` plus its
@@ -51,6 +159,14 @@ class TrajectoryConvention(_Model):
     """A tree: the route that lists every committed turn, as ``{"records": [...]}``
     or a bare list of records (``{session}`` is the id), where GET shows only the
     active path."""
+    records: str = "records"
+    """Where the read's answer lists the records: a field or dotted path, to a list,
+    or to an object whose values are the records (in order)."""
+    record_messages: str = "request.messages"
+    """Where a record holds the messages its call was sent (a dotted path)."""
+    record_answer: str = "response.choices.0.message"
+    """Where a record holds the answer: an assistant message, or a list of them
+    (the first is the answer); an Anthropic message is translated."""
 
     @model_validator(mode="after")
     def _a_tree_is_readable(self) -> TrajectoryConvention:
@@ -63,11 +179,17 @@ class TrajectoryConvention(_Model):
                 "model: tree needs every committed turn: source: records (GET lists them "
                 "all) or turns_path (a route that does)"
             )
+        if self.model == "log" and self.source != "records":
+            raise ValueError("model: log is read from records: say source: records")
         return self
 
     @property
     def tree(self) -> bool:
         return self.model == "tree"
+
+    @property
+    def log(self) -> bool:
+        return self.model == "log"
 
 
 class EngineConvention(_Model):
@@ -107,6 +229,14 @@ class Profile(_Model):
     request that names a new id does (the harness makes the ids up); a request
     after the session's DELETE must still not bring it back."""
     create: CreateConvention = CreateConvention()
+    end: Route = DEFAULT_END
+    """How the trainer ends a session (the contract's DELETE)."""
+    read: ReadRoute = ReadRoute()
+    """How the trainer reads a session's trajectory (the contract's GET)."""
+    admin_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable that holds the admin key routes name as
+    ``{admin_key}``. The key is never in the profile, and reports show
+    ``$NAME`` where it was sent."""
     health_path: str | None = "/healthz"
     trajectory: TrajectoryConvention = TrajectoryConvention()
     append_after_assistant: list[Literal["user", "tool"]] = Field(
@@ -142,6 +272,50 @@ class Profile(_Model):
         if any(not 400 <= code <= 599 for code in self.closed_status):
             raise ValueError("closed_status holds refusals: codes from 400 to 599")
         return self
+
+    @model_validator(mode="after")
+    def _admin_key_has_a_source(self) -> Profile:
+        for route in self.routes:
+            if "admin_key" in route.placeholders and self.admin_key_env is None:
+                raise ValueError(
+                    f"{route.describe()} names {{admin_key}}: say which environment "
+                    "variable holds it (admin_key_env: NAME)"
+                )
+        for route in (self.end, self.read):
+            if "task" in route.placeholders:
+                raise ValueError(f"{route.describe()}: {{task}} is known only to a create")
+        return self
+
+    @model_validator(mode="after")
+    def _an_export_lists_every_turn(self) -> Profile:
+        if self.read.once and self.trajectory.turns_path is not None:
+            raise ValueError("read: once is the only read; a tree's turns_path cannot follow it")
+        return self
+
+    @property
+    def routes(self) -> list[Route]:
+        return [*self.create.before, self.create, self.end, self.read]
+
+    def admin_key(self) -> str | None:
+        """The admin key, from the environment variable the profile names."""
+        if self.admin_key_env is None:
+            return None
+        value = os.environ.get(self.admin_key_env)
+        if not value:
+            raise UsageError(
+                f"profile {self.name!r} reads its admin key from the environment "
+                f"variable {self.admin_key_env}, which is not set"
+            )
+        return value
+
+    @property
+    def default_lifecycle(self) -> bool:
+        """Sessions are made, ended and read at the contract's own routes."""
+        reference = REFERENCE_PROFILE
+        create = self.create.model_copy(update={"status": 201, "id_field": "session_id"})
+        return (
+            create == reference.create and self.end == reference.end and self.read == reference.read
+        )
 
     @model_validator(mode="after")
     def _chat_path_names_the_session(self) -> Profile:
@@ -180,6 +354,19 @@ class Profile(_Model):
         """Turns after an assistant message must be tool results, not user messages."""
         return "user" not in self.append_after_assistant
 
+    def lifecycle_in_words(self) -> str:
+        create = self.create
+        made = " then ".join(route.describe() for route in (*create.before, create))
+        agent = (
+            f", the agent's id at {create.agent_id_field!r}"
+            if create.agent_id_field is not None
+            else ""
+        )
+        return (
+            f"sessions are made by {made} (the id at {create.id_field!r}{agent}), "
+            f"ended by {self.end.describe()}, read by {self.read.describe()}"
+        )
+
     def differences(self) -> list[str]:
         """Where this profile departs from the reference conventions, in words."""
         reference = REFERENCE_PROFILE
@@ -192,10 +379,16 @@ class Profile(_Model):
             found.append(IMPLICIT_CREATION)
         if self.create.status != reference.create.status:
             found.append(f"create answers {self.create.status}, not 201")
+        if not self.default_lifecycle:
+            found.append(self.lifecycle_in_words())
+        if self.read.once:
+            found.append(READ_ONCE)
         if self.health_path != reference.health_path:
             found.append(f"health route {self.health_path or 'none'}, not /healthz")
         if self.trajectory.tree:
             found.append(TREE)
+        if self.trajectory.log:
+            found.append(LOG)
         if self.trajectory.source != reference.trajectory.source:
             found.append("the trajectory is derived from records")
         if self.trajectory.num_assistant is None:
@@ -231,6 +424,10 @@ class Profile(_Model):
         return found
 
 
+READ_ONCE = "the read is an export: once, after the end, and it removes the session"
+
+LOG = "every call is a record: nothing is refused for its history"
+
 ABORTS_COMMITTED = "aborted completions are answered 200 and committed, not retried"
 """The convention's label: ``finish_reason: abort`` reaches the agent and the trajectory."""
 
@@ -255,17 +452,43 @@ REFERENCE_PROFILE = Profile()
 @dataclass(frozen=True)
 class TrajectoryState:
     messages: list[dict[str, Any]] | None
-    """The trajectory (on a tree, the active path)."""
+    """The trajectory (on a tree, the active path; on a log, the last record's)."""
     num_assistant: int | None
     in_flight: bool | None
     turns: list[list[dict[str, Any]]] | None = None
-    """A tree: every committed turn, each as its whole path (its request's
-    messages, then its answer); None on a linear model, or if unreadable."""
+    """A tree or a log: every committed turn (record), each as its whole path (its
+    request's messages, then its answer); None on a linear model, or if unreadable."""
+    record_count: int | None = None
+    """A log: how many records the read lists, even where they cannot be read as
+    messages (token ids only, say)."""
 
     def has_turn(self, path: list[dict[str, Any]]) -> bool:
         """Is the turn whose whole path is ``path`` committed (in some branch)?"""
+        return self.times_recorded(path) > 0
+
+    def times_recorded(self, path: list[dict[str, Any]]) -> int:
+        """How many committed turns (records) have ``path`` as their whole path."""
         wanted = [message_key(m) for m in path]
-        return any([message_key(m) for m in turn] == wanted for turn in self.turns or [])
+        return sum(1 for turn in self.turns or [] if [message_key(m) for m in turn] == wanted)
+
+
+def lookup(value: Any, dotted: str) -> Any:
+    """The value at a dotted path (``response.choices.0.message``); None if absent."""
+    for key in dotted.split(".") if dotted else []:
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            return None
+    return value
+
+
+def _records_in(body: Any, convention: TrajectoryConvention) -> list[Any] | None:
+    listed = lookup(body, convention.records)
+    if isinstance(listed, dict):
+        return list(listed.values())
+    return listed if isinstance(listed, list) else None
 
 
 def read_trajectory(profile: Profile, body: Any, turns_body: Any = None) -> TrajectoryState:
@@ -273,28 +496,34 @@ def read_trajectory(profile: Profile, body: Any, turns_body: Any = None) -> Traj
     ``turns_body``: the answer of the profile's ``turns_path``, if it has one."""
     if not isinstance(body, dict):
         return TrajectoryState(None, None, None)
-    records = body.get("records") if isinstance(body.get("records"), list) else None
-    in_flight = body.get("in_flight") if isinstance(body.get("in_flight"), bool) else None
     convention = profile.trajectory
+    records = _records_in(body, convention)
+    in_flight = body.get("in_flight") if isinstance(body.get("in_flight"), bool) else None
     if profile.api == "anthropic-messages" and isinstance(body.get("messages"), list):
         body = {**body, "messages": messages_to_chat(body["messages"])}
     num_assistant: int | None = None
-    if convention.num_assistant == "len(records)":
+    if convention.num_assistant == "len(records)" or convention.log:
         num_assistant = len(records) if records is not None else None
     elif convention.num_assistant is not None:
         value = body.get(convention.num_assistant)
         num_assistant = value if isinstance(value, int) else None
     turns = None
-    if convention.tree:
-        listed = turns_body if convention.turns_path is not None else records
-        if isinstance(listed, dict) and isinstance(listed.get("records"), list):
-            listed = listed["records"]
+    if convention.tree or convention.log:
+        listed: Any = records
+        if convention.turns_path is not None:
+            listed = turns_body
+            if isinstance(listed, dict) and isinstance(listed.get("records"), list):
+                listed = listed["records"]
         turns = _turns_from_records(listed if isinstance(listed, list) else None, profile)
+    count = len(records) if convention.log and records is not None else None
     if convention.source == "messages":
         messages = body.get("messages")
         return TrajectoryState(
             messages if isinstance(messages, list) else None, num_assistant, in_flight, turns
         )
+    if convention.log:
+        last = (turns[-1] if turns else []) if turns is not None else None
+        return TrajectoryState(last, num_assistant, in_flight, turns, count)
     return TrajectoryState(
         _path_of_record(records[-1], profile) if records else ([] if records == [] else None),
         num_assistant,
@@ -315,16 +544,16 @@ def _turns_from_records(
 def _path_of_record(record: Any, profile: Profile) -> list[dict[str, Any]] | None:
     """A record's whole path: its request's messages, then its answer (an OpenAI
     choice's message, or an Anthropic message, translated to chat form)."""
-    try:
-        request_messages = record["request"]["messages"]
+    convention = profile.trajectory
+    request_messages = lookup(record, convention.record_messages)
+    answer = lookup(record, convention.record_answer)
+    if answer is None and isinstance(record, dict) and isinstance(record.get("response"), dict):
         response = record["response"]
-        answer = (
-            message_to_chat(response)
-            if isinstance(response, dict) and response.get("type") == "message"
-            else response["choices"][0]["message"]
-        )
-    except (KeyError, IndexError, TypeError):
-        return None
+        answer = message_to_chat(response) if response.get("type") == "message" else None
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    if isinstance(answer, dict) and answer.get("type") == "message":
+        answer = message_to_chat(answer)
     if not isinstance(request_messages, list) or not isinstance(answer, dict):
         return None
     if profile.api == "anthropic-messages":

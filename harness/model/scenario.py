@@ -84,7 +84,14 @@ def parse_status(spec: int | str | Sequence[int | str]) -> StatusMatcher:
 
 StatusSpec = int | str | list[int | str]
 
-TrajectoryModel = Literal["linear", "tree"]
+TrajectoryModel = Literal["linear", "tree", "log"]
+"""A log (every call a record) accepts every turn a tree accepts, and more: a
+scenario's ``tree:`` expectations are what such a server must meet as well."""
+
+
+def accepts_divergence(model: TrajectoryModel) -> bool:
+    """A divergent turn is accepted (a branch, or a record), not refused."""
+    return model != "linear"
 
 
 class _Model(BaseModel):
@@ -122,7 +129,7 @@ class Expect(_Model):
 
     def for_model(self, model: TrajectoryModel) -> Expect:
         """These expectations on a server of this trajectory model."""
-        if model == "tree" and self.on_tree is not None:
+        if accepts_divergence(model) and self.on_tree is not None:
             changed = {name: getattr(self.on_tree, name) for name in self.on_tree.model_fields_set}
             return self.model_copy(update={**changed, "on_tree": None})
         return self.model_copy(update={"on_tree": None})
@@ -477,7 +484,7 @@ class ScenarioExpect(_Model):
 
     def for_model(self, model: TrajectoryModel) -> ScenarioExpect:
         tree = self.on_tree
-        if model != "tree" or tree is None:
+        if not accepts_divergence(model) or tree is None:
             return self.model_copy(update={"on_tree": None})
         changed: dict[str, Any] = {name: getattr(tree, name) for name in tree.model_fields_set}
         changed["upstream"] = {**self.upstream, **tree.upstream}
@@ -547,7 +554,7 @@ class Scenario(_Model):
 
     def for_model(self, model: TrajectoryModel) -> Scenario:
         """This scenario as a server of this trajectory model should pass it: each
-        ``tree:`` expectation applied (on a tree) or dropped (on a linear one)."""
+        ``tree:`` expectation applied (on a tree or a log) or dropped (on a linear one)."""
         steps = [
             step
             if step.expect is None

@@ -785,6 +785,8 @@ def _check_groups(scenario: Scenario, context: RunContext, profile: Profile) -> 
 
 
 def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) -> list[Finding]:
+    if profile.trajectory.log:
+        return _check_log(scenario, context)
     findings: list[Finding] = []
     unreadable_reported: set[str] = set()
     # A server that regenerates on an exact retry replaces the retried turn;
@@ -877,6 +879,147 @@ def _check_durable(scenario: Scenario, context: RunContext, profile: Profile) ->
                 )
             )
     return findings
+
+
+def _check_log(scenario: Scenario, context: RunContext) -> list[Finding]:
+    """Where every call is a record: each chat answered 200 is in the final read
+    exactly once, and no record is there for a turn that was never sent, or that
+    was refused. Records that are only token ids are counted instead."""
+    findings: list[Finding] = []
+    chats = [s for s in scenario.steps if isinstance(s, ChatStep)]
+    for session_id, final in context.final_trajectories.items():
+        unreadable = context.unreadable_finals.get(session_id)
+        mine = [s for s in chats if context.session_of_step.get(s.id) == session_id]
+        answered = [s for s in mine if _answered_200(context.observations.get(s.id))]
+        if final is None:
+            if answered and unreadable is not None:
+                findings.append(
+                    Finding(
+                        answered[0].id,
+                        f"{answered[0].id} answered 200, so its call is a record of the read",
+                        f"the final read answered {describe_answer(unreadable)} with no "
+                        f"records the profile can read: {_excerpt(unreadable.body)}",
+                        curl_line(unreadable),
+                        label="trajectory unreadable after a turn answered 200",
+                    )
+                )
+            continue
+        # A turn whose fate its client never learned (no answer, a hang-up) may
+        # be recorded or not; one refused, or failed, may not.
+        possible = [s for s in mine if _may_be_recorded(context.observations.get(s.id))]
+        if final.turns is None:
+            count = final.record_count or 0
+            if count < len(answered):
+                findings.append(
+                    _log_finding(
+                        answered[-1].id,
+                        context,
+                        f"{len(answered)} turn(s) answered 200 on this session, so the read "
+                        f"lists at least {len(answered)} record(s)",
+                        f"it lists {count}: a turn answered 200 is missing",
+                        ANSWER_MISSING,
+                    )
+                )
+            elif count > len(possible):
+                findings.append(
+                    _log_finding(
+                        mine[-1].id if mine else None,
+                        context,
+                        f"at most {len(possible)} record(s): one per turn that was not refused",
+                        f"the read lists {count}",
+                        RECORDED_TWICE,
+                    )
+                )
+            continue
+        turns: dict[tuple[Any, ...], int] = {}
+        for turn in final.turns:
+            key = tuple(message_key(m) for m in turn)
+            turns[key] = turns.get(key, 0) + 1
+        expected: dict[tuple[Any, ...], list[str]] = {}
+        for step in answered:
+            answer = answer_of(context.observations.get(step.id))
+            assert answer is not None
+            key = tuple(message_key(m) for m in [*context.sent_messages[step.id], answer])
+            expected.setdefault(key, []).append(step.id)
+        for key, steps in expected.items():
+            recorded = turns.get(key, 0)
+            if recorded < len(steps):
+                missing = steps[recorded]
+                findings.append(
+                    _log_finding(
+                        missing,
+                        context,
+                        f"{missing} answered 200, so its call is a record of the final read",
+                        f"it is not (the read has {len(final.turns)} record(s)): a phantom commit"
+                        if recorded == 0
+                        else f"{len(steps)} turns answered it, {recorded} record(s) hold it",
+                        ANSWER_MISSING,
+                    )
+                )
+
+        # Counted by request: a call the server made twice is two records of one
+        # request, whatever the engine answered each time.
+        def request_key(step: ChatStep) -> tuple[Any, ...]:
+            return tuple(message_key(m) for m in context.sent_messages.get(step.id, []))
+
+        by_request: dict[tuple[Any, ...], int] = {}
+        for key, recorded in turns.items():
+            by_request[key[:-1]] = by_request.get(key[:-1], 0) + recorded
+        for request, recorded in by_request.items():
+            senders = [s for s in mine if request_key(s) == request]
+            allowed = sum(1 for s in senders if s in possible)
+            if recorded <= allowed or not senders:
+                continue  # a record of a request sessctl never sent is not its to judge
+            twice = any(s in answered for s in senders)
+            findings.append(
+                _log_finding(
+                    senders[-1].id,
+                    context,
+                    "each turn answered 200 is recorded once; a turn refused or failed, not at all",
+                    f"{recorded} record(s) of the request {senders[-1].id} sent, where "
+                    f"{allowed} call(s) could have made one",
+                    RECORDED_TWICE if twice else RECORDED_REFUSED,
+                )
+            )
+    return findings
+
+
+RECORDED_TWICE = "a turn recorded more than once"
+RECORDED_REFUSED = "a refused or failed turn recorded"
+
+
+def _answered_200(observation: Observation | None) -> bool:
+    if observation is None or observation.status is None or observation.status // 100 != 2:
+        return False
+    if observation.stream is not None and observation.stream.end is not StreamEnd.DONE:
+        return False
+    return answer_of(observation) is not None
+
+
+def _may_be_recorded(observation: Observation | None) -> bool:
+    """Might the server have recorded this call? Yes if it answered 200, or if its
+    client never learned the outcome (no answer, a hang-up, a cut stream)."""
+    if observation is None:
+        return False
+    if observation.status is None:
+        return True
+    if observation.status // 100 != 2:
+        return False
+    record = observation.stream
+    return record is None or record.end in (StreamEnd.DONE, StreamEnd.HUNG_UP, StreamEnd.CUT)
+
+
+def _log_finding(
+    step: str | None, context: RunContext, expected: str, seen: str, label: str
+) -> Finding:
+    observation = context.observations.get(step or "")
+    return Finding(
+        step,
+        expected,
+        seen,
+        curl_line(observation) if observation is not None else None,
+        label=label,
+    )
 
 
 def _altered_at(turn: list[dict[str, Any]], committed: list[Any]) -> int | None:
@@ -1038,10 +1181,26 @@ def curl_line(observation: Observation) -> str | None:
     parts = ["curl", "-sS", "-X", request.method, request.url]
     if isinstance(request.json_body, dict) and request.json_body.get("stream") is True:
         parts.insert(2, "-N")  # print each event as it comes
+    secrets: list[str] = []
+    for name, value in request.headers:
+        if name.lower() in ("content-type", "connection") and request.json_body is not None:
+            continue
+        header = f"{name}: {value}"
+        parts += ["-H", header]
+        if "$" in value:
+            secrets.append(header)
     if request.json_body is not None:
         parts += ["-H", "content-type: application/json", "-d", json.dumps(request.json_body)]
     elif request.raw_body is not None:
         parts += ["--data-binary", request.raw_body.decode(errors="replace")]
     elif request.raw_size:
-        return shlex.join(parts) + f"  # with a {request.raw_size}-byte body"
-    return shlex.join(parts)
+        return _expanding(shlex.join(parts), secrets) + f"  # with a {request.raw_size}-byte body"
+    return _expanding(shlex.join(parts), secrets)
+
+
+def _expanding(line: str, secrets: list[str]) -> str:
+    """The line with each header that names a secret (``$AREAL_ADMIN_KEY``) in
+    double quotes, so the shell puts the key in and the report never holds it."""
+    for header in secrets:
+        line = line.replace(shlex.quote(header), '"' + header + '"')
+    return line

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
@@ -12,7 +12,6 @@ import httpx_sse
 import trio
 import trio.testing
 
-from harness.model.profile import Profile, TrajectoryState, read_trajectory
 from harness.results import Observation, SentRequest, StreamEnd, StreamRecord, error_type_of
 from wire.anthropic import MessageAssembler, message_to_chat
 from wire.streaming import ChunkRefused, StreamAssembler
@@ -65,6 +64,8 @@ class TargetClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.in_process = in_process
+        self.secrets: dict[str, str] = {}
+        """A secret's value -> what reports show instead (``$AREAL_ADMIN_KEY``)."""
         # Any answer at all proves a server is up; without a health route, "/" will do.
         self.health_path = health_path or "/"
         self._timeout = request_timeout
@@ -95,7 +96,9 @@ class TargetClient:
         raw_body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Observation:
-        request = SentRequest.of(method, self.base_url + path, json_body, raw_body)
+        request = SentRequest.of(
+            method, self.base_url + path, self._redacted(json_body), raw_body, self._shown(headers)
+        )
         started = trio.current_time()
         retried_after: str | None = None
         for attempt in (1, 2):
@@ -149,7 +152,9 @@ class TargetClient:
         A non-2xx answer is an ordinary observation. A 2xx gets a ``StreamRecord``;
         its body is the assembled completion if ``[DONE]`` arrived, the error
         event's object if an error did."""
-        request = SentRequest.of("POST", self.base_url + path, json_body, None)
+        request = SentRequest.of(
+            "POST", self.base_url + path, json_body, None, self._shown(headers)
+        )
         started = trio.current_time()
         try:
             async with httpx_sse.aconnect_sse(
@@ -180,6 +185,29 @@ class TargetClient:
             body,
             stream=stream,
         )
+
+    def _redacted(self, value: Any) -> Any:
+        """A JSON body as a report may show it: each secret as its variable's name."""
+        if not self.secrets:
+            return value
+        if isinstance(value, str):
+            for secret, placeholder in self.secrets.items():
+                value = value.replace(secret, placeholder)
+            return value
+        if isinstance(value, dict):
+            return {key: self._redacted(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._redacted(item) for item in value]
+        return value
+
+    def _shown(self, headers: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+        """Headers as a report may show them: each secret as its variable's name."""
+        shown = []
+        for name, value in (headers or {}).items():
+            for secret, placeholder in self.secrets.items():
+                value = value.replace(secret, placeholder)
+            shown.append((name, value))
+        return tuple(shown)
 
     def _failed(
         self,
@@ -329,20 +357,3 @@ def _body(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {"_raw": response.text[:500]}
-
-
-async def read_session(
-    client: TargetClient, step: str, session_id: str, profile: Profile
-) -> tuple[Observation, TrajectoryState]:
-    """GET a session and read its trajectory the profile's way. A tree whose GET
-    shows only the active path is listed whole by its ``turns_path``, read just
-    after (on a 200): its turns are those of that second answer."""
-    observation = await client.send(step, "get", "GET", f"/sessions/{session_id}")
-    turns_path = profile.trajectory.turns_path
-    turns_body = None
-    if turns_path is not None and observation.status == 200:
-        listed = await client.send(step, "get", "GET", turns_path.replace("{session}", session_id))
-        turns_body = listed.body if listed.status == 200 else None
-        # The read lasts until the list is in: a turn may commit between the two.
-        observation = replace(observation, ended=listed.ended)
-    return observation, read_trajectory(profile, observation.body, turns_body)

@@ -9,14 +9,15 @@ In order:
 
 1. it answers HTTP at all (any status, on the profile's health route or
    ``/``), within ``wait`` seconds of polling;
-2. ``POST /sessions`` answers 2xx with a JSON body holding the profile's id
-   field: otherwise it is not a session server (or the profile is wrong);
+2. the profile's create (``POST /sessions`` by default, after any calls that
+   must come first) answers 2xx with a JSON body holding the profile's id
+   field(s): otherwise it is not a session server (or the profile is wrong);
 3. one first user turn on that session answers 2xx: a server whose every
    chat fails cannot show a race, only that it fails;
 4. that turn reached the chaos upstream: otherwise its answers come from
    somewhere we cannot script.
 
-The pre-flight session is deleted afterwards.
+The pre-flight session is ended (and, where the read is an export, read) afterwards.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from harness.upstream.script import marker
 from wire.ids import new_session_id
 
 from .client import TargetClient
+from .lifecycle import Lifecycle
 
 POLL_INTERVAL = 0.2
 """Between probes of a target that is still starting up."""
@@ -68,33 +70,44 @@ async def check_target(
 async def check_session_server(
     client: TargetClient, chaos: ChaosUpstream, profile: Profile
 ) -> str | None:
+    lifecycle = Lifecycle(client, profile)
     if profile.creation == "implicit":
         session_id = new_session_id()  # the chat below creates it
     else:
-        id_field = profile.create.id_field
-        created = await client.send("preflight", "create", "POST", "/sessions")
-        body = created.body if isinstance(created.body, dict) else {}
-        created_id = body.get(id_field)
+        made = await lifecycle.create("preflight")
+        created = made.observation
+        route = made.failed_before or profile.create
         if created.status is None:
-            return f"POST /sessions got no answer: {created.transport_error}"
-        if created.status // 100 != 2 or not isinstance(created_id, str | int):
+            return f"{route.describe()} got no answer: {created.transport_error}"
+        if made.failed_before is not None:
             return (
-                f"not a session server: POST /sessions answered {describe(created)}; expected "
-                f"a 2xx JSON body with a {id_field!r} field (if it names the id otherwise, say "
+                f"{route.describe()}, which comes before each create, answered "
+                f"{describe(created)}; expected a 2xx (is the admin key right?)"
+            )
+        if made.session is None:
+            fields = repr(profile.create.id_field)
+            if profile.create.agent_id_field is not None:
+                fields += f" and {profile.create.agent_id_field!r}"
+            return (
+                f"not a session server: {route.describe()} answered {describe(created)}; "
+                f"expected a 2xx JSON body with {fields} (if it names the id otherwise, say "
                 f"so in a profile: --profile, or sessctl profile check; if sessions are created "
                 f"by their first request, say creation: implicit)"
             )
-        session_id = str(created_id)
-    chat, calls = await _first_turn(client, chaos, profile, session_id, "preflight")
+        session_id = made.session
+    agent = lifecycle.agent_of(session_id)
+    chat, calls = await _first_turn(client, chaos, profile, agent, "preflight")
     if chat.status is not None and chat.status // 100 != 2:
         # Some servers refuse a session's first chat (a warm-up) and take the
         # next. One more try on the same session tells such a server from one
         # that can never answer; the scenarios whose first chat it refuses say
         # so, each as UNTESTED with its answer quoted.
-        second, second_calls = await _first_turn(client, chaos, profile, session_id, "again")
+        second, second_calls = await _first_turn(client, chaos, profile, agent, "again")
         if second.status is not None and second.status // 100 == 2:
             chat, calls = second, second_calls
-    await client.send("preflight", "delete", "DELETE", f"/sessions/{session_id}")
+    await lifecycle.end("preflight", session_id)
+    if profile.read.once:
+        await lifecycle.read("preflight", session_id)  # an export removes the session
     if chat.status is None:
         return f"the pre-flight chat got no answer: {chat.transport_error}"
     if chat.status // 100 != 2:

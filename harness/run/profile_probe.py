@@ -41,7 +41,8 @@ from wire.engine import Flavor
 from wire.ids import new_session_id
 
 from .checks import last_turn_start
-from .client import StreamProgress, TargetClient, read_session
+from .client import StreamProgress, TargetClient
+from .lifecycle import Lifecycle
 from .preflight import describe, wait_until_up
 from .runner import AGENT_TOOLS
 
@@ -506,7 +507,7 @@ async def _tree_convention(
             turns_path=turns_path,
         )
         profile = Profile(api=probe.addressing.api, trajectory=tree)
-        _, state = await read_session(probe.client, "probe", session_id, profile)
+        _, state = await Lifecycle(probe.client, profile).read("probe", session_id)
         if state.turns is not None and all(state.has_turn(path) for path in branches):
             return tree
     return None

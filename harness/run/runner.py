@@ -64,8 +64,9 @@ from .checks import (
     streaming_label,
     with_causes,
 )
-from .client import StreamProgress, TargetClient, read_session
+from .client import StreamProgress, TargetClient
 from .context import RunContext
+from .lifecycle import Created, Lifecycle
 from .preflight import describe
 
 
@@ -152,6 +153,9 @@ class ScenarioRun:
         # Derived from the steps once per run (this model is what it judges by).
         self._setup_steps = self.scenario.setup_steps
         self.context = RunContext()
+        self.lifecycle = Lifecycle(client, settings.profile)
+        self._unread: list[Finding] = []
+        """Reads a scenario makes that a read-once server cannot answer yet."""
         self._background: dict[str, _Background] = {}
         self._progress: dict[str, StreamProgress] = {}
         self._nursery: trio.Nursery | None = None
@@ -250,6 +254,9 @@ class ScenarioRun:
                 fault = server_fault(observation, self.context.observations)
                 failures.append(replace(fault, seen_at=observation.ended))
         failures = with_causes(failures, self.context.session_of_step)
+        # Reads a read-once server could not answer leave the run UNTESTED unless
+        # what was judged without them failed.
+        untested.extend(self._unread)
         verdict = self._verdict(failures, errors, untested)
         return RunResult(
             self.index,
@@ -516,20 +523,12 @@ class ScenarioRun:
             self._name_session(step.id, new_session_id())
             return
         if isinstance(step, CreateStep):
-            observation = await self.client.send(step.id, "create", "POST", "/sessions")
-            id_field = self.settings.profile.create.id_field
-            session_id = _session_id_of(observation, id_field)
+            created = await self.lifecycle.create(step.id)
+            observation = created.observation
             self.context.observations[step.id] = observation
-            if session_id is None:
-                raise _Abort(
-                    Finding(
-                        step.id,
-                        f"a created session (a 2xx JSON body with its {id_field!r})",
-                        f"{describe(observation)}; the race was never placed",
-                    ),
-                    untested=True,
-                )
-            self._name_session(step.id, session_id)
+            if created.session is None:
+                raise _Abort(self._not_created(step.id, created), untested=True)
+            self._name_session(step.id, created.session)
             return
         assert isinstance(step, SessionStep)
         session_id = self._session_id(step)
@@ -537,13 +536,12 @@ class ScenarioRun:
         if isinstance(step, ChatStep):
             observation = await self._chat(step, session_id)
         elif isinstance(step, DeleteStep):
-            observation = await self.client.send(
-                step.id, "delete", "DELETE", f"/sessions/{session_id}"
-            )
+            observation = await self.lifecycle.end(step.id, session_id)
         elif isinstance(step, GetStep):
-            observation, state = await read_session(
-                self.client, step.id, session_id, self.settings.profile
-            )
+            if self.settings.profile.read.once:
+                self._leave_unread(step)
+                return
+            observation, state = await self.lifecycle.read(step.id, session_id)
             self.context.reads[step.id] = state
         else:
             assert isinstance(step, RequestStep)
@@ -553,6 +551,42 @@ class ScenarioRun:
             self._check_setup(step, observation)
         elif not step.background and isinstance(step, ChatStep):
             self._check_engine_reached(step, observation)
+
+    def _not_created(self, step_id: str, created: Created) -> Finding:
+        profile = self.settings.profile
+        if created.failed_before is not None:
+            return Finding(
+                step_id,
+                f"{created.failed_before.describe()} answers 2xx (it comes before each create)",
+                f"{describe(created.observation)}; the race was never placed",
+                curl_line(created.observation),
+            )
+        fields = repr(profile.create.id_field)
+        if profile.create.agent_id_field is not None:
+            fields += f" and {profile.create.agent_id_field!r}"
+        return Finding(
+            step_id,
+            f"a created session (a 2xx JSON body with {fields})",
+            f"{describe(created.observation)}; the race was never placed",
+            curl_line(created.observation),
+        )
+
+    def _leave_unread(self, step: GetStep) -> None:
+        """A read-once server's trajectory is read at the end, after the session's
+        end; a read a scenario makes before then is not made, and what it expected
+        is not tested."""
+        if step.expect is None:
+            return
+        self._unread.append(
+            Finding(
+                step.id,
+                f"a read of the trajectory at {step.id}",
+                "not made: this server's read is an export (once, after the end, and it "
+                "removes the session), so what the scenario expects of an earlier read "
+                "is not tested here",
+                label="read once: an earlier read is not tested",
+            )
+        )
 
     def _engine_calls(self, step_id: str) -> int:
         step = self.scenario.step(step_id)
@@ -613,7 +647,8 @@ class ScenarioRun:
             body["tools"] = AGENT_TOOLS
         if step.stream:
             body["stream"] = True
-        path, headers, body = self.settings.profile.chat_request(session_id, body)
+        agent = self.lifecycle.agent_of(session_id)
+        path, headers, body = self.settings.profile.chat_request(agent, body)
         if step.stream:
             observation = await self.client.send_stream(
                 step.id,
@@ -659,7 +694,7 @@ class ScenarioRun:
             # body cannot carry a body field; it goes as it is).
             body = json_body if isinstance(json_body, dict) else {}
             path, addressed, addressed_body = self.settings.profile.chat_request(
-                session_id, body, raw=True
+                self.lifecycle.agent_of(session_id), body, raw=True
             )
             if isinstance(json_body, dict):
                 json_body = addressed_body
@@ -814,12 +849,24 @@ class ScenarioRun:
             await background.done.wait()
 
     async def _read_final_trajectories(self) -> None:
+        profile = self.settings.profile
+        ended = {
+            self.context.session_of_step.get(step_id)
+            for step_id, observation in self.context.observations.items()
+            if observation.op == "delete" and (observation.status or 0) // 100 == 2
+        }
         for name, session_id in self.context.sessions.items():
+            if profile.read.once and session_id not in ended:
+                # An export waits for the end: end what the scenario left open.
+                await self.lifecycle.end(f"end-{name}", session_id)
             # Through the profile: a records-style server keeps no "messages".
-            observation, state = await read_session(
-                self.client, f"final-{name}", session_id, self.settings.profile
+            observation, state = await self.lifecycle.read(f"final-{name}", session_id)
+            readable = (
+                state.record_count is not None
+                if profile.trajectory.log
+                else isinstance(state.messages, list)
             )
-            ok = observation.status == 200 and isinstance(state.messages, list)
+            ok = observation.status == 200 and readable
             self.context.final_trajectories[session_id] = state if ok else None
             if not ok and observation.succeeded:
                 self.context.unreadable_finals[session_id] = observation
@@ -840,15 +887,6 @@ def _positive_targets(spec: UpstreamExpect) -> list[tuple[EventKind, int]]:
         elif isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
             targets.append((kind, wanted))
     return targets
-
-
-def _session_id_of(observation: Observation, id_field: str) -> str | None:
-    if observation.status is None or observation.status // 100 != 2:
-        return None
-    body = observation.body
-    if isinstance(body, dict) and isinstance(body.get(id_field), str | int):
-        return str(body[id_field])
-    return None
 
 
 def _padded_chat_body(size: int) -> bytes:

@@ -88,6 +88,7 @@ async def run_suite(
 ) -> SuiteResult:
     """Run every scenario on every target; ``chaos`` may be one already serving."""
     hooks = hooks or SuiteHooks()
+    settings.run.profile.admin_key()  # a key the profile needs but cannot find: exit 2 now
     # One library for every shape: each scenario says what differs on a tree.
     scenarios = [s.for_model(settings.run.profile.trajectory.model) for s in scenarios]
     results: list[ScenarioResult] = []
