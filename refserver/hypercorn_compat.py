@@ -354,7 +354,10 @@ class _AppQueue:
         blocked = False
         while len(self._messages) >= self._limit:
             blocked = True
-            self._space = self._space or trio.Event()
+            # Not ``or``: a trio.Event refuses to be a bool. One left by a put
+            # that was cancelled while it waited is shared, not replaced.
+            if self._space is None:
+                self._space = trio.Event()
             await self._space.wait()
         self._messages.append(message)
         if self._ready is not None:
@@ -368,7 +371,8 @@ class _AppQueue:
         blocked = False
         while not self._messages:
             blocked = True
-            self._ready = self._ready or trio.Event()
+            if self._ready is None:
+                self._ready = trio.Event()
             await self._ready.wait()
         message = self._messages.pop(0)
         if self._space is not None:

@@ -65,3 +65,43 @@ async def test_a_cancelled_wait_leaves_the_queue_working() -> None:
     with trio.move_on_after(0) as empty:
         await queue.get()
     assert empty.cancelled_caught  # "never" was not put
+
+
+async def test_a_get_cancelled_while_it_waited_leaves_the_next_get_working() -> None:
+    # An app that watches for a hang-up, stops watching, then reads again
+    # (Starlette's StreamingResponse after a handler's own watcher): the first
+    # wait left its event behind, and the second get must wait on it, not fail.
+    queue = _AppQueue(limit=2)
+    async with trio.open_nursery() as nursery:
+        watcher = trio.CancelScope()
+
+        async def watch() -> None:
+            with watcher:
+                await queue.get()
+
+        nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked()
+        watcher.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        got: list[str] = []
+
+        async def read() -> None:
+            got.append(await queue.get())
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await queue.put("http.disconnect")
+    assert got == ["http.disconnect"]
+
+
+async def test_a_put_cancelled_while_it_waited_leaves_the_next_put_working() -> None:
+    queue = _AppQueue(limit=1)
+    await queue.put("full")
+    with trio.move_on_after(1) as blocked:  # virtual clock: nothing else runs
+        await queue.put("dropped")
+    assert blocked.cancelled_caught
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.put, "next")
+        await trio.testing.wait_all_tasks_blocked()
+        assert await queue.get() == "full"
+    assert await queue.get() == "next"
