@@ -60,7 +60,9 @@ def chaos(
             emulate=emulate,
             upstream_host=host,
             upstream_port=port,
-            on_upstream_ready=partial(announce_chaos_upstream, console) if url else None,
+            on_upstream_ready=(
+                partial(announce_chaos_upstream, console, flavor=settings.flavor) if url else None
+            ),
             shrink_settings=shrink,
             on_shrinking=lambda: console.print(
                 "the history is invalid; shrinking the failure to a scenario..."

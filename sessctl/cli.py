@@ -567,6 +567,7 @@ def upstream(
     ] = "null",
 ) -> None:
     """Run the chaos upstream on its own (scriptable over /_sessctl/...)."""
+    from harness.report.console import upstream_routes
     from harness.upstream.chaos_upstream import ChaosUpstream
 
     from .run import parse_listen
@@ -585,7 +586,11 @@ def upstream(
         async with trio.open_nursery() as nursery:
             url = await nursery.start(chaos.serve, host, port)
             console.print(f"chaos upstream ({flavor}) on {url}")
-            console.print(f"point a session server's LLM upstream at {url}")
+            console.print(
+                f"point a session server's LLM upstream at {url} "
+                + upstream_routes(url, chaos.flavor),
+                soft_wrap=True,
+            )
 
     def run() -> int:
         trio.run(main)

@@ -157,7 +157,12 @@ def profile_check(
     assert url is not None
     host, port = parse_listen(listen)
     result = trio.run(
-        check_profile, url, host, port, options, partial(announce_chaos_upstream, console)
+        check_profile,
+        url,
+        host,
+        port,
+        options,
+        partial(announce_chaos_upstream, console, flavor=options.flavor),
     )
     for note in result.notes:
         # Whole notes, never cut: they quote what the server answered.
@@ -240,7 +245,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
         )
     rerun = rerun_options(options, external)
     targets = [replace(t, rerun_options=rerun) for t in targets]
-    with progress_hooks(console, announce_upstream=external) as hooks:
+    with progress_hooks(console, announce_upstream=external, flavor=settings.flavor) as hooks:
         suite = trio.run(run_suite, scenarios, targets, settings, hooks)
     by_name = {t.name: t for t in targets}
     # The files first: CI reads them, and a report that fails to render in the

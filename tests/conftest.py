@@ -39,14 +39,15 @@ def free_port() -> int:
         return port
 
 
-async def sessctl_cli(*args: str) -> tuple[int, str]:
-    """``sessctl ARGS`` in a child process, as a user runs it: exit code, and output."""
+async def sessctl_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``sessctl ARGS`` in a child process, as a user runs it: exit code, and output.
+    ``env``: variables set for it (an admin key, say), beside a plain terminal's."""
     done = await trio.run_process(
         [sys.executable, "-m", "sessctl", *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
-        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        env={"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200", **(env or {})},
     )
     return done.returncode, done.stdout.decode() + done.stderr.decode()
 

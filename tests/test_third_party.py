@@ -54,6 +54,7 @@ NON_STRICT = {
     "stream-fails-before-first-chunk",  # likewise, before any chunk
     "retry-of-a-lost-stream",  # the cut stream is a 502; the retry of a first turn is refused
     "rollback-then-engine-failure",  # the rewound turn is refused with 400
+    "delete-between-engine-attempts",  # the 503 is passed to the agent: no retry to race
 }
 UNTESTED = {
     "delete-during-upstream-retry",  # the retry it races never happens: failures pass through

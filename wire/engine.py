@@ -14,8 +14,11 @@ import json
 import zlib
 from typing import Any, Literal
 
-Flavor = Literal["openai", "sglang"]
-FLAVORS: tuple[Flavor, ...] = ("openai", "sglang")
+Flavor = Literal["openai", "sglang", "sglang-generate"]
+"""``openai``: OpenAI's chat completions. ``sglang``: SGLang's OpenAI-compatible
+routes, with SGLang's extra fields. ``sglang-generate``: SGLang's native
+``/generate`` too (``wire.generate``), its chat routes answering as ``sglang``."""
+FLAVORS: tuple[Flavor, ...] = ("openai", "sglang", "sglang-generate")
 
 
 # A made-up vocabulary: token ids derived from each word, so answers, prompt ids
@@ -56,7 +59,7 @@ def completion_for(
     # for them (hashing every prompt word cost 1.8 ms for a 60-message turn).
     prompt_words = [word for m in messages for word in str(_content(m)).split()]
     output_words = text.split()
-    sglang = flavor == "sglang"
+    sglang = flavor != "openai"
     aborted = finish_reason == "abort"
     if aborted:
         # Aborted before its first token (a weight update, say): SGLang answers
@@ -142,7 +145,7 @@ def completion_for(
 
 def encode_completion(completion: dict[str, Any], flavor: Flavor) -> bytes:
     """The body as each engine writes it: SGLang answers with compact JSON (orjson)."""
-    if flavor == "sglang":
+    if flavor != "openai":
         return json.dumps(completion, separators=(",", ":")).encode()
     return json.dumps(completion).encode()
 
@@ -157,7 +160,7 @@ def stream_chunks(
     Text is cut into ``parts`` pieces; a tool call's arguments are, after a first
     chunk with its id and name, the way engines stream them.
     """
-    sglang = flavor == "sglang"
+    sglang = flavor != "openai"
     choice = completion["choices"][0]
     message = choice["message"]
     base = {

@@ -264,7 +264,10 @@ class Profile(_Model):
     closed_status: list[int] = Field(default=[404], min_length=1)
     """What a request on a deleted session answers: 404; or 410 (reclaimed), 409
     (the rollout concluded), 503 (still closing). Any of them is safe."""
-    error_shape: Literal["openai", "string"] = "openai"
+    error_shape: Literal["openai", "string", "detail"] = "openai"
+    """``openai``: ``{"error": {"type", "message"}}``; ``string``: ``{"error": "..."}``;
+    ``detail``: FastAPI's ``{"detail": "..."}``. Either way an error type the
+    contract names cannot be read, which is a convention, not a failure."""
     engine: EngineConvention = EngineConvention()
 
     @model_validator(mode="after")
@@ -419,8 +422,10 @@ class Profile(_Model):
             found.append(f"a closed session answers {shown}, not 404")
         if self.rejected_status != reference.rejected_status:
             found.append(f"rejected requests answer {self.rejected_status}, not 409")
-        if self.error_shape != reference.error_shape:
+        if self.error_shape == "string":
             found.append("errors are plain strings, not OpenAI-shaped")
+        elif self.error_shape == "detail":
+            found.append('errors are FastAPI\'s {"detail": ...}, not OpenAI-shaped')
         return found
 
 

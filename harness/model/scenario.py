@@ -118,7 +118,11 @@ class Expect(_Model):
     no ``[DONE]``; ``cut``: with neither."""
     on_tree: Expect | None = Field(default=None, alias="tree")
     """What differs on a server whose trajectory is a tree (a divergent turn starts
-    a branch): only the keys given here replace the ones above; ``null`` drops one."""
+    a branch): only the keys given here replace the ones above; ``null`` drops one.
+    A log (every call a record) gets these too."""
+    on_log: Expect | None = Field(default=None, alias="log")
+    """What differs again on a log, where nothing is refused for its history: the
+    keys given here replace those above (after any ``tree:``)."""
 
     @field_validator("status")
     @classmethod
@@ -129,10 +133,14 @@ class Expect(_Model):
 
     def for_model(self, model: TrajectoryModel) -> Expect:
         """These expectations on a server of this trajectory model."""
-        if accepts_divergence(model) and self.on_tree is not None:
-            changed = {name: getattr(self.on_tree, name) for name in self.on_tree.model_fields_set}
-            return self.model_copy(update={**changed, "on_tree": None})
-        return self.model_copy(update={"on_tree": None})
+        changed: dict[str, Any] = {"on_tree": None, "on_log": None}
+        for override, applies in (
+            (self.on_tree, accepts_divergence(model)),
+            (self.on_log, model == "log"),
+        ):
+            if applies and override is not None:
+                changed |= {name: getattr(override, name) for name in override.model_fields_set}
+        return self.model_copy(update=changed)
 
     @property
     def status_matcher(self) -> StatusMatcher | None:
@@ -640,7 +648,8 @@ def check_references(scenario: Scenario) -> list[ReferenceProblem]:
                     )
                 )
         tree = step.expect.on_tree if step.expect is not None else None
-        for expect in (e for e in (step.expect, tree) if e is not None):
+        log = step.expect.on_log if step.expect is not None else None
+        for expect in (e for e in (step.expect, tree, log) if e is not None):
             for ref in [*expect.contains, *expect.excludes]:
                 if not isinstance(seen.get(ref), ChatStep):
                     problems.append(

@@ -25,6 +25,8 @@ from harness.results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
 from harness.run.selftest import CLEAN, SelftestResult
 from harness.run.suite import NOT_RUN, SuiteHooks, Target
 from refserver.variants import VARIANTS
+from wire.engine import Flavor
+from wire.tokens import TOKENIZER_DIR
 
 from .exporters import reproduce_command
 
@@ -256,20 +258,36 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def announce_chaos_upstream(console: Console, url: str) -> None:
+def announce_chaos_upstream(console: Console, url: str, flavor: Flavor = "openai") -> None:
     """Where the server under test must send its LLM calls (the bound URL, port 0 resolved)."""
     console.print(
         Text.assemble(
             "chaos upstream listening on ",
             (url, "bold"),
-            "\nthe server under test must use it as its LLM upstream "
-            f"(OpenAI base URL; calls go to {url}/chat/completions)",
-        )
+            "\nthe server under test must use it as its LLM upstream ",
+            upstream_routes(url, flavor),
+        ),
+        soft_wrap=True,
+    )
+
+
+def upstream_routes(url: str, flavor: Flavor) -> str:
+    """Where a server's engine calls go, in words, for the flavour served."""
+    chat = f"(OpenAI base URL; calls go to {url}/chat/completions)"
+    if flavor != "sglang-generate":
+        return chat
+    root = url.removesuffix("/v1")
+    return (
+        f"(SGLang: native calls go to {root}/generate, OpenAI-style ones to "
+        f"{url}/chat/completions; a server that tokenizes its prompts loads sessctl's "
+        f"tokenizer from {TOKENIZER_DIR})"
     )
 
 
 @contextmanager
-def progress_hooks(console: Console, announce_upstream: bool) -> Iterator[SuiteHooks]:
+def progress_hooks(
+    console: Console, announce_upstream: bool, flavor: Flavor = "openai"
+) -> Iterator[SuiteHooks]:
     """A progress bar on a terminal; nothing but the upstream line elsewhere."""
     progress = Progress(
         TextColumn("[bold]running scenarios"),
@@ -285,7 +303,7 @@ def progress_hooks(console: Console, announce_upstream: bool) -> Iterator[SuiteH
 
     def on_upstream_ready(url: str) -> None:
         if announce_upstream:
-            announce_chaos_upstream(console, url)
+            announce_chaos_upstream(console, url, flavor)
 
     def on_start(total: int) -> None:
         progress.update(task, total=total)

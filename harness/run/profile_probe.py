@@ -187,7 +187,7 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
     retry: Literal["replay", "regenerate", "refuse"] = "replay"
     rollback: Literal["none", "one-step"] = "none"
     rejected_status = 409
-    error_shape: Literal["openai", "string"] = "openai"
+    error_shape: Literal["openai", "string", "detail"] = "openai"
     if history is not None:
         session_id, messages, last_tag = history
         retry, rollback, rejected_status, error_shape, trajectory = await _multi_turn(
@@ -239,7 +239,7 @@ async def _multi_turn(
     Literal["replay", "regenerate", "refuse"],
     Literal["none", "one-step"],
     int,
-    Literal["openai", "string"],
+    Literal["openai", "string", "detail"],
     TrajectoryConvention,
 ]:
     """On a session with two committed turns: what an exact retry, a rewound last
@@ -293,8 +293,12 @@ async def _multi_turn(
         probe.notes.append(f"a conflicting request got {_shown(conflict)}, not a 4xx")
     if rollback == "one-step":
         probe.notes.append("a request that differs in its last turn replaced that turn")
-    error = conflict.body.get("error") if isinstance(conflict.body, dict) else None
-    error_shape: Literal["openai", "string"] = "string" if isinstance(error, str) else "openai"
+    body = conflict.body if isinstance(conflict.body, dict) else {}
+    error_shape: Literal["openai", "string", "detail"] = "openai"
+    if isinstance(body.get("error"), str):
+        error_shape = "string"
+    elif "error" not in body and isinstance(body.get("detail"), str):
+        error_shape = "detail"
     return retry, rollback, rejected_status, error_shape, trajectory
 
 

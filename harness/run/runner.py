@@ -101,6 +101,11 @@ AGENT_TOOLS = [
 ]
 
 
+UNREAD_EARLIER = (
+    "the read is an export: a read before the end is not judged (declared in the profile)"
+)
+
+
 def next_message(profile: Profile, base: list[dict[str, Any]], text: str) -> dict[str, Any]:
     """A user message; or, where the profile allows only tool results after an
     assistant turn, the result of the tool call that turn made."""
@@ -203,6 +208,11 @@ class ScenarioRun:
                     counted = await self._check_upstream_expectations(positive=completed)
                     now = trio.current_time()
                     failures.extend(replace(f, seen_at=now) for f in counted)
+                if self.settings.profile.read.once:
+                    # As a trainer does: the export right after the end, while
+                    # whatever the end did not stop is still held at the engine.
+                    # A turn that answers 200 after it is missing from it.
+                    await self._read_final_trajectories(ended_only=True)
                 await self._wind_down()
             nursery.cancel_scope.cancel()
         with trio.move_on_at(cleanup_deadline) as final_reads:
@@ -254,9 +264,12 @@ class ScenarioRun:
                 fault = server_fault(observation, self.context.observations)
                 failures.append(replace(fault, seen_at=observation.ended))
         failures = with_causes(failures, self.context.session_of_step)
-        # Reads a read-once server could not answer leave the run UNTESTED unless
-        # what was judged without them failed.
-        untested.extend(self._unread)
+        # Reads a read-once server cannot answer: what they expected is not judged
+        # (a declared convention); if nothing else observed the race, it is untested.
+        if self._unread and self._only_reads_observe():
+            untested.extend(replace(f, kind=Kind.SAFETY, label="") for f in self._unread)
+        else:
+            failures.extend(self._unread)
         verdict = self._verdict(failures, errors, untested)
         return RunResult(
             self.index,
@@ -574,7 +587,7 @@ class ScenarioRun:
     def _leave_unread(self, step: GetStep) -> None:
         """A read-once server's trajectory is read at the end, after the session's
         end; a read a scenario makes before then is not made, and what it expected
-        is not tested."""
+        is not judged (a convention the profile declares)."""
         if step.expect is None:
             return
         self._unread.append(
@@ -583,9 +596,19 @@ class ScenarioRun:
                 f"a read of the trajectory at {step.id}",
                 "not made: this server's read is an export (once, after the end, and it "
                 "removes the session), so what the scenario expects of an earlier read "
-                "is not tested here",
-                label="read once: an earlier read is not tested",
+                "is not judged here",
+                kind=Kind.CONVENTION,
+                label=UNREAD_EARLIER,
             )
+        )
+
+    def _only_reads_observe(self) -> bool:
+        """Nothing but the reads this server cannot answer observes the race: the
+        scenario's property is then not tested at all."""
+        unread = {f.step for f in self._unread}
+        return not any(
+            step.expect is not None and step.id not in unread and step.id not in self._setup_steps
+            for step in self.scenario.steps
         )
 
     def _engine_calls(self, step_id: str) -> int:
@@ -848,7 +871,7 @@ class ScenarioRun:
         for background in self._background.values():
             await background.done.wait()
 
-    async def _read_final_trajectories(self) -> None:
+    async def _read_final_trajectories(self, *, ended_only: bool = False) -> None:
         profile = self.settings.profile
         ended = {
             self.context.session_of_step.get(step_id)
@@ -856,6 +879,10 @@ class ScenarioRun:
             if observation.op == "delete" and (observation.status or 0) // 100 == 2
         }
         for name, session_id in self.context.sessions.items():
+            if session_id in self.context.final_trajectories:
+                continue  # exported already (a read once cannot be made twice)
+            if ended_only and session_id not in ended:
+                continue
             if profile.read.once and session_id not in ended:
                 # An export waits for the end: end what the scenario left open.
                 await self.lifecycle.end(f"end-{name}", session_id)

@@ -47,6 +47,14 @@ from wire.engine import (
     stream_chunks,
 )
 from wire.errors import InvalidRequest
+from wire.generate import (
+    GenerateRequest,
+    Generation,
+    answer_text,
+    encode_generate,
+    generate_error,
+    parse_generate_request,
+)
 
 from .http11 import Exchange, serve_http11
 from .script import Action, Behaviour, EventKind, StepEvent, parse_behaviour, tag_of
@@ -174,13 +182,27 @@ class ChaosUpstream:
             await self._chat(exchange)
         elif request.method == "POST" and request.path.endswith("/messages"):
             await self._chat(exchange, messages_api=True)
+        elif (
+            request.method == "POST"
+            and request.path.rstrip("/") == "/generate"
+            and self.flavor == "sglang-generate"
+        ):
+            await self._chat(exchange, generate=True)
         elif request.path.startswith("/_sessctl/"):
             await self._control(exchange)
         else:
             await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
 
-    async def _chat(self, exchange: Exchange, *, messages_api: bool = False) -> None:
-        dialect = _MessagesDialect() if messages_api else _ChatDialect(self.flavor)
+    async def _chat(
+        self, exchange: Exchange, *, messages_api: bool = False, generate: bool = False
+    ) -> None:
+        dialect: _Dialect
+        if generate:
+            dialect = _GenerateDialect()
+        elif messages_api:
+            dialect = _MessagesDialect()
+        else:
+            dialect = _ChatDialect(self.flavor)
         try:
             body = dialect.parse(exchange.request.body)
         except ValueError as refused:
@@ -238,21 +260,9 @@ class ChaosUpstream:
     ) -> bool:
         """Stream the answer, acting after chunk ``behaviour.after``; False if the
         stream was stopped (held and hung up on, reset, spoiled) before its end."""
-        chunks = stream_chunks(
-            self._completion(body, behaviour),
-            self.flavor,
-            parts=behaviour.chunks,
-            wants_usage=_wants_usage(body),
-        )
-        if behaviour.action is Action.ABORT:
-            # Aborted before any token, as SGLang does while it updates weights:
-            # one chunk, the finish, so a server may still retry.
-            finish = chunks[-2] if not chunks[-1]["choices"] else chunks[-1]
-            chunks = [
-                {**finish, "choices": [{**finish["choices"][0], "delta": {"role": "assistant"}}]}
-            ]
+        encoded = dialect.stream(self._completion(body, behaviour), behaviour, _wants_usage(body))
         await exchange.start_stream()
-        for number, chunk in enumerate(chunks, 1):
+        for number, part in enumerate(encoded, 1):
             if number == (behaviour.after or 0) + 1 and not await self._act_mid_stream(
                 exchange, tag, call, behaviour
             ):
@@ -265,9 +275,9 @@ class ChaosUpstream:
                 if not await self._wait_unless_hung_up(exchange, pause):
                     self._record(tag, EventKind.CANCELLED, call, behaviour)
                     return False
-            await exchange.send_part(dialect.chunk(chunk))
+            await exchange.send_part(part)
             self._record(tag, EventKind.SENT, call, behaviour)
-        await exchange.send_part(dialect.end(chunks))
+        await exchange.send_part(dialect.end())
         await exchange.end()
         return True
 
@@ -373,9 +383,13 @@ class _Dialect(Protocol):
 
     def answer(self, completion: dict[str, Any]) -> bytes: ...
 
-    def chunk(self, chunk: dict[str, Any]) -> bytes: ...
+    def stream(
+        self, completion: dict[str, Any], behaviour: Behaviour, wants_usage: bool
+    ) -> list[bytes]:
+        """The stream's events, each as sent (before the end)."""
+        ...
 
-    def end(self, chunks: list[dict[str, Any]]) -> bytes: ...
+    def end(self) -> bytes: ...
 
     def error(self, kind: str, message: str) -> bytes: ...
 
@@ -396,15 +410,18 @@ class _ChatDialect:
     def answer(self, completion: dict[str, Any]) -> bytes:
         return encode_completion(completion, self.flavor)
 
-    def chunk(self, chunk: dict[str, Any]) -> bytes:
-        return encode_chunk(chunk, self.flavor)
+    def stream(
+        self, completion: dict[str, Any], behaviour: Behaviour, wants_usage: bool
+    ) -> list[bytes]:
+        chunks = _chunks(completion, self.flavor, behaviour, wants_usage)
+        return [encode_chunk(chunk, self.flavor) for chunk in chunks]
 
-    def end(self, chunks: list[dict[str, Any]]) -> bytes:
+    def end(self) -> bytes:
         return STREAM_END
 
     def error(self, kind: str, message: str) -> bytes:
         # SGLang answers with compact JSON (orjson), errors too.
-        compact = (",", ":") if self.flavor == "sglang" else None
+        compact = (",", ":") if self.flavor != "openai" else None
         return json.dumps(_error(kind, message), separators=compact).encode()
 
 
@@ -414,6 +431,7 @@ class _MessagesDialect:
 
     def __init__(self) -> None:
         self._writer = anthropic.EventWriter()
+        self._finish: str | None = None
 
     def parse(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -424,17 +442,65 @@ class _MessagesDialect:
     def answer(self, completion: dict[str, Any]) -> bytes:
         return json.dumps(anthropic.to_message(completion)).encode()
 
-    def chunk(self, chunk: dict[str, Any]) -> bytes:
-        return b"".join(self._writer.chunk(chunk))
-
-    def end(self, chunks: list[dict[str, Any]]) -> bytes:
-        finish = next(
+    def stream(
+        self, completion: dict[str, Any], behaviour: Behaviour, wants_usage: bool
+    ) -> list[bytes]:
+        chunks = _chunks(completion, "openai", behaviour, wants_usage)
+        self._finish = next(
             (c["choices"][0]["finish_reason"] for c in reversed(chunks) if c["choices"]), None
         )
-        return b"".join(self._writer.finish(finish))
+        return [b"".join(self._writer.chunk(chunk)) for chunk in chunks]
+
+    def end(self) -> bytes:
+        return b"".join(self._writer.finish(self._finish))
 
     def error(self, kind: str, message: str) -> bytes:
         return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+class _GenerateDialect:
+    """SGLang's native ``/generate`` (``--flavor sglang-generate``): a prompt as
+    text or token ids, an answer as generated text and ids, streamed cumulatively."""
+
+    def __init__(self) -> None:
+        self._request: GenerateRequest | None = None
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        self._request = parse_generate_request(raw)
+        return self._request.as_chat()
+
+    def _generation(self, completion: dict[str, Any]) -> Generation:
+        assert self._request is not None
+        aborted = completion["choices"][0]["finish_reason"] == "abort"
+        return Generation(self._request, answer_text(completion), "abort" if aborted else "stop")
+
+    def answer(self, completion: dict[str, Any]) -> bytes:
+        return encode_generate(self._generation(completion).answer())
+
+    def stream(
+        self, completion: dict[str, Any], behaviour: Behaviour, wants_usage: bool
+    ) -> list[bytes]:
+        chunks = self._generation(completion).chunks(behaviour.chunks)
+        return [b"data: " + encode_generate(chunk) + b"\n\n" for chunk in chunks]
+
+    def end(self) -> bytes:
+        return STREAM_END
+
+    def error(self, kind: str, message: str) -> bytes:
+        return generate_error(message)
+
+
+def _chunks(
+    completion: dict[str, Any], flavor: Flavor, behaviour: Behaviour, wants_usage: bool
+) -> list[dict[str, Any]]:
+    """The chat completion as stream chunks; an abort as SGLang streams one."""
+    chunks = stream_chunks(completion, flavor, parts=behaviour.chunks, wants_usage=wants_usage)
+    if behaviour.action is Action.ABORT:
+        # Aborted before any token, as SGLang does while it updates weights:
+        # one chunk, the finish, so a server may still retry.
+        finish = chunks[-2] if not chunks[-1]["choices"] else chunks[-1]
+        chunks = [{**finish, "choices": [{**finish["choices"][0], "delta": {"role": "assistant"}}]}]
+    return chunks
 
 
 _STEP_TOOL = [{"type": "function", "function": {"name": "sessctl_step", "parameters": {}}}]
