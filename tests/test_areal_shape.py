@@ -140,3 +140,38 @@ async def test_chaos_says_it_cannot_judge_a_log_and_points_to_the_scenarios() ->
     assert code == 2, out
     assert "run-scenarios" in out
     assert "Traceback" not in out
+
+
+async def test_profile_check_recognises_the_shape_and_its_suggestion_runs_once_the_key_is_set(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    url, port = await start(nursery, defects=frozenset())
+    suggested = tmp_path / "suggested.yaml"
+    probe = [
+        "profile", "check", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--flavor", "sglang-generate", "--output", str(suggested),
+    ]  # fmt: skip
+    # Without the key: the shape is recognised from routes that answer 403, and
+    # the suggestion is partial, saying which variable it needs.
+    code, out = await sessctl_cli(*probe)
+    assert code == 1, out
+    assert "POST /rl/start_session" in out
+    assert "403" in out
+    assert "set AREAL_ADMIN_KEY and run profile check again" in out
+    text = suggested.read_text()
+    assert "admin_key_env: AREAL_ADMIN_KEY" in text
+    assert "# not probed" in text
+    # With it: checked end to end, and the library runs on the file as written.
+    code, out = await sessctl_cli(*probe, env=ENV)
+    assert code == 0, out
+    assert "checked: a session was made" in out
+    assert ADMIN_KEY not in out + suggested.read_text()
+    report = tmp_path / "report.json"
+    code, out = await sessctl_cli(
+        "run-scenarios", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
+        "--profile", str(suggested), "--flavor", "sglang-generate",
+        "--filter", "delete-mid-proxy,chat-and-get-after-delete", "--json", str(report),
+        env=ENV,
+    )  # fmt: skip
+    assert code == 0, out
+    assert json.loads(report.read_text())["summary"]["failed"] == 0

@@ -4,7 +4,10 @@ It is a short conversation with the server, wired to the chaos upstream like a
 scenario run, that answers each question of the profile in turn:
 
 1. Is there a health route (/healthz, or /health)?
-2. What does POST /sessions answer, and under which key is the id?
+2. What does POST /sessions answer, and under which key is the id? Where it is
+   absent, do the routes of a known shape answer (AReaL's ``rl/start_session``
+   after ``grant_capacity``)? Then that shape's built-in profile is suggested,
+   checked end to end where its admin key is in the environment.
 3. Does GET /sessions/{id} carry ``messages``, or ``records`` to derive them from?
 4. May a user message follow an assistant turn, or only a tool result?
 5. Does an exact retry of the last turn replay it (no upstream call), regenerate
@@ -27,7 +30,9 @@ from typing import Any, Literal
 
 import trio
 
-from harness.errors import TargetUnreachable
+from harness.errors import TargetUnreachable, UsageError
+from harness.model.builtin_profiles import builtin_profiles
+from harness.model.loader import load_model
 from harness.model.profile import (
     CreateConvention,
     EngineConvention,
@@ -43,7 +48,7 @@ from wire.ids import new_session_id
 from .checks import last_turn_start
 from .client import StreamProgress, TargetClient
 from .lifecycle import Lifecycle
-from .preflight import describe, wait_until_up
+from .preflight import check_session_server, describe, wait_until_up
 from .runner import AGENT_TOOLS
 
 HEALTH_ROUTES = ("/healthz", "/health")
@@ -72,6 +77,7 @@ class ProbeResult:
 ADDRESSINGS = (
     Profile(),
     Profile(addressing="bearer"),
+    Profile(addressing="bearer", chat_path="/chat/completions"),
     Profile(addressing="header:X-Session-ID"),
     Profile(addressing="body:metadata.session_id"),
     Profile(addressing="body:session_id"),
@@ -80,8 +86,8 @@ ADDRESSINGS = (
 )
 """Where sessions are named, and which API names them, in the order ``profile
 check`` tries them: the path, then the published designs where the agent's base
-URL is the engine's own; then Anthropic's Messages API, in the path or in the
-API key (the ``x-api-key`` header its SDK sends)."""
+URL is the engine's own (``/v1``) or the server's root; then Anthropic's Messages
+API, in the path or in the API key (the ``x-api-key`` header its SDK sends)."""
 
 
 @dataclass
@@ -149,6 +155,10 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
 
     created = await probe.client.send("probe", "create", "POST", "/sessions")
     explicit = created.status is not None and created.status // 100 == 2
+    if not explicit and created.status in (404, 405):
+        known = await _known_lifecycle(probe, chaos, health_path)
+        if known is not None:
+            return known
     if explicit:
         created, id_field = await probe.create(created)
         session_id = str(created.body[id_field])
@@ -226,6 +236,61 @@ async def probe_profile(client: TargetClient, chaos: ChaosUpstream) -> ProbeResu
         ),
     )
     return ProbeResult(profile, probe.notes, probe.unprobed)
+
+
+async def _known_lifecycle(
+    probe: _Probe, chaos: ChaosUpstream, health_path: str | None
+) -> ProbeResult | None:
+    """A server with no ``POST /sessions`` whose routes are those of a known shape
+    (a built-in profile with lifecycle routes of its own, AReaL's proxy among
+    them): that profile, checked end to end if its admin key is in the
+    environment; None if no known shape answers."""
+    for name, path in sorted(builtin_profiles().items()):
+        shape = load_model(path, Profile)
+        if shape.default_lifecycle:
+            continue
+        signature = [*shape.create.before, shape.create]
+        answers = [
+            await probe.client.send("probe", "create", route.method, route.path)
+            for route in signature
+        ]
+        if any(a.status is None or a.status in (404, 405) for a in answers):
+            continue
+        seen = ", ".join(
+            f"{r.describe()} {_shown(a)}" for r, a in zip(signature, answers, strict=True)
+        )
+        probe.notes.append(
+            f"POST /sessions is absent, but the routes of a known shape answer ({seen}): "
+            f"{shape.description} (the built-in profile {name!r})"
+        )
+        suggested = shape.model_copy(
+            update={
+                "name": "suggested",
+                "description": f"suggested by sessctl profile check against "
+                f"{probe.client.base_url}: {shape.description}",
+                "health_path": health_path,
+            }
+        )
+        try:
+            suggested.admin_key()
+        except UsageError:
+            probe.unprobed.append(
+                f"whether a session can be made, chatted on, ended and read with these "
+                f"routes: that needs the admin key; set {shape.admin_key_env} and run "
+                "profile check again (the rest is the built-in profile's, as read from "
+                "that server's code)"
+            )
+            return ProbeResult(suggested, probe.notes, probe.unprobed)
+        problem = await check_session_server(probe.client, chaos, suggested)
+        if problem is None:
+            probe.notes.append(
+                "checked: a session was made, a chat on it reached the chaos upstream, "
+                "and it was ended and read with these routes"
+            )
+        else:
+            probe.unprobed.append(f"a session's life with these routes: {problem}")
+        return ProbeResult(suggested, probe.notes, probe.unprobed)
+    return None
 
 
 async def _multi_turn(
