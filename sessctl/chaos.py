@@ -6,7 +6,6 @@ import shlex
 from functools import partial
 from pathlib import Path
 
-import trio
 from rich.console import Console
 
 from harness.chaos.history import read_history, write_history
@@ -17,6 +16,7 @@ from harness.errors import UsageError
 from harness.model.profile import Profile
 from harness.report.console import (
     announce_chaos_upstream,
+    chaos_progress,
     render_check,
     render_shrink,
     render_shrink_skipped,
@@ -25,6 +25,7 @@ from harness.report.timeline import render_timeline
 from harness.run.suite import Target
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM
+from .interrupt import run_interruptibly
 from .run import parse_listen, parse_target, write_json_file, writing
 
 CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
@@ -52,23 +53,27 @@ def chaos(
         + (f"{settings.ops} operations" if settings.ops else f"{settings.duration:g} s")
         + f", {settings.clients} clients on {settings.sessions} sessions, against {what}"
     )
-    report = trio.run(
-        partial(
-            run_chaos,
-            settings,
-            url,
-            emulate=emulate,
-            upstream_host=host,
-            upstream_port=port,
-            on_upstream_ready=(
-                partial(announce_chaos_upstream, console, flavor=settings.flavor) if url else None
-            ),
-            shrink_settings=shrink,
-            on_shrinking=lambda: console.print(
-                "the history is invalid; shrinking the failure to a scenario..."
-            ),
+    with chaos_progress(console, settings.ops) as progress:
+        report = run_interruptibly(
+            partial(
+                run_chaos,
+                settings,
+                url,
+                emulate=emulate,
+                upstream_host=host,
+                upstream_port=port,
+                on_upstream_ready=(
+                    partial(announce_chaos_upstream, console, flavor=settings.flavor)
+                    if url
+                    else None
+                ),
+                shrink_settings=shrink,
+                on_shrinking=lambda: console.print(
+                    "the history is invalid; shrinking the failure to a scenario..."
+                ),
+                on_operation=progress,
+            )
         )
-    )
     console.print(
         f"{len(report.history)} operations in {report.elapsed:.1f} s "
         f"({report.ops_per_second:.0f} ops/s); checked in {report.check_seconds:.2f} s"

@@ -76,7 +76,11 @@ ProfileOption = Annotated[
 ]
 FlavorOption = Annotated[
     str,
-    typer.Option("--flavor", help="Upstream dialect: openai, or sglang (SGLang's own fields)."),
+    typer.Option(
+        "--flavor",
+        help="Upstream dialect: openai; sglang (SGLang's own fields); or sglang-generate "
+        "(SGLang's native /generate too, prompts as text or token ids of the shipped tokenizer).",
+    ),
 ]
 RequestTimeoutOption = Annotated[
     float,
@@ -207,6 +211,10 @@ def serve(
     _known_variant(emulate)
     from refserver.app import HttpLimits
 
+    # Warnings about this machine's limits only for a scale the user asked for:
+    # the default is sized to the open-file limit already, and most runs never
+    # come near it (two warnings at every start were noise).
+    asked_for_scale = max_turns_in_flight is not None
     max_turns_in_flight = max_turns_in_flight or default_max_turns_in_flight()
     server_log = logging.getLogger("refserver")
     server_log.addHandler(logging.StreamHandler())
@@ -238,7 +246,14 @@ def serve(
         console.print(
             f"        or {running.url}/sessions/{{id}} as their Anthropic base URL", soft_wrap=True
         )
-        hints = capacity_hints(max_turns_in_flight)
+        hints = capacity_hints(max_turns_in_flight) if asked_for_scale else []
+        if not asked_for_scale:
+            console.print(
+                f"admits {max_turns_in_flight} turns in flight (503 server_busy past that); "
+                "--max-turns-in-flight N checks this machine's limits for N",
+                style="dim",
+                soft_wrap=True,
+            )
         if upstream_clients is not None:
             hints.append(
                 "--upstream-clients has no effect any more (one pool of engine connections)"

@@ -12,7 +12,6 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import trio
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +36,7 @@ from refserver.engine_http import base_url_problem
 from wire.engine import Flavor
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM
+from .interrupt import run_interruptibly
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def selftest(options: RunOptions, console: Console) -> int:
         run=RunSettings(request_timeout=options.request_timeout),
     )
     with progress_hooks(console, announce_upstream=False) as hooks:
-        result = trio.run(run_selftest, scenarios, settings, hooks)
+        result = run_interruptibly(run_selftest, scenarios, settings, hooks)
     render_selftest(console, result)
     if options.json is not None:
         write_json_file(options.json, result.to_json())
@@ -156,7 +156,7 @@ def profile_check(
     url = parse_target(target).url
     assert url is not None
     host, port = parse_listen(listen)
-    result = trio.run(
+    result = run_interruptibly(
         check_profile,
         url,
         host,
@@ -246,7 +246,7 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
     rerun = rerun_options(options, external)
     targets = [replace(t, rerun_options=rerun) for t in targets]
     with progress_hooks(console, announce_upstream=external, flavor=settings.flavor) as hooks:
-        suite = trio.run(run_suite, scenarios, targets, settings, hooks)
+        suite = run_interruptibly(run_suite, scenarios, targets, settings, hooks)
     by_name = {t.name: t for t in targets}
     # The files first: CI reads them, and a report that fails to render in the
     # terminal must not take them down with it.

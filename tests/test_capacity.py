@@ -127,3 +127,17 @@ def test_serve_warns_of_a_listen_backlog_below_the_turns_admitted() -> None:
     assert f"(net.core.somaxconn), below the {turns} turns admitted" in errors
     assert f"sysctl -w net.core.somaxconn={turns}" in errors
     assert "Traceback" not in errors
+
+
+def test_serve_at_its_default_scale_warns_of_nothing() -> None:
+    # The default is sized to the open-file limit: nothing to warn of unless the
+    # user asks for a scale (the two tests above).
+    process, _url = start_sessctl_serve(stderr=subprocess.PIPE)
+    try:
+        process.send_signal(signal.SIGINT)
+        out, errors = process.communicate(timeout=HANG_GUARD)
+    finally:
+        process.kill()
+    assert "warning:" not in errors
+    assert "Traceback" not in errors
+    assert "turns in flight (503 server_busy past that)" in out

@@ -80,7 +80,7 @@ async def start_failing(nursery: trio.Nursery, port: int) -> str:
 
 
 CASES: list[tuple[str, Starter, str]] = [
-    ("html", start_html, "not a session server: POST /sessions answered 200 <html>I am a [web] page</html>"),  # noqa: E501
+    ("html", start_html, "not a session server: POST /sessions answered 200 an HTML page: I am a [web] page"),  # noqa: E501
     ("unwired", start_unwired, "it answered a chat without calling the chaos upstream"),
     ("failing", start_failing, 'the pre-flight chat (one user turn on a fresh session) answered 502 {"error": "cannot parse'),  # noqa: E501
 ]  # fmt: skip
@@ -120,6 +120,32 @@ async def test_profile_check_refuses_them_the_same_way(
     assert code == 3, out
     assert "Traceback" not in out
     assert ("not a session server" if name == "html" else "without calling the chaos") in out
+    nursery.cancel_scope.cancel()
+
+
+async def _error_page(exchange: Exchange) -> None:
+    page = (
+        b"<!DOCTYPE HTML>\n<html lang='en'><head><title>Error response</title></head>"
+        b"<body><h1>Error response</h1><p>Error code: 501</p>"
+        b"<p>Message: Unsupported method (&#x27;POST&#x27;).</p></body></html>"
+    )
+    await exchange.respond(501, page, "text/html")
+
+
+async def test_profile_check_quotes_a_web_servers_error_page_once_as_text(
+    nursery: trio.Nursery,
+) -> None:
+    # A static web server (python -m http.server) answers every POST with the
+    # same HTML page: it is quoted once, as its text, with the ways that got it.
+    url = await nursery.start(partial(serve_http11, _error_page, "127.0.0.1", 0))
+    code, out = await sessctl_cli(
+        "profile", "check", "--target", url, "--upstream-listen", "127.0.0.1:0"
+    )
+    assert code == 3, out
+    assert out.count("Error code: 501") == 1, out
+    assert "an HTML page: Error response" in out
+    assert "Unsupported method ('POST')" in out
+    assert "<" not in out.split("error:", 1)[1]
     nursery.cancel_scope.cancel()
 
 

@@ -153,7 +153,7 @@ async def test_a_garbage_speaking_target_is_not_a_session_server(nursery: trio.N
     result = await run_suite(load_scenarios([]), [Target("junk", url)], FAST)
     assert result.exit_code == 3
     assert result.unreachable["junk"].startswith(
-        "not a session server: POST /sessions answered 200 <html>I am not a session server</html>"
+        "not a session server: POST /sessions answered 200 an HTML page: I am not a session server"
     )
     assert all(s.verdict is Verdict.ERROR for s in result.scenarios)
     assert result.labels(Kind.SAFETY) == []  # nothing was raced, so nothing is blamed

@@ -154,8 +154,12 @@ class ChaosRun:
         upstream: ChaosUpstream,
         settings: ChaosSettings,
         run_id: str = "chaos",
+        on_operation: Callable[[int], None] | None = None,
     ) -> None:
         self.client = client
+        self.on_operation = on_operation
+        """Called with the number of operations done, after each (a progress display)."""
+        self.done = 0
         self.upstream = upstream
         self.settings = settings
         self.run_id = run_id
@@ -285,6 +289,7 @@ class ChaosRun:
                 await trio.lowlevel.checkpoint()  # another client is re-creating it
             if slot.session is None:
                 await self._create(client, slot, ticket)
+                self._finished_one()
                 continue
             session = slot.session
             if planned.kind == "retry" and client.last_sent.get(session):
@@ -299,6 +304,12 @@ class ChaosRun:
                 await self._delete(client, slot, session, ticket)
             else:
                 await self._chat(client, session, ticket, messages, planned)
+            self._finished_one()
+
+    def _finished_one(self) -> None:
+        self.done += 1
+        if self.on_operation is not None:
+            self.on_operation(self.done)
 
     # -- operations -------------------------------------------------------------------
 
@@ -602,6 +613,7 @@ async def run_chaos(
     on_upstream_ready: Callable[[str], None] | None = None,
     shrink_settings: ShrinkSettings | None = None,
     on_shrinking: Callable[[], None] | None = None,
+    on_operation: Callable[[int], None] | None = None,
     embedded_in_child: bool = True,
 ) -> ChaosReport:
     """The workload against a target (default: the embedded reference server), checked;
@@ -644,7 +656,7 @@ async def run_chaos(
             if problem is not None:
                 raise TargetUnreachable(problem)
             started = trio.current_time()
-            run = ChaosRun(client, upstream, settings)
+            run = ChaosRun(client, upstream, settings, on_operation=on_operation)
             history = await run.run()
             _check_not_vacuous(history, url)
             plans = [list(c.plan) for c in run.clients]

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -313,6 +320,33 @@ def progress_hooks(
 
     with progress:
         yield SuiteHooks(on_upstream_ready, on_start, on_run_done)
+
+
+@contextmanager
+def chaos_progress(console: Console, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress line for a chaos run on a terminal (nothing elsewhere): operations
+    done, their rate, and the time left. The callback takes the count done."""
+    progress = Progress(
+        TextColumn("[bold]chaos"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("operations", total=total, rate="")
+
+    def done(count: int) -> None:
+        speed = progress.tasks[0].speed
+        rate = f"{speed:,.0f} ops/s" if speed else ""
+        progress.update(task, completed=count, rate=rate)
+
+    with progress:
+        yield done
 
 
 def render_selftest(console: Console, result: SelftestResult) -> None:

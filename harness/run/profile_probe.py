@@ -432,7 +432,8 @@ async def _first_turn(
     """Send the first turn, naming the session each way in ``ADDRESSINGS`` until one
     is answered 2xx by way of the chaos upstream; that one is the server's."""
     creation: Literal["explicit", "implicit"] = "explicit" if explicit else "implicit"
-    refusals: list[str] = []
+    refusals: dict[str, list[str]] = {}
+    """Each answer once, with every way of naming the session that got it."""
     for candidate in ADDRESSINGS:
         probe.addressing = candidate.model_copy(update={"creation": creation})
         calls = probe.chaos.calls(tag)
@@ -455,10 +456,15 @@ async def _first_turn(
                 f"the first chat (one user turn on a fresh session) answered {_shown(turn)}; "
                 "it did call the chaos upstream: another dialect (--flavor)?"
             )
-        refusals.append(f"{candidate.addressing}: {_shown(turn)}")
+        way = f"{candidate.addressing} at {candidate.resolved_chat_path}"
+        refusals.setdefault(_shown(turn), []).append(way)
+    answers = "; ".join(
+        f"{', '.join(ways)}: {answer}" if len(refusals) > 1 else answer
+        for answer, ways in refusals.items()
+    )
     raise TargetUnreachable(
         "the first chat (one user turn on a fresh session) was refused whichever way the "
-        "session was named: " + "; ".join(refusals)
+        f"session was named ({len(ADDRESSINGS)} ways): {answers}"
     )
 
 

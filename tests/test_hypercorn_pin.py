@@ -1,0 +1,88 @@
+"""What ``refserver/hypercorn_compat.py`` takes from hypercorn's internals is still there.
+
+It wraps private methods of hypercorn 0.18 and copies its connection task's
+``run``; ``pyproject.toml`` pins hypercorn to the releases it was written
+against. When a release renames or reshapes one of them, this test names it,
+so the upgrade fails here and not in ``sessctl serve`` on a user's machine.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import pytest
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.trio import task_group, tcp_server
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+
+WRAPPED = [
+    # (where, what, the parameters hypercorn_compat relies on)
+    (H11Protocol, "_send_error_response", ["self", "status_code"]),
+    (H11Protocol, "_send_h11_event", ["self", "event"]),
+    (HTTPStream, "handle", ["self", "event"]),
+    (TCPServer, "__init__", ["self", "app", "config", "context", "state", "stream"]),
+    (TCPServer, "run", ["self"]),
+    (TCPServer, "_read_data", ["self"]),
+    (TCPServer, "_close", ["self"]),
+    (TCPServer, "_initiate_server_close", ["self"]),
+    (TCPServer, "protocol_send", ["self", "event"]),
+    (TCPServer, "_idle_timeout", ["self"]),
+    (TaskGroup, "spawn_app", ["self", "app", "config", "scope", "send"]),
+    (
+        task_group,
+        "_handle",
+        ["app", "config", "scope", "receive", "send", "sync_spawn", "call_soon"],
+    ),
+    (
+        ProtocolWrapper,
+        "__init__",
+        [
+            "self",
+            "app",
+            "config",
+            "context",
+            "task_group",
+            "state",
+            "ssl",
+            "client",
+            "server",
+            "send",
+            "alpn_protocol",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "parameters"),
+    WRAPPED,
+    ids=[f"{getattr(o, '__name__', o)}.{n}" for o, n, _ in WRAPPED],
+)
+def test_each_internal_hypercorn_compat_wraps_is_there_as_it_was(
+    owner: object, name: str, parameters: list[str]
+) -> None:
+    where = f"hypercorn {version('hypercorn')}: {getattr(owner, '__name__', owner)}.{name}"
+    member = getattr(owner, name, None)
+    assert member is not None, f"{where} is gone; refserver/hypercorn_compat.py wraps it"
+    found = list(inspect.signature(member).parameters)
+    assert found == parameters, (
+        f"{where} now takes {found}, not {parameters}; update refserver/hypercorn_compat.py"
+    )
+
+
+def test_the_constant_the_connection_task_reads_with_is_there() -> None:
+    assert isinstance(getattr(tcp_server, "MAX_RECV", None), int), (
+        "hypercorn.trio.tcp_server.MAX_RECV is gone; refserver/hypercorn_compat.py reads with it"
+    )
+
+
+def test_the_installed_release_is_one_the_pin_admits() -> None:
+    major, minor = (int(part) for part in version("hypercorn").split(".")[:2])
+    assert (major, minor) == (0, 18), (
+        f"hypercorn {version('hypercorn')} is installed; pyproject.toml pins >=0.18,<0.19, "
+        "the releases refserver/hypercorn_compat.py is written against"
+    )
