@@ -8,7 +8,7 @@ collections since the last report (per generation: how many, their total and
 longest time), then the tracked objects and the time of one full collection
 run there and then. Nothing in sessctl itself is changed.
 
-What it showed (README, "Garbage collection at scale"): at 9,790 held turns a
+What it showed (docs/benchmarks.md, "Garbage collection at scale"): at 9,790 held turns a
 full collection takes about a second, and CPython runs one whenever its oldest
 generation has grown by a quarter. Ways out, none tried yet:
 - fewer tracked objects per held turn (about 166 now; every frame, task, cancel

@@ -202,13 +202,18 @@ def profile_check(
     return 0
 
 
-def run_scenarios(options: RunOptions, console: Console) -> int:
-    for path, option in (
-        (options.json, "--json"),
-        (options.junit, "--junit"),
-        (options.markdown, "--markdown"),
-    ):
-        check_writable(path, option)
+@dataclass(frozen=True)
+class SuitePlan:
+    """What a run of the library is: its scenarios, targets and settings, from the
+    options (shared by ``run-scenarios`` and the pytest plugin)."""
+
+    scenarios: list[Scenario]
+    targets: list[Target]
+    settings: SuiteSettings
+    external: bool
+
+
+def plan_suite(options: RunOptions) -> SuitePlan:
     scenarios = select(options)
     targets = [parse_target(t) for t in options.targets] or [
         Target(options.emulate, None, emulate=options.emulate)
@@ -237,14 +242,31 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
             timing_bounds=options.latency_budgets,
         ),
     )
+    rerun = rerun_options(options, external)
+    targets = [replace(t, rerun_options=rerun) for t in targets]
+    return SuitePlan(scenarios, targets, settings, external)
+
+
+def run_scenarios(options: RunOptions, console: Console) -> int:
+    for path, option in (
+        (options.json, "--json"),
+        (options.junit, "--junit"),
+        (options.markdown, "--markdown"),
+    ):
+        check_writable(path, option)
+    plan = plan_suite(options)
+    scenarios, targets, settings, external = (
+        plan.scenarios,
+        plan.targets,
+        plan.settings,
+        plan.external,
+    )
     if settings.run.profile.name != "reference":
         differences = settings.run.profile.differences()
         console.print(
             f"profile {settings.run.profile.name}: "
             + ("; ".join(differences) if differences else "the reference conventions")
         )
-    rerun = rerun_options(options, external)
-    targets = [replace(t, rerun_options=rerun) for t in targets]
     with progress_hooks(console, announce_upstream=external, flavor=settings.flavor) as hooks:
         suite = run_interruptibly(run_suite, scenarios, targets, settings, hooks)
     by_name = {t.name: t for t in targets}
@@ -282,7 +304,9 @@ def rerun_options(options: RunOptions, external: bool) -> tuple[str, ...]:
 
 __all__ = [
     "RunOptions",
+    "SuitePlan",
     "list_scenarios",
+    "plan_suite",
     "profile_check",
     "run_scenarios",
     "selftest",

@@ -1,4 +1,5 @@
-"""README's commands, run as a user runs them (subprocesses), and its quoted output checked.
+"""README's commands, run as a user runs them (subprocesses), and its quoted output checked
+(and the output quoted in the pages of ``docs/`` it links to).
 
 The walkthrough of "Seeing a failing report": a variant served by ``sessctl
 serve``, raced by ``sessctl run-scenarios --target``. The matrix README quotes
@@ -17,13 +18,16 @@ from pathlib import Path
 
 from .conftest import HANG_GUARD, free_port, start_sessctl_serve
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 ENV = {"NO_COLOR": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
 
 
-def quoted_block(after: str) -> list[str]:
-    """The lines of the first plain code block after the line containing ``after``."""
-    lines = README.read_text().splitlines()
+def quoted_block(after: str, document: Path = README) -> list[str]:
+    """The lines of the first plain code block after the line containing ``after``
+    (in README, or a page of ``docs/``)."""
+    lines = document.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if after in line)
     opening = next(i for i in range(start, len(lines)) if lines[i] == "```")
     closing = next(i for i in range(opening + 1, len(lines)) if lines[i].startswith("```"))
@@ -75,7 +79,7 @@ def test_the_passing_report_as_the_readme_shows_it() -> None:
     assert printed[start : start + len(quoted)] == quoted
 
 
-def test_the_streamed_failure_report_as_the_readme_shows_it() -> None:
+def test_the_streamed_failure_report_as_the_streaming_page_shows_it() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "sessctl", "run-scenarios", "--emulate", "commit-partial-stream",
          "--filter", "upstream-cut-mid-stream"],
@@ -83,7 +87,10 @@ def test_the_streamed_failure_report_as_the_readme_shows_it() -> None:
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    quoted = [line.rstrip() for line in quoted_block("commits the partial answer when")]
+    quoted = [
+        line.rstrip()
+        for line in quoted_block("commits the partial answer when", DOCS / "streaming.md")
+    ]
     printed = [line.rstrip() for line in done.stdout.splitlines()]
     # The header and the matrix, line for line; then the findings and the summary.
     start = printed.index(quoted[0])
