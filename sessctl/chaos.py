@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ from harness.report.console import (
     render_shrink,
     render_shrink_skipped,
 )
-from harness.report.timeline import render_timeline
+from harness.report.timeline import ShrunkLink, render_timeline
 from harness.run.suite import Target
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM
@@ -91,15 +92,22 @@ def chaos(
         with writing(history_path):
             write_history(history_path, report.history)
         paths.append(history_path)
-    if out is not None:
-        timeline = out / "timeline.html"
-        write_json_file(out / "report.json", chaos_report(report, scenario_path))
-        with writing(timeline):
-            timeline.write_text(render_timeline(report.result, report.history), encoding="utf-8")
-        paths += [out / "report.json", timeline]
     replay = None
     if report.shrunk is not None and scenario_path is not None:
         replay = replay_command(scenario_path, url, emulate, listen, profile_option)
+    if out is not None:
+        timeline = out / "timeline.html"
+        write_json_file(out / "report.json", chaos_report(report, scenario_path))
+        link = None
+        if report.shrunk is not None and scenario_path is not None:
+            where = os.path.relpath(scenario_path.resolve(), out.resolve())
+            link = ShrunkLink(report.shrunk.finding, where, replay)
+        with writing(timeline):
+            timeline.write_text(
+                render_timeline(report.result, report.history, shrunk=link), encoding="utf-8"
+            )
+        paths += [out / "report.json", timeline]
+    if report.shrunk is not None and scenario_path is not None and replay is not None:
         with writing(scenario_path):
             scenario_path.write_text(
                 scenario_file(report.shrunk, settings, what, replay), encoding="utf-8"

@@ -135,7 +135,12 @@ def test_serve_at_its_default_scale_warns_of_nothing() -> None:
     process, _url = start_sessctl_serve(stderr=subprocess.PIPE)
     try:
         process.send_signal(signal.SIGINT)
-        out, errors = process.communicate(timeout=HANG_GUARD)
+        # read(), not communicate(): the lines after the URL may already sit in
+        # the file object's buffer, which communicate() would not see.
+        assert process.stdout is not None
+        assert process.stderr is not None
+        out, errors = process.stdout.read(), process.stderr.read()
+        process.wait(timeout=HANG_GUARD)
     finally:
         process.kill()
     assert "warning:" not in errors

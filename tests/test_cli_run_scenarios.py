@@ -9,6 +9,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import junitparser
 import pytest
 
 from .conftest import HANG_GUARD
@@ -101,12 +102,22 @@ def test_a_failing_scenario_exits_1_and_explains_itself(tmp_path: Path) -> None:
     # The message names the property that broke (this file names none: its name);
     # the text has every finding, then how to rerun.
     assert case.get("message") == "expects-the-wrong-thing"
-    assert case.get("type") == "safety"
+    assert case.get("type") == "expects-the-wrong-thing"  # the safety label CI groups by
     assert "c1: expected status 404; got 200" in (case.text or "")
     # Totals and times on every level, as CI dashboards read them.
     assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("1", "1", "0")
     assert float(root.get("time") or "-1") >= 0
     assert float(root.find("testsuite/testcase").get("time") or "-1") >= 0  # type: ignore[union-attr]
+    # As a CI tool's JUnit library reads it.
+    xml = junitparser.JUnitXml.fromfile(str(junit))
+    (suite,) = list(xml)
+    (test,) = list(suite)
+    assert test.time >= 0
+    assert suite.time >= 0
+    (result,) = test.result
+    assert isinstance(result, junitparser.Failure)
+    assert result.type == "expects-the-wrong-thing"
+    assert result.message == "expects-the-wrong-thing"
 
 
 def test_emulate_runs_a_known_broken_variant_and_says_how_to_rerun_it() -> None:

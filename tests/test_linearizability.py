@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -525,3 +526,45 @@ def test_durability_does_not_excuse_a_rollback_by_a_writer_that_never_saw_the_tu
     # Sent before turn two was answered: its writer replaced a turn it never saw.
     history = _rolled_back_life(rewind_sent_at=4.5).ops
     assert [f.kind for f in check_invariants(history, rollback=True)] == ["durability"]
+
+
+def test_the_timeline_lists_every_finding_and_hides_no_bar() -> None:
+    import re
+
+    from harness.report.timeline import ShrunkLink, render_timeline
+
+    h = History()
+    h.add("create", 0, 1, 201)
+    # Twelve sessions' worth of phantom commits: more findings than are drawn.
+    for n in range(12):
+        base = 2 + n * 10
+        h.add("chat", base, base + 4, 200, messages=[U1], answer=A1, client=1, session=f"s{n}")
+        h.add("chat", base + 1, base + 5, 200, messages=[W], answer=B1, client=2, session=f"s{n}")
+        # A chat whose outcome never came, and the client's next one beside it.
+        h.add("chat", base + 1, None, None, messages=[U1], client=3, session=f"s{n}")
+        h.add("get", base + 2, base + 3, 200, messages=[W, B1], client=3, session=f"s{n}")
+        h.add("get", base + 6, base + 7, 200, messages=[W, B1], client=1, session=f"s{n}")
+    result = check_history(h.ops)
+    assert len(result.findings) > 10
+    link = ShrunkLink(result.findings[0], "chaos-seed1-phantom.yaml", "sessctl run-scenarios x")
+    page = render_timeline(result, h.ops, shrunk=link)
+    # Every finding is listed; the drawn ones say how many more there are.
+    assert page.count("<tr><td>") == len(result.findings)
+    assert f"the other {len(result.findings) - 10} are listed here only" in page
+    assert page.count("<svg") == 10
+    # The shrunk finding links to its scenario and its replay command.
+    assert 'href="chaos-seed1-phantom.yaml"' in page
+    assert "sessctl run-scenarios x" in page
+    # A readable axis: ticks across each drawing, not only its two ends.
+    first = page.split("<svg", 2)[1]
+    assert first.count('class="tick"') >= 5
+    # No bar hides another: bars sharing a row never overlap in time.
+    bars = re.findall(r'data-row="(\d+)"><title>[^<]*</title><rect x="([\d.]+)" y="\d+" '
+                      r'width="([\d.]+)"', first)  # fmt: skip
+    by_row: dict[str, list[tuple[float, float]]] = {}
+    for row, x, width in bars:
+        by_row.setdefault(row, []).append((float(x), float(x) + float(width)))
+    for spans in by_row.values():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert start >= end - 2.0  # (a bar is at least 2 px wide)

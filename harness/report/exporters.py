@@ -107,8 +107,9 @@ def write_json(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> No
 
 def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> None:
     """JUnit as CI tools read it: totals and times on every level, a failure's
-    ``type`` (safety or server fault) and a ``message`` naming the properties that
-    broke; an UNTESTED scenario is a skipped case whose message is its cause."""
+    ``type`` (the safety label of its first cause, "phantom commit") and a
+    ``message`` naming every property that broke; an UNTESTED scenario is a skipped
+    case whose message is its cause."""
     root = ET.Element("testsuites", name="sessctl")
     totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
     total_time = 0.0
@@ -160,8 +161,11 @@ def write_junit(path: Path, suite: SuiteResult, targets: dict[str, Target]) -> N
             labels = list(dict.fromkeys(f.label for f in causes if f.label))
             kinds = list(dict.fromkeys(f.kind.value for f in causes))
             message = "; ".join(labels) or (_one_line(findings[0]) if findings else tag)
+            # The type is what CI dashboards group by: the safety label of the first
+            # cause ("phantom commit"); its kind where a cause has no label.
+            kind = labels[0] if labels else ", ".join(kinds)
             detail = ET.SubElement(
-                case, tag, message=message, type=", ".join(kinds) if tag == "failure" else tag
+                case, tag, message=message, type=kind if tag == "failure" else tag
             )
             # The causes first, then what follows from them.
             ordered = sorted(findings, key=lambda f: f.follows is not None)
