@@ -218,7 +218,15 @@ class SessionService:
         completion: dict[str, Any],
         started_at: float,
     ) -> None:
-        session.messages = [*request.messages, assistant_message(completion)]
+        # The turns already committed read back as they were committed (the
+        # agent's echo of them may differ in keys the contract ignores); the new
+        # ones as the agent sent them, then the answer.
+        committed = session.messages
+        session.messages = [
+            *committed,
+            *request.messages[len(committed) :],
+            assistant_message(completion),
+        ]
         session.records.append(
             Record(request.body, completion, started_at, ended_at=self._wall_clock())
         )

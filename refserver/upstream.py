@@ -252,6 +252,19 @@ def _check_answer(completion: dict[str, Any]) -> None:
         raise UpstreamError(f"the upstream's answer is not a valid message: {invalid}") from None
 
 
+ENGINE_ONLY_EMPTY = ("refusal", "reasoning_content", "audio", "function_call", "annotations")
+"""Fields an engine puts on every assistant message, empty (null, or ``[]``), that
+no agent sends back: committed, they would make a turn read back differently
+once the agent's echo of it replaced it. Empty, they are dropped; with a value
+(a refusal's text, SGLang's reasoning) they are kept."""
+
+
 def assistant_message(completion: dict[str, Any]) -> dict[str, Any]:
+    """The answer as it is committed: the engine's message, without its empty
+    engine-only fields (``ENGINE_ONLY_EMPTY``)."""
     message: dict[str, Any] = completion["choices"][0]["message"]
-    return message
+    return {
+        key: value
+        for key, value in message.items()
+        if not (key in ENGINE_ONLY_EMPTY and value in (None, []))
+    }

@@ -25,6 +25,11 @@ from refserver.upstream import HttpUpstream
 from .conftest import FAST_RETRY, HANG_GUARD, Api, ServerStarter, user
 
 
+def committed(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as the reference commits it: the engine's ``"refusal": null`` dropped."""
+    return {k: v for k, v in message.items() if not (k == "refusal" and v is None)}
+
+
 async def _in_background(nursery: trio.Nursery, fn: Any, *args: Any) -> dict[str, Any]:
     """Start fn(*args) and return a dict that will hold its result under "response"."""
     box: dict[str, Any] = {}
@@ -63,7 +68,7 @@ async def test_get_shows_the_committed_trajectory_and_records(api: Api) -> None:
     first = [user("t1")]
     answer = (await api.chat(session_id, first)).json()
     state = (await api.get(session_id)).json()
-    assert state["messages"] == [*first, answer["choices"][0]["message"]]
+    assert state["messages"] == [*first, committed(answer["choices"][0]["message"])]
     assert state["num_assistant"] == 1
     (record,) = state["records"]
     assert record["request"]["messages"] == first
@@ -245,7 +250,25 @@ async def test_extending_the_trajectory_over_several_turns(api: Api) -> None:
         messages = [*messages, response.json()["choices"][0]["message"], user(f"t{turn + 1}")]
     state = (await api.get(session_id)).json()
     assert state["num_assistant"] == 3
-    assert state["messages"] == messages[:-1]
+    # Committed as answered, less the engine's empty fields ("refusal": null).
+    expected = [
+        {k: v for k, v in m.items() if not (k == "refusal" and v is None)} for m in messages
+    ]
+    assert state["messages"] == expected[:-1]
+
+
+async def test_a_turn_reads_back_the_same_before_and_after_the_next_one(api: Api) -> None:
+    # The engine's "refusal": null is not committed, and an agent's echo of a
+    # committed turn (with keys of its own) does not replace how it was committed.
+    session_id = await api.create()
+    answer = (await api.chat(session_id, [user("r1")])).json()["choices"][0]["message"]
+    assert answer["refusal"] is None  # the engine's answer, relayed as it came
+    before = (await api.get(session_id)).json()["messages"]
+    assert "refusal" not in before[-1]
+    echoed = {**answer, "client_note": "mine", "annotations": []}
+    assert (await api.chat(session_id, [user("r1"), echoed, user("r2")])).status_code == 200
+    after = (await api.get(session_id)).json()["messages"]
+    assert after[: len(before)] == before
 
 
 async def test_client_added_keys_are_ignored_when_comparing(api: Api) -> None:
@@ -307,7 +330,7 @@ async def test_concurrent_different_writers_one_200_one_409_and_the_200_is_durab
     assert w2["response"].status_code == 409
     assert api.chaos.calls("w2") == 0
     state = (await api.get(session_id)).json()
-    assert state["messages"][-1] == w1["response"].json()["choices"][0]["message"]
+    assert state["messages"][-1] == committed(w1["response"].json()["choices"][0]["message"])
     assert state["num_assistant"] == 1
 
 
