@@ -106,9 +106,11 @@ def _svg(ops: Sequence[Operation], highlighted: set[int]) -> str:
     for tick in range(TICKS):
         t = start + (end - start) * tick / (TICKS - 1)
         tx = x(t)
+        # The end ticks' labels stay inside the drawing.
+        anchor = "start" if tick == 0 else "end" if tick == TICKS - 1 else "middle"
         parts.append(
             f'<line x1="{tx:.1f}" y1="6" x2="{tx:.1f}" y2="{axis_top + 4}" stroke="#ddd"/>'
-            f'<text x="{tx - 14:.1f}" y="{axis_top + 18}" font-size="10" '
+            f'<text x="{tx:.1f}" y="{axis_top + 18}" font-size="10" text-anchor="{anchor}" '
             f'class="tick">+{(t - start) * 1000:.1f} ms</text>'
         )
     for row in range(max(rows.values()) + 1):
@@ -180,27 +182,28 @@ def render_timeline(
         "◆ dropped (reset)."
     )
     drawn = min(len(findings), max_findings)
-    overview = ""
+    note = listing = ""
     if findings:
         more = (
-            f" The first {drawn} are drawn below; the other {len(findings) - drawn} are "
-            "listed here only."
+            f"the first {drawn} are drawn below, and all {len(findings)} are "
+            f'<a href="#all-findings">listed at the end</a>'
             if len(findings) > drawn
-            else ""
+            else 'all are drawn below and <a href="#all-findings">listed at the end</a>'
         )
+        note = f"<p class='count'>{len(findings)} finding(s): {more}.</p>"
         rows = "".join(
             f"<tr><td>{_link(number, drawn)}</td><td>{html.escape(f.kind)}</td>"
             f"<td><code>{html.escape(f.session)}</code></td><td>{html.escape(f.explanation)}"
             f"</td></tr>"
             for number, f in enumerate(findings, start=1)
         )
-        overview = (
-            f"<h2>{len(findings)} finding(s)</h2><p>Every finding of the history.{more}</p>"
+        listing = (
+            f'<h2 id="all-findings">All {len(findings)} finding(s)</h2>'
             f'<table class="findings"><tr><th>#</th><th>kind</th><th>session</th>'
             f"<th>what happened</th></tr>{rows}</table>"
         )
     top = _shrunk_note(None, shrunk)
-    body = overview + "".join(sections) or "<p>No findings: the history is valid.</p>"
+    body = note + "".join(sections) + listing or "<p>No findings: the history is valid.</p>"
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>sessctl chaos timeline</title>"
         "<style>body{font-family:sans-serif;margin:20px} code{font-size:90%} "
