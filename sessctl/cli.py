@@ -70,6 +70,7 @@ ProfileOption = Annotated[
     str | None,
     typer.Option(
         "--profile",
+        metavar="PROFILE",
         help="How the target differs in conventions: a profile YAML file, or the name of "
         f"a built-in one ({', '.join(sorted(builtin_profiles()))}). Default: reference.",
     ),
@@ -78,6 +79,7 @@ FlavorOption = Annotated[
     str,
     typer.Option(
         "--flavor",
+        metavar="FLAVOR",
         help="Upstream dialect: openai; sglang (SGLang's own fields); or sglang-generate "
         "(SGLang's native /generate too, prompts as text or token ids of the shipped tokenizer).",
     ),
@@ -86,6 +88,7 @@ RequestTimeoutOption = Annotated[
     float,
     typer.Option(
         "--request-timeout",
+        metavar="SECONDS",
         callback=_positive_seconds,
         help="Seconds before a request to the target counts as unanswered.",
     ),
@@ -94,6 +97,7 @@ TargetWaitOption = Annotated[
     float,
     typer.Option(
         "--target-wait",
+        metavar="SECONDS",
         callback=_non_negative_seconds,
         help="Seconds to keep probing a target that is not up yet.",
     ),
@@ -125,7 +129,11 @@ def _group(
     _version_flag: Annotated[
         bool,
         typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and exit.",
+            metavar="",
         ),
     ] = False,
 ) -> None:
@@ -135,10 +143,11 @@ def _group(
 @app.command()
 def serve(
     host: Annotated[
-        str, typer.Option(help="Interface to bind; loopback unless told otherwise.")
+        str, typer.Option(help="Interface to bind; loopback unless told otherwise.", metavar="HOST")
     ] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one.")
+        int,
+        typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one.", metavar="PORT"),
     ] = 8000,
     upstream: Annotated[
         str | None,
@@ -149,12 +158,15 @@ def serve(
                 "URL/chat/completions). Without it, an embedded deterministic fake "
                 "upstream is started."
             ),
+            metavar="URL",
         ),
     ] = None,
     upstream_delay: Annotated[
         float,
         typer.Option(
-            callback=_non_negative_seconds, help="Delay of the embedded fake upstream, in seconds."
+            callback=_non_negative_seconds,
+            help="Delay of the embedded fake upstream, in seconds.",
+            metavar="SECONDS",
         ),
     ] = 0.0,
     upstream_timeout: Annotated[
@@ -162,21 +174,25 @@ def serve(
         typer.Option(
             callback=_positive_seconds,
             help="Deadline of one turn's upstream call, retries included, in seconds.",
+            metavar="SECONDS",
         ),
     ] = 300.0,
     max_body_bytes: Annotated[
-        int, typer.Option(min=1, help="Largest request body accepted, in bytes.")
+        int, typer.Option(min=1, help="Largest request body accepted, in bytes.", metavar="N")
     ] = 8 * 1024 * 1024,
     grace_period: Annotated[
         float,
         typer.Option(
-            callback=_non_negative_seconds, help="Seconds to wait for requests on shutdown."
+            callback=_non_negative_seconds,
+            help="Seconds to wait for requests on shutdown.",
+            metavar="SECONDS",
         ),
     ] = 5.0,
     emulate: Annotated[
         str | None,
         typer.Option(
-            help="Run a known-broken variant (see --emulate list) to see a failing report."
+            help="Run a known-broken variant (see --emulate list) to see a failing report.",
+            metavar="VARIANT",
         ),
     ] = None,
     upstream_clients: Annotated[
@@ -186,6 +202,7 @@ def serve(
             hidden=True,
             help="No effect (kept so that old scripts still start): there is one pool of "
             "engine connections, and each turn in flight may open its own.",
+            metavar="N",
         ),
     ] = None,
     max_turns_in_flight: Annotated[
@@ -194,12 +211,14 @@ def serve(
             min=1,
             help="Chat requests admitted at once; one more gets 503 server_busy at once. "
             "Default: 10,000, or what the open-file limit allows (2 per turn).",
+            metavar="N",
         ),
     ] = None,
     access_log: Annotated[
         bool,
         typer.Option(
-            help="Log one line per request (with its x-request-id). Errors are logged either way."
+            help="Log one line per request (with its x-request-id). Errors are logged either way.",
+            metavar="",
         ),
     ] = True,
 ) -> None:
@@ -271,65 +290,88 @@ def serve(
 def run_scenarios_command(
     paths: Annotated[
         list[str] | None,
-        typer.Argument(help="Scenario files or directories; default: the built-in library."),
+        typer.Argument(
+            help="Scenario files or directories; default: the built-in library.", metavar="PATH..."
+        ),
     ] = None,
     target: Annotated[
         list[str] | None,
         typer.Option(
             help="Server under test, URL or NAME=URL; repeatable. Default: the reference "
-            "server, in-process."
+            "server, in-process.",
+            metavar="URL",
         ),
     ] = None,
     upstream_listen: Annotated[
         str | None,
         typer.Option(
             help="HOST:PORT for the chaos upstream (default 127.0.0.1:8900 with --target, "
-            "a free port otherwise)."
+            "a free port otherwise).",
+            metavar="HOST:PORT",
         ),
     ] = None,
     flavor: FlavorOption = "openai",
     filter: Annotated[
-        str | None, typer.Option("--filter", help="Only scenarios whose name matches GLOB[,GLOB].")
+        str | None,
+        typer.Option(
+            "--filter", help="Only scenarios whose name matches GLOB[,GLOB].", metavar="GLOB[,GLOB]"
+        ),
     ] = None,
     exclude: Annotated[
-        str | None, typer.Option("--exclude", help="Skip scenarios whose name matches GLOB[,GLOB].")
+        str | None,
+        typer.Option(
+            "--exclude",
+            help="Skip scenarios whose name matches GLOB[,GLOB].",
+            metavar="GLOB[,GLOB]",
+        ),
     ] = None,
-    repeat: Annotated[int | None, typer.Option(min=1, help="Run every scenario N times.")] = None,
+    repeat: Annotated[
+        int | None, typer.Option(min=1, help="Run every scenario N times.", metavar="N")
+    ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
             min=1,
             help="Scenario runs in flight at once. Default: 8 in-process; 1 against --target, "
             "so that one scenario's load never decides another's verdict.",
+            metavar="N",
         ),
     ] = None,
     request_timeout: RequestTimeoutOption = 10.0,
     target_wait: TargetWaitOption = 5.0,
-    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here.")] = None,
-    json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report here.")] = None,
+    junit: Annotated[
+        Path | None, typer.Option(help="Write a JUnit XML report here.", metavar="FILE")
+    ] = None,
+    json: Annotated[
+        Path | None, typer.Option("--json", help="Write a JSON report here.", metavar="FILE")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write a Markdown report here.", metavar="FILE")
+    ] = None,
     list_only: Annotated[
-        bool, typer.Option("--list", help="List the selected scenarios and exit.")
+        bool, typer.Option("--list", help="List the selected scenarios and exit.", metavar="")
     ] = False,
     quiet: Annotated[
-        bool, typer.Option(help="Show matrices only for scenarios that did not pass.")
+        bool, typer.Option(help="Show matrices only for scenarios that did not pass.", metavar="")
     ] = False,
     profile: ProfileOption = None,
     strict: Annotated[
-        bool, typer.Option(help="Convention differences (NON-STRICT) fail the run too.")
+        bool, typer.Option(help="Convention differences (NON-STRICT) fail the run too.", metavar="")
     ] = False,
     latency_budgets: Annotated[
         bool,
         typer.Option(
             help="Judge the scenarios' within_ms latency budgets (a FAIL when over). Off by "
-            "default: latencies are reported, and a verdict never depends on the wall clock."
+            "default: latencies are reported, and a verdict never depends on the wall clock.",
+            metavar="",
         ),
     ] = False,
     emulate: Annotated[
         str | None,
         typer.Option(
             help="Run against the in-process reference server as a known-broken variant "
-            "(see sessctl serve --emulate list)."
+            "(see sessctl serve --emulate list).",
+            metavar="VARIANT",
         ),
     ] = None,
 ) -> None:
@@ -372,11 +414,19 @@ def run_scenarios_command(
 def selftest_command(
     paths: Annotated[
         list[str] | None,
-        typer.Argument(help="Scenario files or directories; default: the built-in library."),
+        typer.Argument(
+            help="Scenario files or directories; default: the built-in library.", metavar="PATH..."
+        ),
     ] = None,
-    filter: Annotated[str | None, typer.Option("--filter", help="GLOB[,GLOB]")] = None,
-    repeat: Annotated[int | None, typer.Option(min=1, help="Run every scenario N times.")] = None,
-    json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
+    filter: Annotated[
+        str | None, typer.Option("--filter", help="GLOB[,GLOB]", metavar="GLOB[,GLOB]")
+    ] = None,
+    repeat: Annotated[
+        int | None, typer.Option(min=1, help="Run every scenario N times.", metavar="N")
+    ] = None,
+    json: Annotated[
+        Path | None, typer.Option("--json", help="Write a JSON report here.", metavar="FILE")
+    ] = None,
 ) -> None:
     """Prove the scenarios catch real bugs: run them on the clean server and every variant.
 
@@ -392,9 +442,11 @@ def selftest_command(
 @app.command("list-scenarios")
 def list_scenarios_command(
     paths: Annotated[
-        list[str] | None, typer.Argument(help="Scenario files or directories.")
+        list[str] | None, typer.Argument(help="Scenario files or directories.", metavar="PATH...")
     ] = None,
-    filter: Annotated[str | None, typer.Option("--filter", help="GLOB[,GLOB]")] = None,
+    filter: Annotated[
+        str | None, typer.Option("--filter", help="GLOB[,GLOB]", metavar="GLOB[,GLOB]")
+    ] = None,
 ) -> None:
     """List scenarios: name, runs, description, file."""
     from .run import RunOptions, list_scenarios
@@ -406,47 +458,66 @@ def list_scenarios_command(
 @app.command("chaos")
 def chaos_command(
     target: Annotated[
-        str | None, typer.Option(help="Server under test, URL. Default: the reference server.")
+        str | None,
+        typer.Option(help="Server under test, URL. Default: the reference server.", metavar="URL"),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seeds every client's choices.")] = 1,
-    ops: Annotated[int, typer.Option(help="Operations to run (ignored with --duration).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seeds every client's choices.", metavar="N")] = 1,
+    ops: Annotated[
+        int, typer.Option(help="Operations to run (ignored with --duration).", metavar="N")
+    ] = 2000,
     duration: Annotated[
-        float | None, typer.Option(help="Run for this many seconds instead.")
+        float | None, typer.Option(help="Run for this many seconds instead.", metavar="SECONDS")
     ] = None,
-    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
-    sessions: Annotated[int, typer.Option(help="Sessions the clients share.")] = 4,
+    clients: Annotated[int, typer.Option(help="Concurrent clients.", metavar="N")] = 8,
+    sessions: Annotated[int, typer.Option(help="Sessions the clients share.", metavar="N")] = 4,
     faults: Annotated[
         str,
-        typer.Option(help="Comma-separated: delay,hold,503,abort,reset,garbage,disconnect."),
+        typer.Option(
+            help="Comma-separated: delay,hold,503,abort,reset,garbage,disconnect.",
+            metavar="FAULT[,FAULT]",
+        ),
     ] = "delay,hold,503,abort,reset,garbage,disconnect",
     stream_ratio: Annotated[
         float,
         typer.Option(
             help="Share of chats sent with stream: true (0 to 1); their faults may come "
-            "after a chunk."
+            "after a chunk.",
+            metavar="RATIO",
         ),
     ] = 0.0,
-    history: Annotated[Path | None, typer.Option(help="Save the history (JSON lines).")] = None,
+    history: Annotated[
+        Path | None, typer.Option(help="Save the history (JSON lines).", metavar="FILE")
+    ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Directory for history.jsonl, report.json and timeline.html."),
+        typer.Option(
+            help="Directory for history.jsonl, report.json and timeline.html.", metavar="DIR"
+        ),
     ] = None,
     emulate: Annotated[
-        str | None, typer.Option(help="Run the reference server as a known-broken variant.")
+        str | None,
+        typer.Option(help="Run the reference server as a known-broken variant.", metavar="VARIANT"),
     ] = None,
     upstream_listen: Annotated[
-        str | None, typer.Option(help="HOST:PORT for the chaos upstream.")
+        str | None, typer.Option(help="HOST:PORT for the chaos upstream.", metavar="HOST:PORT")
     ] = None,
     shrink: Annotated[
         bool,
-        typer.Option(help="Shrink a failure to a minimal scenario that replays it with holds."),
+        typer.Option(
+            help="Shrink a failure to a minimal scenario that replays it with holds.", metavar=""
+        ),
     ] = True,
     shrink_budget: Annotated[
-        float, typer.Option(help="Seconds shrinking may take before it stops where it is.")
+        float,
+        typer.Option(
+            help="Seconds shrinking may take before it stops where it is.", metavar="SECONDS"
+        ),
     ] = 60.0,
     scenario_out: Annotated[
         Path | None,
-        typer.Option(help="Where to write the shrunk scenario (default: in --out, or here)."),
+        typer.Option(
+            help="Where to write the shrunk scenario (default: in --out, or here).", metavar="FILE"
+        ),
     ] = None,
     profile: ProfileOption = None,
     flavor: FlavorOption = "openai",
@@ -514,8 +585,10 @@ def chaos_command(
 
 @app.command("check")
 def check_command(
-    history: Annotated[Path, typer.Argument(help="A history file (JSON lines).")],
-    json: Annotated[Path | None, typer.Option("--json", help="Write a JSON report here.")] = None,
+    history: Annotated[Path, typer.Argument(help="A history file (JSON lines).", metavar="FILE")],
+    json: Annotated[
+        Path | None, typer.Option("--json", help="Write a JSON report here.", metavar="FILE")
+    ] = None,
     profile: ProfileOption = None,
 ) -> None:
     """Check a saved history: linearizability per session, durability, no 2xx after
@@ -541,12 +614,16 @@ app.add_typer(profile_app, name="profile")
 
 @profile_app.command("check")
 def profile_check_command(
-    target: Annotated[str, typer.Option(help="The server to probe, URL.")],
+    target: Annotated[str, typer.Option(help="The server to probe, URL.", metavar="URL")],
     upstream_listen: Annotated[
-        str, typer.Option(help="HOST:PORT for the chaos upstream the server must use.")
+        str,
+        typer.Option(
+            help="HOST:PORT for the chaos upstream the server must use.", metavar="HOST:PORT"
+        ),
     ] = DEFAULT_EXTERNAL_UPSTREAM,
     output: Annotated[
-        Path | None, typer.Option(help="Also write the suggested profile to this file.")
+        Path | None,
+        typer.Option(help="Also write the suggested profile to this file.", metavar="FILE"),
     ] = None,
     request_timeout: RequestTimeoutOption = 10.0,
     target_wait: TargetWaitOption = 5.0,
@@ -571,13 +648,16 @@ def profile_check_command(
 
 @app.command()
 def upstream(
-    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8900",
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on.", metavar="HOST:PORT")
+    ] = "127.0.0.1:8900",
     flavor: FlavorOption = "openai",
     tool_call_content: Annotated[
         str,
         typer.Option(
             help='A tool call\'s content: null (OpenAI, current SGLang) or empty ("", as '
-            "SGLang builds patched for servers that refuse null send it)."
+            "SGLang builds patched for servers that refuse null send it).",
+            metavar="null|empty",
         ),
     ] = "null",
 ) -> None:

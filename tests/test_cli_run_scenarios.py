@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -246,3 +247,26 @@ def test_the_upstream_on_a_busy_port_is_one_line_and_exit_2() -> None:
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("error: the chaos upstream cannot listen on")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run-scenarios"], ["chaos"], ["selftest"], ["serve"], ["upstream"], ["check"],
+     ["profile", "check"]],
+    ids=lambda c: " ".join(c),
+)  # fmt: skip
+def test_help_names_what_an_option_takes_not_its_python_type(command: list[str]) -> None:
+    done = sessctl(*command, "--help")
+    assert done.returncode == 0
+    typed: list[str] = []
+    panel = ""
+    for line in done.stdout.splitlines():
+        if line.startswith("╭─"):
+            panel = line
+        # Not typer's own: its -h flag, and positional arguments, whose type no
+        # metavar reaches (typer 0.29 shows it beside the argument's name).
+        if "Arguments" in panel or "--help" in line:
+            continue
+        if re.search(r"<(str|int|float|path|bool|list\[str\])[^>]*>", line):
+            typed.append(line)
+    assert typed == []
