@@ -265,6 +265,8 @@ class SuiteResult:
     """Target name -> why it could not be reached."""
     strict: bool = False
     """``--strict``: an UNTESTED scenario fails the run too."""
+    interrupted: bool = False
+    """Stopped early (Ctrl-C): only the runs that had finished are here."""
 
     def count(self, verdict: Verdict) -> int:
         return sum(1 for s in self.scenarios if s.verdict is verdict)

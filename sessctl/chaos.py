@@ -26,8 +26,8 @@ from harness.report.timeline import ShrunkLink, render_timeline
 from harness.run.suite import Target
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM
-from .interrupt import run_interruptibly
-from .run import parse_listen, parse_target, write_json_file, writing
+from .interrupt import StopRequest, run_interruptibly
+from .run import INTERRUPTED, parse_listen, parse_target, write_json_file, writing
 
 CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
 
@@ -54,6 +54,7 @@ def chaos(
         + (f"{settings.ops} operations" if settings.ops else f"{settings.duration:g} s")
         + f", {settings.clients} clients on {settings.sessions} sessions, against {what}"
     )
+    stop = StopRequest()
     with chaos_progress(console, settings.ops) as progress:
         report = run_interruptibly(
             partial(
@@ -73,7 +74,9 @@ def chaos(
                     "the history is invalid; shrinking the failure to a scenario..."
                 ),
                 on_operation=progress,
-            )
+                should_stop=stop,
+            ),
+            stop=stop,
         )
     console.print(
         f"{len(report.history)} operations in {report.elapsed:.1f} s "
@@ -124,6 +127,11 @@ def chaos(
         if profile_option is not None:
             again += ["--profile", profile_option]
         console.print(f"re-check with: {shlex.join(again)}")
+    if report.interrupted:
+        console.print(
+            f"interrupted: the {len(report.history)} operations that ran were checked and reported"
+        )
+        return INTERRUPTED
     return CHECK_EXIT[report.result.verdict]
 
 

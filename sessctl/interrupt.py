@@ -6,11 +6,17 @@ runs them mid-run), Python prints "Exception ignored in ..." and drops it: a
 long ``sessctl chaos`` went on, once in 17 tries, and ended VALID. Here SIGINT
 is received by a task of the run instead, which raises ``KeyboardInterrupt``
 at a checkpoint, where it always propagates: the CLI then exits 130.
+
+A command that can stop gracefully passes a ``StopRequest``: the first Ctrl-C
+sets it (no new scenario run or chaos operation starts; those under way finish,
+and the reports are written from what finished, marked interrupted); the
+second stops at once.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,13 +26,34 @@ import trio
 Result = TypeVar("Result")
 
 
-def run_interruptibly(function: Callable[..., Awaitable[Result]], *args: Any) -> Result:
-    """``trio.run(function, *args)``, stopped by SIGINT (``KeyboardInterrupt``)."""
-    return trio.run(_until_interrupted, function, args)
+class StopRequest:
+    """Set by the first Ctrl-C; asked by the work before it starts anything new."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+STOPPING = (
+    "stopping: nothing new starts; what is under way finishes and the reports are "
+    "written from it (Ctrl-C again to stop at once)"
+)
+
+
+def run_interruptibly(
+    function: Callable[..., Awaitable[Result]], *args: Any, stop: StopRequest | None = None
+) -> Result:
+    """``trio.run(function, *args)``, stopped by SIGINT: at once (``KeyboardInterrupt``),
+    or, given ``stop``, gracefully at the first and at once at the second."""
+    return trio.run(_until_interrupted, function, args, stop)
 
 
 async def _until_interrupted(
-    function: Callable[..., Awaitable[Result]], args: tuple[Any, ...]
+    function: Callable[..., Awaitable[Result]],
+    args: tuple[Any, ...],
+    stop: StopRequest | None,
 ) -> Result:
     if threading.current_thread() is not threading.main_thread():
         return await function(*args)  # signals reach only the main thread
@@ -36,7 +63,10 @@ async def _until_interrupted(
         async def watch() -> None:
             with trio.open_signal_receiver(signal.SIGINT) as signals:
                 async for _ in signals:
-                    raise KeyboardInterrupt
+                    if stop is None or stop.requested:
+                        raise KeyboardInterrupt
+                    stop.requested = True
+                    print(STOPPING, file=sys.stderr, flush=True)
 
         nursery.start_soon(watch)
         result.append(await function(*args))

@@ -36,7 +36,10 @@ from refserver.engine_http import base_url_problem
 from wire.engine import Flavor
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM
-from .interrupt import run_interruptibly
+from .interrupt import StopRequest, run_interruptibly
+
+INTERRUPTED = 130
+"""The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells use."""
 
 
 @dataclass(frozen=True)
@@ -267,8 +270,10 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
             f"profile {settings.run.profile.name}: "
             + ("; ".join(differences) if differences else "the reference conventions")
         )
+    stop = StopRequest()
     with progress_hooks(console, announce_upstream=external, flavor=settings.flavor) as hooks:
-        suite = run_interruptibly(run_suite, scenarios, targets, settings, hooks)
+        hooks = replace(hooks, should_stop=stop)
+        suite = run_interruptibly(run_suite, scenarios, targets, settings, hooks, stop=stop)
     by_name = {t.name: t for t in targets}
     # The files first: CI reads them, and a report that fails to render in the
     # terminal must not take them down with it.
@@ -281,6 +286,10 @@ def run_scenarios(options: RunOptions, console: Console) -> int:
             with writing(path):
                 writer(path, suite, by_name)
     render_suite(console, suite, by_name, quiet=options.quiet)
+    if suite.interrupted:
+        runs = sum(len(s.runs) for s in suite.scenarios)
+        console.print(f"interrupted: the reports hold the {runs} run(s) that had finished")
+        return INTERRUPTED
     return suite.exit_code
 
 

@@ -155,8 +155,11 @@ class ChaosRun:
         settings: ChaosSettings,
         run_id: str = "chaos",
         on_operation: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client = client
+        self.should_stop = should_stop
+        """Asked before each operation: True (after a Ctrl-C) issues no more."""
         self.on_operation = on_operation
         """Called with the number of operations done, after each (a progress display)."""
         self.done = 0
@@ -279,7 +282,7 @@ class ChaosRun:
     async def _client_loop(self, client: _Client) -> None:
         share = self._share(client.index)
         done = 0
-        while share is None or done < share:
+        while (share is None or done < share) and not self.should_stop():
             planned = self._plan(client)
             client.plan.append(planned)
             done += 1
@@ -597,6 +600,8 @@ class ChaosReport:
     shrink_attempted: bool = False
     shrink_skipped: str | None = None
     """Why a failure was not shrunk although shrinking was asked for."""
+    interrupted: bool = False
+    """Stopped early (Ctrl-C): the history is what ran until then."""
 
     @property
     def ops_per_second(self) -> float:
@@ -614,6 +619,7 @@ async def run_chaos(
     shrink_settings: ShrinkSettings | None = None,
     on_shrinking: Callable[[], None] | None = None,
     on_operation: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     embedded_in_child: bool = True,
 ) -> ChaosReport:
     """The workload against a target (default: the embedded reference server), checked;
@@ -656,7 +662,9 @@ async def run_chaos(
             if problem is not None:
                 raise TargetUnreachable(problem)
             started = trio.current_time()
-            run = ChaosRun(client, upstream, settings, on_operation=on_operation)
+            run = ChaosRun(
+                client, upstream, settings, on_operation=on_operation, should_stop=should_stop
+            )
             history = await run.run()
             _check_not_vacuous(history, url)
             plans = [list(c.plan) for c in run.clients]
@@ -673,6 +681,8 @@ async def run_chaos(
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
         skipped = _unshrinkable(settings.profile) if attempt else None
+        if attempt and should_stop():
+            skipped = "interrupted (Ctrl-C): the history so far is checked, not shrunk"
         attempt = attempt and skipped is None
         if attempt:
             assert shrink_settings is not None
@@ -691,7 +701,15 @@ async def run_chaos(
             )
         nursery.cancel_scope.cancel()
     return ChaosReport(
-        history, plans, result, elapsed, check_seconds, shrunk, attempt, shrink_skipped=skipped
+        history,
+        plans,
+        result,
+        elapsed,
+        check_seconds,
+        shrunk,
+        attempt,
+        shrink_skipped=skipped,
+        interrupted=should_stop(),
     )
 
 

@@ -58,6 +58,7 @@ def _run(run: RunResult) -> dict[str, Any]:
 def to_json(suite: SuiteResult, targets: dict[str, Target]) -> dict[str, Any]:
     return {
         "summary": {
+            "interrupted": suite.interrupted,
             "passed": suite.count(Verdict.PASS),
             "non_strict": suite.count(Verdict.NON_STRICT),
             "untested": suite.count(Verdict.UNTESTED),

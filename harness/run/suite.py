@@ -73,6 +73,9 @@ class SuiteHooks:
     on_upstream_ready: Callable[[str], None] = lambda url: None
     on_start: Callable[[int], None] = lambda total_runs: None
     on_run_done: Callable[[str, str, Verdict], None] = lambda target, name, verdict: None
+    should_stop: Callable[[], bool] = lambda: False
+    """Asked before each run starts: True (after a Ctrl-C) starts no more, and the
+    suite returns what had finished, marked interrupted."""
 
 
 def runs_of(scenario: Scenario, settings: SuiteSettings) -> int:
@@ -121,7 +124,13 @@ async def run_suite(
                 unreachable[target.name] = problem
             results.extend(target_results)
         nursery.cancel_scope.cancel()
-    return SuiteResult([t.name for t in targets], results, unreachable, strict=settings.run.strict)
+    return SuiteResult(
+        [t.name for t in targets],
+        results,
+        unreachable,
+        strict=settings.run.strict,
+        interrupted=hooks.should_stop(),
+    )
 
 
 async def _run_target(
@@ -171,6 +180,8 @@ async def _run_scenarios(
 
     async def one(scenario: Scenario, index: int) -> None:
         async with limiter:
+            if hooks.should_stop():
+                return
             result = await ScenarioRun(scenario, client, chaos, index, settings.run).run()
         runs[scenario.name].append(result)
         hooks.on_run_done(target, scenario.name, result.verdict)
@@ -182,6 +193,7 @@ async def _run_scenarios(
     return [
         summarise(scenario, target, sorted(runs[scenario.name], key=lambda r: r.index))
         for scenario in scenarios
+        if runs[scenario.name]  # none ran: stopped before it (Ctrl-C)
     ]
 
 
