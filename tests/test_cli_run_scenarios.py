@@ -57,6 +57,7 @@ def test_passing_run_exits_0_and_writes_json_junit_and_markdown(tmp_path: Path) 
 
     report = json.loads(reports["json"].read_text())
     assert report["summary"] == {
+        "interrupted": False,
         "passed": 3,
         "non_strict": 0,
         "untested": 0,

@@ -14,7 +14,9 @@ scenario run, that answers each question of the profile in turn:
    it, or refuse it? Is an exact retry of the *first* turn refused?
 6. How is a conflicting request rejected: which status, which error shape? One
    that is accepted may be a branch: if GET's records or a route such as
-   ``/sessions/{id}/turns`` then lists both turns, the trajectory is a tree.
+   ``/sessions/{id}/turns`` then lists both turns, the trajectory is a tree; if
+   GET's records also hold the exactly retried turn twice, every call is a record
+   (a log).
 7. Is a retryable upstream failure (a 503) retried, or passed to the agent?
 8. Is ``stream: true`` relayed chunk by chunk, buffered (the answer comes in one
    go once the engine is done), or refused?
@@ -39,6 +41,7 @@ from harness.model.profile import (
     Profile,
     TrajectoryConvention,
 )
+from harness.model.messages import message_key
 from harness.results import Observation, StreamEnd, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
@@ -340,7 +343,19 @@ async def _multi_turn(
         rejected_status = conflict.status
     elif conflict.status is not None and conflict.status // 100 == 2 and branch is not None:
         tree = await _tree_convention(probe, session_id, trajectory, [messages, [stranger, branch]])
-        if tree is not None:
+        log = (
+            await _log_convention(probe, session_id, tree)
+            if tree is not None and retry == "regenerate"
+            else None
+        )
+        if log is not None:
+            trajectory, rollback = log, "none"  # a rewound turn was one more record
+            probe.notes.append(
+                "a request that diverges from the committed trajectory was accepted, and the "
+                "exact retry of a turn is a second record of it in GET's records: every call "
+                "is a record (trajectory model: log)"
+            )
+        elif tree is not None:
             trajectory, rollback = tree, "none"  # a rewound turn was a branch too
             listed = tree.turns_path or "GET's records"
             probe.notes.append(
@@ -564,6 +579,21 @@ TURN_LISTS = (
     "/sessions/{session}/tree",
 )
 """Routes that may list every committed turn of a tree, tried in this order."""
+
+
+async def _log_convention(
+    probe: _Probe, session_id: str, tree: TrajectoryConvention
+) -> TrajectoryConvention | None:
+    """Every call a record: GET's records hold one turn twice (the exact retry the
+    server sent the engine again), which a tree, a set of turns, never does."""
+    if tree.turns_path is not None:
+        return None
+    log = TrajectoryConvention(model="log", source="records", num_assistant=None)
+    _, state = await Lifecycle(probe.client, Profile(trajectory=log)).read("probe", session_id)
+    if state.turns is None:
+        return None
+    keys = [tuple(message_key(m) for m in turn) for turn in state.turns]
+    return log if len(set(keys)) < len(keys) else None
 
 
 async def _tree_convention(
