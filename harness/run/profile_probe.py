@@ -35,13 +35,13 @@ import trio
 from harness.errors import TargetUnreachable, UsageError
 from harness.model.builtin_profiles import builtin_profiles
 from harness.model.loader import load_model
+from harness.model.messages import message_key
 from harness.model.profile import (
     CreateConvention,
     EngineConvention,
     Profile,
     TrajectoryConvention,
 )
-from harness.model.messages import message_key
 from harness.results import Observation, StreamEnd, answer_of
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
