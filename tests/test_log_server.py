@@ -25,16 +25,22 @@ async def start(nursery: trio.Nursery, *, fixed: bool) -> tuple[str, int]:
     return url, port
 
 
-async def test_profile_check_recognises_a_log_and_the_library_judges_it(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    url, port = await start(nursery, fixed=True)
-    suggested = tmp_path / "log.yaml"
+async def suggest(url: str, port: int, suggested: Path) -> str:
+    """``sessctl profile check`` on the server, its suggestion written to ``suggested``."""
     code, out = await sessctl_cli(
         "profile", "check", "--target", url, "--upstream-listen", f"127.0.0.1:{port}",
         "--output", str(suggested),
     )  # fmt: skip
     assert code == 0, out
+    return out
+
+
+async def test_profile_check_recognises_a_log_and_the_library_judges_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    url, port = await start(nursery, fixed=True)
+    suggested = tmp_path / "log.yaml"
+    out = await suggest(url, port, suggested)
     assert "every call is a record (trajectory model: log)" in out
     assert "model: log" in suggested.read_text()
     report = tmp_path / "r.json"
@@ -53,11 +59,7 @@ async def test_a_retry_recorded_in_place_of_its_first_call_fails_by_its_cause(
 ) -> None:
     fixed_url, fixed_port = await start(nursery, fixed=True)
     suggested = tmp_path / "log.yaml"
-    code, out = await sessctl_cli(
-        "profile", "check", "--target", fixed_url, "--upstream-listen",
-        f"127.0.0.1:{fixed_port}", "--output", str(suggested),
-    )  # fmt: skip
-    assert code == 0, out
+    await suggest(fixed_url, fixed_port, suggested)
     url, port = await start(nursery, fixed=False)
     report = tmp_path / "r.json"
     code, out = await sessctl_cli(

@@ -143,6 +143,18 @@ def completion_for(
     return completion
 
 
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as an engine reads it: a JSON object, or ``ValueError`` saying
+    what it is instead."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("invalid JSON") from None
+    if not isinstance(body, dict):
+        raise ValueError("expected an object")
+    return body
+
+
 def encode_completion(completion: dict[str, Any], flavor: Flavor) -> bytes:
     """The body as each engine writes it: SGLang answers with compact JSON (orjson)."""
     if flavor != "openai":

@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .engine import json_object
 from .tokens import END_OF_TURN, tokenizer, tool_call_text, tools_in_prompt
 
 
@@ -58,12 +59,7 @@ class GenerateRequest:
 
 def parse_generate_request(raw: bytes) -> GenerateRequest:
     """A ``/generate`` body; ``ValueError`` with SGLang's reason if it is not one."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("invalid JSON") from None
-    if not isinstance(body, dict):
-        raise ValueError("expected an object")
+    body = json_object(raw)
     text, ids = body.get("text"), body.get("input_ids")
     if (text is None) == (ids is None):
         raise ValueError("Either text or input_ids should be provided.")

@@ -44,6 +44,7 @@ from wire.engine import (
     completion_for,
     encode_chunk,
     encode_completion,
+    json_object,
     stream_chunks,
 )
 from wire.errors import InvalidRequest
@@ -399,13 +400,7 @@ class _ChatDialect:
         self.flavor = flavor
 
     def parse(self, raw: bytes) -> dict[str, Any]:
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("invalid JSON") from None
-        if not isinstance(body, dict):
-            raise ValueError("expected an object")
-        return body
+        return json_object(raw)
 
     def answer(self, completion: dict[str, Any]) -> bytes:
         return encode_completion(completion, self.flavor)
