@@ -108,7 +108,6 @@ class SessctlLibrary(pytest.Collector):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._suite: SuiteResult | None = None
-        self._failure: str | None = None
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
         return list(self.items())
@@ -224,6 +223,11 @@ class SessctlUpstream:
     """The chaos upstream in a thread of its own (its own trio loop), driven from
     any test: the server under test must run elsewhere (a process, another thread,
     another loop), since the blocking calls here wait on it."""
+
+    chaos: ChaosUpstream
+    """Set by the upstream's own thread once it serves."""
+    _token: trio.lowlevel.TrioToken
+    _nursery: trio.Nursery
 
     def __init__(self, flavor: str = "openai") -> None:
         self._ready = threading.Event()
@@ -394,8 +398,3 @@ def _in_a_thread(work: Callable[[], Result]) -> Result:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
-
-
-if TYPE_CHECKING:
-    _unused: trio.Nursery
-    _chaos: ChaosUpstream

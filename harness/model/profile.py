@@ -24,7 +24,7 @@ from harness.errors import UsageError
 from wire.anthropic import chat_to_messages, message_to_chat, messages_to_chat
 
 from .builtin_profiles import builtin_profiles
-from .messages import message_key
+from .messages import keys_of
 
 
 class _Model(BaseModel):
@@ -473,8 +473,8 @@ class TrajectoryState:
 
     def times_recorded(self, path: list[dict[str, Any]]) -> int:
         """How many committed turns (records) have ``path`` as their whole path."""
-        wanted = [message_key(m) for m in path]
-        return sum(1 for turn in self.turns or [] if [message_key(m) for m in turn] == wanted)
+        wanted = keys_of(path)
+        return sum(1 for turn in self.turns or [] if keys_of(turn) == wanted)
 
 
 def lookup(value: Any, dotted: str) -> Any:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import math
 import shlex
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
 
-from harness.model.messages import first_divergence, message_key, role_of
+from harness.model.messages import first_divergence, keys_of, message_key, role_of
 from harness.model.profile import (
     ABORTS_COMMITTED,
     BUFFERED,
@@ -940,15 +941,12 @@ def _check_log(scenario: Scenario, context: RunContext) -> list[Finding]:
                     )
                 )
             continue
-        turns: dict[tuple[Any, ...], int] = {}
-        for turn in final.turns:
-            key = tuple(message_key(m) for m in turn)
-            turns[key] = turns.get(key, 0) + 1
+        turns = Counter(tuple(keys_of(turn)) for turn in final.turns)
         expected: dict[tuple[Any, ...], list[str]] = {}
         for step in answered:
             answer = answer_of(context.observations.get(step.id))
             assert answer is not None
-            key = tuple(message_key(m) for m in [*context.sent_messages[step.id], answer])
+            key = tuple(keys_of([*context.sent_messages[step.id], answer]))
             expected.setdefault(key, []).append(step.id)
         for key, steps in expected.items():
             recorded = turns.get(key, 0)
@@ -969,11 +967,11 @@ def _check_log(scenario: Scenario, context: RunContext) -> list[Finding]:
         # Counted by request: a call the server made twice is two records of one
         # request, whatever the engine answered each time.
         def request_key(step: ChatStep) -> tuple[Any, ...]:
-            return tuple(message_key(m) for m in context.sent_messages.get(step.id, []))
+            return tuple(keys_of(context.sent_messages.get(step.id)))
 
-        by_request: dict[tuple[Any, ...], int] = {}
+        by_request: Counter[tuple[Any, ...]] = Counter()
         for key, recorded in turns.items():
-            by_request[key[:-1]] = by_request.get(key[:-1], 0) + recorded
+            by_request[key[:-1]] += recorded
         for request, recorded in by_request.items():
             senders = [s for s in mine if request_key(s) == request]
             allowed = sum(1 for s in senders if s in possible)

@@ -202,12 +202,7 @@ class TargetClient:
 
     def _shown(self, headers: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
         """Headers as a report may show them: each secret as its variable's name."""
-        shown = []
-        for name, value in (headers or {}).items():
-            for secret, placeholder in self.secrets.items():
-                value = value.replace(secret, placeholder)
-            shown.append((name, value))
-        return tuple(shown)
+        return tuple((name, self._redacted(value)) for name, value in (headers or {}).items())
 
     def _failed(
         self,
