@@ -119,7 +119,7 @@ def load_model(path: Path, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise error_from_validation(shown, root, (), error) from None
+        raise error_from_validation(shown, root, (), error, whole=model.__name__.lower()) from None
 
 
 def parse_scenario(text: str, source: str) -> Scenario:
@@ -162,13 +162,15 @@ def error_from_validation(
     prefix: tuple[str | int, ...],
     error: ValidationError,
     op_key: str | None = None,
+    whole: str = "scenario",
 ) -> ScenarioFileError:
+    """``whole``: what the file is, named where an error is about all of it."""
     first = error.errors()[0]
     loc: tuple[str | int, ...] = tuple(first["loc"])
     # Fields synthesised from the op key ("id", "target", "steps") live on its line.
     if op_key and loc and loc[0] in ("id", "target", "steps"):
         loc = (op_key, *loc[1:])
-    field = ".".join(str(part) for part in loc) or "scenario"
+    field = ".".join(str(part) for part in loc) or whole
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         # Point at the misspelt key itself, not at its value.
