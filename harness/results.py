@@ -103,6 +103,9 @@ class StreamRecord:
     """trio.current_time() of the first chunk: a buffering server sends it late."""
     finish_reason: str | None = None
     """The ``finish_reason`` (``stop_reason`` on Anthropic's API) the stream carried."""
+    after_error: tuple[str, ...] = ()
+    """What arrived after an error event (``[DONE]``, a data event...): an error event
+    ends a stream, and the client reads on to the end to see that nothing follows."""
 
     @property
     def mark(self) -> str:

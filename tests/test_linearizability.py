@@ -431,16 +431,49 @@ def test_bytes_in_flight_when_the_turn_was_cancelled_are_not_leaked_work() -> No
 # -- streamed chats ----------------------------------------------------------------------
 
 
-def test_a_stream_that_did_not_reach_done_may_or_may_not_have_committed() -> None:
+def test_a_stream_that_was_cut_may_or_may_not_have_committed() -> None:
     for committed in (True, False):
         h = History()
         h.add("create", 0, 1, 201)
         partial = {"role": "assistant", "content": "answ"}
-        h.add("chat", 2, 3, 200, messages=[U1], stream="error:upstream_error",
+        h.add("chat", 2, 3, 200, messages=[U1], stream="cut",
               assembled=partial, answer_if_committed=A1)  # fmt: skip
         read = [U1, A1] if committed else []
         h.add("get", 4, 5, 200, messages=read, num_assistant=len(read) // 2)
         assert check_history(h.ops).verdict == "valid"
+
+
+def test_a_stream_that_ended_with_an_error_event_committed_nothing() -> None:
+    for committed in (True, False):
+        h = History()
+        h.add("create", 0, 1, 201)
+        h.add("chat", 2, 3, 200, messages=[U1], stream="error:upstream_error",
+              assembled={"role": "assistant", "content": "answ"},
+              answer_if_committed=A1)  # fmt: skip
+        read = [U1, A1] if committed else []
+        h.add("get", 4, 5, 200, messages=read, num_assistant=len(read) // 2)
+        kinds = [f.kind for f in check_history(h.ops).findings]
+        assert kinds == (["committed-after-error"] if committed else [])
+
+
+def test_an_exact_retry_may_commit_the_turn_whose_stream_ended_in_an_error() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], stream="error:upstream_error",
+          answer_if_committed=A1)  # fmt: skip
+    h.add("chat", 4, 5, 200, messages=[U1], answer=A1)
+    h.add("get", 6, 7, 200, messages=[U1, A1], num_assistant=1)
+    assert check_history(h.ops).verdict == "valid"
+
+
+def test_anything_after_an_error_event_is_found() -> None:
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], stream="error:upstream_error",
+          after_error=["a data event", "[DONE]"])  # fmt: skip
+    (finding,) = check_history(h.ops).findings
+    assert finding.kind == "data-after-error"
+    assert "went on with a data event, [DONE]" in finding.explanation
 
 
 def test_a_committed_answer_other_than_the_streamed_one_is_found() -> None:

@@ -272,7 +272,7 @@ def test_stream_scripts_parse_and_say_what_is_wrong() -> None:
     assert (held.chunks, held.after, held.describe()) == (4, 2, "hold after chunk 2, 4 chunks")
     assert parse_behaviour({"tool_call": True, "chunk_delay": 0.01}).tool_call
     for spec, problem in [
-        ({"chunks": 2, "reset_after": 3}, "past the stream's 2 chunks"),
+        ({"chunks": 2, "reset_after": 4}, "past the stream's 2 chunks and its finishing chunk"),
         ({"chunks": 0}, "chunks must be an integer"),
         ({"hold_after": 1, "reset_after": 1}, "at most one of"),
         ({"chunk_delay": -1}, "chunk_delay must be"),

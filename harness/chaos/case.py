@@ -39,6 +39,8 @@ PROPERTY_OF_FINDING = {
     "hangup-ignored": "commit after the client hung up",
     "success-after-delete": "no success after DELETE",
     "llm-leak": "LLM work leaked for a deleted session",
+    "data-after-error": "a stream goes on after its error event",
+    "committed-after-error": "a stream that ended in an error committed its turn",
 }
 RETRY_CONVENTION = "an exact retry replays the stored answer"
 

@@ -25,6 +25,8 @@ when it completed (monotonic seconds), its arguments and what came back::
   status, or hung up on before any answer); ``assembled``: the assistant
   message its chunks made. A 2xx stream that did not end with ``done`` has an
   unknown outcome, as a timeout has.
+* ``after_error`` (chat): what the client read after its stream's error event,
+  which ends a stream (``[DONE]``, a data event); nothing may follow one.
 * ``outwaited`` (delete): the tags of held upstream calls that were released
   only because this DELETE had not been answered within 2 s of patience;
   (chat): its tag, if its client hung up and the server had not stopped its
@@ -84,6 +86,9 @@ class Operation:
     refusal: str | None = None
     """An answer that is not 2xx: its status and the start of its body, as the
     server sent it (a run in which nothing succeeded quotes these)."""
+    after_error: list[str] | None = None
+    """``chat`` whose stream ended with an error event: what arrived after it (``[DONE]``,
+    a data event...), read on to the stream's end; nothing may."""
     outwaited: list[str] | None = None
     """``delete``: tags of held upstream calls the harness released because this
     DELETE had not been answered within its patience (it waited for the engine).
@@ -168,6 +173,7 @@ def _operation(data: dict[str, Any]) -> Operation:
         stream=None if data.get("stream") is None else str(data["stream"]),
         assembled=data.get("assembled"),
         outwaited=data.get("outwaited"),
+        after_error=data.get("after_error"),
         refusal=None if data.get("refusal") is None else str(data["refusal"]),
         implicit=bool(data.get("implicit", False)),
     )

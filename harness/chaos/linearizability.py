@@ -26,6 +26,9 @@ Beside linearizability, these invariants are checked on the raw history:
 * streamed answers: where a streamed chat's client got [DONE], the answer
   committed after its request is the one the client assembled from the chunks;
 * no 2xx on a session once a DELETE of it has completed with 2xx;
+* an error event ends a stream: nothing follows it (a chunk, ``[DONE]``), and a
+  stream that ended with one committed nothing (no later read has its turn,
+  unless another chat with the same messages may have committed it);
 * DELETE does not wait for the engine: a DELETE that the harness had to
   outwait (a held upstream call of its session was released only because the
   DELETE had gone unanswered for 2 s; see ``workload.DELETE_PATIENCE``);
@@ -304,6 +307,8 @@ class Finding:
         "hangup-ignored",
         "success-after-delete",
         "llm-leak",
+        "data-after-error",
+        "committed-after-error",
     ]
     session: str
     explanation: str
@@ -484,6 +489,8 @@ def check_invariants(
         findings.extend(_durability(session, ops, model, rollback))
         if model == "linear":  # on a tree, a streamed turn's answer is checked as durable
             findings.extend(_streamed_answers(session, ops))
+        findings.extend(_data_after_error(session, ops))
+        findings.extend(_committed_after_error(session, ops, model))
         findings.extend(_delete_waits(session, ops))
         findings.extend(_hangups_ignored(session, ops))
         findings.extend(_success_after_delete(session, ops))
@@ -580,6 +587,59 @@ def _streamed_answers(session: str, ops: list[Operation]) -> Iterable[Finding]:
                     session,
                     f"{chat.describe()}: its client assembled one answer from the chunks, but "
                     f"{read.describe()} read another committed after its request",
+                    (chat, read),
+                )
+                break
+
+
+def _data_after_error(session: str, ops: list[Operation]) -> Iterable[Finding]:
+    for chat in ops:
+        if chat.op == "chat" and chat.after_error:
+            yield Finding(
+                "data-after-error",
+                session,
+                f"{chat.describe()}: after its error event the stream went on with "
+                f"{', '.join(chat.after_error)}; an error event ends a stream, and a client "
+                "that stops there (as the OpenAI SDK does) never sees what followed",
+                (chat,),
+            )
+
+
+def _committed_after_error(
+    session: str, ops: list[Operation], model: TrajectoryModel
+) -> Iterable[Finding]:
+    """A stream that ended with an error event committed nothing: no later read has
+    its turn (its request's messages followed by an answer), unless another chat with
+    the same messages (an exact retry) was answered 200 or may have committed."""
+    for chat in ops:
+        if chat.op != "chat" or not (chat.stream or "").startswith("error:"):
+            continue
+        request = tuple(message_key(m) for m in chat.messages or [])
+        if any(
+            other is not chat
+            and other.op == "chat"
+            and (other.ok or (other.unknown and not (other.stream or "").startswith("error:")))
+            and tuple(message_key(m) for m in other.messages or []) == request
+            for other in ops
+        ):
+            continue
+        end = chat.complete if chat.complete is not None else chat.gave_up
+        for read in ops:
+            if read.op != "get" or read.status != 200 or end is None or read.invoke <= end:
+                continue
+            if model == "tree" and read.turns is not None:
+                has_turn = any(_path(t)[: len(request)] == request for t in read.turns)
+            else:
+                messages = read.messages or []
+                has_turn = len(messages) > len(request) and (
+                    tuple(message_key(m) for m in messages[: len(request)]) == request
+                )
+            if has_turn:
+                yield Finding(
+                    "committed-after-error",
+                    session,
+                    f"{chat.describe()}: its stream ended with an error event, which commits "
+                    f"nothing, but {read.describe()} read its turn committed",
                     (chat, read),
                 )
                 break

@@ -583,7 +583,10 @@ def _stream_fields(observation: Observation) -> dict[str, Any]:
     end = record.end.value
     if record.end is StreamEnd.ERROR:
         end = f"error:{record.error_type}"
-    return {"stream": end, "assembled": record.assembled}
+    fields: dict[str, Any] = {"stream": end, "assembled": record.assembled}
+    if record.after_error:
+        fields["after_error"] = list(record.after_error)
+    return fields
 
 
 @dataclass(frozen=True)

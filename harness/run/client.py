@@ -262,15 +262,28 @@ async def _read_stream(
     body: Any = None
     error_type: str | None = None
     first_chunk_at: float | None = None
+    after_error: list[str] = []
+
+    def errored(kind: str, data: Any = None) -> None:
+        nonlocal end, error_type, body
+        end, error_type, body = StreamEnd.ERROR, kind, data
+
     try:
         async for sse in source.aiter_sse():
+            if end is StreamEnd.ERROR:
+                # An error event ends a stream: it is read on to its end all the
+                # same, and whatever follows it (a chunk, [DONE]) is the server's
+                # fault, which the record keeps.
+                if len(after_error) < AFTER_ERROR_KEPT:
+                    after_error.append(_event_name(sse))
+                continue
             if sse.event not in ("", "message", None):
                 if sse.event == "ping":
                     continue
                 data = json.loads(sse.data) if sse.data.strip() else {}
                 if sse.event == "error":
-                    end, error_type, body = StreamEnd.ERROR, error_type_of(data) or "error", data
-                    break
+                    errored(error_type_of(data) or "error", data)
+                    continue
                 if sse.event == "message_stop":
                     end = StreamEnd.DONE
                     break
@@ -287,14 +300,14 @@ async def _read_stream(
             try:
                 data = json.loads(sse.data)
                 if isinstance(data, dict) and "error" in data:
-                    end, error_type, body = StreamEnd.ERROR, error_type_of(data) or "error", data
-                    break
+                    errored(error_type_of(data) or "error", data)
+                    continue
                 assembler.add(data)
             except json.JSONDecodeError:
-                end, error_type = StreamEnd.ERROR, "(an event that is not JSON)"
+                errored("(an event that is not JSON)")
                 break
             except ChunkRefused as refused:
-                end, error_type = StreamEnd.ERROR, f"(malformed chunk: {refused})"
+                errored(f"(malformed chunk: {refused})")
                 break
             first_chunk_at = first_chunk_at or trio.current_time()
             if progress.took_chunk(finished=assembler.finished, hang_up_after=hang_up_after):
@@ -303,7 +316,10 @@ async def _read_stream(
     except (httpx.TransportError, httpx_sse.SSEError):
         pass  # the stream was cut: the record says so
     except json.JSONDecodeError:
-        end, error_type = StreamEnd.ERROR, "(an event that is not JSON)"
+        if end is StreamEnd.ERROR:
+            after_error.append("an event that is not JSON")
+        else:
+            errored("(an event that is not JSON)")
     if messages.chunks:
         assembled = message_to_chat(messages.message())
         if end is StreamEnd.DONE and assembled is not None:
@@ -316,6 +332,7 @@ async def _read_stream(
             error_type,
             first_chunk_at,
             messages.stop_reason if isinstance(messages.stop_reason, str) else None,
+            tuple(after_error),
         )
         return body, record
     assembled = assembler.message() if assembler.chunks else None
@@ -330,8 +347,22 @@ async def _read_stream(
         error_type,
         first_chunk_at,
         reason if isinstance(reason, str) else None,
+        tuple(after_error),
     )
     return body, record
+
+
+AFTER_ERROR_KEPT = 5
+"""Events after an error event that a stream's record names (it reads them all)."""
+
+
+def _event_name(sse: httpx_sse.ServerSentEvent) -> str:
+    """An event that followed an error event, as a finding names it."""
+    if sse.data.strip() == "[DONE]":
+        return "[DONE]"
+    if sse.event not in ("", "message", None):
+        return f"a {sse.event} event"
+    return "a data event"
 
 
 STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)

@@ -278,6 +278,11 @@ class ChaosUpstream:
                     return False
             await exchange.send_part(part)
             self._record(tag, EventKind.SENT, call, behaviour)
+        # ``after`` past every part: act after the finish, before the stream's end.
+        if (behaviour.after or 0) >= len(encoded) and not await self._act_mid_stream(
+            exchange, tag, call, behaviour
+        ):
+            return False
         await exchange.send_part(dialect.end())
         await exchange.end()
         return True

@@ -46,6 +46,7 @@ class Behaviour:
     """A streamed answer's chunks of text (or tool-call arguments), before the finishing one."""
     after: int | None = None
     """Stream ``after`` chunks, then do ``action`` (hold, reset, garbage or hang) there;
+    ``chunks + 1``: after the finishing chunk, before the stream's end (``[DONE]``);
     None: the action comes before the first chunk (or before a whole answer)."""
     chunk_delay: float = 0.0
     """Seconds between a streamed answer's chunks."""
@@ -110,8 +111,11 @@ def _parse_stream_behaviour(spec: Mapping[Any, Any]) -> Behaviour:
     action, after = Action.RESPOND, None
     if afters:
         action, after = _AFTER_ACTIONS[afters[0]], count(afters[0], 0, 0)
-        if after > chunks:
-            raise ScriptError(f"{afters[0]}: {after} is past the stream's {chunks} chunks")
+        if after > chunks + 1:
+            raise ScriptError(
+                f"{afters[0]}: {after} is past the stream's {chunks} chunks and its "
+                f"finishing chunk ({chunks + 1}: after the finish, before [DONE])"
+            )
     delay = spec.get("chunk_delay", 0.0)
     if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 60:
         raise ScriptError(f"chunk_delay must be 0 to 60 seconds; got {delay!r}")
