@@ -1,9 +1,11 @@
 """The harness: everything that tests a session server from the outside.
 
-Five parts, each a subpackage whose ``__init__`` says what it owns. Imports run
+Six parts, each a subpackage whose ``__init__`` says what it owns. Imports run
 one way, down this list, never up (``tests/test_layering.py`` enforces it)::
 
     report     the terminal report (rich), JSON/JUnit/Markdown, the HTML timeline
+      ↓
+    explore    every interference at every phase of a turn, with its coverage
       ↓
     chaos      random concurrent workloads, histories, the checker, shrinking
       ↓
@@ -14,7 +16,7 @@ one way, down this list, never up (``tests/test_layering.py`` enforces it)::
     upstream   the scriptable LLM engine and its script language
 
 ``errors`` (every error the harness reports) and ``results`` (frozen records
-of what a run observed and concluded) sit below all five and import nothing of
+of what a run observed and concluded) sit below all six and import nothing of
 the harness. Any part may import ``wire`` (the API shapes, streams, errors and
 the contract's rules, which the reference server reads too). ``refserver`` is
 imported only to embed it: its server, child process, known-broken variants and

@@ -583,6 +583,131 @@ def chaos_command(
     )
 
 
+@app.command("explore")
+def explore_command(
+    target: Annotated[
+        str | None,
+        typer.Option(help="Server under test, URL. Default: the reference server.", metavar="URL"),
+    ] = None,
+    cells: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only the cells matching this glob (PHASE/INTERFERER/BEHAVIOUR, "
+            "e.g. 'held/delete/*'); repeatable. --list-cells names them.",
+            metavar="GLOB",
+        ),
+    ] = None,
+    list_cells: Annotated[
+        bool, typer.Option(help="List the phases, interferers and behaviours, then exit.")
+    ] = False,
+    parallel: Annotated[
+        int, typer.Option(help="Cells run at once, each on sessions of its own.", metavar="N")
+    ] = 4,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Directory for report.json and coverage.html.", metavar="DIR"),
+    ] = None,
+    json: Annotated[
+        Path | None, typer.Option("--json", help="Write the JSON report here.", metavar="FILE")
+    ] = None,
+    emulate: Annotated[
+        str | None,
+        typer.Option(help="Run the reference server as a known-broken variant.", metavar="VARIANT"),
+    ] = None,
+    upstream_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for the chaos upstream.", metavar="HOST:PORT")
+    ] = None,
+    shrink: Annotated[
+        bool,
+        typer.Option(help="Shrink the first failed cell to a scenario that replays it."),
+    ] = True,
+    shrink_budget: Annotated[
+        float,
+        typer.Option(
+            help="Seconds shrinking may take before it stops where it is.", metavar="SECONDS"
+        ),
+    ] = 60.0,
+    scenario_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the shrunk scenario (default: in --out, or here).", metavar="FILE"
+        ),
+    ] = None,
+    profile: ProfileOption = None,
+    flavor: FlavorOption = "openai",
+    request_timeout: RequestTimeoutOption = 5.0,
+    target_wait: TargetWaitOption = 5.0,
+) -> None:
+    """Every interfering request at every phase of a turn, under every engine behaviour.
+
+    Each cell (phase/interferer/behaviour) runs on sessions of its own, is placed
+    by holds and checked like a chaos history; the coverage matrix says what
+    passed, failed, was untested (and why) or does not apply.
+
+    Exit status: 0 no cell failed, 1 a cell failed, 2 usage error, 3 target
+    unreachable.
+    """
+    from harness.chaos.shrink import ShrinkSettings
+    from harness.explore.cells import (
+        BEHAVIOURS,
+        INTERFERERS,
+        PHASES,
+        all_cells,
+        select,
+        unknown_patterns,
+    )
+    from harness.explore.explore import ExploreSettings
+    from harness.model.profile import load_profile
+
+    from .explore import explore
+
+    if list_cells:
+        for title, table in (
+            ("phases", PHASES),
+            ("interferers", INTERFERERS),
+            ("behaviours", BEHAVIOURS),
+        ):
+            console.print(f"[bold]{title}[/bold]")
+            for name, meaning in table.items():
+                console.print(f"  {name:<18} {meaning}", highlight=False)
+        raise typer.Exit(0)
+    _known_variant(emulate, with_target=target is not None)
+    if shrink_budget <= 0:
+        _usage_error("--shrink-budget must be a positive number of seconds")
+    if parallel < 1:
+        _usage_error("--parallel must be at least 1")
+    patterns = cells or ["*"]
+    unknown = unknown_patterns(patterns)
+    if unknown:
+        _usage_error(
+            f"--cells {unknown[0]!r} matches no cell; cells are PHASE/INTERFERER/BEHAVIOUR "
+            "(sessctl explore --list-cells names them)"
+        )
+    settings = ExploreSettings(
+        cells=tuple(select(all_cells(), patterns)),
+        flavor=_parse_flavor(flavor),
+        parallel=parallel,
+        request_timeout=request_timeout,
+        target_wait=target_wait,
+    )
+    raise typer.Exit(
+        _run_harness(
+            lambda: explore(
+                replace(settings, profile=load_profile(profile)),
+                target,
+                emulate,
+                upstream_listen,
+                out,
+                json,
+                console,
+                ShrinkSettings(time_budget=shrink_budget) if shrink else None,
+                scenario_out,
+                profile_option=profile,
+            )
+        )
+    )
+
+
 @app.command("check")
 def check_command(
     history: Annotated[Path, typer.Argument(help="A history file (JSON lines).", metavar="FILE")],

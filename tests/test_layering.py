@@ -22,7 +22,7 @@ PACKAGES = ("wire", "harness", "refserver", "sessctl")
 
 # Lower rank = lower layer. A harness module may import modules of its own
 # rank or lower, never higher.
-RANK = {"base": 0, "upstream": 1, "model": 2, "run": 3, "chaos": 4, "report": 5}
+RANK = {"base": 0, "upstream": 1, "model": 2, "run": 3, "chaos": 4, "explore": 5, "report": 6}
 BASE_MODULES = {"harness.errors", "harness.results"}
 # The model reads the upstream's script language (scenario files name
 # behaviours and events), never the engine itself.

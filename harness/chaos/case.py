@@ -41,6 +41,9 @@ PROPERTY_OF_FINDING = {
     "llm-leak": "LLM work leaked for a deleted session",
     "data-after-error": "a stream goes on after its error event",
     "committed-after-error": "a stream that ended in an error committed its turn",
+    "answer-not-from-engine": "a turn answered with what the engine never answered",
+    "other-session-waits": "one session's turn waits for another's engine call",
+    "accepted-malformed": "a malformed request accepted",
 }
 RETRY_CONVENTION = "an exact retry replays the stored answer"
 

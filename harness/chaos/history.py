@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ScenarioFileError
+from harness.results import Observation, StreamEnd
+from harness.run.preflight import describe
 
 OPS = frozenset({"create", "chat", "get", "delete"})
 
@@ -177,3 +179,38 @@ def _operation(data: dict[str, Any]) -> Operation:
         refusal=None if data.get("refusal") is None else str(data["refusal"]),
         implicit=bool(data.get("implicit", False)),
     )
+
+
+def recorded(
+    ticket: int, client: int, op: str, session: str, observation: Observation, **fields: Any
+) -> Operation:
+    """What a client observed, as a history operation (``fields``: the op's arguments)."""
+    unknown = observation.status is None and not observation.minted
+    if unknown:
+        fields["gave_up"] = observation.ended
+    elif observation.status is not None and observation.status // 100 != 2:
+        fields["refusal"] = describe(observation, limit=160)
+    return Operation(
+        id=ticket,
+        client=client,
+        op=op,
+        session=session,
+        invoke=observation.started,
+        complete=None if unknown else observation.ended,
+        status=observation.status,
+        **fields,
+    )
+
+
+def stream_fields(observation: Observation) -> dict[str, Any]:
+    """How a chat sent with ``stream: true`` ended, for the history."""
+    record = observation.stream
+    if record is None:
+        return {"stream": "no stream"}  # refused, or hung up on before an answer
+    end = record.end.value
+    if record.end is StreamEnd.ERROR:
+        end = f"error:{record.error_type}"
+    fields: dict[str, Any] = {"stream": end, "assembled": record.assembled}
+    if record.after_error:
+        fields["after_error"] = list(record.after_error)
+    return fields

@@ -309,6 +309,11 @@ class Finding:
         "llm-leak",
         "data-after-error",
         "committed-after-error",
+        # Found by ``sessctl explore``, which knows what the engine answered and
+        # what the harness held, beyond what a history records:
+        "answer-not-from-engine",
+        "other-session-waits",
+        "accepted-malformed",
     ]
     session: str
     explanation: str

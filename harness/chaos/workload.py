@@ -29,10 +29,10 @@ import trio
 
 from harness.errors import TargetUnreachable, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile
-from harness.results import Observation, StreamEnd, answer_of
+from harness.results import Observation, answer_of
 from harness.run.client import StreamProgress, TargetClient
 from harness.run.lifecycle import Lifecycle
-from harness.run.preflight import check_target, describe
+from harness.run.preflight import check_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
@@ -44,7 +44,7 @@ from wire.engine import Flavor, completion_for
 from wire.ids import new_session_id
 
 from .case import PROPERTY_OF_FINDING, ScenarioText
-from .history import Operation, UpstreamEvent
+from .history import Operation, UpstreamEvent, recorded, stream_fields
 from .linearizability import CheckResult, Finding, check_history
 from .shrink import Replayer, ShrinkResult, ShrinkSettings, shrink
 
@@ -390,7 +390,7 @@ class ChaosRun:
                 "message"
             ],
             script=script,
-            **(_stream_fields(observation) if planned.stream else {}),
+            **(stream_fields(observation) if planned.stream else {}),
         )
         self._op_tags[ticket] = tag
 
@@ -556,37 +556,7 @@ class ChaosRun:
         observation: Observation,
         **fields: Any,
     ) -> None:
-        unknown = observation.status is None and not observation.minted
-        if unknown:
-            fields["gave_up"] = observation.ended
-        elif observation.status is not None and observation.status // 100 != 2:
-            fields["refusal"] = describe(observation, limit=160)
-        self.history.append(
-            Operation(
-                id=ticket,
-                client=client.index,
-                op=op,
-                session=session,
-                invoke=observation.started,
-                complete=None if unknown else observation.ended,
-                status=observation.status,
-                **fields,
-            )
-        )
-
-
-def _stream_fields(observation: Observation) -> dict[str, Any]:
-    """How a chat sent with ``stream: true`` ended, for the history."""
-    record = observation.stream
-    if record is None:
-        return {"stream": "no stream"}  # refused, or hung up on before an answer
-    end = record.end.value
-    if record.end is StreamEnd.ERROR:
-        end = f"error:{record.error_type}"
-    fields: dict[str, Any] = {"stream": end, "assembled": record.assembled}
-    if record.after_error:
-        fields["after_error"] = list(record.after_error)
-    return fields
+        self.history.append(recorded(ticket, client.index, op, session, observation, **fields))
 
 
 @dataclass(frozen=True)
@@ -645,8 +615,8 @@ async def run_chaos(
             port=0, upstream_url=upstream.url, emulate=emulate, retry=CHAOS_RETRY
         )
         if url is None:
-            serve_embedded = _serve_embedded if embedded_in_child else serve
-            url = (await nursery.start(serve_embedded, embedded)).url
+            server = serve_embedded if embedded_in_child else serve
+            url = (await nursery.start(server, embedded)).url
         client = TargetClient(
             url,
             request_timeout=settings.request_timeout,
@@ -683,7 +653,7 @@ async def run_chaos(
         check_seconds = trio.current_time() - checked
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
-        skipped = _unshrinkable(settings.profile) if attempt else None
+        skipped = unshrinkable(settings.profile) if attempt else None
         if attempt and should_stop():
             skipped = "interrupted (Ctrl-C): the history so far is checked, not shrunk"
         attempt = attempt and skipped is None
@@ -735,7 +705,7 @@ def chaos_cannot_check(profile: Profile) -> str | None:
     return None
 
 
-def _unshrinkable(profile: Profile) -> str | None:
+def unshrinkable(profile: Profile) -> str | None:
     """Why a failure on a server of this profile cannot be shrunk (None: it can).
 
     Shrinking judges each candidate scenario by the reference server's answers,
@@ -783,7 +753,7 @@ def describe_target(target_url: str | None, emulate: str | None) -> str:
     return "the reference server" + (f" emulating {emulate}" if emulate else "")
 
 
-async def _serve_embedded(
+async def serve_embedded(
     config: ServerConfig, *, task_status: trio.TaskStatus[RunningServer]
 ) -> None:
     try:
@@ -803,23 +773,6 @@ async def _shrink(
     emulate: str | None,
     shrink_settings: ShrinkSettings,
 ) -> ShrinkResult | None:
-    """Shrink against the same target, judged by a fresh reference server.
-
-    The embedded server (the reference, or a variant) is replayed in-process,
-    where settling is exact; an external target is replayed where it runs.
-    """
-    reference_url = (await nursery.start(serve, replace(embedded, emulate=None))).url
-    in_process = target_url is None
-    url = target_url or (await nursery.start(serve, embedded)).url
-    target = TargetClient(
-        url,
-        request_timeout=settings.request_timeout,
-        in_process=in_process,
-        health_path=settings.profile.health_path,
-    )
-    reference = TargetClient(
-        reference_url, request_timeout=settings.request_timeout, in_process=True
-    )
     against = describe_target(target_url, emulate)
 
     def text_for(finding: Finding) -> ScenarioText:
@@ -830,16 +783,58 @@ async def _shrink(
             safety_property=PROPERTY_OF_FINDING[finding.kind],
         )
 
+    return await shrink_on(
+        nursery,
+        upstream,
+        target_url,
+        embedded,
+        history,
+        result.findings,
+        settings.profile,
+        settings.request_timeout,
+        shrink_settings,
+        text_for,
+    )
+
+
+async def shrink_on(
+    nursery: trio.Nursery,
+    upstream: ChaosUpstream,
+    target_url: str | None,
+    embedded: ServerConfig,
+    history: list[Operation],
+    findings: list[Finding],
+    profile: Profile,
+    request_timeout: float,
+    shrink_settings: ShrinkSettings,
+    text_for: Callable[[Finding], ScenarioText],
+) -> ShrinkResult | None:
+    """Shrink ``findings`` of ``history`` against the same target, judged by a fresh
+    reference server (for chaos runs and explored cells alike).
+
+    The embedded server (the reference, or a variant) is replayed in-process,
+    where settling is exact; an external target is replayed where it runs.
+    """
+    reference_url = (await nursery.start(serve, replace(embedded, emulate=None))).url
+    in_process = target_url is None
+    url = target_url or (await nursery.start(serve, embedded)).url
+    target = TargetClient(
+        url,
+        request_timeout=request_timeout,
+        in_process=in_process,
+        health_path=profile.health_path,
+    )
+    reference = TargetClient(reference_url, request_timeout=request_timeout, in_process=True)
     try:
         # Settling is exact in-process, so a short grace for upstream events will do.
         run_settings = RunSettings(
-            request_timeout=settings.request_timeout,
+            request_timeout=request_timeout,
             event_grace=0.25,
             timing_bounds=False,
-            profile=settings.profile,
+            profile=profile,
         )
         replayer = Replayer(upstream, target, reference, run_settings)
-        return await shrink(history, result.findings, replayer, text_for, shrink_settings)
+        return await shrink(history, findings, replayer, text_for, shrink_settings)
     finally:
         await target.aclose()
         await reference.aclose()
@@ -853,4 +848,7 @@ __all__ = [
     "Fault",
     "describe_target",
     "run_chaos",
+    "serve_embedded",
+    "shrink_on",
+    "unshrinkable",
 ]

@@ -323,11 +323,14 @@ def progress_hooks(
 
 
 @contextmanager
-def chaos_progress(console: Console, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A progress line for a chaos run on a terminal (nothing elsewhere): operations
-    done, their rate, and the time left. The callback takes the count done."""
+def chaos_progress(
+    console: Console, total: int | None, label: str = "chaos", unit: str = "ops"
+) -> Iterator[Callable[[int], None]]:
+    """A progress line for a chaos run (or an exploration's cells) on a terminal
+    (nothing elsewhere): how many done, their rate, and the time left. The callback
+    takes the count done."""
     progress = Progress(
-        TextColumn("[bold]chaos"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
@@ -342,7 +345,7 @@ def chaos_progress(console: Console, total: int | None) -> Iterator[Callable[[in
 
     def done(count: int) -> None:
         speed = progress.tasks[0].speed
-        rate = f"{speed:,.0f} ops/s" if speed else ""
+        rate = f"{speed:,.0f} {unit}/s" if speed else ""
         progress.update(task, completed=count, rate=rate)
 
     with progress:

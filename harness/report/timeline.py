@@ -236,3 +236,8 @@ def _shrunk_note(finding: Finding | None, shrunk: ShrunkLink | None) -> str:
         f"<p class='shrunk'>{what} shrunk to a scenario: "
         f'<a href="{html.escape(shrunk.path)}">{html.escape(shrunk.path)}</a>.{replay}</p>'
     )
+
+
+def finding_drawing(finding: Finding, history: Sequence[Operation]) -> str:
+    """One finding's window drawn as an SVG timeline, for pages of other reports."""
+    return _svg(_context(finding, history), {op.id for op in finding.window})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +53,42 @@ class StreamProgress:
             self._waiters.remove(waiter)
 
 
+@dataclass
+class BodyGate:
+    """Sends a request's body in two parts: all but its last byte, then the rest once
+    ``open()`` is called. The server has the request (its headers, most of its body)
+    but cannot act on it yet: a moment a turn is in the server before any engine call,
+    made structural."""
+
+    opened: trio.Event = field(default_factory=trio.Event)
+    first_part_sent: trio.Event = field(default_factory=trio.Event)
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def content(self, body: bytes) -> AsyncIterator[bytes]:
+        async def parts() -> AsyncIterator[bytes]:
+            yield body[:-1]
+            # Resumed: the transport has written the first part and asks for more.
+            self.first_part_sent.set()
+            await self.opened.wait()
+            yield body[-1:]
+
+        return parts()
+
+    def request(
+        self, json_body: Any, headers: dict[str, str] | None
+    ) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        """The content and headers that send ``json_body`` through this gate."""
+        body = json.dumps(json_body).encode()
+        sized = {
+            **(headers or {}),
+            "content-type": "application/json",
+            "content-length": str(len(body)),
+        }
+        return self.content(body), sized
+
+
 class TargetClient:
     def __init__(
         self,
@@ -95,7 +131,9 @@ class TargetClient:
         json_body: Any = None,
         raw_body: bytes | None = None,
         headers: dict[str, str] | None = None,
+        gate: BodyGate | None = None,
     ) -> Observation:
+        """One request; with ``gate``, its JSON body's last byte waits for the gate."""
         request = SentRequest.of(
             method, self.base_url + path, self._redacted(json_body), raw_body, self._shown(headers)
         )
@@ -104,12 +142,16 @@ class TargetClient:
         for attempt in (1, 2):
             headers_arrived = False
             try:
+                content: bytes | AsyncIterator[bytes] | None = raw_body
+                sent_headers = headers
+                if gate is not None:
+                    content, sent_headers = gate.request(json_body, headers)
                 async with self._client.stream(
                     method,
                     path,
-                    content=raw_body,
-                    json=json_body if raw_body is None else None,
-                    headers=headers,
+                    content=content,
+                    json=json_body if content is None else None,
+                    headers=sent_headers,
                 ) as response:
                     headers_arrived = True
                     await response.aread()
@@ -146,6 +188,7 @@ class TargetClient:
         *,
         hang_up_after: int | Literal["finish"] | None = None,
         headers: dict[str, str] | None = None,
+        gate: BodyGate | None = None,
     ) -> Observation:
         """POST a chat with ``stream: true`` and read the events as they come.
 
@@ -157,9 +200,11 @@ class TargetClient:
         )
         started = trio.current_time()
         try:
-            async with httpx_sse.aconnect_sse(
-                self._client, "POST", path, json=json_body, headers=dict(headers or {})
-            ) as source:
+            sent: dict[str, Any] = {"json": json_body, "headers": dict(headers or {})}
+            if gate is not None:
+                content, sized = gate.request(json_body, headers)
+                sent = {"content": content, "headers": sized}
+            async with httpx_sse.aconnect_sse(self._client, "POST", path, **sent) as source:
                 response = source.response
                 is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
                 if response.status_code // 100 != 2 or not is_stream:
