@@ -506,11 +506,28 @@ def check_invariants(
 def _later_reads(
     chat: Operation, ops: list[Operation], model: TrajectoryModel = "linear"
 ) -> Iterable[Operation]:
-    """Reads that began after ``chat`` completed (on a tree, those that listed its turns)."""
+    """Reads that began after ``chat`` completed (on a tree, those that listed its turns),
+    up to the session's end: a read answered 200 after a DELETE of the session was
+    answered 2xx shows a session brought back, which linearizability names; that it
+    lacks the turn is no phantom commit."""
     assert chat.complete is not None
+    ended = min(
+        (
+            op.complete
+            for op in ops
+            if op.op == "delete" and op.ok and op.complete is not None and op.invoke > chat.complete
+        ),
+        default=float("inf"),
+    )
     for read in ops:
         listed = model == "linear" or read.turns is not None
-        if read.op == "get" and read.status == 200 and read.invoke > chat.complete and listed:
+        if (
+            read.op == "get"
+            and read.status == 200
+            and chat.complete < read.invoke
+            and read.invoke <= ended
+            and listed
+        ):
             yield read
 
 

@@ -42,6 +42,17 @@ from .cells import (
 
 Outcome = Literal["passed", "failed", "untested", "not applicable"]
 
+NAMED_FIRST = frozenset(
+    {
+        "answer-not-from-engine",
+        "other-session-waits",
+        "accepted-malformed",
+        "data-after-error",
+        "committed-after-error",
+        "stream-mismatch",
+    }
+)
+
 PATIENCE = 2.0
 """Seconds the harness waits, with a hold in place, for the server to act: a
 DELETE to be answered, a hung-up turn's engine call to be stopped, another
@@ -144,7 +155,12 @@ class CellRun:
             model=self.profile.trajectory.model,
             rollback=self.profile.rollback == "one-step",
         )
-        findings = (*extra, *result.findings)
+        # What names the defect most closely first: explore's own judgements, then a
+        # stream's integrity (a partial commit also fits no order of the answers),
+        # then the checker's findings in its order.
+        findings = tuple(
+            sorted((*extra, *result.findings), key=lambda f: f.kind not in NAMED_FIRST)
+        )
         if findings:
             first = findings[0]
             note = ""
@@ -234,14 +250,11 @@ class CellRun:
         before_interference = self.upstream.count(turn.tag or "", EventKind.RECEIVED)
         interferers = await self._interfere(nursery, session, other, turn, view)
         # An exact retry's engine call shares the turn's tag: it is not the server's retry.
-        if cell.phase == "retry-wait" and cell.interferer != "retry":
-            retried = self.upstream.count(turn.tag or "", EventKind.RECEIVED) > before_interference
-            if retried:
-                raise _NotPlaced(
-                    "untested",
-                    "the server called the engine again before the interfering request "
-                    "was answered: its wait before a retry is shorter than a round trip",
-                )
+        retried = (
+            cell.phase == "retry-wait"
+            and cell.interferer != "retry"
+            and self.upstream.count(turn.tag or "", EventKind.RECEIVED) > before_interference
+        )
         await self._let_go(turn)
         await turn.done.wait()
         for other_request in interferers:
@@ -251,6 +264,12 @@ class CellRun:
         if other is not None:
             await self._read(other)
             await self._end(other)
+        if retried:
+            raise _NotPlaced(
+                "untested",
+                "the server called the engine again before the interfering request "
+                "was answered: its wait before a retry is shorter than a round trip",
+            )
         return story
 
     async def _hold_a_blocker(
@@ -422,7 +441,9 @@ class CellRun:
                 )
             ]
         elif kind == "malformed":
-            self._malformed = self._start_malformed(nursery, session, view)
+            # On top of what is committed, so that only its ill-typed field can refuse it.
+            latest = self._view_after(turn) if turn.ok else view
+            self._malformed = self._start_malformed(nursery, session, latest)
             started = []
             await self._malformed.done.wait()
         elif kind == "other-session":

@@ -15,7 +15,6 @@ from harness.chaos.shrink import ShrinkResult, ShrinkSettings
 from harness.chaos.workload import (
     chaos_cannot_check,
     describe_target,
-    serve_embedded,
     shrink_on,
     unshrinkable,
 )
@@ -24,7 +23,7 @@ from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.run.client import TargetClient
 from harness.run.preflight import check_target
 from harness.upstream.chaos_upstream import ChaosUpstream
-from refserver.server import ServerConfig
+from refserver.server import ServerConfig, serve
 from wire.engine import Flavor
 
 from .cells import Cell, all_cells
@@ -97,12 +96,17 @@ async def run_explore(
             on_upstream_ready(upstream.url)
         url = target_url
         if url is None:
-            # The default retry policy: its first back-off (50 ms) is the window in
-            # which the retry-wait phase is placed.
+            # In this trio loop, where the client's settle is exact: a request sent
+            # has been read and waits on whatever it waits on (a lock, say), so the
+            # queued phase is placed for certain. The default retry policy: its first
+            # back-off (50 ms) is the window in which the retry-wait phase is placed.
             embedded = ServerConfig(port=0, upstream_url=upstream.url, emulate=emulate)
-            url = (await nursery.start(serve_embedded, embedded)).url
+            url = (await nursery.start(serve, embedded)).url
         client = TargetClient(
-            url, request_timeout=settings.request_timeout, health_path=settings.profile.health_path
+            url,
+            request_timeout=settings.request_timeout,
+            health_path=settings.profile.health_path,
+            in_process=target_url is None,
         )
         started = trio.current_time()
         try:
