@@ -69,6 +69,11 @@ class RetryPolicy:
     backoff_max: float = 1.0
     retry_aborts: bool = True
     """Treat ``finish_reason: "abort"`` as a failure to retry (off only in a variant)."""
+    retry_after_relay: bool = False
+    """Retry a stream that broke after chunks were relayed (on only in a variant)."""
+    shield_retries: bool = False
+    """Once an attempt failed, back off and retry whatever cancels the turn, a DELETE
+    included (on only in a variant)."""
 
     def backoff(self, failed_attempts: int) -> float:
         delay: float = self.backoff_initial * 2 ** (failed_attempts - 1)
@@ -99,13 +104,16 @@ class HttpUpstream:
         of letting a failure be retried. A broken connection is retried too."""
         last_failure = ""
         for number in range(1, self._retry.attempts + 1):
+            shielded = number > 1 and self._retry.shield_retries
             try:
-                return await attempt()
+                with trio.CancelScope(shield=shielded):
+                    return await attempt()
             except (_Retryable, EngineTransportError) as failure:
                 unless(failure)
                 last_failure = str(failure)
             if number < self._retry.attempts:
-                await trio.sleep(self._retry.backoff(number))
+                with trio.CancelScope(shield=self._retry.shield_retries):
+                    await trio.sleep(self._retry.backoff(number))
         raise UpstreamError(
             f"the upstream failed {self._retry.attempts} times; last: {last_failure}",
             attempts=self._retry.attempts,
@@ -139,7 +147,7 @@ class HttpUpstream:
             return await self._stream_attempt(body, counted, assembler)
 
         def unless_relayed(failure: Exception) -> None:
-            if relayed:
+            if relayed and not self._retry.retry_after_relay:
                 # The client has seen tokens: another attempt would send it a
                 # second, different beginning. The turn ends here.
                 raise StreamCut(

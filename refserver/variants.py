@@ -9,6 +9,7 @@ which variant it is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import trio
 from wire import rules
 from wire.errors import InvalidRequest, SessionNotFound, SessionServerError, StreamCut
 from wire.protocol import ChatRequest
+from wire.streaming import error_event
 
 from .service import Session, SessionService, Turn, conflict_error
 from .upstream import Relay, RetryPolicy, assistant_message
@@ -171,6 +173,47 @@ class PromptTailAfterCut(SessionService):
             session.messages = [*kept, *new, assistant_message(completion)]
 
 
+class DoneAfterError(SessionService):
+    async def chat_stream(self, session_id: str, request: ChatRequest, relay: Relay) -> list[bytes]:
+        # The stream's generator ends in a ``finally`` that always sends [DONE]:
+        # after an error event too, so a client reading on sees a finished stream.
+        try:
+            return await super().chat_stream(session_id, request, relay)
+        except StreamCut as cut:
+            await relay(error_event(cut.to_body()))
+            return [b"data: [DONE]\n\n"]
+
+
+class GlobalLock(SessionService):
+    # One lock for every session ("the store is not thread-safe"): a turn held at
+    # the engine keeps every other session's turns waiting.
+    def _session_for_chat(self, session_id: str) -> Session:
+        session = super()._session_for_chat(session_id)
+        session.lock = self._one_lock
+        return session
+
+    @functools.cached_property
+    def _one_lock(self) -> trio.StrictFIFOLock:
+        return trio.StrictFIFOLock()
+
+
+class StreamedToolCallsDropped(SessionService):
+    def _commit(
+        self,
+        session: Session,
+        request: ChatRequest,
+        completion: dict[str, Any],
+        started_at: float,
+    ) -> None:
+        # The stream's assembler joins content deltas only: a streamed answer is
+        # committed without its tool calls (the agent relayed them whole).
+        if request.body.get("stream") is True:
+            choice = completion["choices"][0]
+            message = {k: v for k, v in choice["message"].items() if k != "tool_calls"}
+            completion = {**completion, "choices": [{**choice, "message": message}]}
+        super()._commit(session, request, completion, started_at)
+
+
 def parse_loosely(raw: bytes) -> ChatRequest:
     # What the server checked before it had a request model: a JSON object whose
     # messages are objects with a known role. Python's json reads NaN and lone
@@ -269,6 +312,37 @@ VARIANTS: dict[str, Variant] = {
             "a cut stream leaves the user's message committed; the agent's retry of the "
             "turn commits it again (a duplicate turn)",
             PromptTailAfterCut,
+        ),
+        Variant(
+            "done-after-error",
+            "a stream that fails after relayed chunks sends its error event, then [DONE]",
+            DoneAfterError,
+        ),
+        Variant(
+            "retry-after-relay",
+            "a stream that breaks after relayed chunks is retried: the agent gets a second "
+            "beginning, and a committed answer other than the one it assembled",
+            SessionService,
+            retry=RetryPolicy(retry_after_relay=True),
+        ),
+        Variant(
+            "retry-after-delete",
+            "a DELETE during the back-off before a retry does not stop it: the retry is "
+            "sent for a session that has ended",
+            SessionService,
+            retry=RetryPolicy(shield_retries=True),
+        ),
+        Variant(
+            "streamed-tool-calls-dropped",
+            "a streamed answer is committed without its tool calls (only content deltas "
+            "are assembled)",
+            StreamedToolCallsDropped,
+        ),
+        Variant(
+            "global-lock",
+            "one lock for every session: a turn held at the engine blocks every other "
+            "session's turns",
+            GlobalLock,
         ),
         Variant(
             "last-writer-wins",

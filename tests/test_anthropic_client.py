@@ -178,7 +178,7 @@ def test_the_whole_library_passes_over_the_messages_api_through_the_cli() -> Non
 
     clean = sessctl("run-scenarios", "--profile", "anthropic-messages")
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert "29 scenario results: 29 passed" in clean.stdout
+    assert "32 scenario results: 32 passed" in clean.stdout
     broken = sessctl(
         "run-scenarios", "--profile", "anthropic-messages", "--emulate", "delete-waits-for-stream",
         "--filter", "delete-mid-stream",

@@ -64,10 +64,13 @@ UNTESTED = {
     "client-disconnect-mid-stream",
     "upstream-cut-mid-stream",
     "concurrent-streaming-writers",
+    "stream-cut-then-engine-recovers",
 }
 PASSING = {
     "client-disconnect-mid-proxy",
     "get-does-not-wait-for-a-turn",
+    "sessions-are-independent",
+    "streamed-tool-call-committed-whole",
 }
 
 

@@ -4,7 +4,11 @@ Clients share a small pool of sessions, so their operations collide often:
 chats that extend what the client last saw, exact retries, stale writes,
 GETs, DELETEs, and chats the client hangs up on mid-turn. Every chat's
 upstream call gets a random script from the chaos upstream: delays, holds
-released at random moments, 503s, aborts, resets, garbage. With
+released at random moments, 503s, aborts, resets, garbage; a fifth of the
+answers are tool calls, and half the resets (a cut mid-stream included) are
+followed by a whole answer on the next attempt. Half the DELETEs go to a
+session with a turn held at the engine and another chat in flight, when one
+is at that moment. With
 ``stream_ratio``, that share of the chats stream, and their holds, resets and
 garbage come after a random chunk half of the time. Each client draws
 its plan from its own RNG seeded from ``--seed``, with a fixed number of draws
@@ -107,9 +111,23 @@ class PlannedOp:
     stream: bool = False
     after_chunk: int | None = None
     """A streamed chat's hold, reset or garbage comes after this chunk (None: before any)."""
+    tool_call: bool = False
+    """The engine answers with a tool call."""
+    recovers: bool = False
+    """A reset (before any chunk, or a cut after one) is followed by a whole answer on
+    the next attempt, instead of failing every attempt."""
+    to_busy_session: float | None = None
+    """A DELETE goes to a session with a held turn and another chat in flight, if one
+    is at that moment; the number picks which (None: the planned slot)."""
 
 
 # Cumulative odds of each kind of operation.
+TOOL_CALL_SHARE = 0.2
+"""The share of chats the engine answers with a tool call."""
+BUSY_DELETE_SHARE = 0.5
+"""The share of DELETEs that go to a session with a held turn and a queued chat, when
+there is one at that moment."""
+
 _KINDS = (
     (0.45, "chat"),
     (0.55, "retry"),
@@ -126,6 +144,9 @@ class _Client:
     rng: random.Random
     stream_rng: random.Random
     """Draws for streaming, apart: a seed's plan without streams stays what it was."""
+    later_rng: random.Random
+    """Draws added later (tool calls, recovering faults, DELETE placement), apart, so
+    the plan a seed drew before them stays what it was."""
     plan: list[PlannedOp] = field(default_factory=list)
     views: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Session -> the trajectory as this client last saw it committed."""
@@ -174,6 +195,7 @@ class ChaosRun:
                 index,
                 random.Random(settings.seed * 1_000_003 + index),
                 random.Random(f"stream {settings.seed} {index}"),
+                random.Random(f"later {settings.seed} {index}"),
             )
             for index in range(settings.clients)
         ]
@@ -187,6 +209,10 @@ class ChaosRun:
         self._deleted: set[str] = set()
         """Sessions a DELETE has been answered 2xx for."""
         """Session -> its DELETE in flight (holds on it wait for the answer)."""
+        self._in_flight: Counter[str] = Counter()
+        """Session -> its chats in flight."""
+        self._held: Counter[str] = Counter()
+        """Session -> its chats whose engine call is held, not yet released."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
 
@@ -267,6 +293,12 @@ class ChaosRun:
             client.stream_rng.random() < 0.5,
             client.stream_rng.randrange(3),
         )
+        tool_call, recovers, favour_busy, busy_pick = (
+            client.later_rng.random() < TOOL_CALL_SHARE,
+            client.later_rng.random() < 0.5,
+            client.later_rng.random() < BUSY_DELETE_SHARE,
+            client.later_rng.random(),
+        )
         return PlannedOp(
             slot,
             kind,
@@ -277,7 +309,23 @@ class ChaosRun:
             cut,
             stream=streams,
             after_chunk=chunk if streams and mid_stream else None,
+            tool_call=tool_call,
+            recovers=recovers,
+            to_busy_session=busy_pick if kind == "delete" and favour_busy else None,
         )
+
+    def _busy_slot(self, pick: float) -> int | None:
+        """A slot whose session has a turn held at the engine and another chat in
+        flight (queued behind it, on a server that serialises a session's turns):
+        the moment a DELETE has the most to get right."""
+        busy = [
+            index
+            for index, slot in enumerate(self._slots)
+            if slot.session is not None
+            and self._held.get(slot.session, 0) > 0
+            and self._in_flight.get(slot.session, 0) >= 2
+        ]
+        return busy[int(pick * len(busy))] if busy else None
 
     async def _client_loop(self, client: _Client) -> None:
         share = self._share(client.index)
@@ -287,7 +335,11 @@ class ChaosRun:
             client.plan.append(planned)
             done += 1
             ticket = self._take_ticket()
-            slot = self._slots[planned.slot]
+            index = planned.slot
+            if planned.to_busy_session is not None:
+                busy = self._busy_slot(planned.to_busy_session)
+                index = planned.slot if busy is None else busy
+            slot = self._slots[index]
             while slot.session is None and slot.creating:
                 await trio.lowlevel.checkpoint()  # another client is re-creating it
             if slot.session is None:
@@ -370,7 +422,11 @@ class ChaosRun:
         agent = self.lifecycle.agent_of(session)
         path, headers, body = self.settings.profile.chat_request(agent, body)
         patience = planned.patience if planned.kind == "hangup" else float("inf")
-        observation = await self._send_chat(patience, path, body, headers)
+        self._in_flight[session] += 1
+        try:
+            observation = await self._send_chat(patience, path, body, headers)
+        finally:
+            self._in_flight[session] -= 1
         if observation.cancelled_by_scenario:
             self._hung_up.add(ticket)
         answer = answer_of(observation)
@@ -449,22 +505,33 @@ class ChaosRun:
     def _script(self, planned: PlannedOp, tag: str, session: str, ticket: int) -> list[Any]:
         """The upstream script for one chat, in scenario syntax (it is recorded too)."""
         fault = planned.fault
+        # The answer, when one comes: text, or a tool call.
+        answer: Any = {"chunks": 3, "tool_call": True} if planned.tool_call else "respond"
         if fault is None:
-            return ["respond"]
+            return [answer]
         after = planned.after_chunk
         if fault is Fault.DELAY:
             if after is not None:
-                return [{"chunks": 3, "chunk_delay": round(planned.delay / 3, 4)}]
+                delayed = {"chunks": 3, "chunk_delay": round(planned.delay / 3, 4)}
+                return [delayed | ({"tool_call": True} if planned.tool_call else {})]
             return [{"delay": planned.delay}]
         if fault is Fault.HOLD:
             self._release_later(tag, session, ticket, planned.release_after)
-            return ["hold" if after is None else {"chunks": 3, "hold_after": after}]
+            held: dict[str, Any] = {"chunks": 3, "hold_after": after or 0}
+            if planned.tool_call:
+                held["tool_call"] = True
+            return ["hold" if after is None and not planned.tool_call else held]
+        if fault is Fault.RESET and planned.recovers:
+            # Then a whole answer: a server that retries after relaying chunks of
+            # the cut one now gets an answer, and shows it.
+            cut = {"chunks": 3, "reset_after": after} if after is not None else "reset"
+            return [cut, answer]
         if after is not None and fault in (Fault.RESET, Fault.GARBAGE):
             return [{"chunks": 3, f"{fault.value}_after": after}]  # every attempt
         if fault is Fault.STATUS:
-            return [{"status": 503}, "respond"]
+            return [{"status": 503}, answer]
         if fault is Fault.ABORT:
-            return ["abort", "respond"]
+            return ["abort", answer]
         return [fault.value]  # reset, garbage: every attempt
 
     def _release_later(self, tag: str, session: str, ticket: int, after: float) -> None:
@@ -501,7 +568,9 @@ class ChaosRun:
             elif session in self._deleted and self._call_in_flight(tag):
                 await self._hung_up_on_within_patience(tag)
             self.upstream.release(tag)
+            self._held[session] -= 1
 
+        self._held[session] += 1
         self._nursery.start_soon(release)
 
     async def _ignores_hang_up(self, tag: str) -> bool:

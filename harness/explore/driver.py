@@ -11,7 +11,7 @@ turn's answer instead, and the cell says which.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import trio
@@ -68,6 +68,8 @@ class CellResult:
     """passed: what happened; failed: the first finding; otherwise: why not tested."""
     findings: tuple[Finding, ...] = ()
     history: tuple[Operation, ...] = ()
+    seconds: float = 0.0
+    """How long the cell took, from its first request to its check."""
 
 
 @dataclass
@@ -131,6 +133,11 @@ class CellRun:
         self._malformed: _InFlight | None = None
 
     async def run(self) -> CellResult:
+        started = trio.current_time()
+        result = await self._run()
+        return replace(result, seconds=trio.current_time() - started)
+
+    async def _run(self) -> CellResult:
         why_not = not_applicable(self.cell, self.profile)
         if why_not is not None:
             return CellResult(self.cell, "not applicable", why_not)

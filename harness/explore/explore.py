@@ -24,12 +24,18 @@ from harness.run.client import TargetClient
 from harness.run.preflight import check_target
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig, serve
+from refserver.upstream import RetryPolicy
 from wire.engine import Flavor
 
 from .cells import Cell, all_cells
 from .driver import CellResult, CellRun, Outcome
 
 OUTCOMES: tuple[Outcome, ...] = ("passed", "failed", "untested", "not applicable")
+
+EXPLORE_RETRY = RetryPolicy(backoff_initial=0.15)
+"""The embedded server's retry policy: its first back-off is the window in which the
+retry-wait phase is placed, wide enough for the interfering request to land in it
+on a loaded machine (the default's 50 ms is not, beside two busy processes)."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,10 @@ async def run_explore(
         if url is None:
             # In this trio loop, where the client's settle is exact: a request sent
             # has been read and waits on whatever it waits on (a lock, say), so the
-            # queued phase is placed for certain. The default retry policy: its first
-            # back-off (50 ms) is the window in which the retry-wait phase is placed.
-            embedded = ServerConfig(port=0, upstream_url=upstream.url, emulate=emulate)
+            # queued phase is placed for certain.
+            embedded = ServerConfig(
+                port=0, upstream_url=upstream.url, emulate=emulate, retry=EXPLORE_RETRY
+            )
             url = (await nursery.start(serve, embedded)).url
         client = TargetClient(
             url,

@@ -75,6 +75,7 @@ def check_run(
             at_step.extend(check_step(scenario, step.id, expect, observation, context, profile))
         if isinstance(step, ChatStep):
             at_step.extend(_check_chat_body(scenario, step.id, observation))
+            at_step.extend(_check_nothing_after_error_event(step.id, observation))
         findings.extend(_seen(at_step, observation.ended))
     findings.extend(_check_groups(scenario, context, profile))
     # What the final reads show is seen last.
@@ -563,6 +564,24 @@ def _check_stream_end(
         convention(expected, seen, "a failed stream ends without an error event")
     elif record.end is StreamEnd.ERROR and expect.error_types and record.error_type not in accepted:
         convention(expected, seen, f"stream error {record.error_type} for {wanted}")
+
+
+def _check_nothing_after_error_event(step_id: str, observation: Observation) -> list[Finding]:
+    """An error event ends a stream: a client that stops there (the OpenAI SDK raises
+    it) never sees what follows, and one that reads on may take a ``[DONE]`` after
+    it for a committed turn."""
+    record = observation.stream
+    if record is None or record.end is not StreamEnd.ERROR or not record.after_error:
+        return []
+    return [
+        Finding(
+            step_id,
+            f"the stream ends at its error event ({record.error_type})",
+            f"after it came {', '.join(record.after_error)}",
+            curl_line(observation),
+            label="a stream goes on after its error event",
+        )
+    ]
 
 
 def _check_no_commit_after_stream_error(scenario: Scenario, context: RunContext) -> list[Finding]:
