@@ -284,5 +284,5 @@ async def _front(backend_port: int, client: trio.SocketStream) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(to_server)
                 nursery.start_soon(to_client)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # either side hung up
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # either side hung up (a nursery raises it in a group)
