@@ -93,6 +93,24 @@ RequestTimeoutOption = Annotated[
         help="Seconds before a request to the target counts as unanswered.",
     ),
 ]
+# What chaos and explore share: an embedded variant, the upstream's address, shrinking.
+EmulateOption = Annotated[
+    str | None,
+    typer.Option(help="Run the reference server as a known-broken variant.", metavar="VARIANT"),
+]
+UpstreamListenOption = Annotated[
+    str | None, typer.Option(help="HOST:PORT for the chaos upstream.", metavar="HOST:PORT")
+]
+ShrinkBudgetOption = Annotated[
+    float,
+    typer.Option(help="Seconds shrinking may take before it stops where it is.", metavar="SECONDS"),
+]
+ScenarioOutOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Where to write the shrunk scenario (default: in --out, or here).", metavar="FILE"
+    ),
+]
 TargetWaitOption = Annotated[
     float,
     typer.Option(
@@ -494,31 +512,16 @@ def chaos_command(
             help="Directory for history.jsonl, report.json and timeline.html.", metavar="DIR"
         ),
     ] = None,
-    emulate: Annotated[
-        str | None,
-        typer.Option(help="Run the reference server as a known-broken variant.", metavar="VARIANT"),
-    ] = None,
-    upstream_listen: Annotated[
-        str | None, typer.Option(help="HOST:PORT for the chaos upstream.", metavar="HOST:PORT")
-    ] = None,
+    emulate: EmulateOption = None,
+    upstream_listen: UpstreamListenOption = None,
     shrink: Annotated[
         bool,
         typer.Option(
             help="Shrink a failure to a minimal scenario that replays it with holds.", metavar=""
         ),
     ] = True,
-    shrink_budget: Annotated[
-        float,
-        typer.Option(
-            help="Seconds shrinking may take before it stops where it is.", metavar="SECONDS"
-        ),
-    ] = 60.0,
-    scenario_out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where to write the shrunk scenario (default: in --out, or here).", metavar="FILE"
-        ),
-    ] = None,
+    shrink_budget: ShrinkBudgetOption = 60.0,
+    scenario_out: ScenarioOutOption = None,
     profile: ProfileOption = None,
     flavor: FlavorOption = "openai",
     request_timeout: RequestTimeoutOption = 5.0,
@@ -610,29 +613,14 @@ def explore_command(
     json: Annotated[
         Path | None, typer.Option("--json", help="Write the JSON report here.", metavar="FILE")
     ] = None,
-    emulate: Annotated[
-        str | None,
-        typer.Option(help="Run the reference server as a known-broken variant.", metavar="VARIANT"),
-    ] = None,
-    upstream_listen: Annotated[
-        str | None, typer.Option(help="HOST:PORT for the chaos upstream.", metavar="HOST:PORT")
-    ] = None,
+    emulate: EmulateOption = None,
+    upstream_listen: UpstreamListenOption = None,
     shrink: Annotated[
         bool,
         typer.Option(help="Shrink the first failed cell to a scenario that replays it."),
     ] = True,
-    shrink_budget: Annotated[
-        float,
-        typer.Option(
-            help="Seconds shrinking may take before it stops where it is.", metavar="SECONDS"
-        ),
-    ] = 60.0,
-    scenario_out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where to write the shrunk scenario (default: in --out, or here).", metavar="FILE"
-        ),
-    ] = None,
+    shrink_budget: ShrinkBudgetOption = 60.0,
+    scenario_out: ScenarioOutOption = None,
     profile: ProfileOption = None,
     flavor: FlavorOption = "openai",
     request_timeout: RequestTimeoutOption = 5.0,

@@ -148,3 +148,21 @@ def test_a_server_that_commits_a_cut_stream_is_caught_and_shrunk(tmp_path: Path)
         runs + on_variant.stdout + on_reference.stdout
     )
     assert sessctl("chaos", "--stream-ratio", "1.5").returncode == 2
+
+
+async def test_chaos_answers_with_tool_calls_and_recovers_after_cuts() -> None:
+    """What exploration found chaos never did: tool-call answers, and a reset (a cut
+    mid-stream included) followed by a whole answer; the clean server stays valid."""
+    from harness.chaos.workload import ChaosSettings, run_chaos
+
+    settings = ChaosSettings(seed=5, ops=600, stream_ratio=0.5, fault_rate=0.6)
+    report = await run_chaos(settings)
+    assert report.result.verdict == "valid", report.result.findings[:1]
+    scripts = [op.script for op in report.history if op.op == "chat" and op.script]
+    assert any(isinstance(s[-1], dict) and s[-1].get("tool_call") for s in scripts)
+    recovering = [s for s in scripts if (len(s) == 2 and s[0] == "reset") or (
+        isinstance(s[0], dict) and "reset_after" in s[0] and len(s) == 2)]  # fmt: skip
+    assert recovering, "no reset followed by an answer"
+    assert any(isinstance(s[0], dict) for s in recovering), "no cut mid-stream then an answer"
+    # Some DELETEs went to a session with a held turn and a chat in flight.
+    assert any(op.to_busy_session is not None for plan in report.plans for op in plan)
