@@ -160,7 +160,8 @@ async def test_a_failed_cell_is_reported_by_cause_and_shrunk_to_a_scenario(
         "--cells", "held/get/text", "--out", str(out), "--shrink-budget", "30",
     )  # fmt: skip
     assert code == 1, text
-    assert "✗ held/writer-same/text" in text
+    assert "✗ 1 cell: " in text
+    assert "e.g. held/writer-same/text: " in text
     assert "FAIL: 2 cells: 1 passed, 1 failed" in text
     document = json.loads((out / "report.json").read_text())
     (failed,) = [c for c in document["cells"] if c["outcome"] == "failed"]

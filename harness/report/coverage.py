@@ -78,15 +78,30 @@ def render_coverage(console: Console, report: ExploreReport, what: str) -> None:
         "each entry: the worst of its engine behaviours (✗ failed, ? untested, ✓ passed, "
         "· not applicable) and how many cells had it; every cell is in the JSON and HTML"
     )
+    # Failed cells grouped by their first finding's kind: one explanation each, the
+    # cells named (the JSON and HTML have every explanation).
+    by_kind: dict[str, list[CellResult]] = defaultdict(list)
     for result in report.failed:
-        console.print(Text(f"✗ {result.cell.name}", style="bold red"), Text(f": {result.why}"))
+        by_kind[result.findings[0].kind if result.findings else "failed"].append(result)
+    for kind, results in by_kind.items():
+        label = PROPERTY_OF_FINDING.get(kind, kind)
+        line = Text(f"✗ {plural(len(results), 'cell')}: {kind} ({label}): ", style="bold red")
+        line.append(_names(results), style="")
+        console.print(line)
+        console.print(Text(f"  e.g. {results[0].cell.name}: {results[0].why}"), highlight=False)
     untested = Counter(r.why for r in report.results if r.outcome == "untested")
     for why, count in untested.most_common():
-        names = [r.cell.name for r in report.results if r.outcome == "untested" and r.why == why]
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        console.print(Text(f"? {plural(count, 'cell')} untested ({shown})", style="yellow"),
-                      Text(f": {why}"))  # fmt: skip
+        named = [r for r in report.results if r.outcome == "untested" and r.why == why]
+        line = Text(f"? {plural(count, 'cell')} untested ({_names(named)}): ", style="yellow")
+        line.append(why, style="")
+        console.print(line, highlight=False)
     console.print(summary(report))
+
+
+def _names(results: list[CellResult], shown: int = 3) -> str:
+    names = [r.cell.name for r in results]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def summary(report: ExploreReport) -> Text:
