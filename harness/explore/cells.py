@@ -57,8 +57,6 @@ BEHAVIOURS: dict[str, str] = {
 
 STREAMED = frozenset({"text-stream", "tool-call-stream", "cut-then-ok"})
 RELAY_PHASES = ("streaming", "last-chunk", "finished")
-GATED_PHASES = frozenset({"received", "next-request"})
-"""Phases placed by holding back the request body's last byte, not the engine."""
 
 _FIRST_FAILURE: dict[str, list[Any]] = {
     "503-then-ok": [{"status": 503}],
@@ -105,10 +103,6 @@ class Plan:
     stream: bool
     failures: int
     """Engine attempts scripted to fail before the one the phase is placed on."""
-    gated: bool
-    """The phase is placed by holding back the request body's last byte."""
-    held: bool
-    """The engine holds the call the phase is placed on (released by the harness)."""
 
 
 def all_cells() -> list[Cell]:
@@ -158,16 +152,9 @@ def plan(cell: Cell) -> Plan:
     """The turn's script; call only for an applicable cell."""
     tool_call = cell.behaviour.startswith("tool-call")
     if cell.behaviour == "garbage":
-        return Plan(["garbage"], False, 0, cell.phase in GATED_PHASES, False)
+        return Plan(["garbage"], False, 0)
     failures = list(_FIRST_FAILURE.get(cell.behaviour, []))
     success = dict(_SUCCESS_BY_PHASE.get(cell.phase, {"chunks": 3}))
     if tool_call:
         success["tool_call"] = True
-    held = cell.phase in _SUCCESS_BY_PHASE
-    return Plan(
-        [*failures, success],
-        cell.behaviour in STREAMED,
-        len(failures),
-        cell.phase in GATED_PHASES,
-        held,
-    )
+    return Plan([*failures, success], cell.behaviour in STREAMED, len(failures))
