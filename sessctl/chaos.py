@@ -45,9 +45,7 @@ def chaos(
     profile_option: str | None = None,
 ) -> int:
     """Run a chaos workload, check its history, shrink a failure; exit as `sessctl check`."""
-    url = parse_target(target).url if target else None
-    listen = listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0")
-    host, port = parse_listen(listen)
+    url, listen, host, port = target_and_upstream(target, listen)
     what = describe_target(url, emulate)
     console.print(
         f"chaos: seed {settings.seed}, "
@@ -133,6 +131,16 @@ def chaos(
         )
         return INTERRUPTED
     return CHECK_EXIT[report.result.verdict]
+
+
+def target_and_upstream(target: str | None, listen: str | None) -> tuple[str | None, str, str, int]:
+    """--target and --upstream-listen, parsed: the target's URL (None: embedded), and
+    where the chaos upstream listens (a fixed default an external server can be
+    wired to; any free port for the embedded one), as written and as host, port."""
+    url = parse_target(target).url if target else None
+    listen = listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0")
+    host, port = parse_listen(listen)
+    return url, listen, host, port
 
 
 def replay_command(

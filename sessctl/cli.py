@@ -93,7 +93,12 @@ RequestTimeoutOption = Annotated[
         help="Seconds before a request to the target counts as unanswered.",
     ),
 ]
-# What chaos and explore share: an embedded variant, the upstream's address, shrinking.
+# What chaos and explore share: one target, an embedded variant, the upstream's
+# address, shrinking.
+OneTargetOption = Annotated[
+    str | None,
+    typer.Option(help="Server under test, URL. Default: the reference server.", metavar="URL"),
+]
 EmulateOption = Annotated[
     str | None,
     typer.Option(help="Run the reference server as a known-broken variant.", metavar="VARIANT"),
@@ -475,10 +480,7 @@ def list_scenarios_command(
 
 @app.command("chaos")
 def chaos_command(
-    target: Annotated[
-        str | None,
-        typer.Option(help="Server under test, URL. Default: the reference server.", metavar="URL"),
-    ] = None,
+    target: OneTargetOption = None,
     seed: Annotated[int, typer.Option(help="Seeds every client's choices.", metavar="N")] = 1,
     ops: Annotated[
         int, typer.Option(help="Operations to run (ignored with --duration).", metavar="N")
@@ -588,10 +590,7 @@ def chaos_command(
 
 @app.command("explore")
 def explore_command(
-    target: Annotated[
-        str | None,
-        typer.Option(help="Server under test, URL. Default: the reference server.", metavar="URL"),
-    ] = None,
+    target: OneTargetOption = None,
     cells: Annotated[
         list[str] | None,
         typer.Option(

@@ -18,10 +18,9 @@ from harness.report.console import (
 )
 from harness.report.coverage import coverage_html, coverage_json, render_coverage
 
-from .chaos import replay_command
-from .defaults import DEFAULT_EXTERNAL_UPSTREAM
+from .chaos import replay_command, target_and_upstream
 from .interrupt import StopRequest, run_interruptibly
-from .run import INTERRUPTED, parse_listen, parse_target, write_json_file, writing
+from .run import INTERRUPTED, write_json_file, writing
 
 
 def explore(
@@ -37,9 +36,7 @@ def explore(
     profile_option: str | None = None,
 ) -> int:
     """Run the cells, show the coverage, write the reports; 0 no cell failed, 1 one did."""
-    url = parse_target(target).url if target else None
-    listen = listen or (DEFAULT_EXTERNAL_UPSTREAM if url else "127.0.0.1:0")
-    host, port = parse_listen(listen)
+    url, listen, host, port = target_and_upstream(target, listen)
     what = describe_target(url, emulate)
     console.print(f"explore: {len(settings.cells)} cells against {what}")
     stop = StopRequest()

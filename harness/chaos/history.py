@@ -47,6 +47,7 @@ from typing import Any
 from harness.errors import ScenarioFileError
 from harness.results import Observation, StreamEnd
 from harness.run.preflight import describe
+from harness.upstream.script import StepEvent
 
 OPS = frozenset({"create", "chat", "get", "delete"})
 
@@ -214,3 +215,9 @@ def stream_fields(observation: Observation) -> dict[str, Any]:
     if record.after_error:
         fields["after_error"] = list(record.after_error)
     return fields
+
+
+def upstream_events(events: Iterable[StepEvent], since: float) -> list[UpstreamEvent]:
+    """The upstream's events for one operation: those of its tag from its invocation on
+    (an exact retry shares the tag of the turn it retries)."""
+    return [UpstreamEvent(e.kind.value, e.at) for e in events if e.at >= since]

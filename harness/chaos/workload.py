@@ -36,7 +36,7 @@ from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.results import Observation, answer_of
 from harness.run.client import StreamProgress, TargetClient
 from harness.run.lifecycle import Lifecycle
-from harness.run.preflight import check_target
+from harness.run.preflight import require_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
@@ -48,7 +48,7 @@ from wire.engine import Flavor, completion_for
 from wire.ids import new_session_id
 
 from .case import PROPERTY_OF_FINDING, ScenarioText
-from .history import Operation, UpstreamEvent, recorded, stream_fields
+from .history import Operation, recorded, stream_fields, upstream_events
 from .linearizability import CheckResult, Finding, check_history
 from .shrink import Replayer, ShrinkResult, ShrinkSettings, shrink
 
@@ -234,7 +234,9 @@ class ChaosRun:
         history = [
             replace(
                 op,
-                upstream=self._events(self._op_tags[op.id], since=op.invoke),
+                upstream=upstream_events(
+                    self.upstream.events(self._op_tags[op.id]), since=op.invoke
+                ),
                 outwaited=[self._op_tags[op.id]] if op.id in self._outwaited_hangups else None,
                 answer_if_committed=self._answer_if_committed(op),
             )
@@ -565,7 +567,7 @@ class ChaosRun:
                 pending.outwaited.append(tag)
             if ticket in self._hung_up and await self._ignores_hang_up(tag):
                 self._outwaited_hangups.add(ticket)
-            elif session in self._deleted and self._call_in_flight(tag):
+            elif session in self._deleted and self.upstream.call_in_flight(tag):
                 await self._hung_up_on_within_patience(tag)
             self.upstream.release(tag)
             self._held[session] -= 1
@@ -577,11 +579,11 @@ class ChaosRun:
         """The chat's client has hung up: does the server still run its engine call
         ``PATIENCE`` later? A call not yet made is waited for as long: a server that
         makes it for a client who is gone runs the turn on too."""
-        if not self._call_in_flight(tag):
+        if not self.upstream.call_in_flight(tag):
             arrived = self.upstream.count(tag, EventKind.RECEIVED) + 1
             with trio.move_on_after(PATIENCE):
                 await self.upstream.wait_for(tag, EventKind.RECEIVED, arrived)
-            if not self._call_in_flight(tag):
+            if not self.upstream.call_in_flight(tag):
                 return False
         return not await self._hung_up_on_within_patience(tag)
 
@@ -590,31 +592,16 @@ class ChaosRun:
         on it, or it is answered because another attempt's hold on the same tag (an
         exact retry shares it) was released; either way the harness did not keep it
         held for this one."""
-        ended = self._ended_calls(tag) + 1
+        ended = self.upstream.ended_calls(tag) + 1
         with trio.move_on_after(PATIENCE):
-            await self.upstream.wait_until(lambda: self._ended_calls(tag) >= ended)
+            await self.upstream.wait_until(lambda: self.upstream.ended_calls(tag) >= ended)
             return True
         return False
-
-    def _ended_calls(self, tag: str) -> int:
-        ends = (EventKind.ANSWERED, EventKind.CANCELLED, EventKind.DROPPED)
-        return sum(self.upstream.count(tag, kind) for kind in ends)
-
-    def _call_in_flight(self, tag: str) -> bool:
-        """The upstream has a call for ``tag`` that has not ended yet."""
-        return self.upstream.count(tag, EventKind.RECEIVED) > self._ended_calls(tag)
 
     # -- the history ------------------------------------------------------------------------
 
     def _tag(self, ticket: int) -> str:
         return f"{self.run_id}.{ticket}"
-
-    def _events(self, tag: str, since: float) -> list[UpstreamEvent]:
-        """The upstream's events for this tag from the operation's invocation on
-        (an exact retry shares the tag of the turn it retries)."""
-        return [
-            UpstreamEvent(e.kind.value, e.at) for e in self.upstream.events(tag) if e.at >= since
-        ]
 
     def _record(
         self,
@@ -694,15 +681,13 @@ async def run_chaos(
         try:
             # A history of nothing but connection errors, or of a server that is
             # not wired to our upstream, would check as "valid".
-            problem = await check_target(
+            await require_target(
                 client,
                 upstream,
                 settings.profile,
                 wait=settings.target_wait,
                 external=target_url is not None,
             )
-            if problem is not None:
-                raise TargetUnreachable(problem)
             started = trio.current_time()
             run = ChaosRun(
                 client, upstream, settings, on_operation=on_operation, should_stop=should_stop

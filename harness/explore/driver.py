@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import trio
 
-from harness.chaos.history import Operation, UpstreamEvent, recorded, stream_fields
+from harness.chaos.history import Operation, recorded, stream_fields, upstream_events
 from harness.chaos.linearizability import Finding, check_history
 from harness.model.messages import message_key
 from harness.model.profile import Profile
@@ -440,7 +440,7 @@ class CellRun:
                 self._start_chat(
                     nursery,
                     session,
-                    (turn.messages or [])[:-1],
+                    [],  # an exact retry sends the turn's messages, whatever the base
                     "retry",
                     turn.script or ["respond"],
                     turn.stream,
@@ -496,12 +496,12 @@ class CellRun:
         """The turn's engine call is in flight (or its body is held back)."""
         if turn.gate is not None and not turn.gate.opened.is_set():
             return True
-        return turn.tag is not None and self._call_in_flight(turn.tag)
+        return turn.tag is not None and self.upstream.call_in_flight(turn.tag)
 
     async def _stopped_within_patience(self, turn: _InFlight) -> None:
         """The turn's client hung up: its engine call must end within PATIENCE."""
         tag = turn.tag or ""
-        if not self._call_in_flight(tag):
+        if not self.upstream.call_in_flight(tag):
             return
         with trio.move_on_after(PATIENCE):
             await self._until_call_ends(tag)
@@ -509,12 +509,7 @@ class CellRun:
         turn.outwaited.append(tag)
 
     async def _until_call_ends(self, tag: str) -> None:
-        await self.upstream.wait_until(lambda: not self._call_in_flight(tag))
-
-    def _call_in_flight(self, tag: str) -> bool:
-        ends = (EventKind.ANSWERED, EventKind.CANCELLED, EventKind.DROPPED)
-        ended = sum(self.upstream.count(tag, kind) for kind in ends)
-        return self.upstream.count(tag, EventKind.RECEIVED) > ended
+        await self.upstream.wait_until(lambda: not self.upstream.call_in_flight(tag))
 
     async def _let_go(self, turn: _InFlight) -> None:
         """Release the turn's hold; after an accepted DELETE, only once the server has
@@ -523,7 +518,7 @@ class CellRun:
         turn that was stopped."""
         for held in filter(None, (self._blocker, turn)):
             tag = held.tag or ""
-            if self._deleted and self._call_in_flight(tag):
+            if self._deleted and self.upstream.call_in_flight(tag):
                 with trio.move_on_after(PATIENCE):
                     await self._until_call_ends(tag)
             self.upstream.release(tag)
@@ -532,7 +527,7 @@ class CellRun:
                 # the engine; once the blocker is through, the server has had its chance.
                 await held.done.wait()
                 await self.client.settle()
-                if self._call_in_flight(turn.tag or ""):
+                if self.upstream.call_in_flight(turn.tag or ""):
                     await self._stopped_within_patience(turn)
         if turn.gate is not None:
             turn.gate.open()
@@ -729,19 +724,18 @@ class CellRun:
             if request.op == "chat":
                 tag = request.tag or ""
                 answers = self.upstream.answers(tag)
-                predicted = completion_for(request.body or {}, flavor=self.flavor)
                 fields = {
                     "messages": request.messages,
                     "answer": answer_of(observation),
+                    # What it committed, if it did: the engine's last answer, else the
+                    # deterministic one it would give.
                     "answer_if_committed": answers[-1]
                     if answers
-                    else predicted["choices"][0]["message"],
-                    "script": request.script,
-                    "upstream": [
-                        UpstreamEvent(e.kind.value, e.at)
-                        for e in self.upstream.events(tag)
-                        if e.at >= observation.started
+                    else completion_for(request.body or {}, flavor=self.flavor)["choices"][0][
+                        "message"
                     ],
+                    "script": request.script,
+                    "upstream": upstream_events(self.upstream.events(tag), observation.started),
                     **(stream_fields(observation) if request.stream else {}),
                 }
             elif request.op == "get":

@@ -18,10 +18,10 @@ from harness.chaos.workload import (
     shrink_on,
     unshrinkable,
 )
-from harness.errors import TargetUnreachable, UsageError
+from harness.errors import UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.run.client import TargetClient
-from harness.run.preflight import check_target
+from harness.run.preflight import require_target
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig, serve
 from refserver.upstream import RetryPolicy
@@ -117,15 +117,13 @@ async def run_explore(
         )
         started = trio.current_time()
         try:
-            problem = await check_target(
+            await require_target(
                 client,
                 upstream,
                 settings.profile,
                 wait=settings.target_wait,
                 external=target_url is not None,
             )
-            if problem is not None:
-                raise TargetUnreachable(problem)
             limiter = trio.CapacityLimiter(settings.parallel)
 
             async def one(index: int, cell: Cell) -> None:

@@ -28,6 +28,7 @@ import re
 
 import trio
 
+from harness.errors import TargetUnreachable
 from harness.model.profile import Profile
 from harness.results import Observation
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -67,6 +68,21 @@ async def check_target(
     if problem is not None:
         return f"{client.base_url} is unreachable: {problem}"
     return await check_session_server(client, chaos, profile) if external else None
+
+
+async def require_target(
+    client: TargetClient,
+    chaos: ChaosUpstream,
+    profile: Profile,
+    *,
+    wait: float,
+    external: bool = True,
+) -> None:
+    """``check_target``, for a command that cannot go on without the target: a
+    problem is raised as TargetUnreachable (exit 3), quoting what it answered."""
+    problem = await check_target(client, chaos, profile, wait=wait, external=external)
+    if problem is not None:
+        raise TargetUnreachable(problem)
 
 
 async def check_session_server(

@@ -124,6 +124,15 @@ class ChaosUpstream:
     def calls(self, tag: str) -> int:
         return self._calls.get(tag, 0)
 
+    def ended_calls(self, tag: str) -> int:
+        """Calls for ``tag`` that ended: answered, cancelled (hung up on) or dropped."""
+        ends = (EventKind.ANSWERED, EventKind.CANCELLED, EventKind.DROPPED)
+        return sum(self.count(tag, kind) for kind in ends)
+
+    def call_in_flight(self, tag: str) -> bool:
+        """A call for ``tag`` was received and has not ended yet."""
+        return self.count(tag, EventKind.RECEIVED) > self.ended_calls(tag)
+
     async def wait_for(self, tag: str, kind: EventKind, count: int = 1) -> None:
         await self.wait_until(lambda: self.count(tag, kind) >= count)
 
