@@ -198,3 +198,22 @@ async def test_bad_options_are_usage_errors() -> None:
     assert code == 0
     for name in ("retry-wait", "writer-divergent", "cut-then-ok"):
         assert name in text
+
+
+async def test_run_scenarios_names_what_follows_an_error_event(tmp_path: Path) -> None:
+    """The check exploration added to every streamed step, as a user meets it: a
+    [DONE] after the error event is its own finding, not the scenario's headline."""
+    report = tmp_path / "report.json"
+    code, text = await sessctl_cli(
+        "run-scenarios", "scenarios/32-stream-cut-then-engine-recovers.yaml",
+        "--emulate", "done-after-error", "--json", str(report),
+    )  # fmt: skip
+    assert code == 1, text
+    assert "after it came [DONE]" in text
+    document = json.loads(report.read_text())
+    labels = {f["label"] for s in document["scenarios"] for r in s["runs"] for f in r["failures"]}
+    assert "a stream goes on after its error event" in labels
+    code, text = await sessctl_cli(
+        "run-scenarios", "scenarios/32-stream-cut-then-engine-recovers.yaml"
+    )
+    assert code == 0, text
