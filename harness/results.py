@@ -145,6 +145,9 @@ class Observation:
     unreachable: bool = False
     """No connection could be made (refused, no route): the target is down, which
     sessctl cannot judge; any other missing answer is the server's fault."""
+    sent: float | None = None
+    """When its first bytes went out (None: they never did). Later than ``started``
+    by the time it queued in the harness for a connection."""
 
     @property
     def succeeded(self) -> bool:

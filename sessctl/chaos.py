@@ -30,6 +30,8 @@ from .interrupt import StopRequest, run_interruptibly
 from .run import INTERRUPTED, parse_listen, parse_target, write_json_file, writing
 
 CHECK_EXIT = {"valid": 0, "invalid": 1, "unknown": 4}
+LAG_WORTH_SAYING = 0.1
+"""The share of a run the harness lagged that the report mentions."""
 
 
 def chaos(
@@ -80,6 +82,12 @@ def chaos(
         f"{len(report.history)} operations in {report.elapsed:.1f} s "
         f"({report.ops_per_second:.0f} ops/s); checked in {report.check_seconds:.2f} s"
     )
+    if report.lag >= LAG_WORTH_SAYING * report.elapsed:
+        console.print(
+            f"the harness lagged: for {report.lag:.1f} s of the run its event loop was too "
+            "busy to look, and patience (2 s for a DELETE or a hang-up) was not counted "
+            "then; fewer --clients would run as many operations per second"
+        )
     render_check(console, report.result, "history")
     if out is not None:
         with writing(out):
@@ -171,6 +179,12 @@ def scenario_file(shrunk: ShrinkResult, settings: ChaosSettings, against: str, r
 
 def chaos_report(report: ChaosReport, scenario_path: Path | None) -> dict[str, object]:
     document = check_report(report.result)
+    document["run"] = {
+        "seconds": round(report.elapsed, 3),
+        "operations_per_second": round(report.ops_per_second, 1),
+        "check_seconds": round(report.check_seconds, 3),
+        "harness_lag_seconds": round(report.lag, 3),
+    }
     if report.shrink_skipped is not None:
         document["shrink_skipped"] = report.shrink_skipped
     shrunk = report.shrunk

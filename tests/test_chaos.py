@@ -166,3 +166,26 @@ async def test_chaos_answers_with_tool_calls_and_recovers_after_cuts() -> None:
     assert any(isinstance(s[0], dict) for s in recovering), "no cut mid-stream then an answer"
     # Some DELETEs went to a session with a held turn and a chat in flight.
     assert any(op.to_busy_session is not None for plan in report.plans for op in plan)
+
+
+async def test_a_delete_that_waits_for_the_engine_is_caught() -> None:
+    # Patience is counted from when the DELETE left, on a clock that slows when
+    # the harness lags: a server whose DELETE waits is still caught.
+    report = await run_chaos(ChaosSettings(seed=1, ops=2000), emulate="delete-waits")
+    assert report.result.verdict == "invalid"
+    assert {f.kind for f in report.result.findings} == {"delete-waits"}
+    finding = next(f for f in report.result.findings if f.kind == "delete-waits")
+    assert "2 s after the DELETE was sent it still had no answer" in finding.explanation
+
+
+async def test_three_hundred_clients_raise_no_false_alarm() -> None:
+    # Hundreds of clients in one trio loop make every request wait its turn in
+    # the harness: a DELETE answered at once is read seconds later. Before the
+    # patience counted from a request's departure on the harness's own clock,
+    # this size gave false delete-waits findings beside busy loops.
+    settings = ChaosSettings(seed=2, ops=1800, clients=300, sessions=300, stream_ratio=0.3)
+    report = await run_chaos(settings)
+    assert report.result.verdict == "valid", report.result.findings[:3]
+    assert any(op.op == "delete" for op in report.history)
+    # Each operation's invocation is when its bytes left, never before it started.
+    assert all(op.invoke >= 0 for op in report.history)

@@ -28,7 +28,8 @@ when it completed (monotonic seconds), its arguments and what came back::
 * ``after_error`` (chat): what the client read after its stream's error event,
   which ends a stream (``[DONE]``, a data event); nothing may follow one.
 * ``outwaited`` (delete): the tags of held upstream calls that were released
-  only because this DELETE had not been answered within 2 s of patience;
+  only because this DELETE had not been answered within 2 s of patience
+  (counted from when it was sent, on ``harness.run.patience``'s clock);
   (chat): its tag, if its client hung up and the server had not stopped its
   held upstream call 2 s later.
 * ``script`` (chat): the upstream script the chaos upstream played for it;
@@ -196,7 +197,8 @@ def recorded(
         client=client,
         op=op,
         session=session,
-        invoke=observation.started,
+        # From when it left: the server cannot have acted on it before.
+        invoke=observation.sent if observation.sent is not None else observation.started,
         complete=None if unknown else observation.ended,
         status=observation.status,
         **fields,

@@ -31,7 +31,8 @@ Beside linearizability, these invariants are checked on the raw history:
   unless another chat with the same messages may have committed it);
 * DELETE does not wait for the engine: a DELETE that the harness had to
   outwait (a held upstream call of its session was released only because the
-  DELETE had gone unanswered for 2 s; see ``workload.DELETE_PATIENCE``);
+  DELETE had gone unanswered for 2 s after it was sent, the harness's own lag
+  not counted; see ``workload.PATIENCE`` and ``harness.run.patience``);
 * a hang-up stops the turn: a chat whose client hung up while its upstream
   call was held, and whose server had not hung up on that call 2 s later;
 * no LLM work leaks: an upstream call that a server makes after a DELETE of
@@ -677,8 +678,8 @@ def _delete_waits(session: str, ops: list[Operation]) -> Iterable[Finding]:
             "delete-waits",
             session,
             f"{delete.describe()} was not answered while the engine call of "
-            f"{', '.join(c.describe() for c in held) or 'a chat'} was held; it waited until "
-            "the harness released the call after 2 s",
+            f"{', '.join(c.describe() for c in held) or 'a chat'} was held; 2 s after the "
+            "DELETE was sent it still had no answer, and the harness released the call",
             tuple(sorted((delete, *held), key=lambda o: o.invoke)),
         )
 

@@ -36,6 +36,7 @@ from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.results import Observation, answer_of
 from harness.run.client import StreamProgress, TargetClient
 from harness.run.lifecycle import Lifecycle
+from harness.run.patience import HarnessClock
 from harness.run.preflight import require_target
 from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
@@ -163,6 +164,9 @@ milliseconds whatever the hold does."""
 
 @dataclass
 class _PendingDelete:
+    sent: trio.Event = field(default_factory=trio.Event)
+    """Its first bytes went out (or it ended without sending any): patience counts
+    from here, not from a moment it spent queued in the harness."""
     answered: trio.Event = field(default_factory=trio.Event)
     outwaited: list[str] = field(default_factory=list)
     """Tags of held calls released because this DELETE was not answered in time."""
@@ -215,12 +219,15 @@ class ChaosRun:
         """Session -> its chats whose engine call is held, not yet released."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
+        self.clock = HarnessClock()
+        """What patience is counted on: it slows down when the harness lags."""
 
     async def run(self) -> list[Operation]:
         deadline = self.settings.duration
         with trio.move_on_after(deadline if deadline is not None else float("inf")):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.clock.run)
                 async with trio.open_nursery() as clients:
                     for client in self.clients:
                         clients.start_soon(self._client_loop, client)
@@ -489,10 +496,11 @@ class ChaosRun:
         pending = self._pending_deletes[session] = _PendingDelete()
         observation: Observation | None = None
         try:
-            observation = await self.lifecycle.end("chaos", session)
+            observation = await self.lifecycle.end("chaos", session, on_sent=pending.sent.set)
         finally:
             if observation is not None and observation.status in range(200, 300):
                 self._deleted.add(session)
+            pending.sent.set()
             pending.answered.set()
             if self._pending_deletes.get(session) is pending:
                 del self._pending_deletes[session]
@@ -560,11 +568,12 @@ class ChaosRun:
             await trio.sleep(after)
             pending = self._pending_deletes.get(session)
             if pending is not None:
-                with trio.move_on_after(PATIENCE):
-                    await pending.answered.wait()
-                    pending = None
-            if pending is not None:
-                pending.outwaited.append(tag)
+                await pending.sent.wait()
+                answered = await self.clock.within(PATIENCE, pending.answered.wait)
+                # Only a call the server is still making can be what a DELETE waits
+                # for (a chat refused 404 never made one).
+                if not answered and self.upstream.call_in_flight(tag):
+                    pending.outwaited.append(tag)
             if ticket in self._hung_up and await self._ignores_hang_up(tag):
                 self._outwaited_hangups.add(ticket)
             elif session in self._deleted and self.upstream.call_in_flight(tag):
@@ -581,8 +590,9 @@ class ChaosRun:
         makes it for a client who is gone runs the turn on too."""
         if not self.upstream.call_in_flight(tag):
             arrived = self.upstream.count(tag, EventKind.RECEIVED) + 1
-            with trio.move_on_after(PATIENCE):
-                await self.upstream.wait_for(tag, EventKind.RECEIVED, arrived)
+            await self.clock.within(
+                PATIENCE, partial(self.upstream.wait_for, tag, EventKind.RECEIVED, arrived)
+            )
             if not self.upstream.call_in_flight(tag):
                 return False
         return not await self._hung_up_on_within_patience(tag)
@@ -593,10 +603,10 @@ class ChaosRun:
         exact retry shares it) was released; either way the harness did not keep it
         held for this one."""
         ended = self.upstream.ended_calls(tag) + 1
-        with trio.move_on_after(PATIENCE):
-            await self.upstream.wait_until(lambda: self.upstream.ended_calls(tag) >= ended)
-            return True
-        return False
+        return await self.clock.within(
+            PATIENCE,
+            partial(self.upstream.wait_until, lambda: self.upstream.ended_calls(tag) >= ended),
+        )
 
     # -- the history ------------------------------------------------------------------------
 
@@ -629,6 +639,9 @@ class ChaosReport:
     shrink_attempted: bool = False
     shrink_skipped: str | None = None
     """Why a failure was not shrunk although shrinking was asked for."""
+    lag: float = 0.0
+    """Seconds the harness's event loop was too busy to look, which its patience
+    did not count (``harness.run.patience``): the sign of a harness at its limit."""
     interrupted: bool = False
     """Stopped early (Ctrl-C): the history is what ran until then."""
 
@@ -677,6 +690,8 @@ async def run_chaos(
             url,
             request_timeout=settings.request_timeout,
             health_path=settings.profile.health_path,
+            # Each client has one request in flight; preflight and settling one more.
+            connections=max(256, settings.clients + 16),
         )
         try:
             # A history of nothing but connection errors, or of a server that is
@@ -696,6 +711,7 @@ async def run_chaos(
             _check_not_vacuous(history, url)
             plans = [list(c.plan) for c in run.clients]
             elapsed = trio.current_time() - started
+            lag = run.clock.lag
         finally:
             await client.aclose()
         checked = trio.current_time()
@@ -737,6 +753,7 @@ async def run_chaos(
         attempt,
         shrink_skipped=skipped,
         interrupted=should_stop(),
+        lag=lag,
     )
 
 

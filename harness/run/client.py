@@ -97,6 +97,7 @@ class TargetClient:
         request_timeout: float,
         in_process: bool = False,
         health_path: str | None = "/healthz",
+        connections: int = 256,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.in_process = in_process
@@ -106,11 +107,13 @@ class TargetClient:
         self.health_path = health_path or "/"
         self._timeout = request_timeout
         # A server that misbehaves may leave a pooled connection half-dead;
-        # a small pool with short keep-alive limits the blast radius.
+        # few kept-alive connections limit the blast radius. ``connections`` is
+        # at least the requests the caller keeps in flight: a request queued
+        # behind the harness's own pool would look like a server that waits.
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(request_timeout),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=64),
         )
 
     @property
@@ -132,12 +135,15 @@ class TargetClient:
         raw_body: bytes | None = None,
         headers: dict[str, str] | None = None,
         gate: BodyGate | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> Observation:
-        """One request; with ``gate``, its JSON body's last byte waits for the gate."""
+        """One request; with ``gate``, its JSON body's last byte waits for the gate.
+        ``on_sent`` is called as its first bytes go out (``Observation.sent``)."""
         request = SentRequest.of(
             method, self.base_url + path, self._redacted(json_body), raw_body, self._shown(headers)
         )
         started = trio.current_time()
+        departure = _Departure(on_sent)
         retried_after: str | None = None
         for attempt in (1, 2):
             headers_arrived = False
@@ -152,6 +158,7 @@ class TargetClient:
                     content=content,
                     json=json_body if content is None else None,
                     headers=sent_headers,
+                    extensions=departure.extensions,
                 ) as response:
                     headers_arrived = True
                     await response.aread()
@@ -163,9 +170,9 @@ class TargetClient:
                 if attempt == 1 and not headers_arrived:
                     retried_after = _reason(error, self._timeout)
                     continue
-                return self._failed(step, op, request, started, error, retried_after)
+                return self._failed(step, op, request, started, error, retried_after, departure)
             except httpx.HTTPError as error:
-                return self._failed(step, op, request, started, error, retried_after)
+                return self._failed(step, op, request, started, error, retried_after, departure)
             break
         ended = trio.current_time()
         return Observation(
@@ -177,6 +184,7 @@ class TargetClient:
             ended,
             _body(response),
             retried_after=retried_after,
+            sent=departure.at,
         )
 
     async def send_stream(
@@ -199,11 +207,13 @@ class TargetClient:
             "POST", self.base_url + path, json_body, None, self._shown(headers)
         )
         started = trio.current_time()
+        departure = _Departure(None)
         try:
             sent: dict[str, Any] = {"json": json_body, "headers": dict(headers or {})}
             if gate is not None:
                 content, sized = gate.request(json_body, headers)
                 sent = {"content": content, "headers": sized}
+            sent["extensions"] = departure.extensions
             async with httpx_sse.aconnect_sse(self._client, "POST", path, **sent) as source:
                 response = source.response
                 is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
@@ -216,7 +226,7 @@ class TargetClient:
                 else:
                     body, stream = await _read_stream(source, progress, hang_up_after)
         except httpx.HTTPError as error:
-            return self._failed(step, "chat", request, started, error, None)
+            return self._failed(step, "chat", request, started, error, None, departure)
         finally:
             progress.ended = True
             progress._changed()
@@ -229,6 +239,7 @@ class TargetClient:
             trio.current_time(),
             body,
             stream=stream,
+            sent=departure.at,
         )
 
     def _redacted(self, value: Any) -> Any:
@@ -257,6 +268,7 @@ class TargetClient:
         started: float,
         error: httpx.HTTPError,
         retried_after: str | None,
+        departure: _Departure,
     ) -> Observation:
         return Observation(
             step,
@@ -270,6 +282,7 @@ class TargetClient:
             # Refused or unroutable: the target is down, which is not a fault
             # sessctl can judge; anything else happened on a server that was up.
             unreachable=isinstance(error, httpx.ConnectError),
+            sent=departure.at,
         )
 
     async def settle(self) -> None:
@@ -291,6 +304,24 @@ class TargetClient:
         except httpx.HTTPError as error:
             return f"{type(error).__name__}: {error or 'no answer'}"
         return None
+
+
+class _Departure:
+    """When a request's first bytes went out, from httpcore's trace extension: after
+    the connection pool gave it a connection, so a request queued in the harness
+    has not left. The first attempt counts (a retried one may have reached the
+    server too)."""
+
+    def __init__(self, on_sent: Callable[[], None] | None) -> None:
+        self.at: float | None = None
+        self._on_sent = on_sent
+        self.extensions = {"trace": self._trace}
+
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if self.at is None and event.endswith("send_request_headers.started"):
+            self.at = trio.current_time()
+            if self._on_sent is not None:
+                self._on_sent()
 
 
 async def _read_stream(

@@ -12,6 +12,7 @@ that scenarios, pre-flight and chaos never name a route themselves.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,8 +65,13 @@ class Lifecycle:
         self._agents[session] = agent
         return Created(observation, session, agent)
 
-    async def end(self, step: str, session: str) -> Observation:
-        return await self._call(step, "delete", self.profile.end, self._values(session=session))
+    async def end(
+        self, step: str, session: str, *, on_sent: Callable[[], None] | None = None
+    ) -> Observation:
+        """End ``session``; ``on_sent`` is called as the request's first bytes go out."""
+        return await self._call(
+            step, "delete", self.profile.end, self._values(session=session), on_sent=on_sent
+        )
 
     async def read(self, step: str, session: str) -> tuple[Observation, TrajectoryState]:
         """Read a session's trajectory the profile's way. A tree whose read shows
@@ -95,7 +101,14 @@ class Lifecycle:
             values["admin_key"] = self._admin_key
         return values
 
-    async def _call(self, step: str, op: str, route: Route, values: dict[str, str]) -> Observation:
+    async def _call(
+        self,
+        step: str,
+        op: str,
+        route: Route,
+        values: dict[str, str],
+        on_sent: Callable[[], None] | None = None,
+    ) -> Observation:
         headers = {name: fill(value, values) for name, value in route.headers.items()}
         body: Any = fill(route.body, values) if route.body is not None else None
         return await self.client.send(
@@ -105,6 +118,7 @@ class Lifecycle:
             fill(route.path, values),
             json_body=body,
             headers=headers or None,
+            on_sent=on_sent,
         )
 
 
