@@ -35,8 +35,8 @@ from wire.errors import (
 from wire.protocol import ChatRequest, parse_chat_request
 from wire.streaming import error_event
 
-from .hypercorn_compat import DISCONNECT, ClientGone
 from .service import SessionService
+from .transport.hypercorn_compat import DISCONNECT, ClientGone
 
 logger = logging.getLogger("refserver")
 access_logger = logging.getLogger("refserver.access")

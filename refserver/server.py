@@ -21,12 +21,12 @@ from starlette.types import ASGIApp
 
 from wire.protocol import ChatRequest, parse_chat_request
 
-from . import hypercorn_compat
 from .app import HttpLimits, create_app
-from .engine_http import EngineConnections
 from .fake_upstream import create_fake_upstream_app
-from .hypercorn_compat import ProtocolLimits
 from .service import SessionService
+from .transport import hypercorn_compat
+from .transport.engine_http import EngineConnections
+from .transport.hypercorn_compat import ProtocolLimits
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
 

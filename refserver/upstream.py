@@ -32,7 +32,7 @@ from wire.errors import InvalidRequest, StreamCut, UpstreamError, UpstreamTimeou
 from wire.protocol import check_message
 from wire.streaming import ChunkRefused, EventReader, StreamAssembler, event, replay_chunks
 
-from .engine_http import EngineConnections, EngineResponse, EngineTransportError
+from .transport.engine_http import EngineConnections, EngineResponse, EngineTransportError
 
 Answer = TypeVar("Answer")
 

@@ -19,12 +19,12 @@ from rich.text import Text
 from harness.errors import HarnessError
 from harness.model.builtin_profiles import builtin_profiles
 from refserver import RunningServer, ServerConfig
-from refserver.engine_http import base_url_problem
 from refserver.server import (
     capacity_hints,
     default_max_turns_in_flight,
     serve_until_signalled,
 )
+from refserver.transport.engine_http import base_url_problem
 from refserver.variants import VARIANTS
 from wire.engine import FLAVORS, Flavor
 

@@ -32,7 +32,7 @@ from harness.run.profile_probe import ProbeOptions, check_profile
 from harness.run.runner import RunSettings
 from harness.run.selftest import run_selftest
 from harness.run.suite import EMBEDDED, SuiteSettings, Target, run_suite
-from refserver.engine_http import base_url_problem
+from refserver.transport.engine_http import base_url_problem
 from wire.engine import Flavor
 
 from .defaults import DEFAULT_EXTERNAL_UPSTREAM

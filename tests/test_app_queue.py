@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from refserver.hypercorn_compat import _AppQueue
+from refserver.transport.hypercorn_compat import _AppQueue
 
 
 async def test_messages_come_out_in_order_and_get_waits_for_one() -> None:

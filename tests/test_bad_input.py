@@ -25,9 +25,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from refserver.app import HttpLimits, create_app
-from refserver.engine_http import EngineConnections
 from refserver.server import RunningServer, serve_asgi
 from refserver.service import SessionService
+from refserver.transport.engine_http import EngineConnections
 from refserver.upstream import HttpUpstream
 
 from .conftest import FAST_RETRY, HANG_GUARD, Api, ServerStarter, user

@@ -17,9 +17,9 @@ import trio.testing
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker
 from refserver.app import create_app
-from refserver.engine_http import EngineConnections
 from refserver.server import AGENT_KEEPALIVE, RunningServer, ServerConfig, serve, serve_asgi
 from refserver.service import SessionService
+from refserver.transport.engine_http import EngineConnections
 from refserver.upstream import HttpUpstream
 
 from .conftest import FAST_RETRY, HANG_GUARD, Api, ServerStarter, user

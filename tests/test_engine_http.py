@@ -1,4 +1,4 @@
-"""The engine client (``refserver/engine_http.py``) against a raw HTTP/1.1 peer.
+"""The engine client (``refserver/transport/engine_http.py``) against a raw HTTP/1.1 peer.
 
 The peer is a few lines on trio sockets, so each test decides exactly what the
 engine does with its connection: answer and keep it, close it while idle,
@@ -18,7 +18,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refserver.engine_http import EngineConnections, EngineTransportError, base_url_problem
+from refserver.transport.engine_http import (
+    EngineConnections,
+    EngineTransportError,
+    base_url_problem,
+)
 from wire.streaming import EventReader
 
 from .conftest import HANG_GUARD

@@ -1,4 +1,4 @@
-"""What ``refserver/hypercorn_compat.py`` takes from hypercorn's internals is still there.
+"""What ``refserver/transport/hypercorn_compat.py`` takes from hypercorn's internals is still there.
 
 It wraps private methods of hypercorn 0.18 and copies its connection task's
 ``run``; ``pyproject.toml`` pins hypercorn to the releases it was written
@@ -67,16 +67,18 @@ def test_each_internal_hypercorn_compat_wraps_is_there_as_it_was(
 ) -> None:
     where = f"hypercorn {version('hypercorn')}: {getattr(owner, '__name__', owner)}.{name}"
     member = getattr(owner, name, None)
-    assert member is not None, f"{where} is gone; refserver/hypercorn_compat.py wraps it"
+    assert member is not None, f"{where} is gone; refserver/transport/hypercorn_compat.py wraps it"
     found = list(inspect.signature(member).parameters)
     assert found == parameters, (
-        f"{where} now takes {found}, not {parameters}; update refserver/hypercorn_compat.py"
+        f"{where} now takes {found}, not {parameters}; "
+        "update refserver/transport/hypercorn_compat.py"
     )
 
 
 def test_the_constant_the_connection_task_reads_with_is_there() -> None:
     assert isinstance(getattr(tcp_server, "MAX_RECV", None), int), (
-        "hypercorn.trio.tcp_server.MAX_RECV is gone; refserver/hypercorn_compat.py reads with it"
+        "hypercorn.trio.tcp_server.MAX_RECV is gone; "
+        "refserver/transport/hypercorn_compat.py reads with it"
     )
 
 
@@ -84,5 +86,5 @@ def test_the_installed_release_is_one_the_pin_admits() -> None:
     major, minor = (int(part) for part in version("hypercorn").split(".")[:2])
     assert (major, minor) == (0, 18), (
         f"hypercorn {version('hypercorn')} is installed; pyproject.toml pins >=0.18,<0.19, "
-        "the releases refserver/hypercorn_compat.py is written against"
+        "the releases refserver/transport/hypercorn_compat.py is written against"
     )

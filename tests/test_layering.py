@@ -116,6 +116,12 @@ def _rule_broken(module: str, target: str) -> str | None:
         return "the wire formats are below both the server and the harness"
     if top == "refserver" and target_top not in ("refserver", "wire"):
         return "the reference server stays blind to the harness and the CLI"
+    if (
+        module.startswith("refserver.transport")
+        and target_top == "refserver"
+        and not target.startswith("refserver.transport")
+    ):
+        return "the transport is below the specification it carries"
     if top == "harness" and target_top == "refserver" and target not in HARNESS_MAY_EMBED:
         return "the harness embeds the reference server; what both read is in wire"
     if top == "harness" and target_top == "sessctl":
@@ -188,6 +194,7 @@ def test_every_harness_part_says_what_it_owns_and_may_import() -> None:
         ("harness.chaos.case", "from ..report import timeline", "chaos is below report"),
         ("harness.run.checks", "from refserver.rules import comparable", "what both read"),
         ("wire.rules", "from refserver.service import SessionService", "below both"),
+        ("refserver.transport.engine_http", "from ..service import X", "below the specification"),
     ],
 )
 def test_a_wrong_arrow_is_caught(module: str, source: str, expected: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from refserver.socket_io import receive
+from refserver.transport.socket_io import receive
 
 
 def tcp_pair() -> tuple[trio.socket.SocketType, socket.socket]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import trio
 
 from refserver.app import create_app
-from refserver.engine_http import EngineConnections
 from refserver.server import serve_asgi
 from refserver.service import SessionService
+from refserver.transport.engine_http import EngineConnections
 from refserver.upstream import HttpUpstream, RetryPolicy
 from wire.errors import InvalidRequest
 from wire.protocol import ChatRequest, parse_chat_request

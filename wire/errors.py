@@ -29,7 +29,7 @@ Hierarchy::
 The reference server raises them; the parsers of this package raise
 ``InvalidRequest``; the harness reads their ``error_type`` names. Foreign
 exceptions (sockets and h11 toward the engine, JSON decoding) are translated at
-the boundary that meets them (``refserver/engine_http.py`` into its
+the boundary that meets them (``refserver/transport/engine_http.py`` into its
 ``EngineTransportError``, which ``refserver/upstream.py`` turns into these;
 ``refserver/app.py``) and nowhere else.
 """
