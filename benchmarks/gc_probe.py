@@ -61,7 +61,8 @@ def _report(path: Path) -> None:
     gc.collect()
     full_s = time.perf_counter() - started
     gc.callbacks.append(_timed)
-    report = {"collections": generations, "tracked": len(gc.get_objects()), "full_s": full_s}
+    tracked = len(gc.get_objects()) + gc.get_freeze_count()  # frozen ones are not listed
+    report = {"collections": generations, "tracked": tracked, "full_s": full_s}
     written = path.with_suffix(".tmp")
     written.write_text(json.dumps(report))
     written.replace(path)  # whole, or not there yet, for the reader polling it

@@ -242,7 +242,7 @@ FAKE_UPSTREAM = (
 def upstream_process(kind: str) -> Iterator[str]:
     if kind == "chaos":
         with sessctl_process(
-            "upstream", "--listen", "127.0.0.1:0", url_prefix="point a session server"
+            "upstream", "--listen", "127.0.0.1:0", url_prefix="chaos upstream"
         ) as child:
             yield child.url
         return

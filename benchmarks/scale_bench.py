@@ -1,26 +1,37 @@
 """Scale: thousands of turns held at the engine, and DELETE still answers at once.
 
     python benchmarks/scale_bench.py [--levels 1,100,1000,10000] [--samples 50] [--gc]
+                                     [--churn 20] [--server-args "--python-gc"]
 
 The server (``sessctl serve``, default settings), the chaos upstream (``sessctl
 upstream``) and this load generator each run in their own process. At each
 level L, L chats are sent on L sessions, every one held at the upstream (one
 marker, one ``hold`` script), and the level is reached when the upstream has
-received all L. Then, still at level L, ``--samples`` times: one more chat is
-held on a fresh session, and GET /healthz (the baseline) and the DELETE of that
-session are timed, interleaved. Reported per level: the time to reach it, the
-server's RSS, DELETE and healthz percentiles, and turns lost (a held chat that
-did not end in 410 when its session was deleted, or a connection error).
+received all L. A DELETE is timed three ways, each time of a chat held on a
+fresh session, each beside GET /healthz (the baseline) timed just before it:
+
+- while the L chats arrive (the ramp), for as long as it lasts: where the
+  garbage collector's full collections used to stop the server;
+- at the level, ``--samples`` times;
+- at the last level, for ``--churn`` seconds while 8 agents run whole turns
+  (create, chat, delete) beside the held ones; the server's RSS is read each
+  minute (``--churn 600`` is the ten-minute soak).
+
+Reported per level: the time to reach it, the server's RSS, DELETE and healthz
+percentiles and the longest DELETE, and turns lost (a held chat that did not
+end in 410 when its session was deleted, or a connection error).
 
 The server admits ``--max-turns-in-flight`` turns (by default what the open-file
 limit allows, two descriptors a turn); a level above that is capped to it and
-the output says so. Goal (issue 15): DELETE p99 <= 20 ms and <= 3x healthz p99
-at every level, 0 lost, RSS <= 300 MB.
+the output says so. Goals (issues 15 and 31): DELETE p99 <= 20 ms and <= 3x
+healthz p99 everywhere, 0 lost, RSS <= 300 MB.
 
 ``--gc`` runs the server under ``benchmarks/gc_probe.py`` and adds, per level,
 the garbage collections the server ran while the level was reached (count,
-total, longest, per generation), its tracked objects, and the time of one
-full collection at that level; the idle server's is the baseline.
+total, longest, per generation: the longest pause), its tracked objects, and
+the time a collection (``gc.collect()``) takes then. ``--server-args
+--python-gc`` runs the server with CPython's own collection schedule: the
+baseline for ``refserver/collector.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -47,6 +59,8 @@ from harness.upstream.script import marker
 from refserver.server import SOMAXCONN, default_max_turns_in_flight
 
 TAG = "scale"
+SAMPLE_TAG = "sample"
+"""The timed DELETEs' held chats: apart, so the level's count of held chats is exact."""
 GC_PROBE = str(Path(__file__).resolve().parent / "gc_probe.py")
 
 
@@ -82,13 +96,15 @@ class Level:
         """Session -> how its held chat ended (a status, or the exception's name)."""
         self.examples: dict[str, str] = {}
         """Outcome other than 410 -> the first such answer's body or error, to say why."""
+        self.extras: list[str] = []
+        """Sessions created to be deleted while timed."""
 
     async def create(self) -> str:
         session_id: str = (await self.client.post("/sessions")).json()["session_id"]
         return session_id
 
-    async def held_chat(self, session_id: str) -> None:
-        body = {"model": "m", "messages": [{"role": "user", "content": marker(TAG)}]}
+    async def held_chat(self, session_id: str, tag: str = TAG) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": marker(tag)}]}
         self._next += 1
         client = self.clients[self._next % len(self.clients)]
         try:
@@ -101,8 +117,47 @@ class Level:
             self.examples.setdefault(outcome, detail[:300])
 
     async def received(self) -> int:
+        """The level's chats the upstream has received (the samples' are apart)."""
         events = (await self.client.get(f"{self.upstream}/_sessctl/events")).json()["events"]
-        return sum(1 for e in events if e["kind"] == "received")
+        return sum(1 for e in events if e["kind"] == "received" and e["tag"] == TAG)
+
+    async def sample(self, nursery: trio.Nursery, samples: Samples) -> None:
+        """One more chat held on a fresh session; then healthz and that session's
+        DELETE, timed one after the other."""
+        extra = await self.create()
+        self.extras.append(extra)
+        nursery.start_soon(self.held_chat, extra, SAMPLE_TAG)
+        # The extra turn is at the upstream once GET says it is in flight.
+        while not (await self.client.get(f"/sessions/{extra}")).json()["in_flight"]:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+        start = time.perf_counter()
+        await self.client.get("/healthz")
+        samples.healthz.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        await self.client.delete(f"/sessions/{extra}")
+        samples.deletes.append((time.perf_counter() - start) * 1000)
+
+    async def sample_until_cancelled(self, nursery: trio.Nursery, samples: Samples) -> None:
+        while True:
+            await self.sample(nursery, samples)
+
+
+@dataclass
+class Samples:
+    deletes: list[float] = field(default_factory=list)
+    healthz: list[float] = field(default_factory=list)
+
+    def row(self, prefix: str) -> dict[str, float]:
+        if not self.deletes:
+            return {}
+        return {
+            f"{prefix}delete_p50": statistics.median(self.deletes),
+            f"{prefix}delete_p99": percentile(self.deletes, 99),
+            f"{prefix}delete_max": max(self.deletes),
+            f"{prefix}healthz_p50": statistics.median(self.healthz),
+            f"{prefix}healthz_p99": percentile(self.healthz, 99),
+            f"{prefix}samples": len(self.deletes),
+        }
 
 
 async def collections(pid: int, report: Path) -> str:
@@ -125,7 +180,13 @@ async def collections(pid: int, report: Path) -> str:
 
 
 async def run_level(
-    server: str, upstream: str, pid: int, level: int, samples: int, gc_report: Path | None
+    server: str,
+    upstream: str,
+    pid: int,
+    level: int,
+    samples: int,
+    gc_report: Path | None,
+    churn: float = 0.0,
 ) -> dict[str, float]:
     limits = httpx.Limits(max_connections=AGENTS_PER_CLIENT + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(600.0, connect=60.0)
@@ -146,20 +207,26 @@ async def run_level(
             httpx.AsyncClient(base_url=server, limits=limits, timeout=timeout)
         )
         run = Level(client, clients, upstream)
-        await client.post(f"{upstream}/_sessctl/steps/{TAG}", json={"script": ["hold"]})
+        for tag in (TAG, SAMPLE_TAG):
+            await client.post(f"{upstream}/_sessctl/steps/{tag}", json={"script": ["hold"]})
         already = await run.received()
         sessions = [await run.create() for _ in range(level)]
+        ramp = Samples()
         async with trio.open_nursery() as nursery:
             started = time.perf_counter()
             for session_id in sessions:
                 nursery.start_soon(run.held_chat, session_id)
             held = 0
-            with trio.move_on_after(RAMP_LIMIT):
-                # Polling another process: there is no event to wait on.
-                while (held := await run.received() - already) < level:
-                    if len(run.outcomes) + held >= level and run.outcomes:
-                        break  # every chat is either held or already answered
-                    await trio.sleep(1.0)
+            async with trio.open_nursery() as sampling:
+                # DELETE timed while the turns arrive: where the collector used to pause.
+                sampling.start_soon(run.sample_until_cancelled, nursery, ramp)
+                with trio.move_on_after(RAMP_LIMIT):
+                    # Polling another process: there is no event to wait on.
+                    while (held := await run.received() - already) < level:
+                        if len(run.outcomes) + held >= level and run.outcomes:
+                            break  # every chat is either held or already answered
+                        await trio.sleep(1.0)
+                sampling.cancel_scope.cancel()
             reached = time.perf_counter() - started
             if held < level:
                 answered = sorted(set(run.outcomes.values()))
@@ -167,23 +234,18 @@ async def run_level(
             memory = rss_mb(pid)
             if gc_report is not None:
                 print(f"  {level} held, {await collections(pid, gc_report)}")
-            deletes: list[float] = []
-            healthz: list[float] = []
+            at_level = Samples()
             for _ in range(samples):
-                extra = await run.create()
-                sessions.append(extra)
-                nursery.start_soon(run.held_chat, extra)
-                # The extra turn is at the upstream once GET says it is in flight.
-                while not (await client.get(f"/sessions/{extra}")).json()["in_flight"]:  # noqa: ASYNC110
-                    await trio.sleep(0.001)
-                start = time.perf_counter()
-                await client.get("/healthz")
-                healthz.append((time.perf_counter() - start) * 1000)
-                start = time.perf_counter()
-                await client.delete(f"/sessions/{extra}")
-                deletes.append((time.perf_counter() - start) * 1000)
-            for session_id in sessions[:level]:
+                await run.sample(nursery, at_level)
+            churned: dict[str, float] = {}
+            if churn:
+                churned = await churn_at_level(run, clients[0], nursery, pid, churn, gc_report)
+            for session_id in sessions:
                 await client.delete(f"/sessions/{session_id}")
+            # A sample cut short by the ramp's end may leave its session held.
+            for session_id in run.extras:
+                await client.delete(f"/sessions/{session_id}")
+        sessions += run.extras
         for outcome, detail in run.examples.items():
             print(f"  a held chat lost as {outcome}: {detail}")
         lost = sum(1 for outcome in run.outcomes.values() if outcome != "410") + max(
@@ -193,12 +255,64 @@ async def run_level(
             "level": held,
             "reached_s": reached,
             "rss_mb": memory,
-            "delete_p50": statistics.median(deletes),
-            "delete_p99": percentile(deletes, 99),
-            "healthz_p50": statistics.median(healthz),
-            "healthz_p99": percentile(healthz, 99),
             "lost": lost,
+            **at_level.row(""),
+            **ramp.row("ramp_"),
+            **churned,
         }
+
+
+CHURN_AGENTS = 8
+"""Agents that run whole turns (create, chat, delete) while the level's turns stay held."""
+
+
+async def churn_at_level(
+    run: Level,
+    agents: httpx.AsyncClient,
+    nursery: trio.Nursery,
+    pid: int,
+    seconds: float,
+    gc_report: Path | None,
+) -> dict[str, float]:
+    """Turns that start and end for ``seconds`` beside the held ones, DELETE of a held
+    turn and healthz sampled throughout; RSS every minute (a soak, when long)."""
+    await run.client.post(f"{run.upstream}/_sessctl/steps/churn", json={"script": ["respond"]})
+    turns = 0
+    churn = Samples()
+    rss = [rss_mb(pid)]
+
+    async def agent() -> None:
+        nonlocal turns
+        body = {"model": "m", "messages": [{"role": "user", "content": marker("churn")}]}
+        while True:
+            session_id = (await agents.post("/sessions")).json()["session_id"]
+            await agents.post(f"/sessions/{session_id}/v1/chat/completions", json=body)
+            await agents.delete(f"/sessions/{session_id}")
+            turns += 1
+
+    async def memory() -> None:
+        while True:
+            await trio.sleep(60.0)
+            rss.append(rss_mb(pid))
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as churning:
+        for _ in range(CHURN_AGENTS):
+            churning.start_soon(agent)
+        churning.start_soon(run.sample_until_cancelled, nursery, churn)
+        churning.start_soon(memory)
+        await trio.sleep(seconds)
+        churning.cancel_scope.cancel()
+    elapsed = time.perf_counter() - started
+    rss.append(rss_mb(pid))
+    if gc_report is not None:
+        print(f"  churn, {await collections(pid, gc_report)}")
+    print(f"  churn RSS each minute: {', '.join(f'{m:.0f}' for m in rss)} MB")
+    return {
+        "churn_turns_per_s": turns / elapsed,
+        "churn_rss_growth_mb": rss[-1] - rss[0],
+        **churn.row("churn_"),
+    }
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -218,9 +332,9 @@ async def main(args: argparse.Namespace) -> int:
     gc_report = Path(f"/tmp/sessctl-gc-{os.getpid()}.json") if args.gc else None
     launcher = ("-m", "sessctl") if gc_report is None else (GC_PROBE, str(gc_report))
     with (
-        sessctl_process("upstream", "--listen", "127.0.0.1:0", url_prefix="point a session") as up,
+        sessctl_process("upstream", "--listen", "127.0.0.1:0", url_prefix="chaos upstream") as up,
         sessctl_process(
-            "serve", "--port", "0", "--upstream", up.url,
+            "serve", "--port", "0", "--upstream", up.url, *args.server_args.split(),
             url_prefix="sessctl reference server on", launcher=launcher,
         ) as served,
     ):  # fmt: skip
@@ -230,20 +344,41 @@ async def main(args: argparse.Namespace) -> int:
         if gc_report is not None:
             print(f"  idle, {await collections(served.pid, gc_report)}")
         for level in levels:
+            churn = args.churn if level == levels[-1] else 0.0
             row = await run_level(
-                served.url, upstream_root, served.pid, level, args.samples, gc_report
+                served.url, upstream_root, served.pid, level, args.samples, gc_report, churn
             )
             per_turn_kb = 1024 * (float(row["rss_mb"]) - idle_rss) / max(1, int(row["level"]))
-            delete_p99 = float(row["delete_p99"])
-            delete_ok = delete_p99 <= 20 and delete_p99 <= 3 * float(row["healthz_p99"])
-            ok &= delete_ok and row["lost"] == 0 and float(row["rss_mb"]) <= 300
             print(
                 f"{row['level']:>6} held: reached in {row['reached_s']:6.1f} s  "
-                f"RSS {row['rss_mb']:6.0f} MB  DELETE p50 {row['delete_p50']:6.2f} ms "
-                f"p99 {row['delete_p99']:6.2f} ms  healthz p50 {row['healthz_p50']:6.2f} ms "
-                f"p99 {row['healthz_p99']:6.2f} ms  lost {row['lost']}  "
+                f"RSS {row['rss_mb']:6.0f} MB  lost {row['lost']}  "
                 f"({per_turn_kb:.0f} KB a held turn over the idle server)"
             )
+            ok &= row["lost"] == 0 and float(row["rss_mb"]) <= 300
+            for prefix, what in (
+                ("ramp_", "while the turns arrived"),
+                ("", "at the level"),
+                ("churn_", f"turns starting and ending for {churn:g} s"),
+            ):
+                if f"{prefix}delete_p99" not in row:
+                    continue
+                delete_p99 = float(row[f"{prefix}delete_p99"])
+                healthz_p99 = float(row[f"{prefix}healthz_p99"])
+                met = delete_p99 <= 20 and delete_p99 <= 3 * healthz_p99
+                ok &= met
+                extra = (
+                    f"; {row['churn_turns_per_s']:.0f} turns/s, RSS grew "
+                    f"{row['churn_rss_growth_mb']:.0f} MB"
+                    if prefix == "churn_"
+                    else ""
+                )
+                print(
+                    f"        {what}: DELETE p50 {row[f'{prefix}delete_p50']:.2f} ms p99 "
+                    f"{delete_p99:.2f} ms max {row[f'{prefix}delete_max']:.0f} ms, healthz p50 "
+                    f"{row[f'{prefix}healthz_p50']:.2f} ms p99 {healthz_p99:.2f} ms "
+                    f"({row[f'{prefix}samples']:.0f} samples){extra}"
+                    f"{'' if met else '  <- goal missed'}"
+                )
     print("goals met" if ok else "goals NOT met")
     return 0 if ok else 1
 
@@ -253,4 +388,11 @@ if __name__ == "__main__":
     parser.add_argument("--levels", default="1,100,1000,10000")
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--gc", action="store_true", help="report the server's collections")
+    parser.add_argument("--server-args", default="", help="more options for sessctl serve")
+    parser.add_argument(
+        "--churn",
+        type=float,
+        default=20.0,
+        help="seconds of turns starting and ending at the last level (600: the soak)",
+    )
     sys.exit(trio.run(main, parser.parse_args()))

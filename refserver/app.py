@@ -213,7 +213,7 @@ def create_app(
             Route("/sessions/{session_id}/v1/messages", {"POST": messages}),
         ]
     )
-    return ServerBoundary(router, access_log=access_log)
+    return ServerBoundary(router, access_log=access_log, turns=turns)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -474,10 +474,22 @@ class ServerBoundary:
     that their log line never appears. A client that hung up mid-answer is not an error at all.
     """
 
-    def __init__(self, app: ASGIApp, *, access_log: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, *, access_log: bool, turns: trio.CapacityLimiter | None = None
+    ) -> None:
         self._app = app
         self._access_log = access_log
+        self._turns = turns
         self.unexpected = 0
+        self.requests_in_flight = 0
+        """HTTP requests being answered (a full collection waits for none)."""
+        self.requests_started = 0
+        """HTTP requests ever begun (a full collection waits for a lull)."""
+
+    @property
+    def turns_in_flight(self) -> int:
+        """Chat turns admitted and not yet ended (the garbage collector's cue)."""
+        return 0 if self._turns is None else int(self._turns.borrowed_tokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -504,6 +516,8 @@ class ServerBoundary:
                 sent_bytes += len(message.get("body", b""))
             await send(message)
 
+        self.requests_in_flight += 1
+        self.requests_started += 1
         try:
             await self._app(scope, receive, send_with_id)
         except CLIENT_GONE:
@@ -538,6 +552,7 @@ class ServerBoundary:
                     )
                     await send_with_id({"type": "http.response.body", "body": body})
         finally:
+            self.requests_in_flight -= 1
             if self._access_log:
                 client = scope.get("client") or ("-", 0)
                 access_logger.info(

@@ -8,6 +8,7 @@ port 0 and learn the port.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import signal
 from collections.abc import Callable
@@ -21,7 +22,8 @@ from starlette.types import ASGIApp
 
 from wire.protocol import ChatRequest, parse_chat_request
 
-from .app import HttpLimits, create_app
+from .app import HttpLimits, ServerBoundary, create_app
+from .collector import CHECK_EVERY, COLLECTOR
 from .fake_upstream import create_fake_upstream_app
 from .service import SessionService
 from .transport import hypercorn_compat
@@ -29,6 +31,8 @@ from .transport.engine_http import EngineConnections
 from .transport.hypercorn_compat import ProtocolLimits
 from .upstream import HttpUpstream, RetryPolicy
 from .variants import VARIANTS
+
+logger = logging.getLogger("refserver")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class ServerConfig:
     """With ``log_requests``: one line per request, too."""
     emulate: str | None = None
     """A known-broken variant from refserver.variants, for self-tests and demos."""
+    defer_gc: bool = False
+    """Full garbage collections only in a lull (``collector``), not on CPython's
+    schedule (over a second's pause each at 10,000 turns held). ``sessctl serve``
+    sets it; a server embedded in another program's process (the harness, the
+    tests) leaves that process's collector alone."""
 
 
 @dataclass(frozen=True)
@@ -144,14 +153,20 @@ async def serve(
                 await shutdown.wait()
                 service.shutdown()
 
+            app = create_app(
+                service,
+                config.limits,
+                access_log=config.log_requests and config.access_log,
+                parse=parse,
+            )
+            if config.defer_gc:
+                COLLECTOR.install()
+                on_exit.callback(COLLECTOR.uninstall)
+                nursery.start_soon(_collect, app)
+
             async def run_session_server(task_status: trio.TaskStatus[str]) -> None:
                 await serve_asgi(
-                    create_app(
-                        service,
-                        config.limits,
-                        access_log=config.log_requests and config.access_log,
-                        parse=parse,
-                    ),
+                    app,
                     config.host,
                     config.port,
                     shutdown_trigger=shutdown_trigger,
@@ -165,6 +180,29 @@ async def serve(
             url = await nursery.start(run_session_server)
             task_status.started(
                 RunningServer(url, upstream_url, upstream_is_embedded=config.upstream_url is None)
+            )
+
+
+async def _collect(app: ServerBoundary) -> None:
+    """The collector's checks, for as long as the server runs (``collector``). Idle
+    is a lull: no request in flight, and none begun since the last check."""
+    started = app.requests_started
+    while True:
+        await trio.sleep(CHECK_EVERY)
+        lull = app.requests_in_flight == 0 and app.requests_started == started
+        started = app.requests_started
+        in_flight = app.turns_in_flight
+        paused = trio.current_time()
+        checked = COLLECTOR.check(in_flight, idle=lull)
+        if checked.thawed:
+            # A pause for every request: rare and said, so an operator can see it.
+            logger.log(
+                logging.WARNING if checked.forced else logging.DEBUG,
+                "garbage collection (%s, %d turns in flight): %d objects kept, %.0f ms",
+                "forced: frozen objects past their bound" if checked.forced else "in a lull",
+                in_flight,
+                COLLECTOR.kept_at_thaw,
+                1000 * (trio.current_time() - paused),
             )
 
 

@@ -244,6 +244,15 @@ def serve(
             metavar="",
         ),
     ] = True,
+    defer_gc: Annotated[
+        bool,
+        typer.Option(
+            "--defer-gc/--python-gc",
+            help="Full garbage collections only in a lull (refserver/collector.py), or on "
+            "CPython's own schedule: over a second's pause each at 10,000 turns held.",
+            metavar="",
+        ),
+    ] = True,
 ) -> None:
     """Run the reference session server."""
     if emulate == "list":
@@ -272,6 +281,7 @@ def serve(
         log_requests=True,
         access_log=access_log,
         emulate=emulate,
+        defer_gc=defer_gc,
     )
 
     def announce(running: RunningServer) -> None:
