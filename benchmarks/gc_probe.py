@@ -8,16 +8,13 @@ collections since the last report (per generation: how many, their total and
 longest time), then the tracked objects and the time of one full collection
 run there and then. Nothing in sessctl itself is changed.
 
-What it showed (docs/benchmarks.md, "Garbage collection at scale"): at 9,790 held turns a
-full collection takes about a second, and CPython runs one whenever its oldest
-generation has grown by a quarter. Ways out, none tried yet:
-- fewer tracked objects per held turn (about 166 now; every frame, task, cancel
-  scope and h11 state counts), which also lowers the memory per turn;
-- ``gc.freeze()`` after each full collection, so later ones scan only what is
-  new: but a frozen object that later joins a garbage cycle keeps that cycle
-  alive until ``gc.unfreeze()``, so it needs a leak test at scale first;
-- Python 3.14's incremental collector, which bounds each pause;
-- several server processes, each holding a share of the sessions.
+What it showed (docs/benchmarks.md, "Garbage collection at scale"): at 9,790 held
+turns a full collection takes about a second, and CPython runs one whenever its
+oldest generation has grown by a quarter: 16 of them on the way there. What
+``sessctl serve`` does about it is ``refserver/collector.py`` (full collections
+only in a lull; what grows old frozen meanwhile). Not tried: fewer tracked
+objects per held turn (about 170; every frame, task, cancel scope and h11 state
+counts), Python 3.14's incremental collector, several server processes.
 """
 
 from __future__ import annotations
