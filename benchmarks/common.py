@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -9,6 +10,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,15 @@ def sessctl_process(
 ) -> Iterator[Child]:
     """Start ``sessctl ARGS`` (``launcher``: how python runs it); yield once it
     prints a line starting with url_prefix."""
+    # SESSCTL_BENCH_LOGS=DIR keeps each child's log (stderr) in DIR, named by its command.
+    logs = os.environ.get("SESSCTL_BENCH_LOGS")
+    stderr: Any = subprocess.DEVNULL
+    if logs:
+        stderr = open(Path(logs) / f"{args[0]}-{time.time_ns()}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, *launcher, *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
     )
     assert proc.stdout is not None

@@ -15,7 +15,7 @@ was sent to be held, each beside GET /healthz (the baseline) timed just before i
   goes 20 ms after its chat, not once the server says the chat is in flight:
   a pause would end that poll, untimed, and the timing would never see it;
 - at the level, ``--samples`` times, once the server says the chat is in flight;
-- at the last level, for ``--churn`` seconds while 64 agents run whole turns
+- at the last level, for ``--churn`` seconds while 32 agents run whole turns
   (create, chat, delete; the engine answers each after 0.5 s, so a turn's
   objects grow old as an LLM call's do) beside the held ones, timed as during
   the ramp; the server's RSS is read each minute (``--churn 600`` is the
@@ -289,7 +289,7 @@ async def run_level(
         }
 
 
-CHURN_AGENTS = 64
+CHURN_AGENTS = 32
 """Agents that run whole turns (create, chat, delete) while the level's turns stay held."""
 CHURN_ENGINE_SECONDS = 0.5
 """How long the engine takes to answer a churning turn: long enough that the turn's
@@ -359,7 +359,9 @@ async def main(args: argparse.Namespace) -> int:
     admitted = default_max_turns_in_flight()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = [int(x) for x in args.levels.split(",")]
-    levels = [min(level, admitted - args.samples) for level in wanted]
+    # Room for the samples' turns and, at the last level, the churning ones.
+    room = admitted - args.samples - (CHURN_AGENTS + 1 if args.churn else 0)
+    levels = [min(level, room) for level in wanted]
     somaxconn = listen_backlog_cap()
     print(
         f"sessctl scale benchmark: the server admits {admitted} turns in flight "

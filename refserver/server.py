@@ -197,7 +197,7 @@ async def _collect(app: ServerBoundary) -> None:
         if checked.thawed:
             # A pause for every request: rare and said, so an operator can see it.
             logger.log(
-                logging.WARNING if checked.forced else logging.DEBUG,
+                logging.WARNING if checked.forced else logging.INFO,
                 "garbage collection (%s, %d turns in flight): %d objects kept, %.0f ms",
                 "forced: frozen objects past their bound" if checked.forced else "in a lull",
                 in_flight,
