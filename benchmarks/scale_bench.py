@@ -37,7 +37,9 @@ the garbage collections the server ran while the level was reached (count,
 total, longest, per generation: the longest pause), its tracked objects, and
 the time a collection (``gc.collect()``) takes then. ``--server-args
 --python-gc`` runs the server with CPython's own collection schedule: the
-baseline for ``refserver/collector.py``.
+baseline for ``refserver/collector.py``. ``--peer`` runs the same load against
+``benchmarks/peer_server.py`` (Starlette on uvicorn, httpx to the engine): the
+baseline a team's own server would be.
 """
 
 from __future__ import annotations
@@ -72,10 +74,17 @@ arrive and under churn."""
 SAMPLE_TAG = "sample"
 """The timed DELETEs' held chats: apart, so the level's count of held chats is exact."""
 GC_PROBE = str(Path(__file__).resolve().parent / "gc_probe.py")
+PEER = str(Path(__file__).resolve().parent / "peer_server.py")
 
 
 def listen_backlog_cap() -> str:
     return Path(SOMAXCONN).read_text().strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -235,6 +244,7 @@ async def run_level(
         ramp = Samples()
         async with trio.open_nursery() as nursery:
             started = time.perf_counter()
+            cpu_before = cpu_seconds(pid)
             for session_id in sessions:
                 nursery.start_soon(run.held_chat, session_id)
             held = 0
@@ -249,6 +259,7 @@ async def run_level(
                         await trio.sleep(1.0)
                 sampling.cancel_scope.cancel()
             reached = time.perf_counter() - started
+            ramp_cpu = cpu_seconds(pid) - cpu_before
             if held < level:
                 answered = sorted(set(run.outcomes.values()))
                 print(f"  only {held} of {level} reached the upstream; the rest: {answered}")
@@ -281,6 +292,7 @@ async def run_level(
         return {
             "level": held,
             "reached_s": reached,
+            "ramp_cpu_s": ramp_cpu,
             "rss_mb": memory,
             "lost": lost,
             **at_level.row(""),
@@ -326,6 +338,7 @@ async def churn_at_level(
             rss.append(rss_mb(pid))
 
     started = time.perf_counter()
+    cpu_before = cpu_seconds(pid)
     limits = httpx.Limits(max_connections=CHURN_AGENTS + 8)
     async with (
         httpx.AsyncClient(base_url=run.client.base_url, limits=limits, timeout=60.0) as agents,
@@ -338,12 +351,14 @@ async def churn_at_level(
         await trio.sleep(seconds)
         churning.cancel_scope.cancel()
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu_before
     rss.append(rss_mb(pid))
     if gc_report is not None:
         print(f"  churn, {await collections(pid, gc_report)}")
     print(f"  churn RSS each minute: {', '.join(f'{m:.0f}' for m in rss)} MB")
     return {
         "churn_turns_per_s": turns / elapsed,
+        "churn_cpu_ms_per_turn": 1000 * cpu / max(1, turns),
         "churn_rss_growth_mb": rss[-1] - rss[0],
         **churn.row("churn_"),
     }
@@ -373,11 +388,16 @@ async def main(args: argparse.Namespace) -> int:
     ok = True
     gc_report = Path(f"/tmp/sessctl-gc-{os.getpid()}.json") if args.gc else None
     launcher = ("-m", "sessctl") if gc_report is None else (GC_PROBE, str(gc_report))
+    announced = "sessctl reference server on"
+    if args.peer:
+        if gc_report is not None:
+            raise SystemExit("--gc probes sessctl's own server, not the peer")
+        launcher, announced = (PEER,), "peer session server on"
     with (
         sessctl_process("upstream", "--listen", "127.0.0.1:0", url_prefix="chaos upstream") as up,
         sessctl_process(
             "serve", "--port", "0", "--upstream", up.url, *args.server_args.split(),
-            url_prefix="sessctl reference server on", launcher=launcher,
+            url_prefix=announced, launcher=launcher,
         ) as served,
     ):  # fmt: skip
         upstream_root = up.url.removesuffix("/v1")
@@ -391,10 +411,12 @@ async def main(args: argparse.Namespace) -> int:
                 served.url, upstream_root, served.pid, level, args.samples, gc_report, churn
             )
             per_turn_kb = 1024 * (float(row["rss_mb"]) - idle_rss) / max(1, int(row["level"]))
+            cpu_ms = 1000 * float(row["ramp_cpu_s"]) / max(1, int(row["level"]))
             print(
                 f"{row['level']:>6} held: reached in {row['reached_s']:6.1f} s  "
                 f"RSS {row['rss_mb']:6.0f} MB  lost {row['lost']}  "
-                f"({per_turn_kb:.0f} KB a held turn over the idle server)"
+                f"({per_turn_kb:.0f} KB a held turn over the idle server; server CPU "
+                f"{row['ramp_cpu_s']:.1f} s to reach it, {cpu_ms:.2f} ms a turn)"
             )
             ok &= row["lost"] == 0 and float(row["rss_mb"]) <= 300
             for prefix, what in (
@@ -413,7 +435,8 @@ async def main(args: argparse.Namespace) -> int:
                     met = True
                 ok &= met
                 extra = (
-                    f"; {row['churn_turns_per_s']:.0f} turns/s, RSS grew "
+                    f"; {row['churn_turns_per_s']:.0f} turns/s, server CPU "
+                    f"{row['churn_cpu_ms_per_turn']:.2f} ms a turn, RSS grew "
                     f"{row['churn_rss_growth_mb']:.0f} MB"
                     if prefix == "churn_"
                     else ""
@@ -435,6 +458,11 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--gc", action="store_true", help="report the server's collections")
     parser.add_argument("--server-args", default="", help="more options for sessctl serve")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="run benchmarks/peer_server.py (Starlette, uvicorn, httpx) instead: the baseline",
+    )
     parser.add_argument(
         "--churn",
         type=float,
