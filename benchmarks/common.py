@@ -14,6 +14,19 @@ from pathlib import Path
 from typing import Any
 
 
+@contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` processes spinning on a core each while the block runs: a loaded CI
+    machine, beside which a verdict must not flip."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 @dataclass(frozen=True)
 class Child:
     url: str

@@ -16,19 +16,14 @@ against. Exit status 1 if any run was not VALID.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 from collections import Counter
 
 import trio
+from common import busy_loops
 
 from harness.chaos.workload import ChaosReport, ChaosSettings, run_chaos
-
-
-def _busy_loop() -> None:
-    while True:
-        pass
 
 
 def one_run(clients: int, seed: int, seconds: float) -> ChaosReport:
@@ -47,11 +42,8 @@ def main() -> int:
     options = parser.parse_args()
     sizes = [int(n) for n in options.clients.split(",")]
     seeds = [int(n) for n in options.seeds.split(",")]
-    busy = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(options.busy)]
-    for process in busy:
-        process.start()
     rows = []
-    try:
+    with busy_loops(options.busy):
         for clients in sizes:
             verdicts: Counter[str] = Counter()
             rates, lags = [], []
@@ -67,9 +59,6 @@ def main() -> int:
                     flush=True,
                 )
             rows.append((clients, verdicts, rates, lags))
-    finally:
-        for process in busy:
-            process.terminate()
     base = statistics.median(rows[0][2])
     print(
         f"\nclean reference server, {len(seeds)} seeds of {options.seconds:g} s each, "

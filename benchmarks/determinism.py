@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import run_sessctl
+from common import busy_loops, run_sessctl
 
 
 def sessctl(*args: str) -> tuple[int, float]:
@@ -35,14 +34,10 @@ def sessctl(*args: str) -> tuple[int, float]:
     return code, seconds
 
 
-HOG = "while True: pass"
-
-
 def loaded(args: argparse.Namespace, tmp: Path) -> bool:
     """Phase 3: the clean server, with every core kept busy by another process."""
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
     ok = True
-    try:
+    with busy_loops(2):
         report_path = tmp / "loaded.json"
         code, seconds = sessctl(
             "run-scenarios", "--repeat", str(args.loaded_repeat), "--quiet",
@@ -76,10 +71,6 @@ def loaded(args: argparse.Namespace, tmp: Path) -> bool:
             f"{valid} valid, {args.chaos_runs - valid} not, in {elapsed:.1f} s"
         )
         ok &= valid == args.chaos_runs
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
     return ok
 
 

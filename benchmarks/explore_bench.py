@@ -17,22 +17,16 @@ machine would be.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 from collections import Counter
 
 import trio
-from common import percentile
+from common import busy_loops, percentile
 
 from harness.explore.explore import ExploreReport, ExploreSettings, run_explore
 
 BUDGET_SECONDS = 120.0
-
-
-def _busy_loop() -> None:
-    while True:
-        pass
 
 
 async def one_run(parallel: int) -> ExploreReport:
@@ -44,14 +38,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--busy", type=int, default=0)
     options = parser.parse_args()
-    busy = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(options.busy)]
-    for process in busy:
-        process.start()
     settings = {"4 cells at once (default)": 4, "one cell at a time (baseline)": 1}
     walls: dict[str, list[float]] = {name: [] for name in settings}
     cells: dict[str, list[float]] = {name: [] for name in settings}
     outcomes: dict[str, list[Counter[str]]] = {name: [] for name in settings}
-    try:
+    with busy_loops(options.busy):
         for run in range(1, options.runs + 1):
             for name, parallel in settings.items():  # interleaved, run by run
                 report = trio.run(one_run, parallel)
@@ -59,9 +50,6 @@ def main() -> None:
                 cells[name] += [r.seconds for r in report.results if r.seconds]
                 outcomes[name].append(Counter(r.outcome for r in report.results))
                 print(f"run {run}, {name}: {report.elapsed:.1f} s, {dict(outcomes[name][-1])}")
-    finally:
-        for process in busy:
-            process.terminate()
     print(f"\nthe full product ({sum(outcomes[next(iter(settings))][0].values())} cells), "
           f"{options.runs} runs each, {options.busy} busy loop(s) beside it:")  # fmt: skip
     for name in settings:

@@ -58,15 +58,19 @@ async def snapshot(pid: int, snapshots: Path, number: int) -> tracemalloc.Snapsh
     return tracemalloc.Snapshot.load(str(path))
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def package_of(filename: str) -> str:
-    parts = Path(filename).parts
-    for anchor in ("site-packages", "main", "lib"):
-        if anchor in parts:
-            rest = parts[parts.index(anchor) + 1 :]
-            if rest and rest[0].startswith("python3"):
-                rest = rest[1:]
-            return rest[0] if rest else filename
-    return filename
+    """The top-level package a traced file belongs to: this project's, or an installed
+    one's (the standard library's by its module's file name)."""
+    path = Path(filename)
+    if "site-packages" in path.parts:  # before ROOT: a venv may sit inside the checkout
+        rest = path.parts[path.parts.index("site-packages") + 1 :]
+        return rest[0] if rest else filename
+    if path.is_relative_to(ROOT):
+        return path.relative_to(ROOT).parts[0]
+    return path.name
 
 
 SELF = str(Path(__file__).resolve())

@@ -135,8 +135,15 @@ class Level:
         except httpx.HTTPError as error:
             outcome, detail = type(error).__name__, repr(error)
         self.outcomes[session_id] = outcome
-        if outcome != "410":
+        if self.lost(session_id):
             self.examples.setdefault(outcome, detail[:300])
+
+    def lost(self, session_id: str) -> bool:
+        """Its held chat ended otherwise than in 410 (or never ended), save the one
+        way an unpolled sample may end: its DELETE came first, and the chat found no
+        session (404)."""
+        outcome = self.outcomes.get(session_id)
+        return outcome != "410" and not (outcome == "404" and session_id in self.unpolled)
 
     async def received(self) -> int:
         """The level's chats the upstream has received (the samples' are apart)."""
@@ -279,16 +286,8 @@ async def run_level(
                 await client.delete(f"/sessions/{session_id}")
         sessions += run.extras
         for outcome, detail in run.examples.items():
-            if outcome != "404" or any(
-                o == "404" and session_id not in run.unpolled
-                for session_id, o in run.outcomes.items()
-            ):
-                print(f"  a held chat lost as {outcome}: {detail}")
-        lost = sum(
-            1
-            for session_id, outcome in run.outcomes.items()
-            if outcome != "410" and not (outcome == "404" and session_id in run.unpolled)
-        ) + max(0, len(sessions) - len(run.outcomes))
+            print(f"  a held chat lost as {outcome}: {detail}")
+        lost = sum(1 for session_id in sessions if run.lost(session_id))
         return {
             "level": held,
             "reached_s": reached,
