@@ -8,6 +8,7 @@ from importlib import import_module
 from pathlib import Path
 
 import httpx
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -15,7 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sessctl_process = import_module("common").sessctl_process
 
 
-def test_the_benchmarks_read_the_upstream_and_server_urls_that_sessctl_announces() -> None:
+@pytest.mark.parametrize("collector", ["--defer-gc", "--python-gc"])
+def test_the_benchmarks_read_the_upstream_and_server_urls_that_sessctl_announces(
+    collector: str,
+) -> None:
+    # Both collector settings of ``sessctl serve`` (scale_bench compares them) serve.
     with sessctl_process(
         "upstream", "--listen", "127.0.0.1:0", url_prefix="chaos upstream"
     ) as upstream:
@@ -24,7 +29,7 @@ def test_the_benchmarks_read_the_upstream_and_server_urls_that_sessctl_announces
         root = upstream.url.removesuffix("/v1")
         assert httpx.get(f"{root}/_sessctl/events").json() == {"events": []}
         with sessctl_process(
-            "serve", "--port", "0", "--upstream", upstream.url,
+            "serve", "--port", "0", "--upstream", upstream.url, collector,
             url_prefix="sessctl reference server on",
         ) as served:  # fmt: skip
             assert httpx.get(f"{served.url}/healthz").json() == {"status": "ok"}

@@ -60,7 +60,13 @@ def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: 
     (scenario,) = out.glob("chaos-seed1-*.yaml")
     replay = f"sessctl run-scenarios {scenario} --emulate autocreate-after-delete"
     assert f"replay: {replay}" in " ".join(done.stdout.split())
-    assert json.loads((out / "report.json").read_text())["shrunk"]["file"] == str(scenario)
+    report = json.loads((out / "report.json").read_text())
+    assert report["shrunk"]["file"] == str(scenario)
+    # The run's own figures, the harness's lag among them (what its patience did not count).
+    run = report["run"]
+    assert run["seconds"] > 0
+    assert f"({run['operations_per_second']:.0f} ops/s)" in done.stdout
+    assert 0 <= run["harness_lag_seconds"] < run["seconds"]
     replayed = sessctl(*replay.split()[1:])
     assert replayed.returncode == 1, replayed.stdout
     assert "FAIL" in replayed.stdout
