@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import html
+import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -329,3 +332,35 @@ def answer_of(observation: Observation | None) -> dict[str, Any] | None:
         if isinstance(message, dict):
             return message
     return None
+
+
+_TAG = re.compile(r"<[^>]*>")
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _readable(raw: str) -> str:
+    """A body as a line of a report: an HTML page (a web server that is not a
+    session server, a proxy's error page) as its title and text, not its markup."""
+    if not raw.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+        return raw
+    title = _TITLE.search(raw)
+    text = " ".join(html.unescape(_TAG.sub(" ", _TITLE.sub(" ", raw))).split())
+    heading = " ".join(html.unescape(title.group(1)).split()) if title else ""
+    return f"an HTML page: {heading}: {text}" if heading else f"an HTML page: {text}"
+
+
+def describe(observation: Observation, limit: int = 200) -> str:
+    """A status and the start of the body, as the target sent it."""
+    if observation.status is None:
+        return observation.transport_error or "no answer"
+    body = observation.body
+    if isinstance(body, dict) and set(body) == {"_raw"}:
+        text = _readable(str(body["_raw"]))
+    elif body is None:
+        text = "(empty body)"
+    else:
+        text = json.dumps(body)
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{observation.status} {text}"

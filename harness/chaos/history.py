@@ -46,8 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ScenarioFileError
-from harness.results import Observation, StreamEnd
-from harness.run.preflight import describe
+from harness.results import Observation, StreamEnd, describe
 from harness.upstream.script import StepEvent
 
 OPS = frozenset({"create", "chat", "get", "delete"})

@@ -32,13 +32,13 @@ from typing import Any
 import trio
 
 from harness.errors import TargetUnreachable, UsageError
-from harness.model.profile import REFERENCE_PROFILE, Profile
+from harness.model.profile import AGENT_TOOLS, REFERENCE_PROFILE, Profile, next_message
 from harness.results import Observation, answer_of
 from harness.run.client import StreamProgress, TargetClient
 from harness.run.lifecycle import Lifecycle
 from harness.run.patience import HarnessClock
 from harness.run.preflight import require_target
-from harness.run.runner import AGENT_TOOLS, RunSettings, next_message
+from harness.run.runner import RunSettings
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour, tag_of
 from refserver.child import serve_in_child

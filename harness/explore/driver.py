@@ -19,12 +19,10 @@ import trio
 from harness.chaos.history import Operation, recorded, stream_fields, upstream_events
 from harness.chaos.linearizability import Finding, check_history
 from harness.model.messages import message_key
-from harness.model.profile import Profile
-from harness.results import Observation, answer_of
+from harness.model.profile import AGENT_TOOLS, Profile, next_message
+from harness.results import Observation, answer_of, describe
 from harness.run.client import BodyGate, StreamProgress, TargetClient
 from harness.run.lifecycle import Lifecycle
-from harness.run.preflight import describe
-from harness.run.runner import AGENT_TOOLS, next_message
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
 from wire.engine import Flavor, completion_for

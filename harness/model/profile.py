@@ -496,6 +496,56 @@ def _records_in(body: Any, convention: TrajectoryConvention) -> list[Any] | None
     return listed if isinstance(listed, list) else None
 
 
+@dataclass(frozen=True)
+class RouteCall:
+    """One call of a session's lifecycle, filled in: what to send (the harness's
+    clients, trio's and the load workers', each send it their own way)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+def route_call(route: Route, values: dict[str, str]) -> RouteCall:
+    """``route`` with its placeholders filled from ``values``."""
+    return RouteCall(
+        route.method,
+        fill(route.path, values),
+        {name: fill(value, values) for name, value in route.headers.items()},
+        fill(route.body, values) if route.body is not None else None,
+    )
+
+
+def id_at(body: Any, path: str) -> str | None:
+    """The id a create's answer holds at ``path`` (a string, or a number)."""
+    value = lookup(body, path)
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+AGENT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "sessctl_step",
+            "description": "Run the next step of the scenario.",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+]
+"""The tools an agent declares where the profile appends tool results."""
+
+
+def next_message(profile: Profile, base: list[dict[str, Any]], text: str) -> dict[str, Any]:
+    """A user message; or, where the profile allows only tool results after an
+    assistant turn, the result of the tool call that turn made."""
+    last = base[-1] if base else None
+    calls = last.get("tool_calls") if last and last.get("role") == "assistant" else None
+    if profile.appends_tool_results and isinstance(calls, list) and calls:
+        return {"role": "tool", "tool_call_id": calls[0].get("id"), "content": text}
+    return {"role": "user", "content": text}
+
+
 def read_trajectory(profile: Profile, body: Any, turns_body: Any = None) -> TrajectoryState:
     """The committed trajectory in a GET body, read the way the profile says;
     ``turns_body``: the answer of the profile's ``turns_path``, if it has one."""

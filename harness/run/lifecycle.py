@@ -14,9 +14,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
-from harness.model.profile import Profile, Route, TrajectoryState, fill, lookup, read_trajectory
+from harness.model.profile import (
+    Profile,
+    Route,
+    TrajectoryState,
+    id_at,
+    read_trajectory,
+    route_call,
+)
 from harness.results import Observation
 
 from .client import TargetClient
@@ -109,15 +115,14 @@ class Lifecycle:
         values: dict[str, str],
         on_sent: Callable[[], None] | None = None,
     ) -> Observation:
-        headers = {name: fill(value, values) for name, value in route.headers.items()}
-        body: Any = fill(route.body, values) if route.body is not None else None
+        call = route_call(route, values)
         return await self.client.send(
             step,
             op,
-            route.method,
-            fill(route.path, values),
-            json_body=body,
-            headers=headers or None,
+            call.method,
+            call.path,
+            json_body=call.body,
+            headers=call.headers or None,
             on_sent=on_sent,
         )
 
@@ -125,5 +130,4 @@ class Lifecycle:
 def _id_at(observation: Observation, path: str) -> str | None:
     if observation.status is None or observation.status // 100 != 2:
         return None
-    value = lookup(observation.body, path)
-    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+    return id_at(observation.body, path)

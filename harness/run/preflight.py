@@ -22,15 +22,11 @@ The pre-flight session is ended (and, where the read is an export, read) afterwa
 
 from __future__ import annotations
 
-import html
-import json
-import re
-
 import trio
 
 from harness.errors import TargetUnreachable
 from harness.model.profile import Profile
-from harness.results import Observation
+from harness.results import Observation, describe
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import marker
 from wire.ids import new_session_id
@@ -167,35 +163,3 @@ async def _first_turn(
 def _path_of(observation: Observation) -> str:
     url = observation.request.url if observation.request is not None else ""
     return "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
-
-
-_TAG = re.compile(r"<[^>]*>")
-_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-
-
-def _readable(raw: str) -> str:
-    """A body as a line of a report: an HTML page (a web server that is not a
-    session server, a proxy's error page) as its title and text, not its markup."""
-    if not raw.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
-        return raw
-    title = _TITLE.search(raw)
-    text = " ".join(html.unescape(_TAG.sub(" ", _TITLE.sub(" ", raw))).split())
-    heading = " ".join(html.unescape(title.group(1)).split()) if title else ""
-    return f"an HTML page: {heading}: {text}" if heading else f"an HTML page: {text}"
-
-
-def describe(observation: Observation, limit: int = 200) -> str:
-    """A status and the start of the body, as the target sent it."""
-    if observation.status is None:
-        return observation.transport_error or "no answer"
-    body = observation.body
-    if isinstance(body, dict) and set(body) == {"_raw"}:
-        text = _readable(str(body["_raw"]))
-    elif body is None:
-        text = "(empty body)"
-    else:
-        text = json.dumps(body)
-    text = " ".join(text.split())
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return f"{observation.status} {text}"

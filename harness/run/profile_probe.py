@@ -37,12 +37,13 @@ from harness.model.builtin_profiles import builtin_profiles
 from harness.model.loader import load_model
 from harness.model.messages import message_key
 from harness.model.profile import (
+    AGENT_TOOLS,
     CreateConvention,
     EngineConvention,
     Profile,
     TrajectoryConvention,
 )
-from harness.results import Observation, StreamEnd, answer_of
+from harness.results import Observation, StreamEnd, answer_of, describe
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, marker, parse_behaviour
 from wire.engine import Flavor
@@ -51,8 +52,7 @@ from wire.ids import new_session_id
 from .checks import last_turn_start
 from .client import StreamProgress, TargetClient
 from .lifecycle import Lifecycle
-from .preflight import check_session_server, describe, wait_until_up
-from .runner import AGENT_TOOLS
+from .preflight import check_session_server, wait_until_up
 
 HEALTH_ROUTES = ("/healthz", "/health")
 

@@ -21,10 +21,12 @@ from typing import Any, Literal
 import trio
 
 from harness.model.profile import (
+    AGENT_TOOLS,
     PASSED_THROUGH,
     REFERENCE_CHAT_PATH,
     REFERENCE_PROFILE,
     Profile,
+    next_message,
 )
 from harness.model.scenario import (
     AwaitStep,
@@ -43,7 +45,7 @@ from harness.model.scenario import (
     UpstreamExpect,
     WaitStep,
 )
-from harness.results import Finding, Kind, Observation, RunResult, Verdict, answer_of
+from harness.results import Finding, Kind, Observation, RunResult, Verdict, answer_of, describe
 from harness.upstream.chaos_upstream import ChaosUpstream
 from harness.upstream.script import EventKind, StepEvent, marker
 from wire.ids import new_session_id
@@ -67,7 +69,6 @@ from .checks import (
 from .client import StreamProgress, TargetClient
 from .context import RunContext
 from .lifecycle import Created, Lifecycle
-from .preflight import describe
 
 
 @dataclass(frozen=True)
@@ -89,31 +90,9 @@ class RunSettings:
 
 # Offered on every chat when the profile says only tool results may follow an
 # assistant turn: the chaos upstream then answers with a call to this tool.
-AGENT_TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "sessctl_step",
-            "description": "Run the next step of the scenario.",
-            "parameters": {"type": "object", "properties": {}},
-        },
-    }
-]
-
-
 UNREAD_EARLIER = (
     "the read is an export: a read before the end is not judged (declared in the profile)"
 )
-
-
-def next_message(profile: Profile, base: list[dict[str, Any]], text: str) -> dict[str, Any]:
-    """A user message; or, where the profile allows only tool results after an
-    assistant turn, the result of the tool call that turn made."""
-    last = base[-1] if base else None
-    calls = last.get("tool_calls") if last and last.get("role") == "assistant" else None
-    if profile.appends_tool_results and isinstance(calls, list) and calls:
-        return {"role": "tool", "tool_call_id": calls[0].get("id"), "content": text}
-    return {"role": "user", "content": text}
 
 
 CLEANUP_BUDGET = 5.0

@@ -24,12 +24,26 @@ Standalone (``sessctl upstream``), the same is reachable over HTTP::
 
     POST /_sessctl/steps/{tag}          {"script": ["hold"]}     set a script
     POST /_sessctl/steps/{tag}/release                           release holds
-    GET  /_sessctl/events                                        every event so far
+    GET  /_sessctl/steps/{tag}                                   its calls: received,
+                                                                 ended, in flight
+    GET  /_sessctl/steps/{tag}/wait?until=received&count=1&timeout=2
+                                        the same, once ``count`` calls were received
+                                        (or ended: ``until=ended``), or the timeout
+    GET  /_sessctl/events[?prefix=P]                             every event so far (of
+                                                                 tags starting with P),
+                                                                 and the answers given
+    GET  /_sessctl/clock                                         this upstream's clock
+
+The last four let load generators in other processes (``sessctl load``'s
+workers) place the same races as chaos mode in-process: they time their
+operations on this upstream's clock, so its events and their operations
+compare in one history.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -371,8 +385,17 @@ class ChaosUpstream:
         parts = request.path.strip("/").split("/")
         try:
             if request.method == "GET" and parts == ["_sessctl", "events"]:
-                events = [asdict(e) | {"kind": e.kind.value} for e in self._events]
-                await _respond_json(exchange, 200, {"events": events})
+                prefix = _query(request.query).get("prefix", "")
+                chosen = [e for e in self._events if e.tag.startswith(prefix)]
+                events = [asdict(e) | {"kind": e.kind.value} for e in chosen]
+                answers = {t: a for t, a in self._answers.items() if t.startswith(prefix)}
+                await _respond_json(exchange, 200, {"events": events, "answers": answers})
+            elif request.method == "GET" and parts == ["_sessctl", "clock"]:
+                await _respond_json(exchange, 200, {"now": trio.current_time()})
+            elif request.method == "GET" and len(parts) == 3 and parts[1] == "steps":
+                await _respond_json(exchange, 200, self._step_state(parts[2]))
+            elif request.method == "GET" and len(parts) == 4 and parts[3] == "wait":
+                await self._wait_control(exchange, parts[2])
             elif request.method == "POST" and len(parts) == 3 and parts[1] == "steps":
                 spec = json.loads(request.body or b"{}").get("script", ["respond"])
                 if not isinstance(spec, list):
@@ -386,6 +409,41 @@ class ChaosUpstream:
                 await _respond_json(exchange, 404, _error("not_found", f"no route {request.path}"))
         except (ScriptError, ValueError, AttributeError) as error:
             await _respond_json(exchange, 400, _error("invalid_request", str(error)))
+
+    def _step_state(self, tag: str) -> dict[str, Any]:
+        return {
+            "tag": tag,
+            "received": self.count(tag, EventKind.RECEIVED),
+            "ended": self.ended_calls(tag),
+            "in_flight": self.call_in_flight(tag),
+        }
+
+    async def _wait_control(self, exchange: Exchange, tag: str) -> None:
+        query = _query(exchange.request.query)
+        until = query.get("until", "received")
+        if until not in ("received", "ended"):
+            raise ValueError(f"until must be received or ended, not {until!r}")
+        count = int(query.get("count", "1"))
+        timeout = min(float(query.get("timeout", "2")), MAX_CONTROL_WAIT)
+        if not timeout >= 0:
+            raise ValueError("timeout must be a number of seconds")
+
+        def reached() -> bool:
+            if until == "received":
+                return self.count(tag, EventKind.RECEIVED) >= count
+            return self.ended_calls(tag) >= count
+
+        with trio.move_on_after(timeout):
+            await self.wait_until(reached)
+        await _respond_json(exchange, 200, self._step_state(tag) | {"reached": reached()})
+
+
+MAX_CONTROL_WAIT = 30.0
+"""The longest a control request waits for an event (longer asks wait this long)."""
+
+
+def _query(raw: str) -> dict[str, str]:
+    return {name: values[-1] for name, values in urllib.parse.parse_qs(raw).items()}
 
 
 class _Dialect(Protocol):

@@ -29,6 +29,8 @@ class HttpRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    query: str = ""
+    """The target's query string, without the ``?`` (the control routes read it)."""
 
 
 class Exchange:
@@ -154,4 +156,5 @@ async def _read_request(
                 path=head.target.decode().split("?", 1)[0],
                 headers={k.decode().lower(): v.decode() for k, v in head.headers},
                 body=bytes(body),
+                query=head.target.decode().partition("?")[2],
             )
