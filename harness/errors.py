@@ -7,7 +7,9 @@ Hierarchy::
     │   └── ListenFailed             2   the chaos upstream's address is taken or invalid
     ├── ScenarioFileError            2   a scenario file is malformed (file:line:col)
     ├── ScriptError                  2   an upstream behaviour cannot be understood
-    └── TargetUnreachable            3   the server under test does not answer at all
+    ├── TargetUnreachable            3   the server under test does not answer at all
+    └── LoadFailed                   3   sessctl load's Locust processes could not run
+                                         (not installed, workers never connected)
 
 Failures *of the server under test* are not exceptions: they are verdicts in
 the report (FAIL, with server faults among them; UNTESTED where a race could not
@@ -48,4 +50,11 @@ class ScriptError(HarnessError):
 
 
 class TargetUnreachable(HarnessError):
+    exit_code = 3
+
+
+class LoadFailed(HarnessError):
+    """``sessctl load`` could not run its load: Locust is missing, its workers never
+    connected, or its master stopped without a history. Nothing was judged."""
+
     exit_code = 3

@@ -22,7 +22,16 @@ PACKAGES = ("wire", "harness", "refserver", "sessctl")
 
 # Lower rank = lower layer. A harness module may import modules of its own
 # rank or lower, never higher.
-RANK = {"base": 0, "upstream": 1, "model": 2, "run": 3, "chaos": 4, "explore": 5, "report": 6}
+RANK = {
+    "base": 0,
+    "upstream": 1,
+    "model": 2,
+    "run": 3,
+    "chaos": 4,
+    "explore": 5,
+    "load": 5,
+    "report": 6,
+}
 BASE_MODULES = {"harness.errors", "harness.results"}
 # The model reads the upstream's script language (scenario files name
 # behaviours and events), never the engine itself.
@@ -39,6 +48,28 @@ HARNESS_MAY_EMBED = {
     "refserver.errors",
     "refserver.upstream",
 }
+
+
+# The Locust side of load runs under gevent, in processes of its own: what it
+# imports must never bring trio in (harness/load/__init__.py).
+GEVENT_SIDE = ("harness.load.agent", "harness.load.locust_main")
+GEVENT_SIDE_MAY_IMPORT = (
+    "harness.load.agent",
+    "harness.load.settings",
+    "harness.model",
+    "harness.upstream.script",
+    "harness.results",
+    "harness.errors",
+    "wire.anthropic",
+    "wire.engine",
+    "wire.ids",
+    "wire.errors",
+    "wire.protocol",
+    "wire.rules",
+    "wire.strictjson",
+    "wire.generate",
+    "wire.tokens",
+)
 
 
 def module_sources() -> dict[str, str]:
@@ -126,6 +157,12 @@ def _rule_broken(module: str, target: str) -> str | None:
         return "the harness embeds the reference server; what both read is in wire"
     if top == "harness" and target_top == "sessctl":
         return "the harness never imports the CLI"
+    if module.startswith(GEVENT_SIDE) and target_top in PACKAGES:
+        if target != "harness" and not target.startswith(GEVENT_SIDE_MAY_IMPORT):
+            return "the Locust side runs under gevent: nothing of it may bring trio in"
+    if module.startswith("harness.load") and not module.startswith(GEVENT_SIDE):
+        if target.startswith(GEVENT_SIDE):
+            return "sessctl's side of load starts Locust's processes, never imports Locust"
     if top != "harness" or target_top != "harness":
         return None
     source_part, target_part = part_of(module), part_of(target)
@@ -195,6 +232,8 @@ def test_every_harness_part_says_what_it_owns_and_may_import() -> None:
         ("harness.run.checks", "from refserver.rules import comparable", "what both read"),
         ("wire.rules", "from refserver.service import SessionService", "below both"),
         ("refserver.transport.engine_http", "from ..service import X", "below the specification"),
+        ("harness.load.agent", "from harness.run.client import TargetClient", "under gevent"),
+        ("harness.load.run", "from .agent import SessionAgent", "never imports Locust"),
     ],
 )
 def test_a_wrong_arrow_is_caught(module: str, source: str, expected: str) -> None:
@@ -222,7 +261,8 @@ def test_the_cli_imports_the_harness_only_for_the_commands_that_use_it() -> None
     probe = (
         "import sys, sessctl.cli; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'yaml', 'httpx')"
-        " or m.startswith(('harness.run', 'harness.chaos', 'harness.report', 'sessctl.run'))))"
+        " or m.startswith(('harness.run', 'harness.chaos', 'harness.report', 'sessctl.run',"
+        " 'locust', 'gevent', 'harness.load'))))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout

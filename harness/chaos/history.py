@@ -142,7 +142,7 @@ def read_history(path: Path) -> list[Operation]:
         if not line.strip():
             continue
         try:
-            operations.append(_operation(json.loads(line)))
+            operations.append(operation_from_json(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ScenarioFileError(shown, number, 1, f"not a history operation: {error}") from None
     if not operations:
@@ -151,7 +151,8 @@ def read_history(path: Path) -> list[Operation]:
     return operations
 
 
-def _operation(data: dict[str, Any]) -> Operation:
+def operation_from_json(data: dict[str, Any]) -> Operation:
+    """One line of a history, parsed (KeyError, TypeError, ValueError if it is not one)."""
     if data["op"] not in OPS:
         raise ValueError(f"unknown op {data['op']!r}")
     events = [UpstreamEvent(str(e["kind"]), float(e["at"])) for e in data.get("upstream") or []]

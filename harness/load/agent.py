@@ -1,0 +1,670 @@
+"""The Locust side of ``sessctl load``: each Locust user is an agent living sessions.
+
+One session's life, as a task: create it (the profile's way), a few turns (plain
+or faulted chats, exact retries, reads, and the races: a second writer, a DELETE
+while a turn is held at the engine, a hang-up), then end it. Each operation is
+recorded in the history format ``sessctl check`` reads, timed on the chaos
+upstream's clock, so the upstream's events and the operations compare in one
+history. A session is driven by one user of one worker from start to end, and
+its operations are sent to the master when its life ends: what the master has
+is a set of whole sessions, checkable at any moment.
+
+The races are structural, as in chaos mode: a held call is released only once
+the race is in place (the second turn sent, the DELETE answered or outwaited,
+the hang-up answered or outwaited), never after a guessed delay.
+
+This module runs under gevent (Locust monkey-patches the process): it must not
+import trio, httpx or anything that does (``tests/test_load.py`` checks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+from gevent.event import Event
+from geventhttpclient import HTTPClient
+from locust import FastHttpUser, constant, events, task
+from locust.env import Environment
+
+from harness.model.profile import (
+    AGENT_TOOLS,
+    Profile,
+    id_at,
+    next_message,
+    read_trajectory,
+    route_call,
+)
+from harness.results import Observation, answer_of, describe
+from harness.upstream.script import marker, tag_of
+from wire.engine import completion_for
+from wire.ids import new_session_id
+
+from .settings import PATIENCE, LoadSettings
+
+HISTORY_MESSAGE = "sessctl_history"
+"""Worker to master: ``{"worker": index, "ops": [...], "races": {...}}``."""
+DONE_MESSAGE = "sessctl_history_done"
+"""Worker to master, last: ``{"worker": index, "ops": count, "lag": seconds}``."""
+FLUSH_EVERY = 1.0
+"""Seconds between a worker's batches of finished sessions."""
+
+
+class UpstreamControl:
+    """The chaos upstream's control routes (``/_sessctl/...``), from a worker."""
+
+    def __init__(self, upstream_url: str, timeout: float) -> None:
+        parts = urlsplit(upstream_url)
+        self._client = HTTPClient(
+            parts.hostname or "127.0.0.1",
+            parts.port or (443 if parts.scheme == "https" else 80),
+            ssl=parts.scheme == "https",
+            concurrency=256,
+            connection_timeout=timeout,
+            network_timeout=timeout + 35.0,
+        )
+        self.offset = 0.0
+        """The upstream's clock minus this process's ``time.monotonic()``."""
+        self.uncertainty = 0.0
+        """Half the round trip of the best clock reading: how far ``now`` may be off."""
+
+    def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        payload = b"" if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if body is not None else {}
+        response = self._client.request(method, path, body=payload, headers=headers)
+        text = response.read()
+        if response.status_code != 200:
+            raise RuntimeError(f"the chaos upstream answered {method} {path}: {text[:200]!r}")
+        result = json.loads(text)
+        assert isinstance(result, dict)
+        return result
+
+    def sync_clock(self, probes: int = 7) -> None:
+        best: tuple[float, float] | None = None
+        for _ in range(probes):
+            before = time.monotonic()
+            now = float(self._call("GET", "/_sessctl/clock")["now"])
+            after = time.monotonic()
+            round_trip = after - before
+            if best is None or round_trip < best[0]:
+                best = (round_trip, now - (before + after) / 2)
+        assert best is not None
+        self.uncertainty, self.offset = best[0] / 2, best[1]
+
+    def now(self) -> float:
+        return time.monotonic() + self.offset
+
+    def script(self, tag: str, script: list[Any]) -> None:
+        self._call("POST", f"/_sessctl/steps/{tag}", {"script": script})
+
+    def release(self, tag: str) -> None:
+        self._call("POST", f"/_sessctl/steps/{tag}/release", {})
+
+    def state(self, tag: str) -> dict[str, Any]:
+        return self._call("GET", f"/_sessctl/steps/{tag}")
+
+    def wait(self, tag: str, until: str, count: int, timeout: float) -> dict[str, Any]:
+        return self._call(
+            "GET", f"/_sessctl/steps/{tag}/wait?until={until}&count={count}&timeout={timeout}"
+        )
+
+
+class PatienceClock:
+    """Seconds as this worker could look: a tick of 50 ms counts at most 0.1 s, so
+    a worker too busy to look does not run a server's patience out (as
+    ``harness.run.patience`` does for chaos mode)."""
+
+    TICK = 0.05
+    MOST = 0.1
+
+    def __init__(self) -> None:
+        self.counted = 0.0
+        self.lag = 0.0
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            gevent.sleep(self.TICK)
+            now = time.monotonic()
+            step = now - last
+            last = now
+            self.counted += min(step, self.MOST)
+            self.lag += max(0.0, step - self.MOST)
+
+    def wait(self, done: Event, seconds: float) -> bool:
+        """Wait for ``done`` up to ``seconds`` of this clock; did it happen?"""
+        start = self.counted
+        while not done.is_set():
+            if self.counted - start >= seconds:
+                return False
+            done.wait(self.TICK)
+        return True
+
+
+@dataclass
+class WorkerState:
+    """What the users of one worker share: the settings, the upstream, the history."""
+
+    settings: LoadSettings
+    profile: Profile
+    control: UpstreamControl
+    clock: PatienceClock
+    index: int
+    users: itertools.count[int] = field(default_factory=itertools.count)
+    tickets: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    """Operations of sessions whose life ended, not yet sent to the master."""
+    sent: int = 0
+    races: Counter[str] = field(default_factory=Counter)
+    """``placed:KIND`` and ``missed:KIND``: races set up, and those that could not be."""
+
+    def tag(self) -> str:
+        return f"{self.settings.run_id}.w{self.index}.{next(self.tickets)}"
+
+
+_state: WorkerState | None = None
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_: Any) -> None:
+    """Each worker (and a master, which runs no users) reads the settings the master sent."""
+    global _state
+    runner = environment.runner
+    options = environment.parsed_options
+    raw = getattr(options, "sessctl_settings", None) if options is not None else None
+    if raw is None or runner is None or type(runner).__name__ == "MasterRunner":
+        return
+    settings = LoadSettings.from_json(raw)
+    control = UpstreamControl(settings.upstream, settings.request_timeout)
+    control.sync_clock()
+    _state = WorkerState(
+        settings,
+        Profile.model_validate(settings.profile),
+        control,
+        PatienceClock(),
+        max(0, getattr(runner, "worker_index", 0)),
+    )
+    gevent.spawn(_flush_forever, environment)
+
+
+def _flush_forever(environment: Environment) -> None:
+    while True:
+        gevent.sleep(FLUSH_EVERY)
+        flush(environment)
+
+
+def flush(environment: Environment) -> None:
+    state, runner = _state, environment.runner
+    if state is None or runner is None or not state.finished:
+        return
+    batch, state.finished = state.finished, []
+    state.sent += len(batch)
+    runner.send_message(
+        HISTORY_MESSAGE, {"worker": state.index, "ops": batch, "races": dict(state.races)}
+    )
+    state.races.clear()
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_: Any) -> None:
+    """The users are stopped: send what is left, then say how much was sent in all."""
+    state, runner = _state, environment.runner
+    if state is None or runner is None or type(runner).__name__ == "MasterRunner":
+        return
+    flush(environment)
+    runner.send_message(
+        DONE_MESSAGE, {"worker": state.index, "ops": state.sent, "lag": round(state.clock.lag, 3)}
+    )
+
+
+class SessionAgent(FastHttpUser):
+    """An agent: session after session, each lived from create to end."""
+
+    host = "http://127.0.0.1"  # replaced by the settings' target
+    wait_time = constant(0)
+    concurrency = 4
+    """Connections of its own: a race has at most three requests in flight, and a
+    request never queues in the load generator behind another."""
+
+    def __init__(self, environment: Environment) -> None:
+        state = _state
+        if state is not None:
+            self.host = state.settings.target.rstrip("/")
+            self.network_timeout = state.settings.request_timeout
+            self.connection_timeout = state.settings.request_timeout
+            think = state.settings.think
+            self.wait_time = lambda: think  # type: ignore[method-assign]
+        super().__init__(environment)
+        self.number = next(state.users) if state is not None else 0
+        self.lives = 0
+
+    @task
+    def live_a_session(self) -> None:
+        state = _state
+        if state is None:
+            raise RuntimeError("sessctl load: this worker never received its settings")
+        seed = f"{state.settings.seed} {state.index} {self.number} {self.lives}"
+        self.lives += 1
+        SessionLife(self, state, random.Random(seed)).run()
+
+
+@dataclass
+class _Answer:
+    status: int | None
+    body: Any
+    error: str | None = None
+
+
+class SessionLife:
+    """One session, from its create to its end, recorded."""
+
+    def __init__(self, user: SessionAgent, state: WorkerState, rng: random.Random) -> None:
+        self.user = user
+        self.state = state
+        self.settings = state.settings
+        self.profile = state.profile
+        self.rng = rng
+        self.ops: list[dict[str, Any]] = []
+        self.session: str | None = None
+        self.agent: str | None = None
+        self.view: list[dict[str, Any]] = []
+        self.last_sent: list[dict[str, Any]] | None = None
+        self.ended = False
+        self._admin_key = self.profile.admin_key()
+        self._delete_op: dict[str, Any] | None = None
+        self._outwaited_tags: list[str] = []
+
+    # -- the life -----------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if not self.create():
+                return
+            low, high = self.settings.turns
+            kinds = [k for k, w in self.settings.mix.items() if w > 0]
+            weights = [self.settings.mix[k] for k in kinds]
+            for _ in range(self.rng.randint(low, high)):
+                kind = self.rng.choices(kinds, weights)[0]
+                getattr(self, "turn_" + kind.replace("-", "_"))()
+                if self.ended:
+                    break
+            if not self.ended:
+                self.end()
+                if self.rng.random() < 0.3:
+                    self.chat(self.extended("after the end"), ["respond"], "chat after end")
+        finally:
+            # Whatever ran is recorded, an operation cut off by a stop included
+            # (its outcome unknown): a read may have seen what it committed.
+            now = self.state.control.now()
+            for op in self.ops:
+                if op.pop("_open", False):
+                    op["gave_up"] = now
+            self.state.finished.extend(self.ops)
+
+    def create(self) -> bool:
+        if self.profile.creation == "implicit":
+            self.session = self.agent = new_session_id()
+            now = self.state.control.now()
+            self._op("create", invoke=now, complete=now, implicit=True)
+            return True
+        values = self._values(task=f"sessctl-{new_session_id()[:12]}")
+        for route in self.profile.create.before:
+            before = self._send("create (before)", route_call(route, values))
+            if before.status is None or before.status // 100 != 2:
+                return False
+        call = route_call(self.profile.create, values)
+        op = self._begin("create", "")
+        answer = self._send("create", call)
+        session = id_at(answer.body, self.profile.create.id_field) if _ok(answer) else None
+        agent = session
+        if self.profile.create.agent_id_field is not None and session is not None:
+            agent = id_at(answer.body, self.profile.create.agent_id_field)
+        self._complete(op, answer)
+        if session is None or agent is None:
+            self.ops.remove(op)  # no session: nothing to check, as in chaos mode
+            return False
+        op["session"] = session
+        self.session, self.agent = session, agent
+        return True
+
+    def end(self) -> None:
+        assert self.session is not None
+        self.ended = True
+        op = self._begin("delete", self.session)
+        answer = self._send("delete", route_call(self.profile.end, self._values()))
+        self._complete(op, answer)
+
+    # -- turns -------------------------------------------------------------------
+
+    def turn_chat(self) -> None:
+        script: list[Any] = ["respond"]
+        tool_call = self.rng.random() < 0.2
+        answer: Any = {"chunks": 3, "tool_call": True} if tool_call else "respond"
+        roll = self.rng.random()
+        if roll < self.settings.fault_rate:
+            fault = self.rng.choice(("delay", "503", "reset", "abort"))
+            if fault == "delay":
+                script = [{"delay": round(self.rng.uniform(0.001, 0.02), 4)}]
+            elif fault == "503":
+                script = [{"status": 503}, answer]
+            else:
+                script = [fault, answer]
+        elif tool_call:
+            script = [answer]
+        self.chat(self.extended("turn"), script, "chat")
+
+    def turn_retry(self) -> None:
+        if self.last_sent is None:
+            self.turn_chat()
+            return
+        self.chat(list(self.last_sent), ["respond"], "retry")
+
+    def turn_read(self) -> None:
+        self.read()
+
+    def turn_second_writer(self) -> None:
+        """A held turn, and a second turn on the same trajectory sent while it is held."""
+        first = self.extended("first writer")
+        first_tag = tag_of({"messages": first}) or ""
+        held = gevent.spawn(self.chat, first, ["hold"], "chat (held)", tag=first_tag)
+        if not self._arrived(first_tag, held):
+            self._missed("second-writer")
+            self.state.control.release(first_tag)
+            held.join()
+            return
+        self._placed("second-writer")
+        second = gevent.spawn(self.chat, self.extended("second writer"), ["respond"], "chat")
+        # The second turn either reaches the engine (a server that lets two
+        # writers in at once), is answered (refused, or queued and then...), or
+        # waits behind the held one: any of those puts the race in place.
+        second.join(timeout=self.rng.uniform(0.01, 0.1))
+        self.state.control.release(first_tag)
+        gevent.joinall([held, second])
+        self.read()  # which of the two committed: the next turns build on it
+
+    def turn_delete_in_flight(self) -> None:
+        """A held turn; the session is ended while it is held."""
+        assert self.session is not None
+        tag_messages = self.extended("held through the end")
+        tag = tag_of({"messages": tag_messages}) or ""
+        held = gevent.spawn(self.chat, tag_messages, ["hold"], "chat (held)", tag=tag)
+        if not self._arrived(tag, held):
+            self._missed("delete-in-flight")
+            self.state.control.release(tag)
+            held.join()
+            return
+        self._placed("delete-in-flight")
+        answered = Event()
+        sent = Event()
+
+        def delete() -> None:
+            try:
+                self.ended = True
+                op = self._delete_op = self._begin("delete", self.session or "")
+                sent.set()
+                call = route_call(self.profile.end, self._values())
+                self._complete(op, self._send("delete (turn in flight)", call))
+            finally:
+                sent.set()
+                answered.set()
+
+        ending = gevent.spawn(delete)
+        sent.wait()
+        outwaited = not self.state.clock.wait(answered, PATIENCE)
+        if outwaited and self.state.control.state(tag)["in_flight"]:
+            # The DELETE waited for the engine: the harness lets the call go, and
+            # the DELETE's record says so (the checker's delete-waits).
+            self._outwaited_tags.append(tag)
+        elif self._delete_op is not None and (self._delete_op["status"] or 0) // 100 == 2:
+            self._wait_hung_up_on(tag)
+        self.state.control.release(tag)
+        gevent.joinall([ending, held])
+        if self._delete_op is not None and self._outwaited_tags:
+            self._delete_op["outwaited"] = list(self._outwaited_tags)
+        if self.rng.random() < 0.5:
+            self.chat(self.extended("after the end"), ["respond"], "chat after end")
+        self.read()
+
+    def turn_hangup(self) -> None:
+        """A held turn whose client hangs up; the server should stop the engine call."""
+        assert self.agent is not None
+        assert self.session is not None
+        messages = self.extended("hung up on")
+        tag = tag_of({"messages": messages}) or ""
+        target = urlsplit(self.settings.target)
+        if target.scheme != "http":
+            self._missed("hangup")  # a raw socket speaks plain HTTP only
+            return
+        self.state.control.script(tag, ["hold"])
+        path, headers, body = self.profile.chat_request(self.agent, self._chat_body(messages))
+        op = self._begin(
+            "chat",
+            self.session,
+            messages=messages,
+            script=["hold"],
+            answer_if_committed=self._predicted(body),
+            tag=tag,
+        )
+        self.last_sent = messages
+        raw = socket.create_connection(
+            (target.hostname or "127.0.0.1", target.port or 80),
+            timeout=self.settings.request_timeout,
+        )
+        try:
+            raw.sendall(_http_request(target, path, headers, body))
+            arrived = self.state.control.wait(tag, "received", 1, PATIENCE)["reached"]
+        finally:
+            raw.close()  # the hang-up
+        op["gave_up"] = self.state.control.now()
+        op.pop("_open", None)
+        self.user.environment.events.request.fire(
+            request_type="POST",
+            name="chat (hung up)",
+            response_time=(op["gave_up"] - op["invoke"]) * 1000,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+        if not arrived:
+            self._missed("hangup")
+            self.state.control.release(tag)
+            self.read()
+            return
+        self._placed("hangup")
+        state = self.state.control.state(tag)
+        if state["in_flight"]:
+            ended = self.state.control.wait(tag, "ended", state["ended"] + 1, PATIENCE)
+            if not ended["reached"]:
+                op["outwaited"] = [tag]
+        self.state.control.release(tag)
+        self.read()
+
+    # -- requests ------------------------------------------------------------------
+
+    def chat(
+        self, messages: list[dict[str, Any]], script: list[Any], label: str, *, tag: str = ""
+    ) -> None:
+        assert self.session is not None
+        assert self.agent is not None
+        tag = tag or tag_of({"messages": messages}) or ""
+        if script != ["respond"]:
+            self.state.control.script(tag, script)
+        path, headers, body = self.profile.chat_request(self.agent, self._chat_body(messages))
+        op = self._begin(
+            "chat",
+            self.session,
+            messages=messages,
+            script=script,
+            answer_if_committed=self._predicted(body),
+            tag=tag,
+        )
+        self.last_sent = messages
+        answer = self._post(label, path, headers, body)
+        self._complete(op, answer)
+        reply = answer_of(Observation("load", "chat", None, answer.status, 0.0, 0.0, answer.body))
+        op["answer"] = reply
+        if answer.status == 200 and reply is not None:
+            self.view = [*messages, reply]
+
+    def read(self) -> None:
+        assert self.session is not None
+        op = self._begin("get", self.session)
+        answer = self._send("get", route_call(self.profile.read, self._values()))
+        turns_body = None
+        turns_path = self.profile.trajectory.turns_path
+        if turns_path is not None and answer.status == 200:
+            listed = self._get("get (turns)", turns_path.replace("{session}", self.session))
+            turns_body = listed.body if listed.status == 200 else None
+        self._complete(op, answer)
+        state = read_trajectory(self.profile, answer.body, turns_body)
+        op.update(messages=state.messages, num_assistant=state.num_assistant, turns=state.turns)
+        if answer.status == 200 and state.messages is not None:
+            self.view = list(state.messages)
+
+    def _send(self, label: str, call: Any) -> _Answer:
+        return self._request(call.method, call.path, call.headers, call.body, label)
+
+    def _post(
+        self, label: str, path: str, headers: dict[str, str], body: dict[str, Any]
+    ) -> _Answer:
+        return self._request("POST", path, headers, body, label)
+
+    def _get(self, label: str, path: str) -> _Answer:
+        return self._request("GET", path, {}, None, label)
+
+    def _request(
+        self, method: str, path: str, headers: dict[str, str], body: Any, label: str
+    ) -> _Answer:
+        with self.user.client.request(
+            method, path, name=label, json=body, headers=headers, catch_response=True
+        ) as response:
+            status = response.status_code or None
+            if status is None:
+                error = str(getattr(response, "error", None) or "no answer")
+                response.failure(error)  # only a missing answer fails in Locust's eyes
+                return _Answer(None, None, error)
+            response.success()  # a status is the checker's to judge, not Locust's
+            text = response.text or ""
+        try:
+            parsed: Any = json.loads(text) if text else None
+        except ValueError:
+            parsed = {"_raw": text}
+        return _Answer(status, parsed)
+
+    # -- the history ---------------------------------------------------------------
+
+    def _begin(self, op: str, session: str, **fields: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "op": op,
+            "session": session,
+            "worker": self.state.index,
+            "user": self.user.number,
+            "invoke": self.state.control.now(),
+            "complete": None,
+            "status": None,
+            "_open": True,
+            **fields,
+        }
+        self.ops.append(record)
+        return record
+
+    def _op(self, op: str, **fields: Any) -> None:
+        self.ops.append(
+            {
+                "op": op,
+                "session": self.session,
+                "worker": self.state.index,
+                "user": self.user.number,
+                "status": None,
+                **fields,
+            }
+        )
+
+    def _complete(self, op: dict[str, Any], answer: _Answer) -> None:
+        op.pop("_open", None)
+        now = self.state.control.now()
+        if answer.status is None:
+            op["gave_up"] = now
+            return
+        op["complete"] = now
+        op["status"] = answer.status
+        if answer.status // 100 != 2:
+            observation = Observation(
+                "load", op["op"], None, answer.status, op["invoke"], now, answer.body
+            )
+            op["refusal"] = describe(observation, limit=160)
+
+    def _values(self, task: str | None = None) -> dict[str, str]:
+        values: dict[str, str] = {}
+        if self.session is not None:
+            values["session"] = self.session
+            values["agent"] = self.agent or self.session
+        if task is not None:
+            values["task"] = task
+        if self._admin_key is not None:
+            values["admin_key"] = self._admin_key
+        return values
+
+    def extended(self, what: str) -> list[dict[str, Any]]:
+        tag = self.state.tag()
+        text = f"agent {self.user.number} {what} {marker(tag)}"
+        return [*self.view, next_message(self.profile, self.view, text)]
+
+    def _chat_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": "sessctl-load", "messages": messages}
+        if self.profile.appends_tool_results:
+            body["tools"] = AGENT_TOOLS
+        return body
+
+    def _predicted(self, body: dict[str, Any]) -> dict[str, Any]:
+        flavor: Any = self.settings.flavor
+        message = completion_for(body, flavor=flavor)["choices"][0]["message"]
+        assert isinstance(message, dict)
+        return message
+
+    def _arrived(self, tag: str, chat: gevent.Greenlet) -> bool:
+        """Wait until the held call reaches the engine (or its chat is answered without)."""
+        while not chat.dead:
+            if self.state.control.wait(tag, "received", 1, 0.25)["reached"]:
+                return True
+        return bool(self.state.control.state(tag)["received"])
+
+    def _wait_hung_up_on(self, tag: str) -> None:
+        """After a DELETE's 2xx, give the server its patience to hang up on the held call
+        (releasing it sooner would make the engine answer a turn that was stopped)."""
+        state = self.state.control.state(tag)
+        if state["in_flight"]:
+            self.state.control.wait(tag, "ended", state["ended"] + 1, PATIENCE)
+
+    def _placed(self, race: str) -> None:
+        self.state.races[f"placed:{race}"] += 1
+
+    def _missed(self, race: str) -> None:
+        self.state.races[f"missed:{race}"] += 1
+
+
+def _ok(answer: _Answer) -> bool:
+    return answer.status is not None and answer.status // 100 == 2
+
+
+def _http_request(target: Any, path: str, headers: dict[str, str], body: Any) -> bytes:
+    payload = json.dumps(body).encode()
+    host = target.netloc
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"host: {host}",
+        "content-type: application/json",
+        f"content-length: {len(payload)}",
+        "connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
