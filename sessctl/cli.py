@@ -598,6 +598,219 @@ def chaos_command(
     )
 
 
+@app.command("load")
+def load_command(
+    target: OneTargetOption = None,
+    users: Annotated[
+        int, typer.Option(help="Agents (Locust users) at full load.", metavar="N")
+    ] = 100,
+    spawn_rate: Annotated[
+        float, typer.Option(help="Agents started per second until all run.", metavar="R")
+    ] = 50.0,
+    run_time: Annotated[
+        str, typer.Option(help="How long the load runs: 20s, 5m, 1h.", metavar="DURATION")
+    ] = "30s",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Local worker processes (default 1; 0 with --master, where workers "
+            "connect from other machines).",
+            metavar="K",
+        ),
+    ] = None,
+    expect_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Workers to wait for before the load starts (default: --workers).", metavar="N"
+        ),
+    ] = None,
+    master: Annotated[
+        bool,
+        typer.Option(
+            "--master",
+            help="Serve as the master of workers on other machines (sessctl load --worker).",
+        ),
+    ] = False,
+    master_bind: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT the master listens on for workers (default 127.0.0.1 and any "
+            "free port; with --master, 0.0.0.0:5557).",
+            metavar="HOST:PORT",
+        ),
+    ] = None,
+    worker: Annotated[
+        bool,
+        typer.Option("--worker", help="Run as a worker of a master elsewhere (--master-host)."),
+    ] = False,
+    master_host: Annotated[
+        str | None, typer.Option(help="The master's host, for --worker.", metavar="HOST")
+    ] = None,
+    master_port: Annotated[
+        int, typer.Option(help="The master's port, for --worker.", metavar="PORT")
+    ] = 5557,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="A chaos upstream already running (sessctl upstream), as its base URL "
+            "http://HOST:PORT/v1; default: one in this process.",
+            metavar="URL",
+        ),
+    ] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights of the kinds of turn: chat, retry, read, second-writer, "
+            "delete-in-flight, hangup (e.g. chat=5,read=2; those not named: 0).",
+            metavar="KIND=W[,KIND=W]",
+        ),
+    ] = None,
+    turns: Annotated[
+        str, typer.Option(help="Turns in one session's life: N or LOW-HIGH.", metavar="N")
+    ] = "2-6",
+    fault_rate: Annotated[
+        float,
+        typer.Option(help="Share of plain chats whose engine call gets a fault.", metavar="RATIO"),
+    ] = 0.2,
+    think: Annotated[
+        float,
+        typer.Option(
+            help="Seconds an agent waits between its requests.",
+            metavar="SECONDS",
+            callback=_non_negative_seconds,
+        ),
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seeds every agent's choices.", metavar="N")] = 1,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the verdict, findings and statistics.", metavar="FILE"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory for history.jsonl, report.json, timeline.html and Locust's own "
+            "files (locust/).",
+            metavar="DIR",
+        ),
+    ] = None,
+    csv: Annotated[
+        str | None,
+        typer.Option(help="Locust's CSV files, at this path prefix.", metavar="PREFIX"),
+    ] = None,
+    html: Annotated[Path | None, typer.Option(help="Locust's HTML report.", metavar="FILE")] = None,
+    web: Annotated[
+        str | None,
+        typer.Option(help="Serve Locust's web UI at HOST:PORT, to watch.", metavar="HOST:PORT"),
+    ] = None,
+    emulate: EmulateOption = None,
+    upstream_listen: UpstreamListenOption = None,
+    shrink: Annotated[
+        bool,
+        typer.Option(
+            help="Shrink a failure to a minimal scenario that replays it with holds.", metavar=""
+        ),
+    ] = True,
+    shrink_budget: ShrinkBudgetOption = 60.0,
+    scenario_out: ScenarioOutOption = None,
+    profile: ProfileOption = None,
+    flavor: FlavorOption = "openai",
+    request_timeout: RequestTimeoutOption = 30.0,
+    target_wait: TargetWaitOption = 5.0,
+) -> None:
+    """Load on Locust: agents living whole sessions, every session's history checked.
+
+    Needs the extra: pip install 'sessctl[load]'. The findings, their labels and
+    the exit status are chaos mode's: 0 valid, 1 invalid, 2 usage error, 3 target
+    unreachable or the load could not run, 4 undecided.
+    """
+    from harness.chaos.shrink import ShrinkSettings
+    from harness.load.run import LoadPlan, LoadSetup
+    from harness.load.settings import DEFAULT_MIX, parse_mix
+    from harness.model.profile import load_profile
+
+    from .chaos import target_and_upstream
+    from .load import load, parse_run_time, parse_turns
+    from .load import worker as run_worker
+    from .run import parse_listen
+
+    if worker:
+        if master_host is None:
+            _usage_error("--worker needs --master-host: where the master runs")
+        raise typer.Exit(_run_harness(lambda: run_worker(master_host, master_port, console)))
+    _known_variant(emulate, with_target=target is not None)
+    if users < 1 or spawn_rate <= 0:
+        _usage_error("--users must be at least 1 and --spawn-rate above 0")
+    if shrink_budget <= 0:
+        _usage_error("--shrink-budget must be a positive number of seconds")
+    if not 0 <= fault_rate <= 1:
+        _usage_error(f"--fault-rate must be from 0 to 1; got {fault_rate:g}")
+    local = workers if workers is not None else (0 if master else 1)
+    if local < 0 or (expect_workers is not None and expect_workers < 1):
+        _usage_error("--workers must be 0 or more and --expect-workers at least 1")
+    expected = expect_workers if expect_workers is not None else local
+    if expected < 1:
+        _usage_error("--master with no local --workers needs --expect-workers N")
+    if engine is not None and upstream_listen is not None:
+        _usage_error("--engine and --upstream-listen: the upstream runs elsewhere, or here")
+    try:
+        seconds = parse_run_time(run_time)
+        turn_range = parse_turns(turns)
+        weights = parse_mix(mix) if mix is not None else dict(DEFAULT_MIX)
+        url, listen, host, port = target_and_upstream(target, upstream_listen)
+        bind_host, bind_port = parse_listen(
+            master_bind or ("0.0.0.0:5557" if master else "127.0.0.1:0")
+        )
+        if engine is not None:
+            from refserver.transport.engine_http import base_url_problem
+
+            problem = base_url_problem(engine, example="http://127.0.0.1:8900/v1")
+            if problem is not None:
+                _usage_error(f"--engine {engine!r}: {problem}")
+    except HarnessError as problem:
+        _usage_error(str(problem))
+    plan = LoadPlan(
+        users=users,
+        spawn_rate=spawn_rate,
+        run_time=seconds,
+        workers=local,
+        expect_workers=expected,
+        master_host=bind_host,
+        master_port=bind_port,
+        web=web,
+        csv=csv,
+        html=html,
+    )
+    raise typer.Exit(
+        _run_harness(
+            lambda: load(
+                LoadSetup(
+                    profile=load_profile(profile),
+                    flavor=_parse_flavor(flavor),
+                    seed=seed,
+                    request_timeout=request_timeout,
+                    mix=weights,
+                    turns=turn_range,
+                    fault_rate=fault_rate,
+                    think=think,
+                    target_wait=target_wait,
+                ),
+                plan,
+                url,
+                emulate,
+                engine.rstrip("/") if engine else None,
+                (host, port),
+                json_out,
+                out,
+                console,
+                ShrinkSettings(time_budget=shrink_budget) if shrink else None,
+                scenario_out,
+                profile_option=profile,
+                listen_text=listen,
+            )
+        )
+    )
+
+
 @app.command("explore")
 def explore_command(
     target: OneTargetOption = None,

@@ -157,12 +157,19 @@ def _rule_broken(module: str, target: str) -> str | None:
         return "the harness embeds the reference server; what both read is in wire"
     if top == "harness" and target_top == "sessctl":
         return "the harness never imports the CLI"
-    if module.startswith(GEVENT_SIDE) and target_top in PACKAGES:
-        if target != "harness" and not target.startswith(GEVENT_SIDE_MAY_IMPORT):
-            return "the Locust side runs under gevent: nothing of it may bring trio in"
-    if module.startswith("harness.load") and not module.startswith(GEVENT_SIDE):
-        if target.startswith(GEVENT_SIDE):
-            return "sessctl's side of load starts Locust's processes, never imports Locust"
+    if (
+        module.startswith(GEVENT_SIDE)
+        and target_top in PACKAGES
+        and target != "harness"
+        and not target.startswith(GEVENT_SIDE_MAY_IMPORT)
+    ):
+        return "the Locust side runs under gevent: nothing of it may bring trio in"
+    if (
+        module.startswith("harness.load")
+        and not module.startswith(GEVENT_SIDE)
+        and target.startswith(GEVENT_SIDE)
+    ):
+        return "sessctl's side of load starts Locust's processes, never imports Locust"
     if top != "harness" or target_top != "harness":
         return None
     source_part, target_part = part_of(module), part_of(target)

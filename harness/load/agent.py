@@ -340,7 +340,7 @@ class SessionLife:
         assert self.session is not None
         self.ended = True
         op = self._begin("delete", self.session)
-        answer = self._send("delete", route_call(self.profile.end, self._values()))
+        answer = self._send("end", route_call(self.profile.end, self._values()))
         self._complete(op, answer)
 
     # -- turns -------------------------------------------------------------------
@@ -382,7 +382,9 @@ class SessionLife:
             held.join()
             return
         self._placed("second-writer")
-        second = gevent.spawn(self.chat, self.extended("second writer"), ["respond"], "chat")
+        second = gevent.spawn(
+            self.chat, self.extended("second writer"), ["respond"], "chat (second writer)"
+        )
         # The second turn either reaches the engine (a server that lets two
         # writers in at once), is answered (refused, or queued and then...), or
         # waits behind the held one: any of those puts the race in place.
@@ -412,7 +414,7 @@ class SessionLife:
                 op = self._delete_op = self._begin("delete", self.session or "")
                 sent.set()
                 call = route_call(self.profile.end, self._values())
-                self._complete(op, self._send("delete (turn in flight)", call))
+                self._complete(op, self._send("end (turn in flight)", call))
             finally:
                 sent.set()
                 answered.set()
@@ -518,11 +520,11 @@ class SessionLife:
     def read(self) -> None:
         assert self.session is not None
         op = self._begin("get", self.session)
-        answer = self._send("get", route_call(self.profile.read, self._values()))
+        answer = self._send("read", route_call(self.profile.read, self._values()))
         turns_body = None
         turns_path = self.profile.trajectory.turns_path
         if turns_path is not None and answer.status == 200:
-            listed = self._get("get (turns)", turns_path.replace("{session}", self.session))
+            listed = self._get("read (turns)", turns_path.replace("{session}", self.session))
             turns_body = listed.body if listed.status == 200 else None
         self._complete(op, answer)
         state = read_trajectory(self.profile, answer.body, turns_body)

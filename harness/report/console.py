@@ -28,6 +28,7 @@ from rich.text import Text
 
 from harness.chaos.linearizability import CheckResult
 from harness.chaos.shrink import ShrinkResult
+from harness.load.run import Progress as LoadProgress
 from harness.results import Finding, Kind, ScenarioResult, SuiteResult, Verdict
 from harness.run.selftest import CLEAN, SelftestResult
 from harness.run.suite import NOT_RUN, SuiteHooks, Target
@@ -499,3 +500,71 @@ def render_shrink(console: Console, shrunk: ShrinkResult | None, replay: str | N
     )
     if replay is not None:
         console.print(Text.assemble("  replay: ", (replay, "cyan")), soft_wrap=True)
+
+
+LOAD_PROGRESS_EVERY = 10.0
+"""Seconds between the progress lines of a load run that is not on a terminal."""
+
+
+@contextmanager
+def load_progress(console: Console) -> Iterator[Callable[[LoadProgress], None]]:
+    """A live line on a terminal; elsewhere (CI, a log) a line every 10 s: agents,
+    requests and their rate, failures, sessions checked so far and findings."""
+    last_printed = -LOAD_PROGRESS_EVERY
+    progress = Progress(
+        TextColumn("[bold]load"),
+        TextColumn("{task.fields[line]}"),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("load", total=None, line="starting the Locust processes")
+
+    def update(now: LoadProgress) -> None:
+        nonlocal last_printed
+        line = load_progress_line(now)
+        if console.is_terminal:
+            progress.update(task, line=line)
+        elif now.seconds - last_printed >= LOAD_PROGRESS_EVERY:
+            last_printed = now.seconds
+            console.print(f"load {line}", highlight=False)
+
+    with progress:
+        yield update
+
+
+def load_progress_line(now: LoadProgress) -> str:
+    return (
+        f"{now.seconds:.0f} s: {now.users:,} agents, {now.requests:,} requests "
+        f"({now.requests_per_second:,.0f}/s), {now.failures:,} unanswered; "
+        f"{now.sessions_checked:,} sessions checked, {plural(now.findings, 'finding')}"
+    )
+
+
+def render_load_stats(console: Console, stats: dict[str, Any], races: dict[str, int]) -> None:
+    """Locust's statistics per operation, and which races were set up."""
+    table = Table(box=_box(console), title="requests (Locust's statistics)", title_justify="left")
+    for column in ("operation", "requests", "unanswered", "p50 ms", "p95 ms", "p99 ms", "per s"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    rows = sorted(stats.get("operations", []), key=lambda e: -int(e["requests"]))
+    for entry in [*rows, stats.get("total")]:
+        if not entry:
+            continue
+        table.add_row(
+            "all" if entry["name"] == "Aggregated" else f"{entry['method']} {entry['name']}",
+            f"{entry['requests']:,}",
+            f"{entry['failures']:,}",
+            f"{entry['median_ms'] or 0:,.0f}",
+            f"{entry['p95_ms'] or 0:,.0f}",
+            f"{entry['p99_ms'] or 0:,.0f}",
+            f"{entry['requests_per_second']:,.1f}",
+        )
+    console.print(table)
+    kinds = sorted({name.partition(":")[2] for name in races})
+    if kinds:
+        placed = [
+            f"{kind} {races.get(f'placed:{kind}', 0):,}"
+            + (f" ({races[f'missed:{kind}']:,} not placed)" if races.get(f"missed:{kind}") else "")
+            for kind in kinds
+        ]
+        console.print("races set up: " + ", ".join(placed), highlight=False)
