@@ -631,6 +631,14 @@ def load_command(
             help="Serve as the master of workers on other machines (sessctl load --worker).",
         ),
     ] = False,
+    worker_wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the master waits for its workers to connect.",
+            metavar="SECONDS",
+            callback=_positive_seconds,
+        ),
+    ] = 60.0,
     master_bind: Annotated[
         str | None,
         typer.Option(
@@ -776,6 +784,7 @@ def load_command(
         expect_workers=expected,
         master_host=bind_host,
         master_port=bind_port,
+        worker_wait=worker_wait,
         web=web,
         csv=csv,
         html=html,

@@ -1,0 +1,168 @@
+"""sessctl load end to end, as a user runs it: Locust's master and workers in
+processes of their own, the clean reference server VALID, a split lock caught
+with chaos's label, a worker from "another machine", and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def sessctl(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sessctl", "load", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_clean_reference_server_is_valid_with_a_master_and_two_workers(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "out.json"
+    out = tmp_path / "run"
+    done = sessctl(
+        *("--workers", "2", "--users", "200", "--spawn-rate", "100", "--run-time", "20s"),
+        *("--json", str(report), "--out", str(out)),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "VALID" in done.stdout
+    assert "requests (Locust's statistics)" in done.stdout
+    document = json.loads(report.read_text())
+    assert document["verdict"] == "valid"
+    assert document["findings"] == []
+    # Both workers ran agents and sent their whole history before they quit.
+    done_workers = document["locust"]["workers_done"]
+    assert sorted(w["worker"] for w in done_workers) == [0, 1]
+    assert sum(w["ops"] for w in done_workers) == document["operations"]
+    # Every operation Locust counted is in the history (one request, one operation).
+    assert document["locust"]["total"]["requests"] == document["operations"]
+    # The races were set up, not only planned.
+    races = document["races"]
+    for race in ("second-writer", "delete-in-flight", "hangup"):
+        assert races.get(f"placed:{race}", 0) > 10, races
+    # The history is the one sessctl check reads, and agrees with.
+    rechecked = subprocess.run(
+        [sys.executable, "-m", "sessctl", "check", str(out / "history.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rechecked.returncode == 0, rechecked.stdout
+    assert (out / "locust" / "stats.json").exists()
+
+
+def test_a_split_lock_is_invalid_with_the_label_chaos_gives_it(tmp_path: Path) -> None:
+    report = tmp_path / "out.json"
+    done = sessctl(
+        *("--workers", "2", "--users", "200", "--spawn-rate", "100", "--run-time", "10s"),
+        *("--json", str(report), "--emulate", "split-lock", "--shrink-budget", "30"),
+        *("--scenario-out", str(tmp_path / "shrunk.yaml")),
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "INVALID" in done.stdout
+    document = json.loads(report.read_text())
+    assert document["verdict"] == "invalid"
+    assert "linearizability" in {f["kind"] for f in document["findings"]}
+    # The failure was shrunk to a scenario that fails on split-lock alone.
+    assert document["shrunk"] is not None
+    replay = subprocess.run(
+        [sys.executable, "-m", "sessctl", "run-scenarios", str(tmp_path / "shrunk.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replay.returncode == 0, replay.stdout  # the reference server passes it
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_a_worker_started_on_its_own_joins_a_master(tmp_path: Path) -> None:
+    # As on two machines: the master waits; a worker is given only its address.
+    port = _free_port()
+    report = tmp_path / "out.json"
+    master = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "sessctl", "load", "--master", "--expect-workers", "1"),
+            *("--master-bind", f"127.0.0.1:{port}", "--users", "20", "--run-time", "4s"),
+            *("--json", str(report)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "sessctl", "load", "--worker", "--master-host", "127.0.0.1"),
+            *("--master-port", str(port)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        output, _ = master.communicate(timeout=120)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        master.kill()
+        worker.kill()
+    assert master.returncode == 0, output
+    assert "waiting for 1 worker(s) to connect" in output
+    document = json.loads(report.read_text())
+    assert document["verdict"] == "valid"
+    assert document["run"]["workers"] == 1
+    assert document["operations"] > 0
+
+
+def test_a_master_whose_workers_never_come_says_so(tmp_path: Path) -> None:
+    done = sessctl(
+        *("--master", "--expect-workers", "1", "--worker-wait", "2"),
+        *("--master-bind", f"127.0.0.1:{_free_port()}", "--run-time", "2s"),
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "0 of 1 workers connected" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--run-time", "soon"), "--run-time 'soon': expected a duration"),
+        (("--mix", "chat=1,sing=2"), "--mix: 'sing=2' is not NAME=WEIGHT"),
+        (("--mix", "chat=0"), "at least one kind of turn"),
+        (("--turns", "5-2"), "--turns '5-2'"),
+        (("--worker",), "--worker needs --master-host"),
+        (("--master",), "--master with no local --workers needs --expect-workers"),
+        (("--users", "0"), "--users must be at least 1"),
+        (("--engine", "ftp://x"), "--engine 'ftp://x'"),
+        (("--emulate", "nonesuch"), "nonesuch"),
+    ],
+)
+def test_bad_options_are_named(args: tuple[str, ...], message: str) -> None:
+    done = sessctl(*args, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_locust_side_never_imports_trio() -> None:
+    # Locust monkey-patches the process with gevent; trio must not share it.
+    probe = (
+        "import sys, harness.load.locust_main, harness.load.agent; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'trio', 'httpx', 'hypercorn'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
