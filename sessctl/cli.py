@@ -680,6 +680,14 @@ def load_command(
         float,
         typer.Option(help="Share of plain chats whose engine call gets a fault.", metavar="RATIO"),
     ] = 0.2,
+    stream_ratio: Annotated[
+        float,
+        typer.Option(
+            help="Share of chats sent with stream: true (0 to 1), where the profile speaks "
+            "OpenAI's API; their holds and faults may come after a chunk.",
+            metavar="RATIO",
+        ),
+    ] = 0.3,
     think: Annotated[
         float,
         typer.Option(
@@ -752,6 +760,8 @@ def load_command(
         _usage_error("--shrink-budget must be a positive number of seconds")
     if not 0 <= fault_rate <= 1:
         _usage_error(f"--fault-rate must be from 0 to 1; got {fault_rate:g}")
+    if not 0 <= stream_ratio <= 1:
+        _usage_error(f"--stream-ratio must be from 0 to 1; got {stream_ratio:g}")
     local = workers if workers is not None else (0 if master else 1)
     if local < 0 or (expect_workers is not None and expect_workers < 1):
         _usage_error("--workers must be 0 or more and --expect-workers at least 1")
@@ -801,6 +811,7 @@ def load_command(
                     turns=turn_range,
                     fault_rate=fault_rate,
                     think=think,
+                    stream_ratio=stream_ratio,
                     target_wait=target_wait,
                 ),
                 plan,

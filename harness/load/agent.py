@@ -43,10 +43,11 @@ from harness.model.profile import (
     read_trajectory,
     route_call,
 )
-from harness.results import Observation, answer_of, describe
+from harness.results import Observation, answer_of, describe, error_type_of
 from harness.upstream.script import marker, tag_of
 from wire.engine import completion_for
 from wire.ids import new_session_id
+from wire.streaming import ChunkRefused, EventReader, StreamAssembler
 
 from .settings import PATIENCE, LoadSettings
 
@@ -262,6 +263,8 @@ class _Answer:
     status: int | None
     body: Any
     error: str | None = None
+    stream: dict[str, Any] | None = None
+    """A chat sent with ``stream: true``: how its stream ended, in the history's fields."""
 
 
 class SessionLife:
@@ -299,8 +302,11 @@ class SessionLife:
                     break
             if not self.ended:
                 self.end()
-                if self.rng.random() < 0.3:
+                roll = self.rng.random()
+                if roll < 0.3:
                     self.chat(self.extended("after the end"), ["respond"], "chat after end")
+                elif roll < 0.45:
+                    self.end("end again")
         finally:
             # Whatever ran is recorded, an operation cut off by a stop included
             # (its outcome unknown): a read may have seen what it committed.
@@ -336,31 +342,38 @@ class SessionLife:
         self.session, self.agent = session, agent
         return True
 
-    def end(self) -> None:
+    def end(self, label: str = "end") -> None:
         assert self.session is not None
         self.ended = True
         op = self._begin("delete", self.session)
-        answer = self._send("end", route_call(self.profile.end, self._values()))
+        answer = self._send(label, route_call(self.profile.end, self._values()))
         self._complete(op, answer)
 
     # -- turns -------------------------------------------------------------------
 
     def turn_chat(self) -> None:
-        script: list[Any] = ["respond"]
+        stream = self._streams()
         tool_call = self.rng.random() < 0.2
         answer: Any = {"chunks": 3, "tool_call": True} if tool_call else "respond"
-        roll = self.rng.random()
-        if roll < self.settings.fault_rate:
-            fault = self.rng.choice(("delay", "503", "reset", "abort"))
+        script: list[Any] = [answer]
+        if self.rng.random() < self.settings.fault_rate:
+            fault = self.rng.choice(("delay", "503", "reset", "abort", "garbage"))
+            after = self.rng.randrange(3) if stream and self.rng.random() < 0.5 else None
+            recovers = self.rng.random() < 0.5
             if fault == "delay":
                 script = [{"delay": round(self.rng.uniform(0.001, 0.02), 4)}]
             elif fault == "503":
                 script = [{"status": 503}, answer]
+            elif fault == "abort":
+                script = ["abort", answer]
+            elif after is not None:
+                # After a chunk has been relayed: every attempt, or once and then
+                # a whole answer (a server that retries after relaying shows it).
+                cut = {"chunks": 3, f"{fault}_after": after}
+                script = [cut, answer] if fault == "reset" and recovers else [cut]
             else:
-                script = [fault, answer]
-        elif tool_call:
-            script = [answer]
-        self.chat(self.extended("turn"), script, "chat")
+                script = [fault, answer] if fault == "reset" and recovers else [fault]
+        self.chat(self.extended("turn"), script, "chat", stream=stream)
 
     def turn_retry(self) -> None:
         if self.last_sent is None:
@@ -375,7 +388,10 @@ class SessionLife:
         """A held turn, and a second turn on the same trajectory sent while it is held."""
         first = self.extended("first writer")
         first_tag = tag_of({"messages": first}) or ""
-        held = gevent.spawn(self.chat, first, ["hold"], "chat (held)", tag=first_tag)
+        stream = self._streams()
+        held = gevent.spawn(
+            self.chat, first, self._hold(stream), "chat (held)", tag=first_tag, stream=stream
+        )
         if not self._arrived(first_tag, held):
             self._missed("second-writer")
             self.state.control.release(first_tag)
@@ -398,13 +414,24 @@ class SessionLife:
         assert self.session is not None
         tag_messages = self.extended("held through the end")
         tag = tag_of({"messages": tag_messages}) or ""
-        held = gevent.spawn(self.chat, tag_messages, ["hold"], "chat (held)", tag=tag)
+        stream = self._streams()
+        held = gevent.spawn(
+            self.chat, tag_messages, self._hold(stream), "chat (held)", tag=tag, stream=stream
+        )
         if not self._arrived(tag, held):
             self._missed("delete-in-flight")
             self.state.control.release(tag)
             held.join()
             return
         self._placed("delete-in-flight")
+        queued: list[gevent.Greenlet] = []
+        if self.rng.random() < 0.5:
+            # Another turn behind the held one (queued, on a server that serialises a
+            # session's turns): a DELETE must stop it too, not let it commit after.
+            queued.append(
+                gevent.spawn(self.chat, self.extended("queued"), ["respond"], "chat (queued)")
+            )
+            queued[0].join(timeout=self.rng.uniform(0.005, 0.05))
         answered = Event()
         sent = Event()
 
@@ -429,7 +456,7 @@ class SessionLife:
         elif self._delete_op is not None and (self._delete_op["status"] or 0) // 100 == 2:
             self._wait_hung_up_on(tag)
         self.state.control.release(tag)
-        gevent.joinall([ending, held])
+        gevent.joinall([ending, held, *queued])
         if self._delete_op is not None and self._outwaited_tags:
             self._delete_op["outwaited"] = list(self._outwaited_tags)
         if self.rng.random() < 0.5:
@@ -446,24 +473,30 @@ class SessionLife:
         if target.scheme != "http":
             self._missed("hangup")  # a raw socket speaks plain HTTP only
             return
-        self.state.control.script(tag, ["hold"])
-        path, headers, body = self.profile.chat_request(self.agent, self._chat_body(messages))
+        stream = self._streams()
+        script = self._hold(stream)
+        self.state.control.script(tag, script)
+        request = self._chat_body(messages)
+        if stream:
+            request["stream"] = True
+        path, headers, body = self.profile.chat_request(self.agent, request)
         op = self._begin(
             "chat",
             self.session,
             messages=messages,
-            script=["hold"],
+            script=script,
             answer_if_committed=self._predicted(body),
             tag=tag,
         )
         self.last_sent = messages
-        raw = socket.create_connection(
-            (target.hostname or "127.0.0.1", target.port or 80),
-            timeout=self.settings.request_timeout,
-        )
+        address = (target.hostname or "127.0.0.1", target.port or 80)
+        raw = socket.create_connection(address, timeout=self.settings.request_timeout)
         try:
             raw.sendall(_http_request(target, path, headers, body))
             arrived = self.state.control.wait(tag, "received", 1, PATIENCE)["reached"]
+            chunks = script[0].get("hold_after", 0) if isinstance(script[0], dict) else 0
+            if arrived and chunks:
+                _read_until_events(raw, chunks, PATIENCE)  # hang up mid-stream
         finally:
             raw.close()  # the hang-up
         op["gave_up"] = self.state.control.now()
@@ -493,14 +526,23 @@ class SessionLife:
     # -- requests ------------------------------------------------------------------
 
     def chat(
-        self, messages: list[dict[str, Any]], script: list[Any], label: str, *, tag: str = ""
+        self,
+        messages: list[dict[str, Any]],
+        script: list[Any],
+        label: str,
+        *,
+        tag: str = "",
+        stream: bool = False,
     ) -> None:
         assert self.session is not None
         assert self.agent is not None
         tag = tag or tag_of({"messages": messages}) or ""
         if script != ["respond"]:
             self.state.control.script(tag, script)
-        path, headers, body = self.profile.chat_request(self.agent, self._chat_body(messages))
+        request = self._chat_body(messages)
+        if stream:
+            request["stream"] = True
+        path, headers, body = self.profile.chat_request(self.agent, request)
         op = self._begin(
             "chat",
             self.session,
@@ -510,11 +552,19 @@ class SessionLife:
             tag=tag,
         )
         self.last_sent = messages
-        answer = self._post(label, path, headers, body)
+        if stream:
+            answer = self._stream(label, path, headers, body)
+        else:
+            answer = self._post(label, path, headers, body)
         self._complete(op, answer)
+        if answer.stream is not None:
+            op.update(answer.stream)
+            if op.get("stream") not in ("done", "not streamed", "no stream"):
+                op["gave_up"] = op.pop("complete", None)  # an unfinished stream: unknown
+                op["complete"] = None
         reply = answer_of(Observation("load", "chat", None, answer.status, 0.0, 0.0, answer.body))
         op["answer"] = reply
-        if answer.status == 200 and reply is not None:
+        if answer.status == 200 and reply is not None and op.get("complete") is not None:
             self.view = [*messages, reply]
 
     def read(self) -> None:
@@ -539,6 +589,31 @@ class SessionLife:
         self, label: str, path: str, headers: dict[str, str], body: dict[str, Any]
     ) -> _Answer:
         return self._request("POST", path, headers, body, label)
+
+    def _stream(
+        self, label: str, path: str, headers: dict[str, str], body: dict[str, Any]
+    ) -> _Answer:
+        """POST a chat with ``stream: true`` and read its events to the end, as an
+        agent does; how the stream ended is recorded as chaos mode records it."""
+        with self.user.client.request(
+            "POST", path, name=label, json=body, headers=headers, stream=True, catch_response=True
+        ) as response:
+            status = response.status_code or None
+            if status is None:
+                error = str(getattr(response, "error", None) or "no answer")
+                response.failure(error)
+                return _Answer(None, None, error, {"stream": "no stream"})
+            response.success()
+            streamed = (response.headers.get("content-type") or "").startswith("text/event-stream")
+            if status // 100 != 2 or not streamed:
+                text = response.text or ""
+                kind = "not streamed" if status // 100 == 2 else "no stream"
+                try:
+                    parsed: Any = json.loads(text) if text else None
+                except ValueError:
+                    parsed = {"_raw": text}
+                return _Answer(status, parsed, stream={"stream": kind})
+            return _read_events(status, response)
 
     def _get(self, label: str, path: str) -> _Answer:
         return self._request("GET", path, {}, None, label)
@@ -647,11 +722,85 @@ class SessionLife:
         if state["in_flight"]:
             self.state.control.wait(tag, "ended", state["ended"] + 1, PATIENCE)
 
+    def _streams(self) -> bool:
+        """Does this chat stream? Only where the agent speaks OpenAI's API (the
+        Messages API's named events are chaos mode's and explore's to read)."""
+        return self.profile.api == "openai-chat" and self.rng.random() < self.settings.stream_ratio
+
+    def _hold(self, stream: bool) -> list[Any]:
+        """A hold before the answer, or (a streamed chat, half the time) after a chunk."""
+        if stream and self.rng.random() < 0.5:
+            return [{"chunks": 3, "hold_after": self.rng.randrange(1, 3)}]
+        return ["hold"]
+
     def _placed(self, race: str) -> None:
         self.state.races[f"placed:{race}"] += 1
 
     def _missed(self, race: str) -> None:
         self.state.races[f"missed:{race}"] += 1
+
+
+AFTER_ERROR_KEPT = 5
+
+
+def _read_until_events(raw: socket.socket, events: int, seconds: float) -> None:
+    """Read a streamed answer until ``events`` data events have come (or ``seconds``):
+    a client that hangs up mid-stream has seen the start of it."""
+    seen = b""
+    with gevent.Timeout(seconds, False):
+        while seen.count(b"data:") < events:
+            part = raw.recv(65536)
+            if not part:
+                return
+            seen += part
+
+
+def _read_events(status: int, response: Any) -> _Answer:
+    """A 2xx event stream, read to ``[DONE]``, an error event (and on to the end:
+    nothing may follow one), or the cut; the answer its chunks assembled into."""
+    reader, assembler = EventReader(), StreamAssembler()
+    end, error_type = "cut", None
+    after_error: list[str] = []
+    try:
+        for part in response.iter_content(8192, decode_content=False):
+            for data in reader.feed(part if isinstance(part, bytes) else part.encode()):
+                if end == "error":
+                    if len(after_error) < AFTER_ERROR_KEPT:
+                        after_error.append(
+                            "[DONE]" if data.strip() == b"[DONE]" else "a data event"
+                        )
+                    continue
+                if data.strip() == b"[DONE]":
+                    end = "done"
+                    break
+                try:
+                    chunk = json.loads(data)
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        end, error_type = "error", error_type_of(chunk) or "error"
+                        continue
+                    assembler.add(chunk)
+                except ValueError as refused:
+                    end = "error"
+                    error_type = (
+                        f"(malformed chunk: {refused})"
+                        if isinstance(refused, ChunkRefused)
+                        else "(an event that is not JSON)"
+                    )
+            if end == "done":
+                break
+    except Exception:
+        pass
+    assembled = assembler.message() if assembler.chunks else None
+    record: dict[str, Any] = {
+        "stream": f"error:{error_type}" if end == "error" else end,
+        "assembled": assembled,
+    }
+    if after_error:
+        record["after_error"] = after_error
+    body = None
+    if end == "done" and assembled is not None:
+        body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
+    return _Answer(status, body, stream=record)
 
 
 def _ok(answer: _Answer) -> bool:

@@ -87,6 +87,7 @@ class LoadSetup:
     turns: tuple[int, int] = (2, 6)
     fault_rate: float = 0.2
     think: float = 0.0
+    stream_ratio: float = 0.3
     target_wait: float = 5.0
 
 
@@ -297,6 +298,7 @@ async def run_load(
             turns=setup.turns,
             fault_rate=setup.fault_rate,
             think=setup.think,
+            stream_ratio=setup.stream_ratio,
         )
         events = _Events(upstream, control, run_id)
         locust = _LocustProcesses(plan, out, settings)
@@ -306,16 +308,20 @@ async def run_load(
         history = _History(out / "history.jsonl")
         last_check = started
 
-        def check_new(final: bool = False) -> None:
-            """Check the sessions that arrived whole since the last check."""
+        async def check_new() -> None:
+            """Check the sessions that arrived whole since the last check: in a thread,
+            so that the chaos upstream in this process keeps answering meanwhile."""
             fresh = history.read_new()
             if not fresh:
                 return
             ops = as_history(fresh, events)
-            result = check_history(
-                ops,
-                model=setup.profile.trajectory.model,
-                rollback=setup.profile.rollback == "one-step",
+            result = await trio.to_thread.run_sync(
+                partial(
+                    check_history,
+                    ops,
+                    model=setup.profile.trajectory.model,
+                    rollback=setup.profile.rollback == "one-step",
+                )
             )
             findings.extend(result.findings)
             checked.update(op.session for op in ops)
@@ -329,7 +335,7 @@ async def run_load(
                 if now - last_check >= CHECK_EVERY:
                     last_check = now
                     await events.refresh()
-                    check_new()
+                    await check_new()
                 if on_progress is not None:
                     progress = locust.progress()
                     on_progress(

@@ -61,6 +61,8 @@ class LoadSettings:
     """The share of plain chats whose engine call gets a fault."""
     think: float = 0.0
     """Seconds an agent waits between its requests (Locust's ``wait_time``)."""
+    stream_ratio: float = 0.3
+    """The share of chats sent with ``stream: true`` (OpenAI-speaking profiles)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
