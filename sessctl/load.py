@@ -80,6 +80,7 @@ def load(
         f"load: {plan.users:,} agents (spawned {plan.spawn_rate:g}/s) for {plan.run_time:g} s "
         f"on {workers} worker{'s' if workers != 1 else ''}, against {what}",
         highlight=False,
+        soft_wrap=True,
     )
     if plan.expect_workers is not None and plan.expect_workers > plan.workers:
         console.print(
@@ -124,7 +125,7 @@ def load(
         highlight=False,
     )
     for note in report.notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
     render_check(console, report.result, "history")
     paths: list[Path] = []
     scenario_path = None

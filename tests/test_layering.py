@@ -67,6 +67,7 @@ GEVENT_SIDE_MAY_IMPORT = (
     "wire.protocol",
     "wire.rules",
     "wire.strictjson",
+    "wire.streaming",
     "wire.generate",
     "wire.tokens",
 )

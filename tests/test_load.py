@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .test_readme_commands import DOCS, quoted_block
+
 
 def sessctl(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -67,6 +69,11 @@ def test_a_split_lock_is_invalid_with_the_label_chaos_gives_it(tmp_path: Path) -
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "INVALID" in done.stdout
+    # docs/load.md quotes the first lines as they are printed.
+    printed = [line.rstrip() for line in done.stdout.splitlines()]
+    quoted = quoted_block("checks these lines", DOCS / "load.md")
+    assert printed[0] == quoted[0]
+    assert quoted[1] in printed
     document = json.loads(report.read_text())
     assert document["verdict"] == "invalid"
     assert "linearizability" in {f["kind"] for f in document["findings"]}
@@ -97,7 +104,8 @@ def test_a_worker_started_on_its_own_joins_a_master(tmp_path: Path) -> None:
             sys.executable,
             *("-m", "sessctl", "load", "--master", "--expect-workers", "1"),
             *("--master-bind", f"127.0.0.1:{port}", "--users", "20", "--run-time", "4s"),
-            *("--json", str(report)),
+            *("--json", str(report), "--csv", str(tmp_path / "locust")),
+            *("--html", str(tmp_path / "locust.html")),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -124,6 +132,9 @@ def test_a_worker_started_on_its_own_joins_a_master(tmp_path: Path) -> None:
     assert document["verdict"] == "valid"
     assert document["run"]["workers"] == 1
     assert document["operations"] > 0
+    # Locust's own reports, as Locust writes them.
+    assert (tmp_path / "locust_stats.csv").read_text().startswith("Type,Name,Request Count")
+    assert "<html" in (tmp_path / "locust.html").read_text().lower()
 
 
 def test_a_master_whose_workers_never_come_says_so(tmp_path: Path) -> None:

@@ -527,7 +527,7 @@ def load_progress(console: Console) -> Iterator[Callable[[LoadProgress], None]]:
             progress.update(task, line=line)
         elif now.seconds - last_printed >= LOAD_PROGRESS_EVERY:
             last_printed = now.seconds
-            console.print(f"load {line}", highlight=False)
+            console.print(f"load {line}", highlight=False, soft_wrap=True)
 
     with progress:
         yield update
