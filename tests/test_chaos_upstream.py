@@ -205,6 +205,54 @@ async def test_control_api_for_standalone_use(
     assert [(e["tag"], e["kind"]) for e in events] == [("x", "received"), ("x", "answered")]
 
 
+async def test_control_routes_for_workers_in_other_processes(
+    chaos: ChaosUpstream, client: httpx.AsyncClient
+) -> None:
+    # What sessctl load's workers use: a step's state, a wait on its calls, the
+    # events since an index (with the answers to their tags), and the clock.
+    root = str(chaos.url).removesuffix("/v1")
+    async with httpx.AsyncClient(base_url=root, timeout=HANG_GUARD) as control:
+        now = (await control.get("/_sessctl/clock")).json()["now"]
+        assert abs(now - trio.current_time()) < 1.0
+        await control.post("/_sessctl/steps/run.1", json={"script": ["hold"]})
+        assert (await control.get("/_sessctl/steps/run.1")).json() == {
+            "tag": "run.1", "received": 0, "ended": 0, "in_flight": False,
+        }  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: client.post("/chat/completions", json=body("run.1")))
+            arrived = await control.get("/_sessctl/steps/run.1/wait?until=received&count=1")
+            assert arrived.json() == {
+                "tag": "run.1", "received": 1, "ended": 0, "in_flight": True, "reached": True,
+            }  # fmt: skip
+            await control.post("/_sessctl/steps/run.1/release")
+            ended = await control.get("/_sessctl/steps/run.1/wait?until=ended&count=1")
+            assert ended.json()["reached"] is True
+        await client.post("/chat/completions", json=body("other.1"))
+        first = (await control.get("/_sessctl/events?prefix=run.")).json()
+        assert [(e["tag"], e["kind"]) for e in first["events"]] == [
+            ("run.1", "received"),
+            ("run.1", "answered"),
+        ]
+        assert list(first["answers"]) == ["run.1"]
+        assert first["next"] == 4  # other.1's two events count, though not shown
+        later = (await control.get(f"/_sessctl/events?prefix=run.&after={first['next']}")).json()
+        assert later["events"] == []
+        bad = await control.get("/_sessctl/steps/run.1/wait?until=soon")
+        assert bad.status_code == 400
+        assert "until must be received or ended" in bad.json()["error"]["message"]
+
+
+async def test_a_wait_that_is_not_reached_answers_after_its_timeout(
+    chaos: ChaosUpstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    root = str(chaos.url).removesuffix("/v1")
+    async with httpx.AsyncClient(base_url=root, timeout=HANG_GUARD) as control:
+        waited = await control.get("/_sessctl/steps/nobody/wait?until=received&timeout=2")
+    assert waited.json() == {
+        "tag": "nobody", "received": 0, "ended": 0, "in_flight": False, "reached": False,
+    }  # fmt: skip
+
+
 def test_tag_is_found_in_the_last_message_with_a_marker() -> None:
     assert tag_of({"messages": [{"role": "user", "content": f"a {marker('one')}"}]}) == "one"
     parts = [{"type": "text", "text": f"x {marker('two')}"}]

@@ -88,6 +88,39 @@ def test_a_split_lock_is_invalid_with_the_label_chaos_gives_it(tmp_path: Path) -
     assert replay.returncode == 0, replay.stdout  # the reference server passes it
 
 
+def test_a_server_of_your_own_wired_to_an_upstream_of_its_own(tmp_path: Path) -> None:
+    # As a user runs it against their server: the upstream, the server and the load
+    # are three commands; the load reads the upstream's events over its control routes.
+    from .conftest import HANG_GUARD, start_sessctl_serve
+
+    port = _free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", "upstream", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server, url = start_sessctl_serve(
+        "--upstream", f"http://127.0.0.1:{port}/v1", "--emulate", "delete-waits",
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        report = tmp_path / "out.json"
+        done = sessctl(
+            *("--target", url, "--engine", f"http://127.0.0.1:{port}/v1"),
+            *("--users", "30", "--run-time", "5s", "--mix", "chat=1,delete-in-flight=1"),
+            *("--json", str(report)),
+        )
+    finally:
+        for process in (server, upstream):
+            process.terminate()
+            process.wait(timeout=HANG_GUARD)
+    assert done.returncode == 1, done.stdout + done.stderr
+    document = json.loads(report.read_text())
+    assert {f["kind"] for f in document["findings"]} == {"delete-waits"}
+    # Shrinking replays against an upstream it scripts here; this one runs elsewhere.
+    assert "the chaos upstream runs in another process" in document["shrink_skipped"]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -147,32 +147,38 @@ class _History:
 
 
 class _Events:
-    """The chaos upstream's events by tag: in this process, or over its control routes."""
+    """The chaos upstream's events by tag: in this process, or over its control routes
+    (fetched as they come: each refresh asks only for the events since the last)."""
 
     def __init__(self, upstream: ChaosUpstream | None, control: str, run_id: str) -> None:
         self.upstream = upstream
         self.control = control
         self.run_id = run_id
-        self._fetched: dict[str, Any] | None = None
+        self._next = 0
+        self._by_tag: dict[str, list[UpstreamEvent]] = {}
+        self._answers: dict[str, list[dict[str, Any]]] = {}
 
     async def refresh(self) -> None:
-        if self.upstream is None:
-            self._fetched = await trio.to_thread.run_sync(
-                partial(_get_json, f"{self.control}/_sessctl/events?prefix={self.run_id}.")
+        if self.upstream is not None:
+            return
+        url = f"{self.control}/_sessctl/events?prefix={self.run_id}.&after={self._next}"
+        fetched = await trio.to_thread.run_sync(partial(_get_json, url))
+        for event in fetched["events"]:
+            self._by_tag.setdefault(event["tag"], []).append(
+                UpstreamEvent(event["kind"], float(event["at"]))
             )
+        self._answers.update(fetched.get("answers", {}))
+        self._next = int(fetched.get("next", self._next))
 
     def events(self, tag: str) -> list[UpstreamEvent]:
         if self.upstream is not None:
             return [UpstreamEvent(e.kind.value, e.at) for e in self.upstream.events(tag)]
-        fetched = self._fetched or {"events": []}
-        return [
-            UpstreamEvent(e["kind"], float(e["at"])) for e in fetched["events"] if e["tag"] == tag
-        ]
+        return list(self._by_tag.get(tag, ()))
 
     def answers(self, tag: str) -> list[dict[str, Any]]:
         if self.upstream is not None:
             return self.upstream.answers(tag)
-        return list((self._fetched or {}).get("answers", {}).get(tag, []))
+        return list(self._answers.get(tag, ()))
 
 
 def _get_json(url: str) -> dict[str, Any]:

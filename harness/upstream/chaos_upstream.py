@@ -29,9 +29,11 @@ Standalone (``sessctl upstream``), the same is reachable over HTTP::
     GET  /_sessctl/steps/{tag}/wait?until=received&count=1&timeout=2
                                         the same, once ``count`` calls were received
                                         (or ended: ``until=ended``), or the timeout
-    GET  /_sessctl/events[?prefix=P]                             every event so far (of
-                                                                 tags starting with P),
-                                                                 and the answers given
+    GET  /_sessctl/events[?prefix=P&after=N]                     every event so far (of
+                                                                 tags starting with P,
+                                                                 from the N-th on), the
+                                                                 answers to those tags,
+                                                                 and the next N
     GET  /_sessctl/clock                                         this upstream's clock
 
 The last four let load generators in other processes (``sessctl load``'s
@@ -385,11 +387,17 @@ class ChaosUpstream:
         parts = request.path.strip("/").split("/")
         try:
             if request.method == "GET" and parts == ["_sessctl", "events"]:
-                prefix = _query(request.query).get("prefix", "")
-                chosen = [e for e in self._events if e.tag.startswith(prefix)]
+                query = _query(request.query)
+                prefix, after = query.get("prefix", ""), int(query.get("after", "0"))
+                chosen = [e for e in self._events[after:] if e.tag.startswith(prefix)]
                 events = [asdict(e) | {"kind": e.kind.value} for e in chosen]
-                answers = {t: a for t, a in self._answers.items() if t.startswith(prefix)}
-                await _respond_json(exchange, 200, {"events": events, "answers": answers})
+                answered = {e.tag for e in chosen}
+                answers = {t: a for t, a in self._answers.items() if t in answered}
+                await _respond_json(
+                    exchange,
+                    200,
+                    {"events": events, "answers": answers, "next": len(self._events)},
+                )
             elif request.method == "GET" and parts == ["_sessctl", "clock"]:
                 await _respond_json(exchange, 200, {"now": trio.current_time()})
             elif request.method == "GET" and len(parts) == 3 and parts[1] == "steps":
