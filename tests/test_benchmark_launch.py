@@ -27,7 +27,7 @@ def test_the_benchmarks_read_the_upstream_and_server_urls_that_sessctl_announces
         assert upstream.url.startswith("http://127.0.0.1:")
         assert upstream.url.endswith("/v1")
         root = upstream.url.removesuffix("/v1")
-        assert httpx.get(f"{root}/_sessctl/events").json() == {"events": []}
+        assert httpx.get(f"{root}/_sessctl/events").json()["events"] == []
         with sessctl_process(
             "serve", "--port", "0", "--upstream", upstream.url, collector,
             url_prefix="sessctl reference server on",
