@@ -121,6 +121,21 @@ def test_a_server_of_your_own_wired_to_an_upstream_of_its_own(tmp_path: Path) ->
     assert "the chaos upstream runs in another process" in document["shrink_skipped"]
 
 
+def _page(url: str, attempts: int = 300) -> int:
+    """The status of a page that may not be served yet (tried every 0.1 s, 30 s at most)."""
+    import time
+    import urllib.request
+
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                status: int = response.status
+                return status
+        except OSError:
+            time.sleep(0.1)
+    return 0
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -130,7 +145,7 @@ def _free_port() -> int:
 
 def test_a_worker_started_on_its_own_joins_a_master(tmp_path: Path) -> None:
     # As on two machines: the master waits; a worker is given only its address.
-    port = _free_port()
+    port, web = _free_port(), _free_port()
     report = tmp_path / "out.json"
     master = subprocess.Popen(
         [
@@ -138,12 +153,14 @@ def test_a_worker_started_on_its_own_joins_a_master(tmp_path: Path) -> None:
             *("-m", "sessctl", "load", "--master", "--expect-workers", "1"),
             *("--master-bind", f"127.0.0.1:{port}", "--users", "20", "--run-time", "4s"),
             *("--json", str(report), "--csv", str(tmp_path / "locust")),
-            *("--html", str(tmp_path / "locust.html")),
+            *("--html", str(tmp_path / "locust.html"), "--web", f"127.0.0.1:{web}"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    # Locust's web UI is up while the master waits for its worker.
+    assert _page(f"http://127.0.0.1:{web}/") == 200
     worker = subprocess.Popen(
         [
             sys.executable,

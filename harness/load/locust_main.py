@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--master-port", type=int, default=5557)
     worker.add_argument("--log", type=Path, default=None)
     options = parser.parse_args(argv)
+    # Locust's web UI parses sys.argv with its own parser, which refuses ours:
+    # it sees what it would have seen had Locust been started with no option.
+    sys.argv = sys.argv[:1]
     if options.role == "worker":
         return run_worker(options.master_host, options.master_port, options.log)
     return run_master(options)
