@@ -122,23 +122,47 @@ def chaos(
                 scenario_file(report.shrunk, settings, what, replay), encoding="utf-8"
             )
         paths.append(scenario_path)
-    for path in paths:
-        console.print(f"wrote {path}")
-    if report.shrink_attempted:
-        render_shrink(console, report.shrunk, replay)
-    elif report.shrink_skipped is not None:
-        render_shrink_skipped(console, report.shrink_skipped)
-    if history_path is not None:
-        again = ["sessctl", "check", str(history_path)]
-        if profile_option is not None:
-            again += ["--profile", profile_option]
-        console.print(f"re-check with: {shlex.join(again)}")
+    written_and_shrunk(
+        console,
+        paths,
+        report.shrunk,
+        report.shrink_attempted,
+        report.shrink_skipped,
+        replay,
+        history_path,
+        profile_option,
+    )
     if report.interrupted:
         console.print(
             f"interrupted: the {len(report.history)} operations that ran were checked and reported"
         )
         return INTERRUPTED
     return CHECK_EXIT[report.result.verdict]
+
+
+def written_and_shrunk(
+    console: Console,
+    paths: list[Path],
+    shrunk: ShrinkResult | None,
+    attempted: bool,
+    skipped: str | None,
+    replay: str | None,
+    history_path: Path | None,
+    profile_option: str | None,
+) -> None:
+    """The end of a chaos or load report: the files written, the shrinking, and how to
+    check the saved history again."""
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False)
+    if attempted:
+        render_shrink(console, shrunk, replay)
+    elif skipped is not None:
+        render_shrink_skipped(console, skipped)
+    if history_path is not None:
+        again = ["sessctl", "check", str(history_path)]
+        if profile_option is not None:
+            again += ["--profile", profile_option]
+        console.print(f"re-check with: {shlex.join(again)}", highlight=False)
 
 
 def target_and_upstream(target: str | None, listen: str | None) -> tuple[str | None, str, str, int]:
@@ -187,26 +211,28 @@ def chaos_report(report: ChaosReport, scenario_path: Path | None) -> dict[str, o
     }
     if report.shrink_skipped is not None:
         document["shrink_skipped"] = report.shrink_skipped
-    shrunk = report.shrunk
-    document["shrunk"] = (
-        None
-        if shrunk is None
-        else {
-            "scenario": shrunk.name,
-            "file": str(scenario_path) if scenario_path else None,
-            "finding": shrunk.finding.kind,
-            "session": shrunk.finding.session,
-            "operations_before": shrunk.operations_before,
-            "operations_after": shrunk.operations_after,
-            "replays": shrunk.tests,
-            "seconds": round(shrunk.seconds, 3),
-            "budget_ran_out": shrunk.exhausted,
-            "confirm_runs": shrunk.confirm_runs,
-            "target_failures": shrunk.target_failures,
-            "reference_passes": shrunk.reference_passes,
-        }
-    )
+    document["shrunk"] = shrunk_json(report.shrunk, scenario_path)
     return document
+
+
+def shrunk_json(shrunk: ShrinkResult | None, scenario_path: Path | None) -> object:
+    """A shrunk failure in a JSON report (null: none)."""
+    if shrunk is None:
+        return None
+    return {
+        "scenario": shrunk.name,
+        "file": str(scenario_path) if scenario_path else None,
+        "finding": shrunk.finding.kind,
+        "session": shrunk.finding.session,
+        "operations_before": shrunk.operations_before,
+        "operations_after": shrunk.operations_after,
+        "replays": shrunk.tests,
+        "seconds": round(shrunk.seconds, 3),
+        "budget_ran_out": shrunk.exhausted,
+        "confirm_runs": shrunk.confirm_runs,
+        "target_failures": shrunk.target_failures,
+        "reference_passes": shrunk.reference_passes,
+    }
 
 
 def check_report(result: CheckResult) -> dict[str, object]:

@@ -106,6 +106,12 @@ EmulateOption = Annotated[
 UpstreamListenOption = Annotated[
     str | None, typer.Option(help="HOST:PORT for the chaos upstream.", metavar="HOST:PORT")
 ]
+ShrinkOption = Annotated[
+    bool,
+    typer.Option(
+        help="Shrink a failure to a minimal scenario that replays it with holds.", metavar=""
+    ),
+]
 ShrinkBudgetOption = Annotated[
     float,
     typer.Option(help="Seconds shrinking may take before it stops where it is.", metavar="SECONDS"),
@@ -526,12 +532,7 @@ def chaos_command(
     ] = None,
     emulate: EmulateOption = None,
     upstream_listen: UpstreamListenOption = None,
-    shrink: Annotated[
-        bool,
-        typer.Option(
-            help="Shrink a failure to a minimal scenario that replays it with holds.", metavar=""
-        ),
-    ] = True,
+    shrink: ShrinkOption = True,
     shrink_budget: ShrinkBudgetOption = 60.0,
     scenario_out: ScenarioOutOption = None,
     profile: ProfileOption = None,
@@ -720,12 +721,7 @@ def load_command(
     ] = None,
     emulate: EmulateOption = None,
     upstream_listen: UpstreamListenOption = None,
-    shrink: Annotated[
-        bool,
-        typer.Option(
-            help="Shrink a failure to a minimal scenario that replays it with holds.", metavar=""
-        ),
-    ] = True,
+    shrink: ShrinkOption = True,
     shrink_budget: ShrinkBudgetOption = 60.0,
     scenario_out: ScenarioOutOption = None,
     profile: ProfileOption = None,

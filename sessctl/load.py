@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 from functools import partial
@@ -22,12 +21,10 @@ from harness.report.console import (
     load_progress,
     render_check,
     render_load_stats,
-    render_shrink,
-    render_shrink_skipped,
 )
 from harness.report.timeline import ShrunkLink, render_timeline
 
-from .chaos import CHECK_EXIT, check_report, replay_command
+from .chaos import CHECK_EXIT, check_report, replay_command, shrunk_json, written_and_shrunk
 from .interrupt import StopRequest, run_interruptibly
 from .run import INTERRUPTED, write_json_file, writing
 
@@ -162,17 +159,16 @@ def load(
                 encoding="utf-8",
             )
         paths.append(scenario_path)
-    for path in paths:
-        console.print(f"wrote {path}", highlight=False)
-    if report.shrink_attempted:
-        render_shrink(console, report.shrunk, replay)
-    elif report.shrink_skipped is not None:
-        render_shrink_skipped(console, report.shrink_skipped)
-    if history_path is not None:
-        again = ["sessctl", "check", str(history_path)]
-        if profile_option is not None:
-            again += ["--profile", profile_option]
-        console.print(f"re-check with: {shlex.join(again)}", highlight=False)
+    written_and_shrunk(
+        console,
+        paths,
+        report.shrunk,
+        report.shrink_attempted,
+        report.shrink_skipped,
+        replay,
+        history_path,
+        profile_option,
+    )
     if report.interrupted:
         console.print(
             f"interrupted: the {len(report.history):,} operations of whole sessions that ran "
@@ -210,22 +206,7 @@ def load_report(report: LoadReport, scenario_path: Path | None) -> dict[str, obj
     document["notes"] = report.notes
     if report.shrink_skipped is not None:
         document["shrink_skipped"] = report.shrink_skipped
-    shrunk = report.shrunk
-    document["shrunk"] = (
-        None
-        if shrunk is None
-        else {
-            "scenario": shrunk.name,
-            "file": str(scenario_path) if scenario_path else None,
-            "finding": shrunk.finding.kind,
-            "session": shrunk.finding.session,
-            "operations_before": shrunk.operations_before,
-            "operations_after": shrunk.operations_after,
-            "replays": shrunk.tests,
-            "target_failures": shrunk.target_failures,
-            "reference_passes": shrunk.reference_passes,
-        }
-    )
+    document["shrunk"] = shrunk_json(report.shrunk, scenario_path)
     return document
 
 

@@ -253,6 +253,15 @@ class ScenarioText:
     """Comment lines at the top of the file."""
 
 
+def shrunk_text(name: str, found_by: str, finding: Finding) -> ScenarioText:
+    """The text around a shrunk failure: what found it, and what it shows."""
+    return ScenarioText(
+        name=name,
+        description=f"Found by {found_by}, then shrunk. {finding.explanation}",
+        safety_property=PROPERTY_OF_FINDING[finding.kind],
+    )
+
+
 def render(case: Case, text: ScenarioText, expected: Expectations | None = None) -> str:
     steps: list[dict[str, Any]] = [{"create": "s"}]
     for point in case.points:

@@ -48,7 +48,7 @@ from refserver.upstream import RetryPolicy
 from wire.engine import Flavor, completion_for
 from wire.ids import new_session_id
 
-from .case import PROPERTY_OF_FINDING, ScenarioText
+from .case import ScenarioText, shrunk_text
 from .history import Operation, recorded, stream_fields, upstream_events
 from .linearizability import CheckResult, Finding, check_history
 from .shrink import Replayer, ShrinkResult, ShrinkSettings, shrink
@@ -847,11 +847,10 @@ async def _shrink(
     against = describe_target(target_url, emulate)
 
     def text_for(finding: Finding) -> ScenarioText:
-        return ScenarioText(
-            name=f"chaos-seed{settings.seed}-{finding.kind}",
-            description=f"Found by sessctl chaos (seed {settings.seed}, against {against}), "
-            f"then shrunk. {finding.explanation}",
-            safety_property=PROPERTY_OF_FINDING[finding.kind],
+        return shrunk_text(
+            f"chaos-seed{settings.seed}-{finding.kind}",
+            f"sessctl chaos (seed {settings.seed}, against {against})",
+            finding,
         )
 
     return await shrink_on(

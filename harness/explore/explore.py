@@ -9,7 +9,7 @@ from functools import partial
 
 import trio
 
-from harness.chaos.case import PROPERTY_OF_FINDING, ScenarioText
+from harness.chaos.case import PROPERTY_OF_FINDING, ScenarioText, shrunk_text
 from harness.chaos.linearizability import Finding
 from harness.chaos.shrink import ShrinkResult, ShrinkSettings
 from harness.chaos.workload import (
@@ -197,12 +197,11 @@ async def _shrink_first(
         tried += 1
 
         def text_for(finding: Finding, result: CellResult = result) -> ScenarioText:
-            return ScenarioText(
-                name=f"explore-{result.cell.name.replace('/', '-')}-{finding.kind}",
-                description=f"Found by sessctl explore (cell {result.cell.name}: "
-                f"{result.cell.describe()}; against {against}), then shrunk. "
-                f"{finding.explanation}",
-                safety_property=PROPERTY_OF_FINDING[finding.kind],
+            return shrunk_text(
+                f"explore-{result.cell.name.replace('/', '-')}-{finding.kind}",
+                f"sessctl explore (cell {result.cell.name}: {result.cell.describe()}; "
+                f"against {against})",
+                finding,
             )
 
         shrunk = await shrink_on(

@@ -475,20 +475,7 @@ class SessionLife:
             return
         stream = self._streams()
         script = self._hold(stream)
-        self.state.control.script(tag, script)
-        request = self._chat_body(messages)
-        if stream:
-            request["stream"] = True
-        path, headers, body = self.profile.chat_request(self.agent, request)
-        op = self._begin(
-            "chat",
-            self.session,
-            messages=messages,
-            script=script,
-            answer_if_committed=self._predicted(body),
-            tag=tag,
-        )
-        self.last_sent = messages
+        path, headers, body, op = self._prepare_chat(messages, script, tag, stream)
         address = (target.hostname or "127.0.0.1", target.port or 80)
         raw = socket.create_connection(address, timeout=self.settings.request_timeout)
         try:
@@ -537,6 +524,28 @@ class SessionLife:
         assert self.session is not None
         assert self.agent is not None
         tag = tag or tag_of({"messages": messages}) or ""
+        path, headers, body, op = self._prepare_chat(messages, script, tag, stream)
+        if stream:
+            answer = self._stream(label, path, headers, body)
+        else:
+            answer = self._post(label, path, headers, body)
+        self._complete(op, answer)
+        if answer.stream is not None:
+            op.update(answer.stream)
+            if op.get("stream") not in ("done", "not streamed", "no stream"):
+                op["gave_up"] = op.pop("complete", None)  # an unfinished stream: unknown
+                op["complete"] = None
+        reply = answer_of(Observation("load", "chat", None, answer.status, 0.0, 0.0, answer.body))
+        op["answer"] = reply
+        if answer.status == 200 and reply is not None and op.get("complete") is not None:
+            self.view = [*messages, reply]
+
+    def _prepare_chat(
+        self, messages: list[dict[str, Any]], script: list[Any], tag: str, stream: bool
+    ) -> tuple[str, dict[str, str], dict[str, Any], dict[str, Any]]:
+        """Script the chat's engine call, build its request, and record its invocation."""
+        assert self.session is not None
+        assert self.agent is not None
         if script != ["respond"]:
             self.state.control.script(tag, script)
         request = self._chat_body(messages)
@@ -552,20 +561,7 @@ class SessionLife:
             tag=tag,
         )
         self.last_sent = messages
-        if stream:
-            answer = self._stream(label, path, headers, body)
-        else:
-            answer = self._post(label, path, headers, body)
-        self._complete(op, answer)
-        if answer.stream is not None:
-            op.update(answer.stream)
-            if op.get("stream") not in ("done", "not streamed", "no stream"):
-                op["gave_up"] = op.pop("complete", None)  # an unfinished stream: unknown
-                op["complete"] = None
-        reply = answer_of(Observation("load", "chat", None, answer.status, 0.0, 0.0, answer.body))
-        op["answer"] = reply
-        if answer.status == 200 and reply is not None and op.get("complete") is not None:
-            self.view = [*messages, reply]
+        return path, headers, body, op
 
     def read(self) -> None:
         assert self.session is not None

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from harness.chaos.case import ScenarioText, shrunk_text
 from harness.chaos.history import Operation, UpstreamEvent, operation_from_json
 from harness.chaos.linearizability import CheckResult, Finding, check_history
 from harness.chaos.shrink import ShrinkResult, ShrinkSettings
@@ -398,16 +399,11 @@ async def run_load(
             assert upstream is not None
             if on_shrinking is not None:
                 on_shrinking()
-            from harness.chaos.case import PROPERTY_OF_FINDING, ScenarioText
-
             against = describe_target(target_url, emulate)
 
             def text_for(finding: Finding) -> ScenarioText:
-                return ScenarioText(
-                    name=f"load-{finding.kind}",
-                    description=f"Found by sessctl load (against {against}), then shrunk. "
-                    f"{finding.explanation}",
-                    safety_property=PROPERTY_OF_FINDING[finding.kind],
+                return shrunk_text(
+                    f"load-{finding.kind}", f"sessctl load (against {against})", finding
                 )
 
             shrunk = await shrink_on(
