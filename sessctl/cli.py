@@ -666,6 +666,18 @@ def load_command(
             metavar="URL",
         ),
     ] = None,
+    real_engine: Annotated[
+        bool,
+        typer.Option(
+            "--real-engine",
+            help="--engine is a real engine (SGLang, vLLM...), not the chaos upstream: "
+            "nothing is held or scripted, races are placed by timing, and only what "
+            "needs no engine events is judged.",
+        ),
+    ] = False,
+    model: Annotated[
+        str, typer.Option(help="The model every chat names (for a real engine).", metavar="NAME")
+    ] = "sessctl-load",
     mix: Annotated[
         str | None,
         typer.Option(
@@ -764,6 +776,8 @@ def load_command(
     expected = expect_workers if expect_workers is not None else local
     if expected < 1:
         _usage_error("--master with no local --workers needs --expect-workers N")
+    if real_engine and engine is None:
+        _usage_error("--real-engine needs --engine: the engine's base URL")
     if engine is not None and upstream_listen is not None:
         _usage_error("--engine and --upstream-listen: the upstream runs elsewhere, or here")
     try:
@@ -808,6 +822,8 @@ def load_command(
                     fault_rate=fault_rate,
                     think=think,
                     stream_ratio=stream_ratio,
+                    real_engine=real_engine,
+                    model=model,
                     target_wait=target_wait,
                 ),
                 plan,

@@ -121,6 +121,40 @@ def test_a_server_of_your_own_wired_to_an_upstream_of_its_own(tmp_path: Path) ->
     assert "the chaos upstream runs in another process" in document["shrink_skipped"]
 
 
+def test_a_real_engine_is_raced_by_timing_and_judged_without_its_events(
+    tmp_path: Path,
+) -> None:
+    # A chaos upstream stands in for a real engine here, but nothing scripts or asks
+    # it anything: what is judged needs no engine events (a second DELETE's 200 does).
+    from .conftest import HANG_GUARD
+
+    port = _free_port()
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "sessctl", "upstream", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        common = ("--engine", f"http://127.0.0.1:{port}/v1", "--real-engine", "--model", "m")
+        clean = sessctl(*common, "--users", "30", "--run-time", "5s", "--json", str(tmp_path / "a"))
+        broken = sessctl(
+            *common, "--users", "30", "--run-time", "5s", "--emulate", "double-delete-ok",
+            "--json", str(tmp_path / "b"),
+        )  # fmt: skip
+    finally:
+        engine.terminate()
+        engine.wait(timeout=HANG_GUARD)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    valid = json.loads((tmp_path / "a").read_text())
+    assert valid["verdict"] == "valid"
+    # Every request Locust counted is an operation, the hung-up ones included.
+    assert valid["locust"]["total"]["requests"] == valid["operations"]
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    invalid = json.loads((tmp_path / "b").read_text())
+    assert "success-after-delete" in {f["kind"] for f in invalid["findings"]}
+    assert invalid["shrink_skipped"] == "not shrunk: a real engine cannot be scripted to replay it"
+
+
 def _page(url: str, attempts: int = 300) -> int:
     """The status of a page that may not be served yet (tried every 0.1 s, 30 s at most)."""
     import time
@@ -208,6 +242,7 @@ def test_a_master_whose_workers_never_come_says_so(tmp_path: Path) -> None:
         (("--master",), "--master with no local --workers needs --expect-workers"),
         (("--users", "0"), "--users must be at least 1"),
         (("--engine", "ftp://x"), "--engine 'ftp://x'"),
+        (("--real-engine",), "--real-engine needs --engine"),
         (("--emulate", "nonesuch"), "nonesuch"),
     ],
 )

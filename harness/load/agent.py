@@ -118,6 +118,25 @@ class UpstreamControl:
         )
 
 
+class OpaqueEngine(UpstreamControl):
+    """A real engine: nothing to script, hold, release or observe. The agents time
+    their operations on this process's clock: a session is lived by one worker, and
+    with no engine events to compare, nothing compares across workers."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.uncertainty = 0.0
+
+    def sync_clock(self, probes: int = 7) -> None:
+        return
+
+    def script(self, tag: str, script: list[Any]) -> None:
+        return
+
+    def release(self, tag: str) -> None:
+        return
+
+
 class PatienceClock:
     """Seconds as this worker could look: a tick of 50 ms counts at most 0.1 s, so
     a worker too busy to look does not run a server's patience out (as
@@ -185,7 +204,11 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if raw is None or runner is None or type(runner).__name__ == "MasterRunner":
         return
     settings = LoadSettings.from_json(raw)
-    control = UpstreamControl(settings.upstream, settings.request_timeout)
+    control = (
+        OpaqueEngine()
+        if settings.real_engine
+        else UpstreamControl(settings.upstream, settings.request_timeout)
+    )
     control.sync_clock()
     _state = WorkerState(
         settings,
@@ -297,8 +320,18 @@ class SessionLife:
             weights = [self.settings.mix[k] for k in kinds]
             for _ in range(self.rng.randint(low, high)):
                 kind = self.rng.choices(kinds, weights)[0]
-                getattr(self, "turn_" + kind.replace("-", "_"))()
+                real = (
+                    "_real"
+                    if self.settings.real_engine
+                    and hasattr(self, f"turn_{kind.replace('-', '_')}_real")
+                    else ""
+                )
+                getattr(self, "turn_" + kind.replace("-", "_") + real)()
                 if self.ended:
+                    break
+                if self.settings.real_engine and not self._all_known():
+                    # What a real engine answered a turn whose outcome is unknown cannot
+                    # be predicted, so a later read could not be judged: the life ends.
                     break
             if not self.ended:
                 self.end()
@@ -356,7 +389,7 @@ class SessionLife:
         tool_call = self.rng.random() < 0.2
         answer: Any = {"chunks": 3, "tool_call": True} if tool_call else "respond"
         script: list[Any] = [answer]
-        if self.rng.random() < self.settings.fault_rate:
+        if self.rng.random() < self.settings.fault_rate and not self.settings.real_engine:
             fault = self.rng.choice(("delay", "503", "reset", "abort", "garbage"))
             after = self.rng.randrange(3) if stream and self.rng.random() < 0.5 else None
             recovers = self.rng.random() < 0.5
@@ -373,6 +406,8 @@ class SessionLife:
                 script = [cut, answer] if fault == "reset" and recovers else [cut]
             else:
                 script = [fault, answer] if fault == "reset" and recovers else [fault]
+        if self.settings.real_engine:
+            script = []  # a real engine answers as it does
         self.chat(self.extended("turn"), script, "chat", stream=stream)
 
     def turn_retry(self) -> None:
@@ -463,6 +498,58 @@ class SessionLife:
             self.chat(self.extended("after the end"), ["respond"], "chat after end")
         self.read()
 
+    # -- the races with a real engine: no holds, only timing -------------------------
+
+    def turn_second_writer_real(self) -> None:
+        """Two turns on the same trajectory, the second sent a moment after the first."""
+        first = gevent.spawn(self.chat, self.extended("first writer"), [], "chat")
+        gevent.sleep(self.rng.uniform(0.0, 0.02))
+        second = self.extended("second writer")
+        gevent.joinall([first, gevent.spawn(self.chat, second, [], "chat (second writer)")])
+        if self._all_known():
+            self.read()
+
+    def turn_delete_in_flight_real(self) -> None:
+        """A turn, and the session ended a moment after it was sent."""
+        turn = gevent.spawn(self.chat, self.extended("ended meanwhile"), [], "chat")
+        gevent.sleep(self.rng.uniform(0.0, 0.02))
+        self.end("end (turn in flight)")
+        turn.join()
+        if self.rng.random() < 0.5:
+            self.chat(self.extended("after the end"), [], "chat after end")
+        self.read()
+
+    def turn_hangup_real(self) -> None:
+        """A turn whose client hangs up a moment after sending it (then the life ends)."""
+        assert self.agent is not None
+        target = urlsplit(self.settings.target)
+        if target.scheme != "http":
+            return
+        messages = self.extended("hung up on")
+        tag = tag_of({"messages": messages}) or ""
+        path, headers, body, op = self._prepare_chat(messages, [], tag, self._streams())
+        address = (target.hostname or "127.0.0.1", target.port or 80)
+        raw = socket.create_connection(address, timeout=self.settings.request_timeout)
+        try:
+            raw.sendall(_http_request(target, path, headers, body))
+            gevent.sleep(self.rng.uniform(0.0, 0.05))
+        finally:
+            raw.close()
+        self._hung_up(op)
+
+    def _hung_up(self, op: dict[str, Any]) -> None:
+        """The chat's client hung up: an unknown outcome, and a request in Locust's count."""
+        op["gave_up"] = self.state.control.now()
+        op.pop("_open", None)
+        self.user.environment.events.request.fire(
+            request_type="POST",
+            name="chat (hung up)",
+            response_time=(op["gave_up"] - op["invoke"]) * 1000,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+
     def turn_hangup(self) -> None:
         """A held turn whose client hangs up; the server should stop the engine call."""
         assert self.agent is not None
@@ -486,16 +573,7 @@ class SessionLife:
                 _read_until_events(raw, chunks, PATIENCE)  # hang up mid-stream
         finally:
             raw.close()  # the hang-up
-        op["gave_up"] = self.state.control.now()
-        op.pop("_open", None)
-        self.user.environment.events.request.fire(
-            request_type="POST",
-            name="chat (hung up)",
-            response_time=(op["gave_up"] - op["invoke"]) * 1000,
-            response_length=0,
-            exception=None,
-            context={},
-        )
+        self._hung_up(op)
         if not arrived:
             self._missed("hangup")
             self.state.control.release(tag)
@@ -546,7 +624,7 @@ class SessionLife:
         """Script the chat's engine call, build its request, and record its invocation."""
         assert self.session is not None
         assert self.agent is not None
-        if script != ["respond"]:
+        if script and script != ["respond"]:
             self.state.control.script(tag, script)
         request = self._chat_body(messages)
         if stream:
@@ -557,7 +635,7 @@ class SessionLife:
             self.session,
             messages=messages,
             script=script,
-            answer_if_committed=self._predicted(body),
+            answer_if_committed=None if self.settings.real_engine else self._predicted(body),
             tag=tag,
         )
         self.last_sent = messages
@@ -693,7 +771,7 @@ class SessionLife:
         return [*self.view, next_message(self.profile, self.view, text)]
 
     def _chat_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": "sessctl-load", "messages": messages}
+        body: dict[str, Any] = {"model": self.settings.model, "messages": messages}
         if self.profile.appends_tool_results:
             body["tools"] = AGENT_TOOLS
         return body
@@ -728,6 +806,11 @@ class SessionLife:
         if stream and self.rng.random() < 0.5:
             return [{"chunks": 3, "hold_after": self.rng.randrange(1, 3)}]
         return ["hold"]
+
+    def _all_known(self) -> bool:
+        """Every operation so far has a known outcome (what an unknown chat committed
+        with a real engine cannot be predicted, so nothing read after it is judged)."""
+        return not any(_unknown(op) for op in self.ops)
 
     def _placed(self, race: str) -> None:
         self.state.races[f"placed:{race}"] += 1
@@ -797,6 +880,11 @@ def _read_events(status: int, response: Any) -> _Answer:
     if end == "done" and assembled is not None:
         body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
     return _Answer(status, body, stream=record)
+
+
+def _unknown(op: dict[str, Any]) -> bool:
+    unfinished = op.get("stream") not in (None, "done", "not streamed", "no stream")
+    return op["status"] is None or (op["status"] // 100 == 2 and unfinished)
 
 
 def _ok(answer: _Answer) -> bool:

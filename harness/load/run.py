@@ -35,10 +35,10 @@ from harness.chaos.workload import (
     shrink_on,
     unshrinkable,
 )
-from harness.errors import LoadFailed, UsageError
+from harness.errors import LoadFailed, TargetUnreachable, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.run.client import TargetClient
-from harness.run.preflight import require_target
+from harness.run.preflight import require_target, wait_until_up
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig
 
@@ -90,6 +90,9 @@ class LoadSetup:
     think: float = 0.0
     stream_ratio: float = 0.3
     target_wait: float = 5.0
+    real_engine: bool = False
+    """``engine_url`` is a real engine: nothing scripted, held or observed."""
+    model: str = "sessctl-load"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ class _Events:
     """The chaos upstream's events by tag: in this process, or over its control routes
     (fetched as they come: each refresh asks only for the events since the last)."""
 
-    def __init__(self, upstream: ChaosUpstream | None, control: str, run_id: str) -> None:
+    def __init__(self, upstream: ChaosUpstream | None, control: str | None, run_id: str) -> None:
         self.upstream = upstream
         self.control = control
         self.run_id = run_id
@@ -160,8 +163,8 @@ class _Events:
         self._answers: dict[str, list[dict[str, Any]]] = {}
 
     async def refresh(self) -> None:
-        if self.upstream is not None:
-            return
+        if self.upstream is not None or self.control is None:
+            return  # in this process; or a real engine, which has no events to read
         url = f"{self.control}/_sessctl/events?prefix={self.run_id}.&after={self._next}"
         fetched = await trio.to_thread.run_sync(partial(_get_json, url))
         for event in fetched["events"]:
@@ -279,11 +282,11 @@ async def run_load(
         embedded = ServerConfig(port=0, upstream_url=engine_url, emulate=emulate, retry=CHAOS_RETRY)
         if url is None:
             url = (await nursery.start(serve_embedded, embedded)).url
-        if upstream is not None:
-            client = TargetClient(
-                url, request_timeout=setup.request_timeout, health_path=setup.profile.health_path
-            )
-            try:
+        client = TargetClient(
+            url, request_timeout=setup.request_timeout, health_path=setup.profile.health_path
+        )
+        try:
+            if upstream is not None:
                 await require_target(
                     client,
                     upstream,
@@ -291,8 +294,13 @@ async def run_load(
                     wait=setup.target_wait,
                     external=target_url is not None,
                 )
-            finally:
-                await client.aclose()
+            else:
+                # Wired to an engine elsewhere: whether it is ours cannot be asked here.
+                problem = await wait_until_up(client, setup.target_wait)
+                if problem is not None:
+                    raise TargetUnreachable(f"{url}: {problem}")
+        finally:
+            await client.aclose()
         settings = LoadSettings(
             target=url,
             upstream=engine_url,
@@ -306,8 +314,10 @@ async def run_load(
             fault_rate=setup.fault_rate,
             think=setup.think,
             stream_ratio=setup.stream_ratio,
+            real_engine=setup.real_engine,
+            model=setup.model,
         )
-        events = _Events(upstream, control, run_id)
+        events = _Events(upstream, None if setup.real_engine else control, run_id)
         locust = _LocustProcesses(plan, out, settings)
         started = trio.current_time()
         checked: set[str] = set()
@@ -388,8 +398,10 @@ async def run_load(
         skipped = unshrinkable(setup.profile) if attempt else None
         if attempt and upstream is None:
             skipped = (
-                "not shrunk: the chaos upstream runs in another process (--engine), and "
-                "shrinking replays against one it scripts here"
+                "not shrunk: a real engine cannot be scripted to replay it"
+                if setup.real_engine
+                else "not shrunk: the chaos upstream runs in another process (--engine), "
+                "and shrinking replays against one it scripts here"
             )
         if attempt and should_stop():
             skipped = "interrupted (Ctrl-C): the history so far is checked, not shrunk"

@@ -63,6 +63,13 @@ class LoadSettings:
     """Seconds an agent waits between its requests (Locust's ``wait_time``)."""
     stream_ratio: float = 0.3
     """The share of chats sent with ``stream: true`` (OpenAI-speaking profiles)."""
+    real_engine: bool = False
+    """The server is wired to a real engine, not the chaos upstream: no scripts, no
+    holds, no engine events; the races are placed by timing alone, and only what
+    needs none of those is judged (linearizability, durability, success after a
+    DELETE)."""
+    model: str = "sessctl-load"
+    """The ``model`` of every chat (a real engine wants its own)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
