@@ -662,7 +662,8 @@ def load_command(
         str | None,
         typer.Option(
             help="A chaos upstream already running (sessctl upstream), as its base URL "
-            "http://HOST:PORT/v1; default: one in this process.",
+            "http://HOST:PORT/v1, or several, comma-separated, that --target spreads its "
+            "calls over; default: one in this process.",
             metavar="URL",
         ),
     ] = None,
@@ -789,11 +790,18 @@ def load_command(
             master_bind or ("0.0.0.0:5557" if master else "127.0.0.1:0")
         )
         if engine is not None:
+            from harness.load.settings import engine_urls
             from refserver.transport.engine_http import base_url_problem
 
-            problem = base_url_problem(engine, example="http://127.0.0.1:8900/v1")
-            if problem is not None:
-                _usage_error(f"--engine {engine!r}: {problem}")
+            for one in engine_urls(engine) or [engine]:
+                problem = base_url_problem(one, example="http://127.0.0.1:8900/v1")
+                if problem is not None:
+                    _usage_error(f"--engine {one!r}: {problem}")
+            if len(engine_urls(engine)) > 1 and (target is None or real_engine):
+                _usage_error(
+                    "several --engine addresses are chaos upstreams behind your server "
+                    "(--target), which spreads its calls over them"
+                )
     except HarnessError as problem:
         _usage_error(str(problem))
     plan = LoadPlan(

@@ -4,6 +4,7 @@ with chaos's label, a worker from "another machine", and the bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -119,6 +120,102 @@ def test_a_server_of_your_own_wired_to_an_upstream_of_its_own(tmp_path: Path) ->
     assert {f["kind"] for f in document["findings"]} == {"delete-waits"}
     # Shrinking replays against an upstream it scripts here; this one runs elsewhere.
     assert "the chaos upstream runs in another process" in document["shrink_skipped"]
+
+
+class RoundRobin:
+    """A TCP load balancer on loopback: each connection goes to the next of ``ports``."""
+
+    def __init__(self, ports: list[int]) -> None:
+        import itertools
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self._next = itertools.cycle(ports)
+        self.connections = dict.fromkeys(ports, 0)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            port = next(self._next)
+            self.connections[port] += 1
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+
+def test_several_upstreams_behind_a_balancer_are_one_engine(tmp_path: Path) -> None:
+    # Where one chaos upstream is not enough: two, behind the user's balancer. The
+    # workers script and release on both, count a step's calls over both, and the
+    # master puts the second one's events on the first one's clock.
+    from .conftest import HANG_GUARD, start_sessctl_serve
+
+    ports = [_free_port(), _free_port()]
+    upstreams: list[subprocess.Popen[bytes]] = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sessctl", "upstream", "--listen", f"127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    balancer = RoundRobin(ports)
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        engines = ",".join(f"http://127.0.0.1:{port}/v1" for port in ports)
+        reports = {}
+        for variant in ("", "delete-waits"):
+            server, url = start_sessctl_serve(
+                "--upstream", f"http://127.0.0.1:{balancer.port}/v1",
+                *(("--emulate", variant) if variant else ()),
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            servers.append(server)
+            report = tmp_path / f"{variant or 'clean'}.json"
+            done = sessctl(
+                *("--target", url, "--engine", engines, "--users", "40", "--run-time", "6s"),
+                *("--json", str(report)),
+            )
+            reports[variant] = (done, json.loads(report.read_text()))
+            server.terminate()
+            server.wait(timeout=HANG_GUARD)
+    finally:
+        balancer.close()
+        for process in servers:
+            process.terminate()
+            process.wait(timeout=HANG_GUARD)
+        for upstream in upstreams:
+            upstream.terminate()
+            upstream.wait(timeout=HANG_GUARD)
+    assert all(count > 0 for count in balancer.connections.values()), balancer.connections
+    clean_run, clean = reports[""]
+    assert clean_run.returncode == 0, clean_run.stdout + clean_run.stderr
+    assert clean["verdict"] == "valid"
+    assert clean["races"].get("placed:delete-in-flight", 0) > 0
+    broken_run, broken = reports["delete-waits"]
+    assert broken_run.returncode == 1, broken_run.stdout + broken_run.stderr
+    assert {f["kind"] for f in broken["findings"]} == {"delete-waits"}
 
 
 def test_a_real_engine_is_raced_by_timing_and_judged_without_its_events(
@@ -243,6 +340,7 @@ def test_a_master_whose_workers_never_come_says_so(tmp_path: Path) -> None:
         (("--users", "0"), "--users must be at least 1"),
         (("--engine", "ftp://x"), "--engine 'ftp://x'"),
         (("--real-engine",), "--real-engine needs --engine"),
+        (("--engine", "http://a:1/v1,http://b:2/v1"), "several --engine addresses"),
         (("--emulate", "nonesuch"), "nonesuch"),
     ],
 )

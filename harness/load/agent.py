@@ -49,7 +49,7 @@ from wire.engine import completion_for
 from wire.ids import new_session_id
 from wire.streaming import ChunkRefused, EventReader, StreamAssembler
 
-from .settings import PATIENCE, LoadSettings
+from .settings import PATIENCE, LoadSettings, engine_urls
 
 HISTORY_MESSAGE = "sessctl_history"
 """Worker to master: ``{"worker": index, "ops": [...], "races": {...}}``."""
@@ -116,6 +116,62 @@ class UpstreamControl:
         return self._call(
             "GET", f"/_sessctl/steps/{tag}/wait?until={until}&count={count}&timeout={timeout}"
         )
+
+
+class SeveralUpstreams(UpstreamControl):
+    """Chaos upstreams behind one server (a list it was given, or a load balancer): a
+    call reaches one of them, and which one is not known here. Scripts and releases go
+    to all; a step's calls are counted over all; the clock is the first one's (the
+    master puts the others' events on it)."""
+
+    def __init__(self, urls: list[str], timeout: float) -> None:
+        self.parts = [UpstreamControl(url, timeout) for url in urls]
+        self.offset = 0.0
+        self.uncertainty = 0.0
+
+    def sync_clock(self, probes: int = 7) -> None:
+        first = self.parts[0]
+        first.sync_clock(probes)
+        self.offset, self.uncertainty = first.offset, first.uncertainty
+
+    def _each(self, call: Any, *args: Any) -> list[dict[str, Any]]:
+        calls = [gevent.spawn(call, part, *args) for part in self.parts]
+        gevent.joinall(calls, raise_error=True)
+        return [c.value for c in calls]
+
+    def script(self, tag: str, script: list[Any]) -> None:
+        self._each(UpstreamControl.script, tag, script)
+
+    def release(self, tag: str) -> None:
+        self._each(UpstreamControl.release, tag)
+
+    def state(self, tag: str) -> dict[str, Any]:
+        return _combined(tag, self._each(UpstreamControl.state, tag))
+
+    def wait(self, tag: str, until: str, count: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self._each(UpstreamControl.state, tag)
+            total = _combined(tag, states)
+            left = deadline - time.monotonic()
+            if total[until] >= count or left <= 0:
+                return total | {"reached": total[until] >= count}
+            # One more call at any of them: each is asked, briefly, for one more than it
+            # has; the first that answers ends this round (the others end by themselves).
+            asks = [
+                gevent.spawn(part.wait, tag, until, state[until] + 1, min(0.25, left))
+                for part, state in zip(self.parts, states, strict=True)
+            ]
+            gevent.wait(asks, count=1)
+
+
+def _combined(tag: str, states: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "tag": tag,
+        "received": sum(int(s["received"]) for s in states),
+        "ended": sum(int(s["ended"]) for s in states),
+        "in_flight": any(bool(s["in_flight"]) for s in states),
+    }
 
 
 class OpaqueEngine(UpstreamControl):
@@ -204,11 +260,14 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if raw is None or runner is None or type(runner).__name__ == "MasterRunner":
         return
     settings = LoadSettings.from_json(raw)
-    control = (
-        OpaqueEngine()
-        if settings.real_engine
-        else UpstreamControl(settings.upstream, settings.request_timeout)
-    )
+    urls = engine_urls(settings.upstream)
+    control: UpstreamControl
+    if settings.real_engine:
+        control = OpaqueEngine()
+    elif len(urls) > 1:
+        control = SeveralUpstreams(urls, settings.request_timeout)
+    else:
+        control = UpstreamControl(urls[0], settings.request_timeout)
     control.sync_clock()
     _state = WorkerState(
         settings,

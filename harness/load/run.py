@@ -42,7 +42,7 @@ from harness.run.preflight import require_target, wait_until_up
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig
 
-from .settings import DEFAULT_MIX, LoadSettings
+from .settings import DEFAULT_MIX, LoadSettings, engine_urls
 
 CHECK_EVERY = 5.0
 """Seconds between checks of the sessions that arrived while the run goes on."""
@@ -151,28 +151,44 @@ class _History:
 
 
 class _Events:
-    """The chaos upstream's events by tag: in this process, or over its control routes
-    (fetched as they come: each refresh asks only for the events since the last)."""
+    """The chaos upstreams' events by tag: in this process, or over their control
+    routes (fetched as they come: each refresh asks only for what is new). With
+    several upstreams, each one's events are put on the first one's clock, which
+    the workers time their operations on."""
 
-    def __init__(self, upstream: ChaosUpstream | None, control: str | None, run_id: str) -> None:
+    def __init__(self, upstream: ChaosUpstream | None, controls: list[str], run_id: str) -> None:
         self.upstream = upstream
-        self.control = control
+        self.controls = controls
+        """None of them for a real engine, which has no events to read."""
         self.run_id = run_id
-        self._next = 0
+        self._next = [0] * len(controls)
+        self._offsets = [0.0] * len(controls)
         self._by_tag: dict[str, list[UpstreamEvent]] = {}
-        self._answers: dict[str, list[dict[str, Any]]] = {}
+        self._answers: list[dict[str, list[dict[str, Any]]]] = [{} for _ in controls]
+
+    async def start(self) -> None:
+        if self.upstream is None and len(self.controls) > 1:
+            first = await trio.to_thread.run_sync(_clock_offset, self.controls[0])
+            for index, control in enumerate(self.controls[1:], start=1):
+                mine = await trio.to_thread.run_sync(_clock_offset, control)
+                self._offsets[index] = mine - first
 
     async def refresh(self) -> None:
-        if self.upstream is not None or self.control is None:
-            return  # in this process; or a real engine, which has no events to read
-        url = f"{self.control}/_sessctl/events?prefix={self.run_id}.&after={self._next}"
-        fetched = await trio.to_thread.run_sync(partial(_get_json, url))
-        for event in fetched["events"]:
-            self._by_tag.setdefault(event["tag"], []).append(
-                UpstreamEvent(event["kind"], float(event["at"]))
-            )
-        self._answers.update(fetched.get("answers", {}))
-        self._next = int(fetched.get("next", self._next))
+        if self.upstream is not None:
+            return
+        for index, control in enumerate(self.controls):
+            url = f"{control}/_sessctl/events?prefix={self.run_id}.&after={self._next[index]}"
+            fetched = await trio.to_thread.run_sync(partial(_get_json, url))
+            offset = self._offsets[index]
+            for event in fetched["events"]:
+                self._by_tag.setdefault(event["tag"], []).append(
+                    UpstreamEvent(event["kind"], float(event["at"]) - offset)
+                )
+            self._answers[index].update(fetched.get("answers", {}))
+            self._next[index] = int(fetched.get("next", self._next[index]))
+        if len(self.controls) > 1:
+            for events in self._by_tag.values():
+                events.sort(key=lambda e: e.at)
 
     def events(self, tag: str) -> list[UpstreamEvent]:
         if self.upstream is not None:
@@ -182,7 +198,23 @@ class _Events:
     def answers(self, tag: str) -> list[dict[str, Any]]:
         if self.upstream is not None:
             return self.upstream.answers(tag)
-        return list(self._answers.get(tag, ()))
+        return [answer for by_tag in self._answers for answer in by_tag.get(tag, ())]
+
+
+def _clock_offset(control: str, probes: int = 7) -> float:
+    """An upstream's clock minus this process's ``time.monotonic()``, read at the best
+    of ``probes`` round trips."""
+    import time
+
+    best: tuple[float, float] | None = None
+    for _ in range(probes):
+        before = time.monotonic()
+        now = float(_get_json(f"{control}/_sessctl/clock")["now"])
+        after = time.monotonic()
+        if best is None or after - before < best[0]:
+            best = (after - before, now - (before + after) / 2)
+    assert best is not None
+    return best[1]
 
 
 def _get_json(url: str) -> dict[str, Any]:
@@ -277,9 +309,10 @@ async def run_load(
             if on_upstream_ready is not None:
                 on_upstream_ready(engine_url)
         assert engine_url is not None
-        control = engine_url.removesuffix("/").removesuffix("/v1")
+        engines = engine_urls(engine_url)
+        controls = [url.removesuffix("/v1") for url in engines]
         url = target_url
-        embedded = ServerConfig(port=0, upstream_url=engine_url, emulate=emulate, retry=CHAOS_RETRY)
+        embedded = ServerConfig(port=0, upstream_url=engines[0], emulate=emulate, retry=CHAOS_RETRY)
         if url is None:
             url = (await nursery.start(serve_embedded, embedded)).url
         client = TargetClient(
@@ -317,7 +350,8 @@ async def run_load(
             real_engine=setup.real_engine,
             model=setup.model,
         )
-        events = _Events(upstream, None if setup.real_engine else control, run_id)
+        events = _Events(upstream, [] if setup.real_engine else controls, run_id)
+        await events.start()
         locust = _LocustProcesses(plan, out, settings)
         started = trio.current_time()
         checked: set[str] = set()

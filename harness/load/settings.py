@@ -47,7 +47,8 @@ class LoadSettings:
     """The session server's URL, as the workers reach it."""
     upstream: str
     """The chaos upstream's OpenAI base URL (``.../v1``), as the workers reach it:
-    they script its calls and time their operations on its clock."""
+    they script its calls and time their operations on its clock. Several, comma
+    separated, where the server spreads its calls over them (``engine_urls``)."""
     profile: dict[str, Any]
     """The target's profile, as JSON (a worker elsewhere has no profile file)."""
     run_id: str
@@ -79,6 +80,11 @@ class LoadSettings:
         data = json.loads(text)
         data["turns"] = tuple(data["turns"])
         return cls(**data)
+
+
+def engine_urls(text: str) -> list[str]:
+    """``--engine``: one base URL, or several separated by commas."""
+    return [url.strip().rstrip("/") for url in text.split(",") if url.strip()]
 
 
 def parse_mix(text: str) -> dict[str, float]:
