@@ -825,15 +825,21 @@ class SessionLife:
         return values
 
     def extended(self, what: str) -> list[dict[str, Any]]:
+        """What the agent sends next: the trajectory it saw, and a user message; or,
+        after a tool call, the tool's result, as an agent answers one (where the
+        profile takes tool results)."""
         tag = self.state.tag()
         text = f"agent {self.user.number} {what} {marker(tag)}"
+        last = self.view[-1] if self.view else {}
+        calls = last.get("tool_calls") if last.get("role") == "assistant" else None
+        if isinstance(calls, list) and calls and "tool" in self.profile.append_after_assistant:
+            result = {"role": "tool", "tool_call_id": calls[0].get("id"), "content": text}
+            return [*self.view, result]
         return [*self.view, next_message(self.profile, self.view, text)]
 
     def _chat_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.settings.model, "messages": messages}
-        if self.profile.appends_tool_results:
-            body["tools"] = AGENT_TOOLS
-        return body
+        # An agent declares its tools with every turn; the engine may call one.
+        return {"model": self.settings.model, "messages": messages, "tools": AGENT_TOOLS}
 
     def _predicted(self, body: dict[str, Any]) -> dict[str, Any]:
         flavor: Any = self.settings.flavor
