@@ -697,8 +697,8 @@ def load_command(
     stream_ratio: Annotated[
         float,
         typer.Option(
-            help="Share of chats sent with stream: true (0 to 1), where the profile speaks "
-            "OpenAI's API; their holds and faults may come after a chunk.",
+            help="Share of chats sent with stream: true (0 to 1); their holds and faults "
+            "may come after a chunk.",
             metavar="RATIO",
         ),
     ] = 0.3,

@@ -45,6 +45,7 @@ from harness.model.profile import (
 )
 from harness.results import Observation, answer_of, describe, error_type_of
 from harness.upstream.script import marker, tag_of
+from wire.anthropic import MessageAssembler, message_to_chat
 from wire.engine import completion_for
 from wire.ids import new_session_id
 from wire.streaming import ChunkRefused, EventReader, StreamAssembler
@@ -378,14 +379,10 @@ class SessionLife:
             kinds = [k for k, w in self.settings.mix.items() if w > 0]
             weights = [self.settings.mix[k] for k in kinds]
             for _ in range(self.rng.randint(low, high)):
-                kind = self.rng.choices(kinds, weights)[0]
-                real = (
-                    "_real"
-                    if self.settings.real_engine
-                    and hasattr(self, f"turn_{kind.replace('-', '_')}_real")
-                    else ""
-                )
-                getattr(self, "turn_" + kind.replace("-", "_") + real)()
+                turn = "turn_" + self.rng.choices(kinds, weights)[0].replace("-", "_")
+                if self.settings.real_engine and hasattr(self, turn + "_real"):
+                    turn += "_real"  # the race placed by timing: nothing can be held
+                getattr(self, turn)()
                 if self.ended:
                     break
                 if self.settings.real_engine and not self._all_known():
@@ -862,9 +859,8 @@ class SessionLife:
             self.state.control.wait(tag, "ended", state["ended"] + 1, PATIENCE)
 
     def _streams(self) -> bool:
-        """Does this chat stream? Only where the agent speaks OpenAI's API (the
-        Messages API's named events are chaos mode's and explore's to read)."""
-        return self.profile.api == "openai-chat" and self.rng.random() < self.settings.stream_ratio
+        """Does this chat stream (OpenAI's chunks, or Anthropic's Messages events)?"""
+        return self.rng.random() < self.settings.stream_ratio
 
     def _hold(self, stream: bool) -> list[Any]:
         """A hold before the answer, or (a streamed chat, half the time) after a chunk."""
@@ -900,9 +896,10 @@ def _read_until_events(raw: socket.socket, events: int, seconds: float) -> None:
 
 
 def _read_events(status: int, response: Any) -> _Answer:
-    """A 2xx event stream, read to ``[DONE]``, an error event (and on to the end:
-    nothing may follow one), or the cut; the answer its chunks assembled into."""
-    reader, assembler = EventReader(), StreamAssembler()
+    """A 2xx event stream, read to its end (``[DONE]``, or Anthropic's
+    ``message_stop``), an error event (and on to the end: nothing may follow one),
+    or the cut; the answer its chunks assembled into."""
+    reader, chunks, messages = EventReader(), StreamAssembler(), MessageAssembler()
     end, error_type = "cut", None
     after_error: list[str] = []
     try:
@@ -910,19 +907,24 @@ def _read_events(status: int, response: Any) -> _Answer:
             for data in reader.feed(part if isinstance(part, bytes) else part.encode()):
                 if end == "error":
                     if len(after_error) < AFTER_ERROR_KEPT:
-                        after_error.append(
-                            "[DONE]" if data.strip() == b"[DONE]" else "a data event"
-                        )
+                        done = data.strip() == b"[DONE]"
+                        after_error.append("[DONE]" if done else "a data event")
                     continue
                 if data.strip() == b"[DONE]":
                     end = "done"
                     break
                 try:
-                    chunk = json.loads(data)
-                    if isinstance(chunk, dict) and "error" in chunk:
-                        end, error_type = "error", error_type_of(chunk) or "error"
-                        continue
-                    assembler.add(chunk)
+                    event = json.loads(data)
+                    kind = event.get("type") if isinstance(event, dict) else None
+                    if isinstance(event, dict) and (kind == "error" or "error" in event):
+                        end, error_type = "error", error_type_of(event) or "error"
+                    elif kind == "message_stop":
+                        end = "done"
+                        break
+                    elif isinstance(kind, str) and kind != "ping" and "choices" not in event:
+                        messages.add(kind, event)  # Anthropic's Messages events
+                    elif kind != "ping":
+                        chunks.add(event)
                 except ValueError as refused:
                     end = "error"
                     error_type = (
@@ -934,20 +936,27 @@ def _read_events(status: int, response: Any) -> _Answer:
                 break
     except Exception:
         pass
-    assembled = assembler.message() if assembler.chunks else None
+    body: Any = None
+    if messages.chunks:
+        assembled = message_to_chat(messages.message())
+        if end == "done" and assembled is not None:
+            body = messages.message()
+    else:
+        assembled = chunks.message() if chunks.chunks else None
+        if end == "done" and assembled is not None:
+            body = {"choices": [{"message": assembled, "finish_reason": chunks.finish_reason}]}
     record: dict[str, Any] = {
         "stream": f"error:{error_type}" if end == "error" else end,
         "assembled": assembled,
     }
     if after_error:
         record["after_error"] = after_error
-    body = None
-    if end == "done" and assembled is not None:
-        body = {"choices": [{"message": assembled, "finish_reason": assembler.finish_reason}]}
     return _Answer(status, body, stream=record)
 
 
 def _unknown(op: dict[str, Any]) -> bool:
+    if op.get("implicit"):
+        return False  # an id made up here: nothing was sent
     unfinished = op.get("stream") not in (None, "done", "not streamed", "no stream")
     return op["status"] is None or (op["status"] // 100 == 2 and unfinished)
 
