@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +38,11 @@ def test_the_clean_reference_server_is_valid_with_a_master_and_two_workers(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "VALID" in done.stdout
     assert "requests (Locust's statistics)" in done.stdout
+    # Headless, a progress line every 10 s: agents, requests, sessions checked, findings.
+    progress = re.findall(
+        r"^load \d+ s: [\d,]+ agents, [\d,]+ requests .+ findings$", done.stdout, re.M
+    )
+    assert len(progress) >= 2, done.stdout
     document = json.loads(report.read_text())
     assert document["verdict"] == "valid"
     assert document["findings"] == []
