@@ -630,6 +630,7 @@ def load_command(
         typer.Option(
             "--master",
             help="Serve as the master of workers on other machines (sessctl load --worker).",
+            metavar="",
         ),
     ] = False,
     worker_wait: Annotated[
@@ -650,7 +651,9 @@ def load_command(
     ] = None,
     worker: Annotated[
         bool,
-        typer.Option("--worker", help="Run as a worker of a master elsewhere (--master-host)."),
+        typer.Option(
+            "--worker", help="Run as a worker of a master elsewhere (--master-host).", metavar=""
+        ),
     ] = False,
     master_host: Annotated[
         str | None, typer.Option(help="The master's host, for --worker.", metavar="HOST")
@@ -674,6 +677,7 @@ def load_command(
             help="--engine is a real engine (SGLang, vLLM...), not the chaos upstream: "
             "nothing is held or scripted, races are placed by timing, and only what "
             "needs no engine events is judged.",
+            metavar="",
         ),
     ] = False,
     model: Annotated[
@@ -744,7 +748,7 @@ def load_command(
 ) -> None:
     """Load on Locust: agents living whole sessions, every session's history checked.
 
-    Needs the extra: pip install 'sessctl[load]'. The findings, their labels and
+    Needs the extra: pip install 'sessctl\\[load]'. The findings, their labels and
     the exit status are chaos mode's: 0 valid, 1 invalid, 2 usage error, 3 target
     unreachable or the load could not run, 4 undecided.
     """
@@ -789,6 +793,14 @@ def load_command(
         bind_host, bind_port = parse_listen(
             master_bind or ("0.0.0.0:5557" if master else "127.0.0.1:0")
         )
+        remote = expected > local and bind_host not in ("127.0.0.1", "localhost", "::1")
+        if remote and (target is None or engine is None):
+            # What runs in this process listens on loopback, out of other machines' reach.
+            _usage_error(
+                "workers on other machines need a server and an engine they can reach: "
+                "--target URL and --engine URL (a sessctl upstream --listen 0.0.0.0:8900); "
+                "or --master-bind 127.0.0.1:PORT for workers on this machine"
+            )
         if engine is not None:
             from harness.load.settings import engine_urls
             from refserver.transport.engine_http import base_url_problem

@@ -346,6 +346,7 @@ def test_a_master_whose_workers_never_come_says_so(tmp_path: Path) -> None:
         (("--users", "0"), "--users must be at least 1"),
         (("--engine", "ftp://x"), "--engine 'ftp://x'"),
         (("--real-engine",), "--real-engine needs --engine"),
+        (("--master", "--expect-workers", "2"), "workers on other machines need a server"),
         (("--engine", "http://a:1/v1,http://b:2/v1"), "several --engine addresses"),
         (("--emulate", "nonesuch"), "nonesuch"),
     ],
