@@ -275,10 +275,11 @@ def render(case: Case, text: ScenarioText, expected: Expectations | None = None)
         "description": text.description,
         "property": text.safety_property,
         "why": (
-            "Shrunk from a chaos run. Every request is sent, every held upstream call "
-            "released and every hang-up done in the order the chaos run saw, with a settle "
-            "after each. The expected answers are the reference server's under that same "
-            "order: the contract's executable specification."
+            "Shrunk from a recorded history (chaos, explore or load). Every request is sent, "
+            "every held upstream call released and every hang-up done in the order the "
+            "history shows, with a settle after each. The expected answers are the "
+            "reference server's under that same order: the contract's executable "
+            "specification."
         ),
         "timeout": 30,
         "steps": steps,
