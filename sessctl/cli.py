@@ -641,6 +641,15 @@ def load_command(
             callback=_positive_seconds,
         ),
     ] = 60.0,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the agents get, once the run time is up, to finish the session "
+            "each is living (then it is cut, its open operations recorded as unknown).",
+            metavar="SECONDS",
+            callback=_non_negative_seconds,
+        ),
+    ] = 30.0,
     master_bind: Annotated[
         str | None,
         typer.Option(
@@ -825,6 +834,7 @@ def load_command(
         master_host=bind_host,
         master_port=bind_port,
         worker_wait=worker_wait,
+        stop_timeout=stop_timeout,
         web=web,
         csv=csv,
         html=html,
