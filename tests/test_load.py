@@ -324,6 +324,18 @@ def test_a_worker_started_on_its_own_joins_a_master(tmp_path: Path) -> None:
     assert "<html" in (tmp_path / "locust.html").read_text().lower()
 
 
+def test_agents_cut_off_at_the_end_leave_a_valid_history(tmp_path: Path) -> None:
+    # --stop-timeout 0: every agent is stopped mid-session; what it had in flight is
+    # recorded with an unknown outcome, and no false finding follows from it.
+    report = tmp_path / "out.json"
+    done = sessctl(
+        *("--users", "30", "--run-time", "3s", "--stop-timeout", "0", "--no-shrink"),
+        *("--json", str(report)),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(report.read_text())["verdict"] == "valid"
+
+
 def test_a_master_whose_workers_never_come_says_so(tmp_path: Path) -> None:
     done = sessctl(
         *("--master", "--expect-workers", "1", "--worker-wait", "2"),
