@@ -428,6 +428,23 @@ def test_bytes_in_flight_when_the_turn_was_cancelled_are_not_leaked_work() -> No
     assert [f.kind for f in check_history(late.ops).findings] == ["llm-leak"]
 
 
+def test_a_call_in_flight_at_the_delete_hung_up_on_late_was_stopped() -> None:
+    # A held call the DELETE stopped, but whose server (starved of CPU) hung up on the
+    # engine only 1.3 s after the DELETE completed: latency, not leaked work.
+    def history(ending: UpstreamEvent) -> History:
+        h = History()
+        h.add("create", 0, 1, 201)
+        h.add("chat", 2, 5.9, 410, messages=[U1],
+              upstream=[UpstreamEvent("received", 2.1), ending])  # fmt: skip
+        h.add("delete", 4, 4.6, 204)
+        return h
+
+    assert check_history(history(UpstreamEvent("cancelled", 5.9)).ops).verdict == "valid"
+    # Never hung up on: the harness released it after its patience, and it was answered.
+    kinds = [f.kind for f in check_history(history(UpstreamEvent("answered", 6.7)).ops).findings]
+    assert kinds == ["llm-leak"]
+
+
 # -- streamed chats ----------------------------------------------------------------------
 
 
