@@ -114,7 +114,7 @@ def test_a_server_of_your_own_wired_to_an_upstream_of_its_own(tmp_path: Path) ->
         report = tmp_path / "out.json"
         done = sessctl(
             *("--target", url, "--engine", f"http://127.0.0.1:{port}/v1"),
-            *("--users", "30", "--run-time", "5s", "--mix", "chat=1,delete-in-flight=1"),
+            *("--users", "30", "--run-time", "4s", "--mix", "chat=1,delete-in-flight=1"),
             *("--json", str(report)),
         )
     finally:
@@ -200,7 +200,7 @@ def test_several_upstreams_behind_a_balancer_are_one_engine(tmp_path: Path) -> N
             servers.append(server)
             report = tmp_path / f"{variant or 'clean'}.json"
             done = sessctl(
-                *("--target", url, "--engine", engines, "--users", "40", "--run-time", "6s"),
+                *("--target", url, "--engine", engines, "--users", "40", "--run-time", "4s"),
                 *("--json", str(report)),
             )
             reports[variant] = (done, json.loads(report.read_text()))
@@ -239,9 +239,9 @@ def test_a_real_engine_is_raced_by_timing_and_judged_without_its_events(
     )
     try:
         common = ("--engine", f"http://127.0.0.1:{port}/v1", "--real-engine", "--model", "m")
-        clean = sessctl(*common, "--users", "30", "--run-time", "5s", "--json", str(tmp_path / "a"))
+        clean = sessctl(*common, "--users", "30", "--run-time", "3s", "--json", str(tmp_path / "a"))
         broken = sessctl(
-            *common, "--users", "30", "--run-time", "5s", "--emulate", "double-delete-ok",
+            *common, "--users", "30", "--run-time", "3s", "--emulate", "double-delete-ok",
             "--json", str(tmp_path / "b"),
         )  # fmt: skip
     finally:

@@ -13,7 +13,7 @@ import trio
 from . import test_bearer_implicit, test_messages_server, test_tree_server
 from .conftest import sessctl_cli
 
-LOAD = ("load", "--users", "40", "--spawn-rate", "40", "--run-time", "6s", "--no-shrink")
+LOAD = ("load", "--users", "30", "--spawn-rate", "30", "--run-time", "4s", "--no-shrink")
 
 
 async def _load(options: list[str], report: Path) -> tuple[int, str, dict[str, object]]:
