@@ -215,8 +215,8 @@ class ChaosRun:
         """Session -> its DELETE in flight (holds on it wait for the answer)."""
         self._in_flight: Counter[str] = Counter()
         """Session -> its chats in flight."""
-        self._held: Counter[str] = Counter()
-        """Session -> its chats whose engine call is held, not yet released."""
+        self._held: dict[str, set[str]] = {}
+        """Session -> the tags of its chats scripted to be held, not yet released."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
         self.clock = HarnessClock()
@@ -331,7 +331,9 @@ class ChaosRun:
             index
             for index, slot in enumerate(self._slots)
             if slot.session is not None
-            and self._held.get(slot.session, 0) > 0
+            # Held at the engine, not only scripted to be: a chat still on its way
+            # (late, on a loaded machine) is not yet a turn the DELETE can race.
+            and any(self.upstream.call_in_flight(t) for t in self._held.get(slot.session, ()))
             and self._in_flight.get(slot.session, 0) >= 2
         ]
         return busy[int(pick * len(busy))] if busy else None
@@ -579,9 +581,9 @@ class ChaosRun:
             elif session in self._deleted and self.upstream.call_in_flight(tag):
                 await self._hung_up_on_within_patience(tag)
             self.upstream.release(tag)
-            self._held[session] -= 1
+            self._held[session].discard(tag)
 
-        self._held[session] += 1
+        self._held.setdefault(session, set()).add(tag)
         self._nursery.start_soon(release)
 
     async def _ignores_hang_up(self, tag: str) -> bool:
