@@ -50,7 +50,7 @@ from wire.engine import completion_for
 from wire.ids import new_session_id
 from wire.streaming import ChunkRefused, EventReader, StreamAssembler
 
-from .settings import PATIENCE, LoadSettings, engine_urls
+from .settings import PATIENCE, LoadSettings, clock_offset, engine_urls
 
 HISTORY_MESSAGE = "sessctl_history"
 """Worker to master: ``{"worker": index, "ops": [...], "races": {...}}``."""
@@ -90,16 +90,8 @@ class UpstreamControl:
         return result
 
     def sync_clock(self, probes: int = 7) -> None:
-        best: tuple[float, float] | None = None
-        for _ in range(probes):
-            before = time.monotonic()
-            now = float(self._call("GET", "/_sessctl/clock")["now"])
-            after = time.monotonic()
-            round_trip = after - before
-            if best is None or round_trip < best[0]:
-                best = (round_trip, now - (before + after) / 2)
-        assert best is not None
-        self.uncertainty, self.offset = best[0] / 2, best[1]
+        read = lambda: float(self._call("GET", "/_sessctl/clock")["now"])  # noqa: E731
+        self.offset, self.uncertainty = clock_offset(read, probes)
 
     def now(self) -> float:
         return time.monotonic() + self.offset

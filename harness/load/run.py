@@ -42,7 +42,7 @@ from harness.run.preflight import require_target, wait_until_up
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig
 
-from .settings import DEFAULT_MIX, LoadSettings, engine_urls
+from .settings import DEFAULT_MIX, LoadSettings, clock_offset, engine_urls
 
 CHECK_EVERY = 5.0
 """Seconds between checks of the sessions that arrived while the run goes on."""
@@ -201,20 +201,10 @@ class _Events:
         return [answer for by_tag in self._answers for answer in by_tag.get(tag, ())]
 
 
-def _clock_offset(control: str, probes: int = 7) -> float:
-    """An upstream's clock minus this process's ``time.monotonic()``, read at the best
-    of ``probes`` round trips."""
-    import time
-
-    best: tuple[float, float] | None = None
-    for _ in range(probes):
-        before = time.monotonic()
-        now = float(_get_json(f"{control}/_sessctl/clock")["now"])
-        after = time.monotonic()
-        if best is None or after - before < best[0]:
-            best = (after - before, now - (before + after) / 2)
-    assert best is not None
-    return best[1]
+def _clock_offset(control: str) -> float:
+    """An upstream's clock minus this process's ``time.monotonic()``."""
+    offset, _ = clock_offset(lambda: float(_get_json(f"{control}/_sessctl/clock")["now"]))
+    return offset
 
 
 def _get_json(url: str) -> dict[str, Any]:

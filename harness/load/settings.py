@@ -8,6 +8,8 @@ No I/O, no trio, no gevent.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +82,21 @@ class LoadSettings:
         data = json.loads(text)
         data["turns"] = tuple(data["turns"])
         return cls(**data)
+
+
+def clock_offset(read: Callable[[], float], probes: int = 7) -> tuple[float, float]:
+    """Another process's clock (``read()`` asks it) minus this one's ``time.monotonic()``,
+    taken at the shortest of ``probes`` round trips; and half that round trip, how far
+    the offset may be off."""
+    best: tuple[float, float] | None = None
+    for _ in range(probes):
+        before = time.monotonic()
+        now = read()
+        after = time.monotonic()
+        if best is None or after - before < best[0]:
+            best = (after - before, now - (before + after) / 2)
+    assert best is not None
+    return best[1], best[0] / 2
 
 
 def engine_urls(text: str) -> list[str]:
