@@ -40,6 +40,7 @@ class Peer:
         self.connections = 0
         self.requests = 0
         self.bodies: list[bytes] = []
+        self.heads: list[h11.Request] = []
         self.hung_up = trio.Event()
         """Set when the client closes a connection the peer was still reading."""
 
@@ -64,6 +65,8 @@ class Peer:
                             self.hung_up.set()
                             return
                         connection.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        self.heads.append(event)
                     elif isinstance(event, h11.Data):
                         body += event.data
                     elif isinstance(event, h11.EndOfMessage):

@@ -692,8 +692,6 @@ async def run_chaos(
             url,
             request_timeout=settings.request_timeout,
             health_path=settings.profile.health_path,
-            # Each client has one request in flight; preflight and settling one more.
-            connections=max(256, settings.clients + 16),
         )
         try:
             # A history of nothing but connection errors, or of a server that is

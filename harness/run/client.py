@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,6 +14,7 @@ import trio
 import trio.testing
 
 from harness.results import Observation, SentRequest, StreamEnd, StreamRecord, error_type_of
+from harness.run.transport import H11Transport
 from wire.anthropic import MessageAssembler, message_to_chat
 from wire.streaming import ChunkRefused, StreamAssembler
 
@@ -97,7 +99,6 @@ class TargetClient:
         request_timeout: float,
         in_process: bool = False,
         health_path: str | None = "/healthz",
-        connections: int = 256,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.in_process = in_process
@@ -107,14 +108,26 @@ class TargetClient:
         self.health_path = health_path or "/"
         self._timeout = request_timeout
         # A server that misbehaves may leave a pooled connection half-dead;
-        # few kept-alive connections limit the blast radius. ``connections`` is
-        # at least the requests the caller keeps in flight: a request queued
-        # behind the harness's own pool would look like a server that waits.
+        # few kept-alive connections limit the blast radius. Every request
+        # beyond them opens its own: one queued behind the harness's own pool
+        # would look like a server that waits.
+        self._transport = H11Transport(keepalive=64)
+        # Streams are read through httpx (and httpx_sse); whole answers, most of
+        # a run, skip its models (``send``). Both ask for the same.
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(request_timeout),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=64),
+            transport=self._transport,
+            headers=dict(DEFAULT_HEADERS),
         )
+        url = httpx.URL(self.base_url)
+        self._origin = (
+            url.raw_scheme,
+            url.raw_host,
+            url.port or (443 if url.scheme == "https" else 80),
+        )
+        self._base_path = url.raw_path.rstrip(b"/")
+        self._head = [(b"host", url.netloc), *DEFAULT_HEADERS]
 
     @property
     def timeout(self) -> float:
@@ -145,29 +158,26 @@ class TargetClient:
         started = trio.current_time()
         departure = _Departure(on_sent)
         retried_after: str | None = None
+        target = self._target(path)
         for attempt in (1, 2):
-            headers_arrived = False
+            content, head = self._request(method, json_body, raw_body, headers, gate)
             try:
-                content: bytes | AsyncIterator[bytes] | None = raw_body
-                sent_headers = headers
-                if gate is not None:
-                    content, sent_headers = gate.request(json_body, headers)
-                async with self._client.stream(
-                    method,
-                    path,
-                    content=content,
-                    json=json_body if content is None else None,
-                    headers=sent_headers,
-                    extensions=departure.extensions,
-                ) as response:
-                    headers_arrived = True
-                    await response.aread()
+                status, answer_headers, body = await self._transport.fetch(
+                    self._origin,
+                    method.encode("ascii"),
+                    target,
+                    head,
+                    content,
+                    timeout=self._timeout,
+                    trace=departure.trace,
+                )
             except STALE_CONNECTION as error:
                 # The server closed a kept-alive connection (after a 500, say,
                 # without "Connection: close") and we wrote into it: nothing of
-                # an answer came back. httpx has dropped that connection, so the
-                # second attempt is on a fresh one; the observation records it.
-                if attempt == 1 and not headers_arrived:
+                # an answer came back (an answer cut short is not retried: its
+                # head arrived). That connection is dropped, so the second
+                # attempt is on a fresh one; the observation records it.
+                if attempt == 1 and not departure.answered:
                     retried_after = _reason(error, self._timeout)
                     continue
                 return self._failed(step, op, request, started, error, retried_after, departure)
@@ -179,13 +189,53 @@ class TargetClient:
             step,
             op,
             request,
-            response.status_code,
+            status,
             started,
             ended,
-            _body(response),
+            _parsed(body, answer_headers),
             retried_after=retried_after,
             sent=departure.at,
         )
+
+    def _target(self, path: str) -> bytes:
+        """The request target for ``path`` under the base URL, as httpx would send it."""
+        if _PLAIN_PATH.fullmatch(path):
+            return self._base_path + path.encode("ascii")
+        return httpx.URL(self.base_url + path).raw_path
+
+    def _request(
+        self,
+        method: str,
+        json_body: Any,
+        raw_body: bytes | None,
+        headers: dict[str, str] | None,
+        gate: BodyGate | None,
+    ) -> tuple[bytes | AsyncIterator[bytes], list[tuple[bytes, bytes]]]:
+        """A request's body and its head's headers, as httpx would send them."""
+        content: bytes | AsyncIterator[bytes]
+        extra: dict[str, str] = {}
+        if gate is not None:
+            content, headers = gate.request(json_body, headers)
+        elif raw_body is not None:
+            content = raw_body
+            extra["content-length"] = str(len(raw_body))
+        elif json_body is not None:
+            content = _json_bytes(json_body)
+            extra = {"content-length": str(len(content)), "content-type": "application/json"}
+        else:
+            content = b""
+            if method in ("POST", "PUT", "PATCH"):
+                extra["content-length"] = "0"
+        given = {name.lower() for name in headers or ()}
+        head = [*self._head]
+        head.extend(
+            (name.encode(), value.encode()) for name, value in extra.items() if name not in given
+        )
+        head.extend(
+            (name.encode("latin-1"), value.encode("latin-1"))
+            for name, value in (headers or {}).items()
+        )
+        return content, head
 
     async def send_stream(
         self,
@@ -307,17 +357,20 @@ class TargetClient:
 
 
 class _Departure:
-    """When a request's first bytes went out, from httpcore's trace extension: after
-    the connection pool gave it a connection, so a request queued in the harness
-    has not left. The first attempt counts (a retried one may have reached the
-    server too)."""
+    """When a request's first bytes went out, from the transport's trace (httpx's
+    ``trace`` extension): once it has a connection. The first attempt counts (a
+    retried one may have reached the server too)."""
 
     def __init__(self, on_sent: Callable[[], None] | None) -> None:
         self.at: float | None = None
+        self.answered = False
+        """Whether an answer's head arrived."""
         self._on_sent = on_sent
-        self.extensions = {"trace": self._trace}
+        self.extensions = {"trace": self.trace}
 
-    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event.endswith("receive_response_headers.complete"):
+            self.answered = True
         if self.at is None and event.endswith("send_request_headers.started"):
             self.at = trio.current_time()
             if self._on_sent is not None:
@@ -442,14 +495,51 @@ def _event_name(sse: httpx_sse.ServerSentEvent) -> str:
 
 
 STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-"""Errors of a connection that died before any byte of an answer arrived (a
-kept-alive connection the server had closed); a timeout is not one of them."""
+"""Errors of a connection that may have died before any byte of an answer arrived
+(a kept-alive connection the server had closed); a timeout is not one of them."""
+
+DEFAULT_HEADERS = (
+    (b"accept", b"*/*"),
+    (b"accept-encoding", b"identity"),
+    (b"user-agent", b"sessctl"),
+)
+"""What every request says besides its own headers. ``identity``: the harness
+judges bodies as the server sent them, and no body comes compressed."""
+
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9_\-/]*(\?[A-Za-z0-9_\-=&]*)?")
+"""A path httpx would send unchanged (no dot segments to remove, nothing to quote)."""
+
+
+def _json_bytes(value: Any) -> bytes:
+    """A JSON body as httpx encodes one."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _reason(error: httpx.HTTPError, timeout: float) -> str:
     if isinstance(error, httpx.TimeoutException):
         return f"no answer within {timeout:g} s"
     return f"{type(error).__name__}: {error or 'connection failed'}"
+
+
+def _parsed(body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+    """A whole answer's body as an observation keeps it: JSON, or its start as text."""
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"_raw": _text(body, headers)[:500]}
+
+
+def _text(body: bytes, headers: list[tuple[bytes, bytes]]) -> str:
+    charset = "utf-8"
+    for name, value in headers:
+        if name == b"content-type" and b"charset=" in value:
+            charset = value.split(b"charset=", 1)[1].split(b";")[0].strip(b'" ').decode("latin-1")
+    try:
+        return body.decode(charset, errors="replace")
+    except LookupError:
+        return body.decode("utf-8", errors="replace")
 
 
 def _body(response: httpx.Response) -> Any:
