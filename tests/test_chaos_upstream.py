@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import trio
@@ -310,3 +312,42 @@ async def test_a_tool_call_carries_the_content_the_server_needs(
     assert message["tool_calls"]
     assert message["content"] == expected
     nursery.cancel_scope.cancel()
+
+
+async def test_a_received_call_knows_a_moment_before_it_was_sent(chaos: ChaosUpstream) -> None:
+    # ``received`` is when the upstream came round to a call; ``sent_after`` is a
+    # moment its connection was still empty, so certainly before the call's bytes
+    # were written (on loopback they are there once the write returns). The
+    # llm-leak check orders a call after a DELETE only by it.
+    url = httpx.URL(str(chaos.url))
+    stream = await trio.open_tcp_stream(url.host, url.port or 80)
+    connection = h11.Connection(h11.CLIENT)
+    written: list[float] = []
+    bounds: list[float] = []
+    for tag in ("first", "second", "third"):
+        data = json.dumps(body(tag)).encode()
+        head = h11.Request(
+            method="POST",
+            target="/chat/completions",
+            headers=[("host", "upstream"), ("content-length", str(len(data)))],
+        )
+        await stream.send_all(
+            b"".join(
+                connection.send(e) or b"" for e in (head, h11.Data(data=data), h11.EndOfMessage())
+            )
+        )
+        written.append(trio.current_time())
+        while not isinstance(answer := connection.next_event(), h11.EndOfMessage):
+            if answer is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some(65536))
+        connection.start_next_cycle()
+        event = chaos.events(tag)[0]
+        assert event.kind is EventKind.RECEIVED
+        assert event.sent_after is not None
+        assert event.sent_after <= written[-1]
+        assert event.sent_after <= event.at
+        if bounds:
+            # Kept alive, the connection was seen empty again since the last call.
+            assert event.sent_after > bounds[-1]
+        bounds.append(event.sent_after)
+    await stream.aclose()

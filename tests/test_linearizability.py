@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.chaos.history import Operation, UpstreamEvent, read_history, write_history
+from harness.chaos.history import (
+    Operation,
+    UpstreamEvent,
+    operation_from_json,
+    read_history,
+    write_history,
+)
 from harness.chaos.linearizability import check_history, check_invariants, check_session
 from harness.errors import ScenarioFileError
 
@@ -426,6 +433,27 @@ def test_bytes_in_flight_when_the_turn_was_cancelled_are_not_leaked_work() -> No
     # Hung up on, but only long after: left running, so leaked all the same.
     late = _preempted_call_received_after_the_delete(UpstreamEvent("cancelled", 9.0))
     assert [f.kind for f in check_history(late.ops).findings] == ["llm-leak"]
+
+
+def test_a_call_read_after_the_delete_but_sent_before_it_is_not_leaked_work() -> None:
+    # The upstream read the call 0.9 ms after the DELETE completed, but its
+    # connection was last seen empty before that: the call may have been sent
+    # before the DELETE (seen under load on a tree server: read 0.4-1.5 ms late,
+    # answered at once). Only a call the upstream knows began later is leaked work.
+    def history(sent_after: float) -> History:
+        h = History()
+        h.add("create", 0, 1, 201)
+        h.add("chat", 2, 4.7, 410, messages=[U1],
+              upstream=[UpstreamEvent("received", 4.6009, sent_after),
+                        UpstreamEvent("answered", 4.601)])  # fmt: skip
+        h.add("delete", 4, 4.6, 204)
+        return h
+
+    assert check_history(history(4.5995).ops).verdict == "valid"
+    assert [f.kind for f in check_history(history(4.6005).ops).findings] == ["llm-leak"]
+    # The bound goes into the history and back.
+    line = json.dumps(history(4.6005).ops[1].to_json())
+    assert operation_from_json(json.loads(line)).upstream[0].sent_after == 4.6005
 
 
 def test_a_call_in_flight_at_the_delete_hung_up_on_late_was_stopped() -> None:

@@ -120,11 +120,11 @@ class _Scripted:
         return step, None
 
 
-def test_capacity_errors_wait_until_the_burst_is_served() -> None:
+async def test_capacity_errors_wait_until_the_burst_is_served() -> None:
     one, two = socket.socketpair()
     listener = BurstListener(_Scripted([errno.ECONNABORTED, one, errno.EMFILE]))  # type: ignore[arg-type]
     listener._take_queued()  # a failed handshake skipped, then EMFILE with one in hand
-    assert list(listener._accepted) == [one]
+    assert [connection for connection, _ in listener._accepted] == [one]
     listener._accepted.clear()
     listener.socket.script = [errno.EMFILE]  # type: ignore[attr-defined]
     # With nothing in hand, EMFILE is raised: serve_listeners logs it and retries.

@@ -23,6 +23,7 @@ trio's own listener does.
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections import deque
 
@@ -54,17 +55,24 @@ _SKIPPED_ERRNOS = frozenset(
 class BurstListener(trio.abc.Listener[trio.SocketStream]):
     """A listening socket whose queued connections are accepted all at once."""
 
-    def __init__(self, listening: socket.socket) -> None:
+    def __init__(self, listening: socket.socket, *, since: float = -math.inf) -> None:
+        """``since``: when the socket began listening, if known."""
         listening.setblocking(False)
         self.socket = listening
-        self._accepted: deque[socket.socket] = deque()
+        self._accepted: deque[tuple[socket.socket, float]] = deque()
+        self._empty_at = since
+        self.accepted_after = since
+        """For the connection ``accept`` returned last: a moment before its client
+        connected (the queue was last seen empty then). The chaos upstream bounds
+        when a call's first bytes were sent with it."""
 
     @classmethod
     def taking_over(cls, listener: trio.SocketListener) -> BurstListener:
         """The same listening socket (say from ``trio.open_tcp_listeners``), accepting in bursts."""
         trio_socket = listener.socket
         family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
-        return cls(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
+        since = trio.current_time()
+        return cls(socket.socket(family, kind, proto, fileno=trio_socket.detach()), since=since)
 
     async def accept(self) -> trio.SocketStream:
         if self._accepted:
@@ -76,13 +84,18 @@ class BurstListener(trio.abc.Listener[trio.SocketStream]):
                 raise trio.ClosedResourceError("the listener was closed")
             await trio.lowlevel.wait_readable(self.socket)
             self._take_queued()
-        return trio.SocketStream(trio.socket.from_stdlib_socket(self._accepted.popleft()))
+        connection, self.accepted_after = self._accepted.popleft()
+        return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
 
     def _take_queued(self) -> None:
+        # Each connection of a burst connected after the queue was last seen empty.
+        empty_at = self._empty_at
         while len(self._accepted) < BURST:
+            before = trio.current_time()
             try:
                 connection, _ = self.socket.accept()
             except BlockingIOError:
+                self._empty_at = before
                 return
             except OSError as error:
                 if error.errno == errno.EBADF:
@@ -92,12 +105,12 @@ class BurstListener(trio.abc.Listener[trio.SocketStream]):
                 if self._accepted:
                     return  # EMFILE and the like: serve what was taken, then meet it again
                 raise
-            self._accepted.append(connection)
+            self._accepted.append((connection, empty_at))
 
     async def aclose(self) -> None:
         if self.socket.fileno() != -1:
             trio.lowlevel.notify_closing(self.socket)  # wakes a pending accept()
         self.socket.close()
         while self._accepted:
-            self._accepted.popleft().close()
+            self._accepted.popleft()[0].close()
         await trio.lowlevel.checkpoint()

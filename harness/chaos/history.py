@@ -57,6 +57,30 @@ class UpstreamEvent:
     kind: str
     """received, answered, cancelled or dropped."""
     at: float
+    sent_after: float | None = None
+    """``received``: a moment before the server began sending the call; when the
+    upstream could not tell (an old history), ``at`` is all there is."""
+
+    @classmethod
+    def of(cls, event: StepEvent, offset: float = 0.0) -> UpstreamEvent:
+        """A chaos upstream's event, moved onto another clock by ``offset``."""
+        after = None if event.sent_after is None else event.sent_after - offset
+        return cls(event.kind.value, event.at - offset, after)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], offset: float = 0.0) -> UpstreamEvent:
+        """One event as a history or the upstream's events route writes it."""
+        after = data.get("sent_after")
+        return cls(
+            str(data["kind"]),
+            float(data["at"]) - offset,
+            None if after is None else float(after) - offset,
+        )
+
+    @property
+    def started_after(self) -> float:
+        """The latest moment certainly before the call began (``received`` only)."""
+        return self.at if self.sent_after is None else self.sent_after
 
 
 @dataclass(frozen=True)
@@ -155,7 +179,7 @@ def operation_from_json(data: dict[str, Any]) -> Operation:
     """One line of a history, parsed (KeyError, TypeError, ValueError if it is not one)."""
     if data["op"] not in OPS:
         raise ValueError(f"unknown op {data['op']!r}")
-    events = [UpstreamEvent(str(e["kind"]), float(e["at"])) for e in data.get("upstream") or []]
+    events = [UpstreamEvent.from_json(e) for e in data.get("upstream") or []]
     complete = data.get("complete")
     status = data.get("status")
     return Operation(
@@ -222,4 +246,4 @@ def stream_fields(observation: Observation) -> dict[str, Any]:
 def upstream_events(events: Iterable[StepEvent], since: float) -> list[UpstreamEvent]:
     """The upstream's events for one operation: those of its tag from its invocation on
     (an exact retry shares the tag of the turn it retries)."""
-    return [UpstreamEvent(e.kind.value, e.at) for e in events if e.at >= since]
+    return [UpstreamEvent.of(e) for e in events if e.at >= since]

@@ -736,8 +736,9 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
     for chat in ops:
         if chat.op != "chat":
             continue
-        received = [e.at for e in chat.upstream if e.kind == "received"]
-        for call, at in enumerate(received):
+        received = [e for e in chat.upstream if e.kind == "received"]
+        for call, event in enumerate(received):
+            at = event.at
             ending = min(
                 ((e.at, e.kind) for e in chat.upstream if e.kind != "received" and e.at >= at),
                 default=(float("inf"), "none"),
@@ -747,7 +748,11 @@ def _llm_leaks(session: str, ops: list[Operation], bound: float) -> Iterable[Fin
             # the server then hung up on, is not (seen on the clean server: the
             # upstream logged "received" 0.9 ms after the DELETE completed).
             worked = ending[1] == "answered" or ending[0] > max(at, delete.complete) + bound
-            if at > accepted and worked:
+            # Started after the DELETE only if certainly so: the upstream reads a
+            # call a moment after it arrives (milliseconds, under load), and a call
+            # sent just before the DELETE may be read just after it. ``started_after``
+            # is a moment the upstream knows its connection was still empty.
+            if event.started_after > accepted and worked:
                 problem = "started after the session's DELETE had been accepted"
             elif (
                 at <= accepted

@@ -182,7 +182,7 @@ class _Events:
             offset = self._offsets[index]
             for event in fetched["events"]:
                 self._by_tag.setdefault(event["tag"], []).append(
-                    UpstreamEvent(event["kind"], float(event["at"]) - offset)
+                    UpstreamEvent.from_json(event, offset)
                 )
             self._answers[index].update(fetched.get("answers", {}))
             self._next[index] = int(fetched.get("next", self._next[index]))
@@ -192,7 +192,7 @@ class _Events:
 
     def events(self, tag: str) -> list[UpstreamEvent]:
         if self.upstream is not None:
-            return [UpstreamEvent(e.kind.value, e.at) for e in self.upstream.events(tag)]
+            return [UpstreamEvent.of(e) for e in self.upstream.events(tag)]
         return list(self._by_tag.get(tag, ()))
 
     def answers(self, tag: str) -> list[dict[str, Any]]:

@@ -163,8 +163,15 @@ class ChaosUpstream:
         finally:
             self._waiters.remove(waiter)
 
-    def _record(self, tag: str, kind: EventKind, call: int, behaviour: Behaviour) -> None:
-        event = StepEvent(tag, kind, call, trio.current_time(), behaviour.describe())
+    def _record(
+        self,
+        tag: str,
+        kind: EventKind,
+        call: int,
+        behaviour: Behaviour,
+        sent_after: float | None = None,
+    ) -> None:
+        event = StepEvent(tag, kind, call, trio.current_time(), behaviour.describe(), sent_after)
         self._events.append(event)
         self._events_by_tag.setdefault(tag, []).append(event)
         for waiter in self._waiters:
@@ -244,7 +251,7 @@ class ChaosUpstream:
         call = self._calls[tag] = self._calls.get(tag, 0) + 1
         script = self._scripts.get(tag, (Behaviour(),))
         behaviour = script[min(call, len(script)) - 1]
-        self._record(tag, EventKind.RECEIVED, call, behaviour)
+        self._record(tag, EventKind.RECEIVED, call, behaviour, exchange.request.sent_after)
         if body.get("stream") is True:
             self.streamed_calls[tag] = self.streamed_calls.get(tag, 0) + 1
         before = behaviour.after is None or body.get("stream") is not True

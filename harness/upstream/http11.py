@@ -9,10 +9,11 @@ gives both.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 
 import h11
 import trio
@@ -31,6 +32,70 @@ class HttpRequest:
     body: bytes
     query: str = ""
     """The target's query string, without the ``?`` (the control routes read it)."""
+    sent_after: float | None = None
+    """A moment (``trio.current_time()``) before its client began sending it: the
+    connection was seen empty then. See ``_Reader``."""
+
+
+class _IoClock(trio.abc.Instrument):
+    """When the event loop's last two waits for I/O began.
+
+    A task woken by a socket runs in the batch that follows the wait that
+    reported it; the wait before that one had found the socket not ready at some
+    moment after it began. So the bytes it reads arrived after ``previous``,
+    however long the batch took to come to the task (with thousands of tasks in
+    one loop, milliseconds). Not when that wait returned: the process may be
+    descheduled between the return and the reading of the clock, and bytes that
+    arrive then are not in what it returned."""
+
+    def __init__(self) -> None:
+        self.previous = self.latest = trio.current_time()
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.previous, self.latest = self.latest, trio.current_time()
+
+
+class _Reader:
+    """Reads a connection, and knows a moment before the bytes of each read arrived.
+
+    Why: the chaos upstream's ``received`` time is when the loop came round to the
+    request, which under load is milliseconds after it arrived. A leak judged on it
+    ("the call started after the DELETE") was a false alarm when a call sent just
+    before the DELETE was read just after it. ``arrived_after`` is certain instead:
+    the last time the socket was seen empty (a read found nothing, or emptied it),
+    or the last wait for I/O before the one that reported the bytes."""
+
+    __slots__ = ("_clock", "_empty_at", "_socket", "arrived_after")
+
+    def __init__(self, stream: trio.SocketStream, clock: _IoClock, empty_at: float) -> None:
+        self._socket = stream.socket
+        self._clock = clock
+        self._empty_at = empty_at
+        self.arrived_after = empty_at
+        """For the bytes the last ``receive`` returned."""
+
+    async def receive(self) -> bytes:
+        """As ``SocketStream.receive_some``: ``b""`` at the end, trio's errors otherwise."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._socket
+        while True:
+            if sock.fileno() == -1:
+                raise trio.ClosedResourceError("the connection was closed")
+            before = trio.current_time()
+            try:
+                data = os.read(sock.fileno(), READ_CHUNK)
+            except BlockingIOError:
+                self._empty_at = before
+                await trio.lowlevel.wait_readable(sock)
+                self._empty_at = max(self._empty_at, self._clock.previous)
+                continue
+            except OSError as error:
+                raise trio.BrokenResourceError(f"socket connection broken: {error}") from None
+            self.arrived_after = self._empty_at
+            if len(data) < READ_CHUNK:
+                self._empty_at = before  # it read all there was
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
 
 class Exchange:
@@ -105,15 +170,42 @@ async def serve_http11(
     ]
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    task_status.started(f"http://{shown_host}:{bound_port}")
-    await trio.serve_listeners(partial(_serve_connection, handler), listeners)
+    clock = _IoClock()
+    trio.lowlevel.add_instrument(clock)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, handler, listener, clock, nursery)
+            task_status.started(f"http://{shown_host}:{bound_port}")
+    finally:
+        trio.lowlevel.remove_instrument(clock)
 
 
-async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None:
+async def _accept_loop(
+    handler: Handler, listener: BurstListener, clock: _IoClock, nursery: trio.Nursery
+) -> None:
+    """``trio.serve_listeners`` for one listener, each connection with its reader."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                await trio.sleep(0.1)  # out of descriptors: as serve_listeners does
+                continue
+            reader = _Reader(stream, clock, listener.accepted_after)
+            nursery.start_soon(_serve_connection, handler, stream, reader)
+
+
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _serve_connection(handler: Handler, stream: trio.SocketStream, reader: _Reader) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
     try:
         while True:
-            request = await _read_request(stream, connection)
+            request = await _read_request(reader, connection)
             if request is None:
                 return
             exchange = Exchange(stream, connection, request)
@@ -130,15 +222,17 @@ async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None
             await stream.aclose()
 
 
-async def _read_request(
-    stream: trio.SocketStream, connection: h11.Connection
-) -> HttpRequest | None:
+async def _read_request(reader: _Reader, connection: h11.Connection) -> HttpRequest | None:
     head: h11.Request | None = None
     body = bytearray()
+    # Bytes left over from the last read (a pipelined request) came with it.
+    sent_after = reader.arrived_after if connection.trailing_data[0] else None
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(READ_CHUNK)
+            data = await reader.receive()
+            if sent_after is None:
+                sent_after = reader.arrived_after
             connection.receive_data(data)
             continue
         if isinstance(event, h11.ConnectionClosed):
@@ -157,4 +251,5 @@ async def _read_request(
                 headers={k.decode().lower(): v.decode() for k, v in head.headers},
                 body=bytes(body),
                 query=head.target.decode().partition("?")[2],
+                sent_after=sent_after,
             )

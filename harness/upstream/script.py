@@ -145,6 +145,9 @@ class StepEvent:
     at: float
     """trio.current_time() when it happened."""
     behaviour: str
+    sent_after: float | None = None
+    """``received``: a moment before the server began sending the call (the
+    connection was seen empty then); ``at`` is when the upstream came round to it."""
 
 
 def tag_of(body: Mapping[str, Any]) -> str | None:
