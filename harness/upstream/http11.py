@@ -111,9 +111,12 @@ class Exchange:
         self, status: int, body: bytes, content_type: str = "application/json"
     ) -> None:
         headers = [("content-type", content_type), ("content-length", str(len(body)))]
-        await self._send(h11.Response(status_code=status, headers=headers))
-        await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
+        # One write for the whole answer: the server under test reads it at once.
+        await self._send(
+            h11.Response(status_code=status, headers=headers),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        )
 
     async def start_stream(self, content_type: str = "text/event-stream") -> None:
         """Send the head of a chunked answer; ``send_part`` sends each part, ``end`` the end."""
@@ -146,8 +149,8 @@ class Exchange:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # reset by the peer: hung up just the same
 
-    async def _send(self, event: h11.Event) -> None:
-        payload = self._connection.send(event)
+    async def _send(self, *events: h11.Event) -> None:
+        payload = b"".join(self._connection.send(event) or b"" for event in events)
         if payload:
             await self._stream.send_all(payload)
 
