@@ -351,3 +351,32 @@ async def test_a_received_call_knows_a_moment_before_it_was_sent(chaos: ChaosUps
             assert event.sent_after > bounds[-1]
         bounds.append(event.sent_after)
     await stream.aclose()
+
+
+async def test_a_hang_up_before_the_release_is_a_cancel_whoever_runs_first(
+    chaos: ChaosUpstream,
+) -> None:
+    # The server hangs up on a held call and the hold is released in the same
+    # moment: the watcher of the hang-up and the release wake in one batch, in an
+    # order trio does not promise (under load a loop comes round late to both).
+    # The close is in the socket before the release, so the call was cancelled.
+    url = httpx.URL(str(chaos.url))
+    for attempt in range(20):
+        tag = f"raced-{attempt}"
+        script(chaos, tag, "hold")
+        stream = await trio.open_tcp_stream(url.host, url.port or 80)
+        data = json.dumps(body(tag)).encode()
+        head = (
+            b"POST /chat/completions HTTP/1.1\r\nhost: upstream\r\n"
+            b"content-length: %d\r\n\r\n" % len(data)
+        )
+        await stream.send_all(head + data)
+        with trio.fail_after(HANG_GUARD):
+            await chaos.wait_for(tag, EventKind.RECEIVED)
+        stream.socket.close()  # no checkpoint between the close and the release
+        chaos.release(tag)
+        with trio.fail_after(HANG_GUARD):
+            while chaos.ended_calls(tag) == 0:
+                await trio.lowlevel.checkpoint()
+        kinds = [e.kind for e in chaos.events(tag)]
+        assert kinds == [EventKind.RECEIVED, EventKind.CANCELLED], (attempt, kinds)

@@ -221,10 +221,20 @@ class ChaosRun:
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
         self.clock = HarnessClock()
         """What patience is counted on: it slows down when the harness lags."""
+        self._stop_at = float("inf")
+        """``--duration``: when the clients start no more operations."""
 
     async def run(self) -> list[Operation]:
         deadline = self.settings.duration
-        with trio.move_on_after(deadline if deadline is not None else float("inf")):
+        if deadline is not None:
+            self._stop_at = trio.current_time() + deadline
+        # At the deadline the clients start nothing new and finish what they sent:
+        # an operation cut off in flight would be missing from the history, and what
+        # it did on the server (a DELETE, a committed turn) would be a false finding
+        # against the operations that saw it. A server that never finishes a request
+        # is cut off after the backstop all the same.
+        backstop = float("inf") if deadline is None else deadline + self._drain_backstop()
+        with trio.move_on_after(backstop):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.clock.run)
@@ -252,6 +262,11 @@ class ChaosRun:
             for op in self.history
         ]
         return sorted(history, key=lambda op: op.invoke)
+
+    def _drain_backstop(self) -> float:
+        """Seconds after the deadline before operations still in flight are cut off:
+        a request may take its timeout for each read, a hold its patience."""
+        return max(60.0, 4 * self.settings.request_timeout + 4 * PATIENCE)
 
     def _answer_if_committed(self, op: Operation) -> dict[str, Any] | None:
         """What an unknown chat committed, if it did: the upstream's last answer for
@@ -341,7 +356,11 @@ class ChaosRun:
     async def _client_loop(self, client: _Client) -> None:
         share = self._share(client.index)
         done = 0
-        while (share is None or done < share) and not self.should_stop():
+        while (
+            (share is None or done < share)
+            and not self.should_stop()
+            and trio.current_time() < self._stop_at
+        ):
             planned = self._plan(client)
             client.plan.append(planned)
             done += 1

@@ -364,7 +364,10 @@ class ChaosUpstream:
 
             nursery.start_soon(watch_hangup)
             await wait()
-            finished = True
+            # A hang-up already in the socket came before the wait ended, however
+            # late a busy loop would come round to the watcher: the server stopped
+            # the call (under load, a released hold otherwise won that race).
+            finished = not exchange.hung_up_already()
             nursery.cancel_scope.cancel()
         return finished
 

@@ -138,6 +138,20 @@ class Exchange:
         self.closed = True
         await self._stream.aclose()
 
+    def hung_up_already(self) -> bool:
+        """Whether the client's close (a FIN or a reset) has arrived, without waiting."""
+        trio_socket = self._stream.socket
+        if trio_socket.fileno() == -1:
+            return True
+        # A duplicate of the descriptor: trio's socket only reads asynchronously.
+        with socket.fromfd(trio_socket.fileno(), trio_socket.family, trio_socket.type) as peek:
+            try:
+                return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True  # reset
+
     async def wait_for_hangup(self) -> None:
         """Return when the client closes the connection (it sent its whole request
         already), with a FIN or a reset."""
