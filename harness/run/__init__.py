@@ -1,6 +1,8 @@
 """Running and judging: scenarios against targets, one run at a time or a suite.
 
-Owns: the HTTP client for the target (``client``), one scenario run
+Owns: the HTTP client for the target (``client``, over its own HTTP/1.1
+transport on h11, ``transport``: httpx's pool was most of the harness's CPU),
+one scenario run
 (``runner``) and what it learned (``context``), the judgement of a run
 (``checks``: pure), many scenarios on many targets (``suite``), the self-test
 against the known-broken variants (``selftest``), and ``profile check``
