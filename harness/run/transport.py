@@ -129,18 +129,12 @@ class H11Transport(httpx.AsyncBaseTransport):
         connection, head = await self._exchange(
             origin, method, target, headers, content, timeouts, trace
         )
-        parts: list[bytes] = []
+        body = _ResponseStream(self, origin, connection, timeout)
         try:
-            while not isinstance(event := await _next_event(connection, timeout), h11.EndOfMessage):
-                if not isinstance(event, h11.Data):
-                    raise httpx.RemoteProtocolError(
-                        f"unexpected {type(event).__name__} in an answer"
-                    )
-                parts.append(bytes(event.data))
+            parts = [part async for part in body]
         except BaseException:
-            self._discard(connection)
+            await body.aclose()
             raise
-        self._finished(origin, connection)
         return head.status_code, list(head.headers), b"".join(parts)
 
     async def _exchange(
