@@ -24,7 +24,14 @@ from .bearer_server import create_bearer_app
 from .conftest import free_port, sessctl_cli
 
 ALWAYS_CAUGHT = {"chat-and-get-after-delete", "no-resurrection-after-preempt"}
-SOMETIMES_CAUGHT = {"chat-during-delete"}  # its race is left free on purpose
+SOMETIMES_CAUGHT = {
+    "chat-during-delete",  # its race is left free on purpose
+    # The server reads a chat's body before it looks the session up. Whether the
+    # queued chat got that far before the DELETE, the harness can only approximate
+    # for a black box (round trips to settle it); under CI load it once had not,
+    # and it recreated the deleted session: the planted bug, labelled as such.
+    "chats-queued-then-delete",
+}
 
 
 async def start(nursery: trio.Nursery, *, fixed: bool) -> tuple[str, int]:
