@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from harness.results import Observation, SentRequest, StreamEnd, StreamRecord, error_type_of
-from harness.run.transport import H11Transport
+from harness.run.transport import H11Transport, origin_of
 from wire.anthropic import MessageAssembler, message_to_chat
 from wire.streaming import ChunkRefused, StreamAssembler
 
@@ -121,11 +121,7 @@ class TargetClient:
             headers=dict(DEFAULT_HEADERS),
         )
         url = httpx.URL(self.base_url)
-        self._origin = (
-            url.raw_scheme,
-            url.raw_host,
-            url.port or (443 if url.scheme == "https" else 80),
-        )
+        self._origin = origin_of(url)
         self._base_path = url.raw_path.rstrip(b"/")
         self._head = [(b"host", url.netloc), *DEFAULT_HEADERS]
 
@@ -269,7 +265,7 @@ class TargetClient:
                 is_stream = response.headers.get("content-type", "").startswith("text/event-stream")
                 if response.status_code // 100 != 2 or not is_stream:
                     await response.aread()
-                    body = _body(response)
+                    body = _parsed(response.content, response.headers.raw)
                     stream = None
                     if response.status_code // 100 == 2:
                         stream = StreamRecord(StreamEnd.NOT_STREAMED, 0, False, None)
@@ -522,7 +518,8 @@ def _reason(error: httpx.HTTPError, timeout: float) -> str:
 
 
 def _parsed(body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
-    """A whole answer's body as an observation keeps it: JSON, or its start as text."""
+    """A whole answer's body as an observation keeps it: JSON, or its start as text
+    (``headers`` as sent, for the charset)."""
     if not body:
         return None
     try:
@@ -534,18 +531,9 @@ def _parsed(body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
 def _text(body: bytes, headers: list[tuple[bytes, bytes]]) -> str:
     charset = "utf-8"
     for name, value in headers:
-        if name == b"content-type" and b"charset=" in value:
+        if name.lower() == b"content-type" and b"charset=" in value:
             charset = value.split(b"charset=", 1)[1].split(b";")[0].strip(b'" ').decode("latin-1")
     try:
         return body.decode(charset, errors="replace")
     except LookupError:
         return body.decode("utf-8", errors="replace")
-
-
-def _body(response: httpx.Response) -> Any:
-    if not response.content:
-        return None
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"_raw": response.text[:500]}

@@ -45,6 +45,13 @@ KEEPALIVE_EXPIRY = 5.0
 Origin = tuple[bytes, bytes, int]
 """Scheme, host and port."""
 _DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def origin_of(url: httpx.URL) -> Origin:
+    """Where ``url`` is served: its scheme, host and port (the default one if none)."""
+    return (url.raw_scheme, url.raw_host, url.port or _DEFAULT_PORT.get(url.scheme, 80))
+
+
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -89,7 +96,7 @@ class H11Transport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol(
                 f"Request URL has an unsupported protocol '{url.scheme}://'."
             )
-        origin: Origin = (url.raw_scheme, url.raw_host, url.port or _DEFAULT_PORT[url.scheme])
+        origin = origin_of(url)
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         stream = request.stream
         content = request.content if isinstance(stream, httpx.ByteStream) else stream
