@@ -128,6 +128,12 @@ TOOL_CALL_SHARE = 0.2
 BUSY_DELETE_SHARE = 0.5
 """The share of DELETEs that go to a session with a held turn and a queued chat, when
 there is one at that moment."""
+BUSY_WAIT = 0.25
+"""Seconds (of the harness's clock) such a DELETE waits for a turn to be held at the
+engine when none is: holds last milliseconds, so a DELETE that took whatever slot it
+drew raced one in only a few of thousands of operations, and a 2,000-operation run
+on a server whose DELETE waits for the engine sometimes caught nothing. Coverage
+only: no verdict depends on this wait."""
 
 _KINDS = (
     (0.45, "chat"),
@@ -209,7 +215,9 @@ class ChaosRun:
         """Chats whose client hung up."""
         self._outwaited_hangups: set[int] = set()
         """Chats whose held call the server did not stop within PATIENCE of the hang-up."""
-        self._pending_deletes: dict[str, _PendingDelete] = {}
+        self._pending_deletes: dict[str, list[_PendingDelete]] = {}
+        """Each session's DELETEs not yet answered, oldest first: a DELETE sent while
+        another is pending (a 404 on a closing session) must not hide the first."""
         self._deleted: set[str] = set()
         """Sessions a DELETE has been answered 2xx for."""
         """Session -> its DELETE in flight (holds on it wait for the answer)."""
@@ -341,17 +349,35 @@ class ChaosRun:
     def _busy_slot(self, pick: float) -> int | None:
         """A slot whose session has a turn held at the engine and another chat in
         flight (queued behind it, on a server that serialises a session's turns):
-        the moment a DELETE has the most to get right."""
-        busy = [
+        the moment a DELETE has the most to get right. Failing that, a slot whose
+        session has a turn held: a DELETE that waits for the engine still shows.
+        Holds last a few milliseconds, so without this fallback a run of thousands
+        of operations sometimes raced no DELETE with a held turn at all."""
+        held = [
             index
             for index, slot in enumerate(self._slots)
             if slot.session is not None
             # Held at the engine, not only scripted to be: a chat still on its way
             # (late, on a loaded machine) is not yet a turn the DELETE can race.
             and any(self.upstream.call_in_flight(t) for t in self._held.get(slot.session, ()))
-            and self._in_flight.get(slot.session, 0) >= 2
         ]
+        queued = [i for i in held if self._in_flight.get(self._slots[i].session or "", 0) >= 2]
+        busy = queued or held
         return busy[int(pick * len(busy))] if busy else None
+
+    async def _wait_for_busy_slot(self, pick: float) -> int | None:
+        """``_busy_slot``, waiting up to ``BUSY_WAIT`` for one when there is none."""
+        if (busy := self._busy_slot(pick)) is not None:
+            return busy
+
+        # Asked after every upstream event, so it looks at held calls only, not
+        # at every slot (thousands, in a large run).
+        def a_call_is_held() -> bool:
+            in_flight = self.upstream.call_in_flight
+            return any(in_flight(tag) for tags in self._held.values() for tag in tags)
+
+        await self.clock.within(BUSY_WAIT, partial(self.upstream.wait_until, a_call_is_held))
+        return self._busy_slot(pick)
 
     async def _client_loop(self, client: _Client) -> None:
         share = self._share(client.index)
@@ -367,7 +393,7 @@ class ChaosRun:
             ticket = self._take_ticket()
             index = planned.slot
             if planned.to_busy_session is not None:
-                busy = self._busy_slot(planned.to_busy_session)
+                busy = await self._wait_for_busy_slot(planned.to_busy_session)
                 index = planned.slot if busy is None else busy
             slot = self._slots[index]
             while slot.session is None and slot.creating:
@@ -514,7 +540,8 @@ class ChaosRun:
         )
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
-        pending = self._pending_deletes[session] = _PendingDelete()
+        pending = _PendingDelete()
+        self._pending_deletes.setdefault(session, []).append(pending)
         observation: Observation | None = None
         try:
             observation = await self.lifecycle.end("chaos", session, on_sent=pending.sent.set)
@@ -523,7 +550,9 @@ class ChaosRun:
                 self._deleted.add(session)
             pending.sent.set()
             pending.answered.set()
-            if self._pending_deletes.get(session) is pending:
+            pendings = self._pending_deletes[session]
+            pendings.remove(pending)
+            if not pendings:
                 del self._pending_deletes[session]
         deleted = observation.status is not None and observation.status // 100 == 2
         if deleted and slot.session == session:
@@ -587,8 +616,8 @@ class ChaosRun:
 
         async def release() -> None:
             await trio.sleep(after)
-            pending = self._pending_deletes.get(session)
-            if pending is not None:
+            # One after another: each DELETE gets at least PATIENCE from its sending.
+            for pending in list(self._pending_deletes.get(session, ())):
                 await pending.sent.wait()
                 answered = await self.clock.within(PATIENCE, pending.answered.wait)
                 # Only a call the server is still making can be what a DELETE waits
