@@ -129,19 +129,25 @@ def test_a_server_that_commits_a_cut_stream_is_caught_and_shrunk(tmp_path: Path)
             [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
         )
 
-    # Every seed must find the bug. Which finding shrinks depends on the run's
-    # timing: a finding whose window holds cannot force is reported unshrunk (seen
-    # in about one run in five here), so the next seed is tried for the scenario.
+    # Which finding shrinks depends on the run's timing: a finding whose window
+    # holds cannot force is reported unshrunk (seen in about one run in five here),
+    # so the next seed is tried for the scenario. A run may also miss the bug: of
+    # about 85 scripted cuts in 3,000 operations, about 10 end a stream with an
+    # upstream error, and one run in about 44 (four side by side) showed none of
+    # those committed. One miss is allowed, never two.
     written: list[Path] = []
     runs = ""
-    for seed in ("1", "2", "3"):
+    misses = 0
+    for seed in ("1", "2", "3", "4"):
         out = tmp_path / f"run{seed}"
         done = sessctl(
             "chaos", "--ops", "3000", "--stream-ratio", "0.5", "--seed", seed,
             "--emulate", "commit-partial-stream", "--out", str(out),
         )  # fmt: skip
-        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.returncode in (0, 1), done.stdout + done.stderr
         runs += done.stdout
+        misses += done.returncode == 0
+        assert misses <= 1, runs
         written = list(out.glob(f"chaos-seed{seed}-*.yaml"))
         if written:
             break
