@@ -226,7 +226,10 @@ async def run_level(
     churn: float = 0.0,
 ) -> dict[str, float]:
     limits = httpx.Limits(max_connections=AGENTS_PER_CLIENT + 8, max_keepalive_connections=64)
-    timeout = httpx.Timeout(600.0, connect=60.0)
+    # A held chat waits through the ramp and the whole churn: with a flat 600 s,
+    # the soak's (--churn 600) held chats timed out here, in the load generator,
+    # just before its end, and counted as lost.
+    timeout = httpx.Timeout(600.0 + churn, connect=60.0)
     count = 1 + (level + samples) // AGENTS_PER_CLIENT
     async with contextlib.AsyncExitStack() as stack:
         clients = [

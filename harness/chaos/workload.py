@@ -128,12 +128,6 @@ TOOL_CALL_SHARE = 0.2
 BUSY_DELETE_SHARE = 0.5
 """The share of DELETEs that go to a session with a held turn and a queued chat, when
 there is one at that moment."""
-BUSY_WAIT = 0.25
-"""Seconds (of the harness's clock) such a DELETE waits for a turn to be held at the
-engine when none is: holds last milliseconds, so a DELETE that took whatever slot it
-drew raced one in only a few of thousands of operations, and a 2,000-operation run
-on a server whose DELETE waits for the engine sometimes caught nothing. Coverage
-only: no verdict depends on this wait."""
 
 _KINDS = (
     (0.45, "chat"),
@@ -351,8 +345,7 @@ class ChaosRun:
         flight (queued behind it, on a server that serialises a session's turns):
         the moment a DELETE has the most to get right. Failing that, a slot whose
         session has a turn held: a DELETE that waits for the engine still shows.
-        Holds last a few milliseconds, so without this fallback a run of thousands
-        of operations sometimes raced no DELETE with a held turn at all."""
+        Holds last a few milliseconds: the fallback races more DELETEs with one."""
         held = [
             index
             for index, slot in enumerate(self._slots)
@@ -364,20 +357,6 @@ class ChaosRun:
         queued = [i for i in held if self._in_flight.get(self._slots[i].session or "", 0) >= 2]
         busy = queued or held
         return busy[int(pick * len(busy))] if busy else None
-
-    async def _wait_for_busy_slot(self, pick: float) -> int | None:
-        """``_busy_slot``, waiting up to ``BUSY_WAIT`` for one when there is none."""
-        if (busy := self._busy_slot(pick)) is not None:
-            return busy
-
-        # Asked after every upstream event, so it looks at held calls only, not
-        # at every slot (thousands, in a large run).
-        def a_call_is_held() -> bool:
-            in_flight = self.upstream.call_in_flight
-            return any(in_flight(tag) for tags in self._held.values() for tag in tags)
-
-        await self.clock.within(BUSY_WAIT, partial(self.upstream.wait_until, a_call_is_held))
-        return self._busy_slot(pick)
 
     async def _client_loop(self, client: _Client) -> None:
         share = self._share(client.index)
@@ -393,7 +372,7 @@ class ChaosRun:
             ticket = self._take_ticket()
             index = planned.slot
             if planned.to_busy_session is not None:
-                busy = await self._wait_for_busy_slot(planned.to_busy_session)
+                busy = self._busy_slot(planned.to_busy_session)
                 index = planned.slot if busy is None else busy
             slot = self._slots[index]
             while slot.session is None and slot.creating:
