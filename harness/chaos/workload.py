@@ -126,8 +126,8 @@ class PlannedOp:
 TOOL_CALL_SHARE = 0.2
 """The share of chats the engine answers with a tool call."""
 BUSY_DELETE_SHARE = 0.5
-"""The share of DELETEs that go to a session with a held turn and a queued chat, when
-there is one at that moment."""
+"""The share of DELETEs that go to a session with a held turn and a queued chat, else
+to one with a held turn, when there is one at that moment."""
 
 _KINDS = (
     (0.45, "chat"),
@@ -214,7 +214,6 @@ class ChaosRun:
         another is pending (a 404 on a closing session) must not hide the first."""
         self._deleted: set[str] = set()
         """Sessions a DELETE has been answered 2xx for."""
-        """Session -> its DELETE in flight (holds on it wait for the answer)."""
         self._in_flight: Counter[str] = Counter()
         """Session -> its chats in flight."""
         self._held: dict[str, set[str]] = {}
