@@ -80,8 +80,8 @@ def chaos(
         )
     console.print(
         f"{len(report.history)} operations in {report.elapsed:.1f} s "
-        # From the figure report.json holds (to 0.1), so the two never disagree.
-        f"({round(report.ops_per_second, 1):.0f} ops/s); checked in {report.check_seconds:.2f} s"
+        f"({rate_as_reported(report.ops_per_second):.0f} ops/s); "
+        f"checked in {report.check_seconds:.2f} s"
     )
     if report.lag >= LAG_WORTH_SAYING * report.elapsed:
         console.print(
@@ -202,11 +202,17 @@ def scenario_file(shrunk: ShrinkResult, settings: ChaosSettings, against: str, r
     return "".join(f"# {line}\n" for line in header) + shrunk.text
 
 
+def rate_as_reported(ops_per_second: float) -> float:
+    """Operations per second as report.json holds them (to 0.1); the console prints
+    this figure too, so the two never disagree."""
+    return round(ops_per_second, 1)
+
+
 def chaos_report(report: ChaosReport, scenario_path: Path | None) -> dict[str, object]:
     document = check_report(report.result)
     document["run"] = {
         "seconds": round(report.elapsed, 3),
-        "operations_per_second": round(report.ops_per_second, 1),
+        "operations_per_second": rate_as_reported(report.ops_per_second),
         "check_seconds": round(report.check_seconds, 3),
         "harness_lag_seconds": round(report.lag, 3),
     }

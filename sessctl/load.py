@@ -24,7 +24,14 @@ from harness.report.console import (
 )
 from harness.report.timeline import ShrunkLink, render_timeline
 
-from .chaos import CHECK_EXIT, check_report, replay_command, shrunk_json, written_and_shrunk
+from .chaos import (
+    CHECK_EXIT,
+    check_report,
+    rate_as_reported,
+    replay_command,
+    shrunk_json,
+    written_and_shrunk,
+)
 from .interrupt import StopRequest, run_interruptibly
 from .run import INTERRUPTED, write_json_file, writing
 
@@ -118,8 +125,8 @@ def load(
     render_load_stats(console, report.stats, report.races)
     console.print(
         f"{len(report.history):,} operations in {report.elapsed:.1f} s "
-        # From the figure report.json holds (to 0.1), so the two never disagree.
-        f"({round(report.ops_per_second, 1):,.0f} ops/s); checked in {report.check_seconds:.2f} s",
+        f"({rate_as_reported(report.ops_per_second):,.0f} ops/s); "
+        f"checked in {report.check_seconds:.2f} s",
         highlight=False,
     )
     for note in report.notes:
@@ -192,7 +199,7 @@ def load_report(report: LoadReport, scenario_path: Path | None) -> dict[str, obj
     document = check_report(report.result)
     document["run"] = {
         "seconds": round(report.elapsed, 3),
-        "operations_per_second": round(report.ops_per_second, 1),
+        "operations_per_second": rate_as_reported(report.ops_per_second),
         "check_seconds": round(report.check_seconds, 3),
         "workers": report.stats.get("workers"),
         "locust_directory": str(report.out),

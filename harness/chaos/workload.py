@@ -346,15 +346,15 @@ class ChaosRun:
         session has a turn held: a DELETE that waits for the engine still shows.
         Holds last a few milliseconds: the fallback races more DELETEs with one."""
         held = [
-            index
+            (index, slot.session)
             for index, slot in enumerate(self._slots)
             if slot.session is not None
             # Held at the engine, not only scripted to be: a chat still on its way
             # (late, on a loaded machine) is not yet a turn the DELETE can race.
             and any(self.upstream.call_in_flight(t) for t in self._held.get(slot.session, ()))
         ]
-        queued = [i for i in held if self._in_flight.get(self._slots[i].session or "", 0) >= 2]
-        busy = queued or held
+        queued = [index for index, session in held if self._in_flight[session] >= 2]
+        busy = queued or [index for index, _ in held]
         return busy[int(pick * len(busy))] if busy else None
 
     async def _client_loop(self, client: _Client) -> None:
