@@ -56,8 +56,9 @@ def test_seeing_a_failing_report_as_the_readme_shows_it() -> None:
     # The header and the matrix, line for line (ids and timings differ run to run).
     matrix = [line.rstrip() for line in quoted[:6]]
     printed = [line.rstrip() for line in shown.splitlines()]
+    assert matrix[0] in printed, shown
     start = printed.index(matrix[0])
-    assert printed[start : start + 6] == matrix
+    assert printed[start : start + 6] == matrix, shown
     for finding in ("a phantom commit", "expected exactly one of c1, c2 gets 200"):
         assert finding in shown
     assert re.search(

@@ -9,6 +9,7 @@ with httpx's own transport, and no request ever queued behind the harness's pool
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import h11
 import trio
@@ -74,6 +75,54 @@ async def test_requests_in_flight_never_wait_for_a_connection(nursery: trio.Nurs
             for _ in range(8):
                 requests.start_soon(client.send, "c", "chat", "POST", "/x")
     assert peer.connections == 8
+    await client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_settle_waits_until_every_request_started_has_gone_out(
+    nursery: trio.Nursery,
+) -> None:
+    # A scenario's settle lets the server's loop go round so that it takes in the
+    # requests sent before; one still in the harness (a body the server has not
+    # read yet, a connection still opening) must be out first, or the race it
+    # sets up was never set up.
+    read_big = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    connection.receive_data(data)
+                elif isinstance(event, h11.Request) and event.target == b"/big":
+                    await read_big.wait()  # its body stays unread: the client's write waits
+                elif isinstance(event, h11.EndOfMessage):
+                    await json_answer(b"{}")(stream, connection, 1)
+                    connection.start_next_cycle()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(partial(trio.serve_listeners, serve, listeners))
+    port = listeners[0].socket.getsockname()[1]
+    client = TargetClient(f"http://127.0.0.1:{port}", request_timeout=HANG_GUARD)
+    big = b"x" * (32 << 20)  # more than loopback's socket buffers hold
+    settled = trio.Event()
+
+    async def settle() -> None:
+        await client.settle()
+        settled.set()
+
+    with trio.fail_after(HANG_GUARD):
+        nursery.start_soon(partial(client.send, "c", "chat", "POST", "/big", raw_body=big))
+        nursery.start_soon(settle)
+        for _ in range(5):  # its round trips, had it not waited, would be done by now
+            await trio.testing.wait_all_tasks_blocked()
+        assert not settled.is_set(), "settled with a request's body still in the harness"
+        read_big.set()
+        await settled.wait()
     await client.aclose()
     nursery.cancel_scope.cancel()
 

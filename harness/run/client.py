@@ -124,6 +124,7 @@ class TargetClient:
         self._origin = origin_of(url)
         self._base_path = url.raw_path.rstrip(b"/")
         self._head = [(b"host", url.netloc), *DEFAULT_HEADERS]
+        self._outgoing = _Outgoing()
 
     @property
     def timeout(self) -> float:
@@ -152,34 +153,37 @@ class TargetClient:
             method, self.base_url + path, self._redacted(json_body), raw_body, self._shown(headers)
         )
         started = trio.current_time()
-        departure = _Departure(on_sent)
+        departure = _Departure(on_sent, None if gate else self._outgoing)
         retried_after: str | None = None
         target = self._target(path)
-        for attempt in (1, 2):
-            content, head = self._request(method, json_body, raw_body, headers, gate)
-            try:
-                status, answer_headers, body = await self._transport.fetch(
-                    self._origin,
-                    method.encode("ascii"),
-                    target,
-                    head,
-                    content,
-                    timeout=self._timeout,
-                    trace=departure.trace,
-                )
-            except STALE_CONNECTION as error:
-                # The server closed a kept-alive connection (after a 500, say,
-                # without "Connection: close") and we wrote into it: nothing of
-                # an answer came back (an answer cut short is not retried: its
-                # head arrived). That connection is dropped, so the second
-                # attempt is on a fresh one; the observation records it.
-                if attempt == 1 and not departure.answered:
-                    retried_after = _reason(error, self._timeout)
-                    continue
-                return self._failed(step, op, request, started, error, retried_after, departure)
-            except httpx.HTTPError as error:
-                return self._failed(step, op, request, started, error, retried_after, departure)
-            break
+        try:
+            for attempt in (1, 2):
+                content, head = self._request(method, json_body, raw_body, headers, gate)
+                try:
+                    status, answer_headers, body = await self._transport.fetch(
+                        self._origin,
+                        method.encode("ascii"),
+                        target,
+                        head,
+                        content,
+                        timeout=self._timeout,
+                        trace=departure.trace,
+                    )
+                except STALE_CONNECTION as error:
+                    # The server closed a kept-alive connection (after a 500, say,
+                    # without "Connection: close") and we wrote into it: nothing of
+                    # an answer came back (an answer cut short is not retried: its
+                    # head arrived). That connection is dropped, so the second
+                    # attempt is on a fresh one; the observation records it.
+                    if attempt == 1 and not departure.answered:
+                        retried_after = _reason(error, self._timeout)
+                        continue
+                    return self._failed(step, op, request, started, error, retried_after, departure)
+                except httpx.HTTPError as error:
+                    return self._failed(step, op, request, started, error, retried_after, departure)
+                break
+        finally:
+            departure.out()
         ended = trio.current_time()
         return Observation(
             step,
@@ -253,7 +257,7 @@ class TargetClient:
             "POST", self.base_url + path, json_body, None, self._shown(headers)
         )
         started = trio.current_time()
-        departure = _Departure(None)
+        departure = _Departure(None, None if gate else self._outgoing)
         try:
             sent: dict[str, Any] = {"json": json_body, "headers": dict(headers or {})}
             if gate is not None:
@@ -274,6 +278,7 @@ class TargetClient:
         except httpx.HTTPError as error:
             return self._failed(step, "chat", request, started, error, None, departure)
         finally:
+            departure.out()
             progress.ended = True
             progress._changed()
         return Observation(
@@ -338,6 +343,13 @@ class TargetClient:
             # request sent so far has been read and is waiting on whatever it waits on.
             await trio.testing.wait_all_tasks_blocked()
             return
+        # First every request already started goes out of the harness: one whose
+        # task has not run yet, or whose connection is still opening, is not one
+        # the server could have taken in (seen: the race of concurrent-writers
+        # not set up on a split-lock server about one run in seven).
+        with trio.move_on_after(self._timeout):
+            await trio.testing.wait_all_tasks_blocked()
+            await self._outgoing.all_out()
         # An external server is a black box; each round trip forces its event
         # loop around at least once more, behind the requests that came first.
         for _ in range(3):
@@ -352,17 +364,50 @@ class TargetClient:
         return None
 
 
+class _Outgoing:
+    """The requests whose bytes have not all gone out to the server yet (their head
+    and whole body written), for ``settle``. A gated request is not counted: its
+    last byte waits on purpose."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._none = trio.Event()
+        self._none.set()
+
+    def add(self) -> None:
+        self._count += 1
+        if self._count == 1:
+            self._none = trio.Event()
+
+    def remove(self) -> None:
+        self._count -= 1
+        if self._count == 0:
+            self._none.set()
+
+    async def all_out(self) -> None:
+        await self._none.wait()
+
+
 class _Departure:
     """When a request's first bytes went out, from the transport's trace (httpx's
     ``trace`` extension): once it has a connection. The first attempt counts (a
     retried one may have reached the server too)."""
 
-    def __init__(self, on_sent: Callable[[], None] | None) -> None:
+    def __init__(self, on_sent: Callable[[], None] | None, outgoing: _Outgoing | None) -> None:
         self.at: float | None = None
         self.answered = False
         """Whether an answer's head arrived."""
         self._on_sent = on_sent
+        self._outgoing = outgoing
+        if outgoing is not None:
+            outgoing.add()
         self.extensions = {"trace": self.trace}
+
+    def out(self) -> None:
+        """Its bytes have all gone out, or never will (the attempt ended)."""
+        if self._outgoing is not None:
+            self._outgoing.remove()
+            self._outgoing = None
 
     async def trace(self, event: str, info: dict[str, Any]) -> None:
         if event.endswith("receive_response_headers.complete"):
@@ -371,6 +416,8 @@ class _Departure:
             self.at = trio.current_time()
             if self._on_sent is not None:
                 self._on_sent()
+        if event.endswith("send_request_body.complete"):
+            self.out()
 
 
 async def _read_stream(

@@ -160,6 +160,8 @@ class H11Transport(httpx.AsyncBaseTransport):
             if trace is not None:
                 await trace("http11.send_request_headers.started", {})
             await _send(connection, method, target, headers, content, timeouts.get("write"))
+            if trace is not None:
+                await trace("http11.send_request_body.complete", {})
             read_timeout = timeouts.get("read")
             event = await _next_event(connection, read_timeout)
             while isinstance(event, h11.InformationalResponse):
