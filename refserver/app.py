@@ -7,6 +7,7 @@ calls and ``SessionServerError`` into OpenAI-shaped JSON.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -479,6 +480,10 @@ class ServerBoundary:
     ) -> None:
         self._app = app
         self._access_log = access_log
+        # Unique per server run, not secret: a counter costs no system call per
+        # request (``secrets`` read the kernel's random source for each).
+        self._id_prefix = secrets.token_hex(3)
+        self._request_numbers = itertools.count(1)
         self._turns = turns
         self.unexpected = 0
         self.requests_in_flight = 0
@@ -495,7 +500,7 @@ class ServerBoundary:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        request_id = secrets.token_hex(6)
+        request_id = f"{self._id_prefix}{next(self._request_numbers):06x}"
         scope.setdefault("state", {})["request_id"] = request_id
         status: int | None = None
         sent_bytes = 0

@@ -70,7 +70,7 @@ class RunningServer:
 def _hypercorn_config(
     host: str, port: int, *, log_errors: bool, grace: float, limits: HttpLimits | None
 ) -> HypercornConfig:
-    config = HypercornConfig()
+    config = hypercorn_compat.LeanConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace
     config.keep_alive_timeout = AGENT_KEEPALIVE

@@ -12,6 +12,7 @@ import inspect
 from importlib.metadata import version
 
 import pytest
+from hypercorn.config import Config
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -21,6 +22,7 @@ from hypercorn.trio.tcp_server import TCPServer
 
 WRAPPED = [
     # (where, what, the parameters hypercorn_compat relies on)
+    (Config, "response_headers", ["self", "protocol"]),
     (H11Protocol, "_send_error_response", ["self", "status_code"]),
     (H11Protocol, "_send_h11_event", ["self", "event"]),
     (HTTPStream, "handle", ["self", "event"]),
@@ -88,3 +90,15 @@ def test_the_installed_release_is_one_the_pin_admits() -> None:
         f"hypercorn {version('hypercorn')} is installed; pyproject.toml pins >=0.18,<0.19, "
         "the releases refserver/transport/hypercorn_compat.py is written against"
     )
+
+
+def test_the_lean_config_sends_one_date_and_hypercorns_other_headers() -> None:
+    from email.utils import parsedate_to_datetime
+
+    from refserver.transport.hypercorn_compat import LeanConfig
+
+    headers = LeanConfig().response_headers("h11")
+    dates = [value for name, value in headers if name == b"date"]
+    assert len(dates) == 1, headers  # hypercorn's own would make two
+    assert parsedate_to_datetime(dates[0].decode()).tzinfo is not None  # an HTTP-date, in GMT
+    assert (b"server", b"hypercorn-h11") in headers

@@ -57,6 +57,9 @@
    channel: together about 3 KB less per turn (``tests/test_socket_io.py``,
    ``benchmarks/scale_bench.py``).
 
+10. hypercorn formats the ``Date`` header anew for every answer (1% of a proxied
+   turn's CPU in a profile). ``LeanConfig`` formats it once a second.
+
 hypercorn has no hook for 1 to 4 and 8, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
 carries ``SESSCTL_LIMITS`` (others in the same process are untouched).
@@ -68,6 +71,7 @@ that renames these methods fails a test, not a user.
 from __future__ import annotations
 
 import json
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -75,6 +79,7 @@ from functools import partial
 from itertools import chain
 from math import inf
 from typing import Any
+from wsgiref.handlers import format_date_time
 
 import h11
 import trio
@@ -148,6 +153,21 @@ class ClientGone:
     def check(self) -> None:
         if self.gone and self._scope is not None:
             self._scope.cancel()
+
+
+class LeanConfig(Config):
+    """hypercorn's config, with the ``Date`` of its answers formatted once a second (item 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.include_date_header = False  # this class adds it
+        self._date: tuple[int, bytes] = (-1, b"")
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        second = int(time.time())
+        if self._date[0] != second:
+            self._date = (second, format_date_time(second).encode("ascii"))
+        return [(b"date", self._date[1]), *super().response_headers(protocol)]
 
 
 @dataclass(frozen=True)
