@@ -359,9 +359,8 @@ def chaos_progress(
         if progress.disable or (now - shown_at < PROGRESS_EVERY and count != total):
             return
         shown_at = now
-        progress.update(task, completed=count)
         speed = progress.tasks[0].speed
-        progress.update(task, rate=f"{speed:,.0f} {unit}/s" if speed else "")
+        progress.update(task, completed=count, rate=f"{speed:,.0f} {unit}/s" if speed else "")
 
     with progress:
         yield done

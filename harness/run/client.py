@@ -391,7 +391,8 @@ class _Outgoing:
 class _Departure:
     """When a request's first bytes went out, from the transport's trace (httpx's
     ``trace`` extension): once it has a connection. The first attempt counts (a
-    retried one may have reached the server too)."""
+    retried one may have reached the server too). Until its body is written whole,
+    or it ended, the request is also counted in ``outgoing`` (``settle`` waits on it)."""
 
     def __init__(self, on_sent: Callable[[], None] | None, outgoing: _Outgoing | None) -> None:
         self.at: float | None = None
