@@ -36,20 +36,27 @@ class Child:
 
 @contextmanager
 def sessctl_process(
-    *args: str, url_prefix: str, launcher: tuple[str, ...] = ("-m", "sessctl")
+    *args: str,
+    url_prefix: str,
+    launcher: tuple[str, ...] = ("-m", "sessctl"),
+    code: Path | None = None,
 ) -> Iterator[Child]:
     """Start ``sessctl ARGS`` (``launcher``: how python runs it); yield once it
-    prints a line starting with url_prefix."""
+    prints a line starting with url_prefix. ``code``: a checkout whose sessctl runs
+    instead of this one's (a baseline revision's worktree)."""
     # SESSCTL_BENCH_LOGS=DIR keeps each child's log (stderr) in DIR, named by its command.
     logs = os.environ.get("SESSCTL_BENCH_LOGS")
     stderr: Any = subprocess.DEVNULL
     if logs:
         stderr = open(Path(logs) / f"{args[0]}-{time.time_ns()}.log", "w")  # noqa: SIM115
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
     proc = subprocess.Popen(
         [sys.executable, *launcher, *args],
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
+        env=env,
+        cwd=code,
     )
     assert proc.stdout is not None
     stdout = proc.stdout

@@ -33,6 +33,7 @@ from wire.protocol import check_message
 from wire.streaming import ChunkRefused, EventReader, StreamAssembler, event, replay_chunks
 
 from .transport.engine_http import EngineConnections, EngineResponse, EngineTransportError
+from .transport.engine_http import HangUp as HangUp  # what a turn hands to the engine call
 
 Answer = TypeVar("Answer")
 
@@ -56,9 +57,16 @@ held in memory and committed, and no real answer comes near it."""
 
 
 class Upstream(Protocol):
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    """``hang_up``, when given, follows the engine connection of the call in progress,
+    so that a DELETE can close it from its own task (``engine_http.HangUp``)."""
 
-    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer: ...
+    async def complete(
+        self, body: dict[str, Any], hang_up: HangUp | None = None
+    ) -> dict[str, Any]: ...
+
+    async def stream(
+        self, body: dict[str, Any], relay: Relay, hang_up: HangUp | None = None
+    ) -> StreamedAnswer: ...
 
 
 @dataclass(frozen=True)
@@ -90,9 +98,9 @@ class HttpUpstream:
         self._timeout = timeout
         self._retry = retry
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any], hang_up: HangUp | None = None) -> dict[str, Any]:
         with trio.move_on_after(self._timeout):
-            return await self._with_retries(lambda: self._attempt(body))
+            return await self._with_retries(lambda: self._attempt(body, hang_up))
         raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
 
     async def _with_retries(
@@ -119,8 +127,10 @@ class HttpUpstream:
             attempts=self._retry.attempts,
         )
 
-    async def _attempt(self, body: dict[str, Any]) -> dict[str, Any]:
-        async with self._engine.post("/chat/completions", _encode(body)) as response:
+    async def _attempt(self, body: dict[str, Any], hang_up: HangUp | None) -> dict[str, Any]:
+        async with self._engine.post(
+            "/chat/completions", _encode(body), hang_up=hang_up
+        ) as response:
             _check_status(response)
             content = await _read(response)
             if response.status != 200:
@@ -131,7 +141,9 @@ class HttpUpstream:
         _check_answer(completion)
         return completion
 
-    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
+    async def stream(
+        self, body: dict[str, Any], relay: Relay, hang_up: HangUp | None = None
+    ) -> StreamedAnswer:
         relayed = 0
 
         async def counted(data: bytes) -> None:
@@ -144,7 +156,7 @@ class HttpUpstream:
         async def attempt() -> StreamedAnswer:
             nonlocal assembler
             assembler = StreamAssembler()
-            return await self._stream_attempt(body, counted, assembler)
+            return await self._stream_attempt(body, counted, assembler, hang_up)
 
         def unless_relayed(failure: Exception) -> None:
             if relayed and not self._retry.retry_after_relay:
@@ -165,11 +177,15 @@ class HttpUpstream:
         raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
 
     async def _stream_attempt(
-        self, body: dict[str, Any], relay: Relay, assembler: StreamAssembler
+        self,
+        body: dict[str, Any],
+        relay: Relay,
+        assembler: StreamAssembler,
+        hang_up: HangUp | None,
     ) -> StreamedAnswer:
         tail: list[bytes] = []
         async with self._engine.post(
-            "/chat/completions", _encode(body), accept="text/event-stream"
+            "/chat/completions", _encode(body), accept="text/event-stream", hang_up=hang_up
         ) as response:
             _check_status(response)
             if response.status != 200:

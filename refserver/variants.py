@@ -60,8 +60,10 @@ class SplitLock(SessionService):
 
 
 class DeleteWaits(SessionService):
-    def _preempt_turn_in_flight(self, session: Session) -> None:
-        pass  # DELETE queues on the lock behind the turn and waits out its upstream call
+    async def _end_turn_in_flight(self, session: Session) -> None:
+        # DELETE queues on the lock behind the turn and waits out its upstream call.
+        async with session.lock:
+            return
 
 
 class QueuedProceed(SessionService):
@@ -129,10 +131,12 @@ class CommitPartialStream(SessionService):
 
 
 class DeleteWaitsForStream(SessionService):
-    def _preempt_turn_in_flight(self, session: Session) -> None:
+    async def _end_turn_in_flight(self, session: Session) -> None:
         # Streams are "too far along to stop": DELETE waits for them to finish.
-        if session.turn is not None and not session.turn.streamed:
-            super()._preempt_turn_in_flight(session)
+        if session.turn is not None and session.turn.streamed:
+            async with session.lock:
+                return
+        await super()._end_turn_in_flight(session)
 
 
 class CommitAbandonedStream(SessionService):

@@ -8,20 +8,23 @@ Session lifecycle
 
 ::
 
-    OPEN ──DELETE accepted──▶ CLOSING ──DELETE holds the lock──▶ GONE
+    OPEN ──DELETE accepted──▶ CLOSING ──turn in flight preempted──▶ GONE
 
     state     GET    DELETE           chat arrives     chat holds the lock
     ───────   ────   ──────────────   ──────────────   ───────────────────
-    OPEN      200    204, → CLOSING   waits on lock    validate the turn
+    OPEN      200    204, → GONE      waits on lock    validate the turn
     CLOSING   404    404              404              404  (was queued)
-    GONE      404    404              404              404
+    GONE      404    404              404              404  (was queued)
 
 * One FIFO lock per session is held from validation through the upstream
   call to the commit, so turns of one session are serialised and no commit
   can be based on stale state (the phantom commit of the seed PR).
-* DELETE never waits for the upstream: it moves the session to CLOSING,
-  cancels the turn in flight (which answers 410 and commits nothing), then
-  takes the lock. Turns queued on the lock see CLOSING and answer 404.
+* DELETE never waits, neither for the upstream nor for the lock: it moves
+  the session to CLOSING, preempts the turn in flight (its engine connection
+  is closed at once; it answers 410 and commits nothing), and removes the
+  session, all before it answers. Turns queued on the lock find the session
+  gone when they take it, and answer 404. (CLOSING lasts only while a DELETE
+  runs; a server whose DELETE waits would stay in it for the wait.)
 * A chat never creates a session.
 
 Turn validation (under the lock, against the committed trajectory)

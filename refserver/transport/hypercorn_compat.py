@@ -29,7 +29,7 @@
    overflowed the kernel's accept queue and some were reset. ``serve`` is
    hypercorn's ``worker_serve`` for plain-TCP binds with ``BurstListener``
    (``wire/listening.py``) instead; everything after accept is hypercorn's,
-   but for items 6, 7 and 9 (a subclass of its connection class).
+   but for items 6, 7, 9 and 11 (a subclass of its connection class).
 6. When a client closes a kept-alive connection, hypercorn (0.18) does not
    close its side until the keep-alive timeout: the connection's task waits
    for its idle timer's task before closing. Agents that close after their
@@ -59,6 +59,15 @@
 
 10. hypercorn formats the ``Date`` header anew for every answer (1% of a proxied
    turn's CPU in a profile). ``LeanConfig`` formats it once a second.
+
+11. hypercorn writes under its connection's ``send_lock``, and trio's
+   ``Lock.acquire`` yields to the scheduler even when the lock is free: every
+   write waited a scheduler round before its bytes went out, behind every task
+   made ready meanwhile. For a DELETE that was the turn it had just preempted:
+   that turn unwound and answered its 410 before the 204 left (0.2 to 0.3 ms
+   at the server, ``benchmarks/delete_bench.py``). ``serve``'s connections take
+   a free lock without yielding and write at once; trio's send still yields
+   once the bytes are out. A write that finds the lock taken waits as before.
 
 hypercorn has no hook for 1 to 4 and 8, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
@@ -418,7 +427,8 @@ class _TaskGroup(TaskGroup):
 
 class _Connection(TCPServer):
     """hypercorn's connection task: its keep-alive timer a deadline, not a task (item 7),
-    closing at once when its client closed (item 6), and waiting leaner (item 9)."""
+    closing at once when its client closed (item 6), waiting leaner (item 9), and
+    writing without a scheduler round first (item 11)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -461,6 +471,21 @@ class _Connection(TCPServer):
             self.context.connections.discard(self)  # type: ignore[attr-defined]
             for knot in ("protocol", "idle_task", "_task_group"):
                 vars(self).pop(knot, None)
+
+    async def protocol_send(self, event: Any) -> None:
+        # hypercorn's TCPServer.protocol_send (0.18), but a free lock is taken
+        # without a scheduler round before the write (item 11).
+        if not isinstance(event, RawData) or self.send_lock.locked():
+            await super().protocol_send(event)
+            return
+        self.send_lock.acquire_nowait()
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(event.data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())
+        finally:
+            self.send_lock.release()
 
     async def _read_data(self) -> None:
         idle = self.idle_task
