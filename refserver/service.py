@@ -7,11 +7,10 @@ Three mechanisms do all the work:
 * ``Session.turn`` is the turn holding the lock. Its cancel scope is how a
   DELETE (410) or a shutdown (503) preempts it; the reason is written on the
   turn *before* the scope is cancelled, so the turn can tell which it was.
-  Preempting also closes the turn's engine connection at once (its
-  ``HangUp``), so a DELETE answers without waiting for the turn's task to
-  unwind: that task can no longer commit (it checks the reason after the
-  upstream call, with no checkpoint before the commit), and the engine has
-  already been told.
+  A DELETE answers without waiting for the preempted turn's task to unwind:
+  that task can no longer commit (it checks the reason after the upstream
+  call, with no checkpoint before the commit), and it is the next to run,
+  closing its engine connection and answering 410.
 * A client that hangs up cancels the handler's own, outer scope (see
   ``app.py``); that ``trio.Cancelled`` passes straight through here, so the
   turn commits nothing and the lock is released on the way out.
@@ -48,7 +47,7 @@ from wire.ids import new_session_id
 from wire.protocol import ChatRequest
 from wire.streaming import DONE, event, replay_chunks
 
-from .upstream import HangUp, Relay, StreamedAnswer, Upstream, assistant_message
+from .upstream import Relay, StreamedAnswer, Upstream, assistant_message
 
 
 @dataclass(slots=True)
@@ -56,16 +55,11 @@ class Turn:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     preempted_by: SessionServerError | None = None
     streamed: bool = False
-    hang_up: HangUp = field(default_factory=HangUp)
-    """Closes the engine connection of the call in progress, from the preempting task."""
 
     def preempt(self, reason: SessionServerError) -> None:
         if self.preempted_by is None:
             self.preempted_by = reason
         self.scope.cancel()
-        # Not left to the turn's task, which runs only after whoever preempted it
-        # has answered: the engine learns at once that the work was abandoned.
-        self.hang_up()
 
 
 TurnResult = TypeVar("TurnResult")
@@ -265,14 +259,14 @@ class SessionService:
 
     async def _call_upstream(self, turn: Turn, body: dict[str, Any]) -> dict[str, Any]:
         """Runs inside the turn's cancel scope, so DELETE and disconnects stop the LLM work."""
-        return await self._upstream.complete(body, turn.hang_up)
+        return await self._upstream.complete(body)
 
     async def _stream_upstream(
         self, turn: Turn, body: dict[str, Any], relay: Relay
     ) -> StreamedAnswer:
         """As ``_call_upstream``; relaying to the client happens inside the scope too."""
         turn.streamed = True
-        return await self._upstream.stream(body, relay, turn.hang_up)
+        return await self._upstream.stream(body, relay)
 
     def _after_stream_cut(
         self, session: Session, request: ChatRequest, cut: StreamCut, started_at: float
@@ -282,9 +276,13 @@ class SessionService:
     async def _end_turn_in_flight(self, session: Session) -> None:
         """Preempt the turn holding the lock; do not wait for its task.
 
-        Nothing of it can commit any more and its engine connection is closed
-        (``Turn.preempt``); it answers 410 when its task next runs. Turns queued
-        on the lock find the session gone when they take it, and answer 404."""
+        Nothing of it can commit any more. Its task, made ready by the cancel,
+        runs once this DELETE has written its 204 (there is no checkpoint before
+        the write, ``hypercorn_compat`` item 11):
+        the engine connection is closed then, and the turn answers 410. Waiting
+        for that here cost every DELETE of a held turn about 0.5 ms
+        (``benchmarks/delete_bench.py``). Turns queued on the lock find the
+        session gone when they take it, and answer 404."""
         if session.turn is not None:
             session.turn.preempt(SessionDeleted("the session was deleted while this turn ran"))
 

@@ -33,7 +33,6 @@ from wire.protocol import check_message
 from wire.streaming import ChunkRefused, EventReader, StreamAssembler, event, replay_chunks
 
 from .transport.engine_http import EngineConnections, EngineResponse, EngineTransportError
-from .transport.engine_http import HangUp as HangUp  # what a turn hands to the engine call
 
 Answer = TypeVar("Answer")
 
@@ -57,16 +56,9 @@ held in memory and committed, and no real answer comes near it."""
 
 
 class Upstream(Protocol):
-    """``hang_up``, when given, follows the engine connection of the call in progress,
-    so that a DELETE can close it from its own task (``engine_http.HangUp``)."""
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    async def complete(
-        self, body: dict[str, Any], hang_up: HangUp | None = None
-    ) -> dict[str, Any]: ...
-
-    async def stream(
-        self, body: dict[str, Any], relay: Relay, hang_up: HangUp | None = None
-    ) -> StreamedAnswer: ...
+    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer: ...
 
 
 @dataclass(frozen=True)
@@ -98,9 +90,9 @@ class HttpUpstream:
         self._timeout = timeout
         self._retry = retry
 
-    async def complete(self, body: dict[str, Any], hang_up: HangUp | None = None) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         with trio.move_on_after(self._timeout):
-            return await self._with_retries(lambda: self._attempt(body, hang_up))
+            return await self._with_retries(lambda: self._attempt(body))
         raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
 
     async def _with_retries(
@@ -127,10 +119,8 @@ class HttpUpstream:
             attempts=self._retry.attempts,
         )
 
-    async def _attempt(self, body: dict[str, Any], hang_up: HangUp | None) -> dict[str, Any]:
-        async with self._engine.post(
-            "/chat/completions", _encode(body), hang_up=hang_up
-        ) as response:
+    async def _attempt(self, body: dict[str, Any]) -> dict[str, Any]:
+        async with self._engine.post("/chat/completions", _encode(body)) as response:
             _check_status(response)
             content = await _read(response)
             if response.status != 200:
@@ -141,9 +131,7 @@ class HttpUpstream:
         _check_answer(completion)
         return completion
 
-    async def stream(
-        self, body: dict[str, Any], relay: Relay, hang_up: HangUp | None = None
-    ) -> StreamedAnswer:
+    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
         relayed = 0
 
         async def counted(data: bytes) -> None:
@@ -156,7 +144,7 @@ class HttpUpstream:
         async def attempt() -> StreamedAnswer:
             nonlocal assembler
             assembler = StreamAssembler()
-            return await self._stream_attempt(body, counted, assembler, hang_up)
+            return await self._stream_attempt(body, counted, assembler)
 
         def unless_relayed(failure: Exception) -> None:
             if relayed and not self._retry.retry_after_relay:
@@ -177,15 +165,11 @@ class HttpUpstream:
         raise UpstreamTimeout(f"the upstream did not answer within {self._timeout:g} s")
 
     async def _stream_attempt(
-        self,
-        body: dict[str, Any],
-        relay: Relay,
-        assembler: StreamAssembler,
-        hang_up: HangUp | None,
+        self, body: dict[str, Any], relay: Relay, assembler: StreamAssembler
     ) -> StreamedAnswer:
         tail: list[bytes] = []
         async with self._engine.post(
-            "/chat/completions", _encode(body), accept="text/event-stream", hang_up=hang_up
+            "/chat/completions", _encode(body), accept="text/event-stream"
         ) as response:
             _check_status(response)
             if response.status != 200:

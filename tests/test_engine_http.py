@@ -15,14 +15,12 @@ import h11
 import httpx
 import pytest
 import trio
-import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from refserver.transport.engine_http import (
     EngineConnections,
     EngineTransportError,
-    HangUp,
     base_url_problem,
 )
 from wire.streaming import EventReader
@@ -202,50 +200,6 @@ async def test_a_turn_that_leaves_early_closes_its_connection_at_once(
         await peer.hung_up.wait()
     assert engine.idle == 0
     release.set()
-    nursery.cancel_scope.cancel()
-
-
-async def test_a_hang_up_closes_the_exchange_in_progress_and_never_a_pooled_connection(
-    nursery: trio.Nursery,
-) -> None:
-    answer = trio.Event()
-    answering = json_answer(b"{}")
-
-    async def answer_when_told(
-        stream: trio.SocketStream, connection: h11.Connection, number: int
-    ) -> bool:
-        if number == 2:
-            await answer.wait()
-        return await answering(stream, connection, number)
-
-    peer = Peer(answer_when_told)
-    engine = EngineConnections(await nursery.start(peer.serve))
-    hang_up = HangUp()
-    hang_up()  # no exchange yet: nothing to close
-    async with engine.post("/chat/completions", b"{}", hang_up=hang_up) as response:
-        assert await response.read(1024) == b"{}"
-    hang_up()  # the exchange ended: its connection is in the pool, and stays usable
-    assert engine.idle == 1
-
-    failures: list[str] = []
-
-    async def held_turn() -> None:
-        try:
-            async with engine.post("/chat/completions", b"{}", hang_up=hang_up) as response:
-                await response.read(1024)
-        except EngineTransportError as failure:
-            failures.append(str(failure))
-
-    async with trio.open_nursery() as turns:
-        turns.start_soon(held_turn)
-        await trio.testing.wait_all_tasks_blocked()
-        assert (peer.requests, engine.idle) == (2, 0)
-        hang_up()  # from another task, as a DELETE does
-    answer.set()
-    # The turn's own read found its connection closed under it; nothing went back.
-    assert len(failures) == 1
-    assert (peer.connections, engine.idle) == (1, 0)
-    engine.close()
     nursery.cancel_scope.cancel()
 
 

@@ -9,9 +9,13 @@ so the upgrade fails here and not in ``sessctl serve`` on a user's machine.
 from __future__ import annotations
 
 import inspect
+import os
 from importlib.metadata import version
+from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from hypercorn.config import Config
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
@@ -19,6 +23,8 @@ from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio import task_group, tcp_server
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
+
+from .conftest import HANG_GUARD
 
 WRAPPED = [
     # (where, what, the parameters hypercorn_compat relies on)
@@ -102,3 +108,50 @@ def test_the_lean_config_sends_one_date_and_hypercorns_other_headers() -> None:
     assert len(dates) == 1, headers  # hypercorn's own would make two
     assert parsedate_to_datetime(dates[0].decode()).tzinfo is not None  # an HTTP-date, in GMT
     assert (b"server", b"hypercorn-h11") in headers
+
+
+async def test_an_answer_leaves_before_a_task_it_made_ready_runs(nursery: trio.Nursery) -> None:
+    # Item 11: hypercorn takes its send lock with trio's Lock.acquire, which
+    # yields even when the lock is free. A DELETE's 204 then waited behind the
+    # turn it had just preempted (made ready by the cancel). serve's connections
+    # write first: the task made ready finds the answer already on the wire.
+    from hypercorn.config import Config as HypercornConfig
+
+    from refserver.transport.hypercorn_compat import serve
+
+    made_ready = trio.Event()
+    seen: list[bytes] = []
+    client = trio.socket.socket()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            return
+        made_ready.set()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def made_ready_task() -> None:
+        await made_ready.wait()
+        try:  # what the client has received by now, without waiting for more
+            seen.append(os.read(client.fileno(), 65536))
+        except BlockingIOError:
+            seen.append(b"")
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    binds = await nursery.start(serve, app, config)
+    nursery.start_soon(made_ready_task)
+    await client.connect(("127.0.0.1", int(binds[0].rsplit(":", 1)[1])))
+    await client.send(b"DELETE /x HTTP/1.1\r\nhost: x\r\n\r\n")
+    with trio.fail_after(HANG_GUARD):
+        await made_ready.wait()
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(seen) == 1
+    assert seen[0].startswith(b"HTTP/1.1 204"), (
+        f"the task the app made ready ran before the answer was written (it saw {seen}): "
+        "hypercorn_compat item 11 no longer holds"
+    )
+    client.close()
+    nursery.cancel_scope.cancel()

@@ -12,7 +12,7 @@ import trio.testing
 
 from refserver.service import Session, SessionService
 from refserver.transport.engine_http import EngineConnections
-from refserver.upstream import HangUp, HttpUpstream, Relay, StreamedAnswer
+from refserver.upstream import HttpUpstream, Relay, StreamedAnswer
 from refserver.variants import DeleteWaits
 from wire.errors import SessionNotFound, SessionServerError
 from wire.protocol import parse_chat_request
@@ -23,12 +23,10 @@ from .test_engine_http import Peer
 
 
 class EchoUpstream:
-    async def complete(self, body: dict[str, Any], hang_up: HangUp | None = None) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
 
-    async def stream(
-        self, body: dict[str, Any], relay: Relay, hang_up: HangUp | None = None
-    ) -> StreamedAnswer:
+    async def stream(self, body: dict[str, Any], relay: Relay) -> StreamedAnswer:
         await relay(b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}}]}\n\n')
         return StreamedAnswer(await self.complete(body), [])
 
@@ -51,9 +49,7 @@ def engine_saw_hang_up(stream: trio.SocketStream) -> bool:
         return False
 
 
-async def test_a_delete_answers_at_once_and_the_engine_was_told_before(
-    nursery: trio.Nursery,
-) -> None:
+async def test_a_delete_does_not_wait_for_the_turn_it_preempts(nursery: trio.Nursery) -> None:
     held: list[trio.SocketStream] = []
     arrived = trio.Event()
 
@@ -80,14 +76,13 @@ async def test_a_delete_answers_at_once_and_the_engine_was_told_before(
         await arrived.wait()
     nursery.start_soon(turn, "queued")
     await trio.testing.wait_all_tasks_blocked()
-    assert not engine_saw_hang_up(held[0])
 
     await service.delete(session_id)
-    # No other task has run since: the preempted turn still holds the lock...
+    # No other task has run since: the preempted turn still holds the lock, and
+    # its engine connection is open; the session is already gone to everyone.
     assert session.lock.locked()
     assert outcomes == []
-    # ...yet the engine has been told, and the session is gone to everyone.
-    assert engine_saw_hang_up(held[0])
+    assert not engine_saw_hang_up(held[0])
     assert state_of(session) is SessionState.GONE
     with pytest.raises(SessionNotFound):
         service.get(session_id)
@@ -96,7 +91,10 @@ async def test_a_delete_answers_at_once_and_the_engine_was_told_before(
     with pytest.raises(SessionNotFound):
         await service.chat(session_id, chat("after"))
 
+    # The preempted turn's task runs next: it hangs up on the engine, answers
+    # 410 and commits nothing; the queued turn finds no session.
     await trio.testing.wait_all_tasks_blocked()
+    assert engine_saw_hang_up(held[0])
     assert outcomes == [("held", "SessionDeleted"), ("queued", "SessionNotFound")]
     assert session.records == []
     nursery.cancel_scope.cancel()

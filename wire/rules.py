@@ -20,11 +20,11 @@ Session lifecycle
   call to the commit, so turns of one session are serialised and no commit
   can be based on stale state (the phantom commit of the seed PR).
 * DELETE never waits, neither for the upstream nor for the lock: it moves
-  the session to CLOSING, preempts the turn in flight (its engine connection
-  is closed at once; it answers 410 and commits nothing), and removes the
-  session, all before it answers. Turns queued on the lock find the session
-  gone when they take it, and answer 404. (CLOSING lasts only while a DELETE
-  runs; a server whose DELETE waits would stay in it for the wait.)
+  the session to CLOSING, preempts the turn in flight (which commits nothing,
+  closes its engine connection and answers 410, just after the 204), and
+  removes the session, all before it answers. Turns queued on the lock find
+  the session gone when they take it, and answer 404. (CLOSING lasts only
+  while a DELETE runs; a server whose DELETE waits would stay in it.)
 * A chat never creates a session.
 
 Turn validation (under the lock, against the committed trajectory)

@@ -20,8 +20,7 @@ idle connections are kept, each for less than ``KEEPALIVE_EXPIRY`` seconds.
 The engine is reached directly: proxy variables (``HTTP_PROXY``) are not
 read. A connection a turn leaves before its answer ended (a DELETE, a
 hang-up, a deadline) is closed at once, which is how the engine learns
-that the work was abandoned. ``HangUp`` closes it from another task, so a
-DELETE can answer without waiting for the turn it preempted to unwind.
+that the work was abandoned.
 
 This module is the boundary for the sockets' and h11's exceptions: they
 leave it as ``EngineTransportError`` and nothing else.
@@ -88,26 +87,6 @@ class _Connection:
         return self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
 
 
-class HangUp:
-    """Closes a turn's engine connection from outside the turn's task, at once.
-
-    A DELETE answers 204 without waiting for the turn it preempted to unwind
-    (that task runs later, to answer 410); calling this first is how the 204
-    can still promise that the engine has been told. Give it to ``post``: it
-    follows the connection from the moment there is one until the exchange
-    ends. Calling it when there is none (between attempts, say) does nothing.
-    """
-
-    __slots__ = ("_connection",)
-
-    def __init__(self) -> None:
-        self._connection: _Connection | None = None
-
-    def __call__(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-
-
 class EngineResponse:
     """The engine's answer to one POST: its status and headers, then its body."""
 
@@ -151,23 +130,18 @@ class EngineExchange:
     while the engine works, and a turn held at the engine costs less.
     """
 
-    __slots__ = ("_accept", "_body", "_connection", "_hang_up", "_path", "_pool")
+    __slots__ = ("_accept", "_body", "_connection", "_path", "_pool")
 
-    def __init__(
-        self, pool: EngineConnections, path: str, body: bytes, accept: str, hang_up: HangUp | None
-    ) -> None:
+    def __init__(self, pool: EngineConnections, path: str, body: bytes, accept: str) -> None:
         self._pool = pool
         self._path = path
         self._body = body
         self._accept = accept
-        self._hang_up = hang_up
         self._connection: _Connection | None = None
 
     async def __aenter__(self) -> EngineResponse:
         connection = await self._pool._connection()
         self._connection = connection
-        if self._hang_up is not None:
-            self._hang_up._connection = connection
         body, self._body = self._body, b""
         try:
             request = self._pool._request_head(self._path, len(body), self._accept)
@@ -188,7 +162,6 @@ class EngineExchange:
             if not isinstance(event, h11.Response):
                 raise EngineTransportError(f"unexpected {type(event).__name__} for an answer")
         except BaseException:
-            self._let_go()
             connection.close()
             raise
         return EngineResponse(connection, event)
@@ -196,16 +169,10 @@ class EngineExchange:
     async def __aexit__(self, *failure: object) -> None:
         connection = self._connection
         assert connection is not None
-        self._let_go()
         if failure[0] is None and _finished(connection):
             self._pool._put_back(connection)
         else:
             connection.close()
-
-    def _let_go(self) -> None:
-        # A pooled connection is another turn's next: hanging up must not reach it.
-        if self._hang_up is not None:
-            self._hang_up._connection = None
 
 
 _HOST = re.compile(r"[A-Za-z0-9._~-]+|[0-9A-Fa-f:.]+")
@@ -273,18 +240,10 @@ class EngineConnections:
         """Idle connections kept open for reuse."""
         return len(self._idle)
 
-    def post(
-        self,
-        path: str,
-        body: bytes,
-        *,
-        accept: str = "application/json",
-        hang_up: HangUp | None = None,
-    ) -> EngineExchange:
+    def post(self, path: str, body: bytes, *, accept: str = "application/json") -> EngineExchange:
         """POST ``body`` (JSON) to ``base_path + path``: ``async with`` gives the answer
-        once its head arrived. See ``EngineExchange`` for what becomes of the connection,
-        and ``HangUp`` for closing it from another task."""
-        return EngineExchange(self, path, body, accept, hang_up)
+        once its head arrived. See ``EngineExchange`` for what becomes of the connection."""
+        return EngineExchange(self, path, body, accept)
 
     def _put_back(self, connection: _Connection) -> None:
         if len(self._idle) < self._keepalive:
