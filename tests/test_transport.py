@@ -15,6 +15,7 @@ import h11
 import trio
 import trio.testing
 
+from harness.results import Observation
 from harness.run.client import StreamProgress, TargetClient
 
 from .conftest import HANG_GUARD
@@ -123,6 +124,74 @@ async def test_settle_waits_until_every_request_started_has_gone_out(
         assert not settled.is_set(), "settled with a request's body still in the harness"
         read_big.set()
         await settled.wait()
+    await client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_settle_waits_for_a_request_resent_after_a_stale_connection(
+    nursery: trio.Nursery,
+) -> None:
+    # The first attempt's body went out whole on a kept-alive connection the
+    # server then dropped unanswered; the second, on a fresh connection, is
+    # outgoing again until its body is written, and settle waits for it too.
+    read_big = trio.Event()
+    resent = trio.Event()
+    connections = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        connection = h11.Connection(h11.SERVER)
+        target = b""
+        async with stream:
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    connection.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    target = event.target
+                    if target == b"/big" and number == 2:
+                        resent.set()
+                        await read_big.wait()  # the resent body stays unread meanwhile
+                elif isinstance(event, h11.EndOfMessage):
+                    if target == b"/big" and number == 1:
+                        return  # read whole, then dropped unanswered
+                    await json_answer(b"{}")(stream, connection, 1)
+                    connection.start_next_cycle()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(partial(trio.serve_listeners, serve, listeners))
+    port = listeners[0].socket.getsockname()[1]
+    client = TargetClient(f"http://127.0.0.1:{port}", request_timeout=HANG_GUARD)
+    big = b"x" * (32 << 20)
+    settled = trio.Event()
+    results: list[Observation] = []
+
+    async def send_big() -> None:
+        results.append(await client.send("c", "chat", "POST", "/big", raw_body=big))
+
+    async def settle() -> None:
+        await client.settle()
+        settled.set()
+
+    with trio.fail_after(HANG_GUARD):
+        assert (await client.send("g", "get", "GET", "/a")).status == 200
+        nursery.start_soon(send_big)
+        await resent.wait()
+        nursery.start_soon(settle)
+        for _ in range(5):
+            await trio.testing.wait_all_tasks_blocked()
+        assert not settled.is_set(), "settled with a resent request's body still in the harness"
+        read_big.set()
+        await settled.wait()
+        while not results:
+            await trio.testing.wait_all_tasks_blocked()
+    assert results[0].retried_after is not None
+    assert results[0].status == 200
     await client.aclose()
     nursery.cancel_scope.cancel()
 

@@ -177,6 +177,7 @@ class TargetClient:
                     # attempt is on a fresh one; the observation records it.
                     if attempt == 1 and not departure.answered:
                         retried_after = _reason(error, self._timeout)
+                        departure.again()
                         continue
                     return self._failed(step, op, request, started, error, retried_after, departure)
                 except httpx.HTTPError as error:
@@ -399,6 +400,7 @@ class _Departure:
         self.answered = False
         """Whether an answer's head arrived."""
         self._on_sent = on_sent
+        self._counted_in = outgoing
         self._outgoing = outgoing
         if outgoing is not None:
             outgoing.add()
@@ -409,6 +411,12 @@ class _Departure:
         if self._outgoing is not None:
             self._outgoing.remove()
             self._outgoing = None
+
+    def again(self) -> None:
+        """A second attempt (on a fresh connection): its bytes are outgoing again."""
+        if self._outgoing is None and self._counted_in is not None:
+            self._outgoing = self._counted_in
+            self._outgoing.add()
 
     async def trace(self, event: str, info: dict[str, Any]) -> None:
         if event.endswith("receive_response_headers.complete"):
