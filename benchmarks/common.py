@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,30 @@ def sessctl_process(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def worktree_at(revision: str) -> Iterator[Path]:
+    """This repository's code at git ``revision``, checked out in a temporary
+    worktree for the block (a baseline measured side by side), then removed."""
+    with tempfile.TemporaryDirectory() as scratch:
+        worktree = Path(scratch) / "baseline"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), revision],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield worktree
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
+                check=False,
+                capture_output=True,
+            )
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,10 +37,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Child, percentile, sessctl_process
+from common import Child, percentile, sessctl_process, worktree_at
 from scale_bench import AGENTS_PER_CLIENT, PEER, RAMP_LIMIT, SAMPLE_TAG, TAG, Level, Samples
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -171,22 +167,8 @@ def run() -> int:
     args = parser.parse_args()
     if not args.baseline_rev:
         return trio.run(main, args, None)
-    with tempfile.TemporaryDirectory() as scratch:
-        worktree = Path(scratch) / "baseline"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
-             args.baseline_rev],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        try:
-            return trio.run(main, args, worktree)
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
-                check=False,
-                capture_output=True,
-            )
+    with worktree_at(args.baseline_rev) as worktree:
+        return trio.run(main, args, worktree)
 
 
 if __name__ == "__main__":

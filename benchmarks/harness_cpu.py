@@ -18,14 +18,14 @@ Reports per code: operations/s, the harness's and the server's CPU per operation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, worktree_at
 
 MEASURE = """
 import json, resource, sys, trio
@@ -74,28 +74,15 @@ def main() -> int:
     parser.add_argument("--baseline-rev", default=None)
     args = parser.parse_args()
     codes = {"this code": ROOT}
-    with tempfile.TemporaryDirectory() as scratch:
+    with contextlib.ExitStack() as stack:
         if args.baseline_rev:
-            worktree = Path(scratch) / "baseline"
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
-                 args.baseline_rev],
-                check=True,
-                capture_output=True,
-            )  # fmt: skip
-            codes[f"baseline {args.baseline_rev}"] = worktree
-        try:
-            results: dict[str, list[dict[str, float | str]]] = {name: [] for name in codes}
-            for _ in range(args.runs):
-                for name, code in codes.items():
-                    results[name].append(measure(code, args.ops))
-        finally:
-            if args.baseline_rev:
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
-                    check=False,
-                    capture_output=True,
-                )
+            codes[f"baseline {args.baseline_rev}"] = stack.enter_context(
+                worktree_at(args.baseline_rev)
+            )
+        results: dict[str, list[dict[str, float | str]]] = {name: [] for name in codes}
+        for _ in range(args.runs):
+            for name, code in codes.items():
+                results[name].append(measure(code, args.ops))
     print(f"{args.ops} operations a run, {args.runs} runs interleaved; median (min-max)")
     print(f"{'code':<28} {'ops/s':>18} {'harness ms/op':>18} {'server ms/op':>18}  verdicts")
     valid = True
