@@ -16,8 +16,9 @@ The servers: ``sessctl serve`` (this checkout), the peer
 (``benchmarks/peer_server.py``: Starlette on uvicorn, httpx to the engine;
 ``pip install -e '.[bench]'``) and, with ``--baseline-rev REV``, ``sessctl
 serve`` at git revision REV (a temporary worktree). Reported per level and
-server: DELETE and healthz p50 / p99, and each DELETE figure as a ratio to
-``sessctl serve``'s (above 1: that server is slower). The goal (issue 31):
+server: DELETE and healthz p50 / p99, its memory per held turn (RSS over the
+idle server), and each DELETE figure as a ratio to ``sessctl serve``'s (above
+1: that server is slower). The goal (issue 31):
 the peer's ratio above 1 at every level.
 """
 
@@ -38,7 +39,16 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import Child, percentile, sessctl_process, worktree_at
-from scale_bench import AGENTS_PER_CLIENT, PEER, RAMP_LIMIT, SAMPLE_TAG, TAG, Level, Samples
+from scale_bench import (
+    AGENTS_PER_CLIENT,
+    PEER,
+    RAMP_LIMIT,
+    SAMPLE_TAG,
+    TAG,
+    Level,
+    Samples,
+    rss_mb,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,8 @@ class Server:
     url: str
     upstream: str
     """The chaos upstream's root (its ``/_sessctl`` control routes)."""
+    pid: int
+    idle_rss_mb: float
 
 
 @contextlib.contextmanager
@@ -69,7 +81,9 @@ def servers(baseline: Path | None, baseline_name: str) -> Iterator[list[Server]]
                     url_prefix=announced, launcher=launcher, code=code,
                 )
             )  # fmt: skip
-            found.append(Server(name, served.url, up.url.removesuffix("/v1")))
+            found.append(
+                Server(name, served.url, up.url.removesuffix("/v1"), served.pid, rss_mb(served.pid))
+            )
         yield found
 
 
@@ -88,7 +102,11 @@ async def bring_to(run: Level, nursery: trio.Nursery, level: int) -> list[str]:
     return sessions
 
 
-async def compare_at(found: list[Server], level: int, rounds: int) -> dict[str, Samples]:
+async def compare_at(
+    found: list[Server], level: int, rounds: int
+) -> tuple[dict[str, Samples], dict[str, float]]:
+    """Each server's samples at ``level`` held turns, and its KB per held turn (RSS
+    over the idle server, read once every server holds the level)."""
     limits = httpx.Limits(max_connections=AGENTS_PER_CLIENT + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(600.0, connect=60.0)
     count = 1 + (level + rounds) // AGENTS_PER_CLIENT
@@ -105,6 +123,10 @@ async def compare_at(found: list[Server], level: int, rounds: int) -> dict[str, 
             run = Level(await client(), [await client() for _ in range(count)], server.upstream)
             runs[server.name] = run
             held[server.name] = await bring_to(run, nursery, level)
+        memory = {
+            server.name: 1024 * (rss_mb(server.pid) - server.idle_rss_mb) / max(1, level)
+            for server in found
+        }
         for _ in range(rounds):
             for server in found:
                 await runs[server.name].sample(nursery, samples[server.name])
@@ -115,7 +137,7 @@ async def compare_at(found: list[Server], level: int, rounds: int) -> dict[str, 
             lost = sum(1 for session_id in held[server.name] + run.extras if run.lost(session_id))
             if lost:
                 print(f"  {server.name}: {lost} held chats lost: {run.examples}")
-    return samples
+    return samples, memory
 
 
 def figures(samples: Samples) -> tuple[float, float, float, float]:
@@ -135,7 +157,7 @@ async def main(args: argparse.Namespace, baseline: Path | None) -> int:
         print("servers: " + ", ".join(f"{server.name} ({server.url})" for server in found))
         for level in levels:
             started = time.perf_counter()
-            samples = await compare_at(found, level, args.samples)
+            samples, memory = await compare_at(found, level, args.samples)
             reference = figures(samples["sessctl serve"])
             print(
                 f"{level} held on each, {args.samples} samples each, "
@@ -151,7 +173,8 @@ async def main(args: argparse.Namespace, baseline: Path | None) -> int:
                 )
                 print(
                     f"  {server.name:<28} DELETE p50 {delete_p50:5.2f} ms p99 {delete_p99:5.2f} ms"
-                    f"   healthz p50 {healthz_p50:5.2f} ms p99 {healthz_p99:5.2f} ms{ratio}"
+                    f"   healthz p50 {healthz_p50:5.2f} ms p99 {healthz_p99:5.2f} ms"
+                    f"   {memory[server.name]:4.0f} KB a held turn{ratio}"
                 )
                 if server.name == "peer":
                     ahead &= delete_p99 > reference[1]
