@@ -64,10 +64,12 @@
    ``Lock.acquire`` yields to the scheduler even when the lock is free: every
    write waited a scheduler round before its bytes went out, behind every task
    made ready meanwhile. For a DELETE that was the turn it had just preempted:
-   that turn unwound and answered its 410 before the 204 left (0.2 to 0.3 ms
-   at the server, ``benchmarks/delete_bench.py``). ``serve``'s connections take
-   a free lock without yielding and write at once; trio's send still yields
-   once the bytes are out. A write that finds the lock taken waits as before.
+   that turn unwound and answered its 410 before the 204 left (a trio
+   ``Instrument`` showed the order; ``benchmarks/delete_bench.py`` the cost).
+   ``serve``'s connections take a free lock without yielding and write at
+   once: still cancellable before the write, as ``acquire`` is, and trio's
+   send still yields once the bytes are out. A write that finds the lock
+   taken waits as before.
 
 hypercorn has no hook for 1 to 4 and 8, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
@@ -478,6 +480,9 @@ class _Connection(TCPServer):
         if not isinstance(event, RawData) or self.send_lock.locked():
             await super().protocol_send(event)
             return
+        # Lock.acquire is this, then acquire_nowait, then the scheduler round
+        # left out here (send_all has one, after the bytes are out).
+        await trio.lowlevel.checkpoint_if_cancelled()
         self.send_lock.acquire_nowait()
         try:
             with trio.CancelScope(shield=True):
