@@ -115,8 +115,6 @@ async def test_an_answer_leaves_before_a_task_it_made_ready_runs(nursery: trio.N
     # yields even when the lock is free. A DELETE's 204 then waited behind the
     # turn it had just preempted (made ready by the cancel). serve's connections
     # write first: the task made ready finds the answer already on the wire.
-    from hypercorn.config import Config as HypercornConfig
-
     from refserver.transport.hypercorn_compat import serve
 
     made_ready = trio.Event()
@@ -139,7 +137,7 @@ async def test_an_answer_leaves_before_a_task_it_made_ready_runs(nursery: trio.N
         except BlockingIOError:
             seen.append(b"")
 
-    config = HypercornConfig()
+    config = Config()
     config.bind = ["127.0.0.1:0"]
     binds = await nursery.start(serve, app, config)
     nursery.start_soon(made_ready_task)

@@ -80,68 +80,27 @@ async def test_requests_in_flight_never_wait_for_a_connection(nursery: trio.Nurs
     nursery.cancel_scope.cancel()
 
 
-async def test_settle_waits_until_every_request_started_has_gone_out(
-    nursery: trio.Nursery,
-) -> None:
-    # A scenario's settle lets the server's loop go round so that it takes in the
-    # requests sent before; one still in the harness (a body the server has not
-    # read yet, a connection still opening) must be out first, or the race it
-    # sets up was never set up.
-    read_big = trio.Event()
+class BigBodyServer:
+    """A raw HTTP/1.1 server answering ``{}`` to every request, but for POST /big: on
+    connection number ``hold_on`` its body is left unread until ``release`` is set
+    (``held`` says its head arrived), and on ``drop_on`` it is read whole and the
+    connection dropped unanswered."""
 
-    async def serve(stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        async with stream:
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    connection.receive_data(data)
-                elif isinstance(event, h11.Request) and event.target == b"/big":
-                    await read_big.wait()  # its body stays unread: the client's write waits
-                elif isinstance(event, h11.EndOfMessage):
-                    await json_answer(b"{}")(stream, connection, 1)
-                    connection.start_next_cycle()
+    def __init__(self, *, hold_on: int, drop_on: int | None = None) -> None:
+        self.hold_on = hold_on
+        self.drop_on = drop_on
+        self.held = trio.Event()
+        self.release = trio.Event()
+        self._connections = 0
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    nursery.start_soon(partial(trio.serve_listeners, serve, listeners))
-    port = listeners[0].socket.getsockname()[1]
-    client = TargetClient(f"http://127.0.0.1:{port}", request_timeout=HANG_GUARD)
-    big = b"x" * (32 << 20)  # more than loopback's socket buffers hold
-    settled = trio.Event()
+    async def start(self, nursery: trio.Nursery) -> str:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(partial(trio.serve_listeners, self._serve, listeners))
+        return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
-    async def settle() -> None:
-        await client.settle()
-        settled.set()
-
-    with trio.fail_after(HANG_GUARD):
-        nursery.start_soon(partial(client.send, "c", "chat", "POST", "/big", raw_body=big))
-        nursery.start_soon(settle)
-        for _ in range(5):  # its round trips, had it not waited, would be done by now
-            await trio.testing.wait_all_tasks_blocked()
-        assert not settled.is_set(), "settled with a request's body still in the harness"
-        read_big.set()
-        await settled.wait()
-    await client.aclose()
-    nursery.cancel_scope.cancel()
-
-
-async def test_settle_waits_for_a_request_resent_after_a_stale_connection(
-    nursery: trio.Nursery,
-) -> None:
-    # The first attempt's body went out whole on a kept-alive connection the
-    # server then dropped unanswered; the second, on a fresh connection, is
-    # outgoing again until its body is written, and settle waits for it too.
-    read_big = trio.Event()
-    resent = trio.Event()
-    connections = 0
-
-    async def serve(stream: trio.SocketStream) -> None:
-        nonlocal connections
-        connections += 1
-        number = connections
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        self._connections += 1
+        number = self._connections
         connection = h11.Connection(h11.SERVER)
         target = b""
         async with stream:
@@ -154,40 +113,73 @@ async def test_settle_waits_for_a_request_resent_after_a_stale_connection(
                     connection.receive_data(data)
                 elif isinstance(event, h11.Request):
                     target = event.target
-                    if target == b"/big" and number == 2:
-                        resent.set()
-                        await read_big.wait()  # the resent body stays unread meanwhile
+                    if target == b"/big" and number == self.hold_on:
+                        self.held.set()
+                        await self.release.wait()  # its body stays unread: the client's write waits
                 elif isinstance(event, h11.EndOfMessage):
-                    if target == b"/big" and number == 1:
+                    if target == b"/big" and number == self.drop_on:
                         return  # read whole, then dropped unanswered
                     await json_answer(b"{}")(stream, connection, 1)
                     connection.start_next_cycle()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    nursery.start_soon(partial(trio.serve_listeners, serve, listeners))
-    port = listeners[0].socket.getsockname()[1]
-    client = TargetClient(f"http://127.0.0.1:{port}", request_timeout=HANG_GUARD)
-    big = b"x" * (32 << 20)
-    settled = trio.Event()
-    results: list[Observation] = []
 
-    async def send_big() -> None:
-        results.append(await client.send("c", "chat", "POST", "/big", raw_body=big))
+BIG = b"x" * (32 << 20)
+"""More than loopback's socket buffers hold: a write of it waits for the reader."""
+
+
+async def assert_settle_waits_for(
+    nursery: trio.Nursery, client: TargetClient, server: BigBodyServer, what: str
+) -> None:
+    """``settle`` does not return while ``server`` holds a body unread, and does once
+    it reads it."""
+    settled = trio.Event()
 
     async def settle() -> None:
         await client.settle()
         settled.set()
 
+    nursery.start_soon(settle)
+    for _ in range(5):  # its round trips, had it not waited, would be done by now
+        await trio.testing.wait_all_tasks_blocked()
+    assert not settled.is_set(), f"settled with {what} still in the harness"
+    server.release.set()
+    await settled.wait()
+
+
+async def test_settle_waits_until_every_request_started_has_gone_out(
+    nursery: trio.Nursery,
+) -> None:
+    # A scenario's settle lets the server's loop go round so that it takes in the
+    # requests sent before; one still in the harness (a body the server has not
+    # read yet, a connection still opening) must be out first, or the race it
+    # sets up was never set up.
+    server = BigBodyServer(hold_on=1)
+    client = TargetClient(await server.start(nursery), request_timeout=HANG_GUARD)
+    with trio.fail_after(HANG_GUARD):
+        nursery.start_soon(partial(client.send, "c", "chat", "POST", "/big", raw_body=BIG))
+        await assert_settle_waits_for(nursery, client, server, "a request's body")
+    await client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_settle_waits_for_a_request_resent_after_a_stale_connection(
+    nursery: trio.Nursery,
+) -> None:
+    # The first attempt's body went out whole on a kept-alive connection the
+    # server then dropped unanswered; the second, on a fresh connection, is
+    # outgoing again until its body is written, and settle waits for it too.
+    server = BigBodyServer(hold_on=2, drop_on=1)
+    client = TargetClient(await server.start(nursery), request_timeout=HANG_GUARD)
+    results: list[Observation] = []
+
+    async def send_big() -> None:
+        results.append(await client.send("c", "chat", "POST", "/big", raw_body=BIG))
+
     with trio.fail_after(HANG_GUARD):
         assert (await client.send("g", "get", "GET", "/a")).status == 200
         nursery.start_soon(send_big)
-        await resent.wait()
-        nursery.start_soon(settle)
-        for _ in range(5):
-            await trio.testing.wait_all_tasks_blocked()
-        assert not settled.is_set(), "settled with a resent request's body still in the harness"
-        read_big.set()
-        await settled.wait()
+        await server.held.wait()
+        await assert_settle_waits_for(nursery, client, server, "a resent request's body")
         while not results:
             await trio.testing.wait_all_tasks_blocked()
     assert results[0].retried_after is not None
