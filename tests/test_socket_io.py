@@ -1,7 +1,9 @@
-"""socket_io.receive: trio's SocketType.recv, its outcomes and checkpoints, for less memory."""
+"""socket_io: trio's SocketType.recv and SocketStream.send_all, their outcomes and checkpoints,
+for less memory and fewer scheduler rounds."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import struct
@@ -12,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from refserver.transport.socket_io import receive
+from refserver.transport.socket_io import receive, send_all
 
 
 def tcp_pair() -> tuple[trio.socket.SocketType, socket.socket]:
@@ -80,6 +82,103 @@ async def test_a_cancelled_read_loses_nothing_whether_or_not_it_waits() -> None:
     assert waited.cancelled_caught
     peer.sendall(b"later")
     assert await receive(ours, 100) == b"later"
+    ours.close()
+    peer.close()
+
+
+class _Resumes(trio.abc.Instrument):
+    """How many times a task of this name was stepped after its first step."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.name):
+            self.steps += 1
+
+    @property
+    def resumes(self) -> int:
+        return self.steps - 1
+
+
+async def test_each_call_yields_once_whether_or_not_it_waits() -> None:
+    # trio's recv and send yield after the system call even when they waited
+    # already: two scheduler rounds where one is a checkpoint (hypercorn_compat
+    # item 12). A write the socket takes at once does not yield at all: its
+    # caller reaches a schedule point of its own straight after.
+    ours, peer = tcp_pair()
+
+    async def read_ready() -> None:
+        assert await receive(ours, 100) == b"ready"
+
+    async def read_waiting() -> None:
+        assert await receive(ours, 100) == b"later"
+
+    async def write_at_once() -> None:
+        await send_all(ours, b"at once")
+
+    for task, before in ((read_ready, b"ready"), (read_waiting, b""), (write_at_once, b"")):
+        if before:
+            peer.sendall(before)
+        counted = _Resumes(task.__name__)
+        trio.lowlevel.add_instrument(counted)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(task)
+                if task is read_waiting:
+                    await trio.testing.wait_all_tasks_blocked()
+                    peer.sendall(b"later")
+        finally:
+            trio.lowlevel.remove_instrument(counted)
+        assert counted.resumes == (0 if task is write_at_once else 1), task.__name__
+    assert peer.recv(100) == b"at once"
+    ours.close()
+    peer.close()
+
+
+async def test_send_all_writes_everything_waiting_while_the_buffer_is_full() -> None:
+    ours, peer = tcp_pair()
+    data = bytes(range(256)) * 40_000  # 10 MB: more than both sockets' buffers
+    sent = trio.Event()
+
+    async def write() -> None:
+        await send_all(ours, data)
+        sent.set()
+
+    received = bytearray()
+    peer.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sent.is_set()  # waiting for room
+        while len(received) < len(data):
+            with contextlib.suppress(BlockingIOError):
+                received += peer.recv(1 << 20)
+            await trio.testing.wait_all_tasks_blocked()
+    assert sent.is_set()
+    assert received == data
+    ours.close()
+    peer.close()
+
+
+async def test_a_write_to_a_reset_connection_is_the_stdlib_oserror() -> None:
+    ours, peer = tcp_pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with linger 0: an RST
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        await send_all(ours, b"x" * 100)
+    ours.close()
+
+
+async def test_a_cancelled_write_writes_nothing() -> None:
+    ours, peer = tcp_pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send_all(ours, b"never")  # a checkpoint first, as trio's send_all
+    assert scope.cancelled_caught
+    await send_all(ours, b"sent")
+    assert peer.recv(100) == b"sent"
     ours.close()
     peer.close()
 

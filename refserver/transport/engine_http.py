@@ -78,6 +78,13 @@ class _Connection:
             return await socket_io.receive(self.socket(), READ_CHUNK)
         return bytes(await self.stream.receive_some(READ_CHUNK))
 
+    async def send_all(self, data: bytes) -> None:
+        if self._plain:
+            # Yields only if it must wait: the read of the answer comes next.
+            await socket_io.send_all(self.socket(), data)
+            return
+        await self.stream.send_all(data)
+
     def close(self) -> None:
         # Synchronous, so it happens even in a cancelled scope: the engine sees
         # the hang-up at once (that is how it learns its work was abandoned).
@@ -152,7 +159,7 @@ class EngineExchange:
             )
             del request, body  # not kept while the engine works: a trajectory may be long
             try:
-                await connection.stream.send_all(data)
+                await connection.send_all(data)
             except _FAILURES as failure:
                 raise EngineTransportError(_describe(failure)) from None
             del data

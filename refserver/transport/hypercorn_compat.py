@@ -29,7 +29,7 @@
    overflowed the kernel's accept queue and some were reset. ``serve`` is
    hypercorn's ``worker_serve`` for plain-TCP binds with ``BurstListener``
    (``wire/listening.py``) instead; everything after accept is hypercorn's,
-   but for items 6, 7, 9 and 11 (a subclass of its connection class).
+   but for items 6, 7, 9, 11 and 12 (a subclass of its connection class).
 6. When a client closes a kept-alive connection, hypercorn (0.18) does not
    close its side until the keep-alive timeout: the connection's task waits
    for its idle timer's task before closing. Agents that close after their
@@ -70,6 +70,16 @@
    once: still cancellable before the write, as ``acquire`` is, and trio's
    send still yields once the bytes are out. A write that finds the lock
    taken waits as before.
+
+12. A request answered at once took five scheduler rounds (each an
+   ``epoll_wait`` and a trip through trio's run loop): the connection task
+   yielded after its read and after queueing the request for the app, the
+   app after its write and after queueing ``http.disconnect``. trio's calls
+   yield even when they did not wait. ``serve``'s connections read and write
+   with ``socket_io`` and queue with ``_AppQueue``, which yield once if they
+   wait and not again: two rounds, the connection task's and the app's
+   (``tests/test_hypercorn_pin.py`` counts them; about a tenth of the server's
+   CPU per request, ``benchmarks/request_cpu.py``).
 
 hypercorn has no hook for 1 to 4 and 8, so they are small wrappers around
 methods of its HTTP/1.1 protocol and stream classes, active only on servers whose config
@@ -369,7 +379,10 @@ class _AppQueue:
     hypercorn opens a trio memory channel per request, about 1.7 KB that a
     turn held at the engine keeps; this is a list and, only while one side
     waits, an event. The same behaviour: ``put`` waits while ``limit``
-    messages are queued, and both are checkpoints, as the channel's are.
+    messages are queued, and both are cancellable before they act, as the
+    channel's are. Unlike the channel's, they yield to the scheduler only
+    when they wait (item 12): the connection task that puts yields in its
+    next read, the app that gets in its answer's write or its next wait.
     """
 
     __slots__ = ("_limit", "_messages", "_ready", "_space")
@@ -382,9 +395,7 @@ class _AppQueue:
 
     async def put(self, message: Any) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        blocked = False
         while len(self._messages) >= self._limit:
-            blocked = True
             # Not ``or``: a trio.Event refuses to be a bool. One left by a put
             # that was cancelled while it waited is shared, not replaced.
             if self._space is None:
@@ -394,14 +405,10 @@ class _AppQueue:
         if self._ready is not None:
             self._ready.set()
             self._ready = None
-        if not blocked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def get(self) -> Any:
         await trio.lowlevel.checkpoint_if_cancelled()
-        blocked = False
         while not self._messages:
-            blocked = True
             if self._ready is None:
                 self._ready = trio.Event()
             await self._ready.wait()
@@ -409,13 +416,12 @@ class _AppQueue:
         if self._space is not None:
             self._space.set()
             self._space = None
-        if not blocked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
         return message
 
 
 class _TaskGroup(TaskGroup):
-    """hypercorn's per-connection task group, its app's messages in an ``_AppQueue``."""
+    """hypercorn's per-connection task group, its app's messages in an ``_AppQueue``
+    (items 9 and 12)."""
 
     async def spawn_app(
         self, app: Any, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
@@ -430,7 +436,7 @@ class _TaskGroup(TaskGroup):
 class _Connection(TCPServer):
     """hypercorn's connection task: its keep-alive timer a deadline, not a task (item 7),
     closing at once when its client closed (item 6), waiting leaner (item 9), and
-    writing without a scheduler round first (item 11)."""
+    writing without a scheduler round first (item 11) or after (item 12)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -481,13 +487,15 @@ class _Connection(TCPServer):
             await super().protocol_send(event)
             return
         # Lock.acquire is this, then acquire_nowait, then the scheduler round
-        # left out here (send_all has one, after the bytes are out).
+        # left out here; and the write yields only if it has to wait (item 12).
         await trio.lowlevel.checkpoint_if_cancelled()
         self.send_lock.acquire_nowait()
         try:
             with trio.CancelScope(shield=True):
-                await self.stream.send_all(event.data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await socket_io.send_all(self.stream.socket, event.data)
+        # OSError: a reset or a closed socket, where SocketStream raised
+        # BrokenResourceError or ClosedResourceError.
+        except (OSError, trio.ClosedResourceError):
             await self.protocol.handle(Closed())
         finally:
             self.send_lock.release()

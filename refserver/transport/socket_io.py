@@ -1,4 +1,4 @@
-"""A read from a trio socket without trio's layers: what a waiting connection costs.
+"""Reads and writes on a trio socket without trio's layers: what a connection costs.
 
 At scale most of the reference server's connections are waiting: an agent's
 for its next request (or its hang-up) while the turn is held, and the turn's
@@ -9,11 +9,24 @@ the task itself; ``wait_readable`` alone costs about 1 KB.
 ``tests/test_socket_io.py`` measures both, and ``benchmarks/scale_bench.py``
 the server's RSS.
 
-``receive`` behaves as ``trio.socket.SocketType.recv`` does: the same
-checkpoints (cancellable before the read, and a shielded one after it), the
-stdlib's ``OSError`` for a reset or a closed socket, ``trio.ClosedResourceError``
-when the socket is closed while the read waits, and ``b""`` at the end of the
-stream. POSIX only, as the server is: it reads with ``os.read`` on the
+Each call is a checkpoint, as trio's are, but yields to the scheduler once,
+not twice. trio's ``recv`` and ``send`` yield after the system call even when
+they already waited for the socket: a request the server answers at once then
+cost four scheduler rounds more than it needs (each an ``epoll_wait`` and a
+trip through trio's run loop; ``benchmarks/request_cpu.py`` measures it).
+
+- ``receive`` behaves as ``trio.socket.SocketType.recv`` does: cancellable
+  before the read, never after it (what was read is returned), the stdlib's
+  ``OSError`` for a reset or a closed socket, ``trio.ClosedResourceError``
+  when the socket is closed while the read waits, and ``b""`` at the end of
+  the stream. It yields in its wait, or (when the bytes were there at once)
+  in a shielded checkpoint after the read.
+- ``send_all`` writes everything, waiting while the socket's buffer is full.
+  It is cancellable only before it has written anything, and it yields only
+  when it waits: its caller (an answer's last write, an engine request
+  followed by a read) reaches a schedule point of its own straight after.
+
+POSIX only, as the server is: both use ``os.read`` and ``os.write`` on the
 socket's descriptor.
 """
 
@@ -27,12 +40,31 @@ import trio
 async def receive(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
     """Up to ``max_bytes`` from ``sock``, waiting until some arrive (or the end)."""
     await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
     while True:
         try:
             data = os.read(sock.fileno(), max_bytes)
         except BlockingIOError:
             pass  # not waited for in here: the exception would be kept while it waits
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         await trio.lowlevel.wait_readable(sock)
+        waited = True
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """All of ``data`` to ``sock``; a reset or a closed socket is the stdlib's ``OSError``,
+    a socket closed while the write waits ``trio.ClosedResourceError``."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    with memoryview(data) as whole:
+        sent = 0
+        while sent < len(whole):
+            try:
+                sent += os.write(sock.fileno(), whole[sent:])
+            except BlockingIOError:
+                # Shielded once something is written: a cancel now would leave
+                # half an answer on the connection.
+                with trio.CancelScope(shield=sent > 0):
+                    await trio.lowlevel.wait_writable(sock)
