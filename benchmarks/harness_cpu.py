@@ -12,7 +12,8 @@ code at git revision REV (a temporary worktree) is interleaved run by run: the
 baseline, side by side in the same minutes of this machine.
 
 Reports per code: operations/s, the harness's and the server's CPU per operation
-(ms), medians with min and max.
+(ms), and the harness's scheduler rounds per operation (its trio loop's waits
+for I/O: a figure this machine's speed does not move), medians with min and max.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ MEASURE = """
 import json, resource, sys, trio
 from harness.chaos.workload import ChaosSettings, run_chaos
 
+class Rounds(trio.abc.Instrument):
+    # Scheduler rounds of the harness's loop: a figure the machine's speed does not move.
+    count = 0
+    def before_io_wait(self, timeout):
+        Rounds.count += 1
+
 async def main():
     ops = int(sys.argv[1])
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -41,9 +48,10 @@ async def main():
     harness = (me.ru_utime + me.ru_stime) - (before.ru_utime + before.ru_stime)
     server = child.ru_utime + child.ru_stime
     print(json.dumps({"verdict": report.result.verdict, "rate": report.ops_per_second,
-                      "harness_ms": harness / n * 1000, "server_ms": server / n * 1000}))
+                      "harness_ms": harness / n * 1000, "server_ms": server / n * 1000,
+                      "rounds": Rounds.count / n}))
 
-trio.run(main)
+trio.run(main, instruments=[Rounds()])
 """
 
 
@@ -84,17 +92,21 @@ def main() -> int:
             for name, code in codes.items():
                 results[name].append(measure(code, args.ops))
     print(f"{args.ops} operations a run, {args.runs} runs interleaved; median (min-max)")
-    print(f"{'code':<28} {'ops/s':>18} {'harness ms/op':>18} {'server ms/op':>18}  verdicts")
+    print(
+        f"{'code':<28} {'ops/s':>18} {'harness ms/op':>18} {'server ms/op':>18} "
+        f"{'harness rounds/op':>18}  verdicts"
+    )
     valid = True
     for name, runs in results.items():
         rates = [float(r["rate"]) for r in runs]
         harness = [float(r["harness_ms"]) for r in runs]
         server = [float(r["server_ms"]) for r in runs]
+        rounds = [float(r["rounds"]) for r in runs]
         verdicts = sorted({str(r["verdict"]) for r in runs})
         valid &= verdicts == ["valid"]
         print(
             f"{name:<28} {spread(rates):>18} {spread(harness, 2):>18} "
-            f"{spread(server, 2):>18}  {', '.join(verdicts)}"
+            f"{spread(server, 2):>18} {spread(rounds, 2):>18}  {', '.join(verdicts)}"
         )
     return 0 if valid else 1
 

@@ -171,6 +171,19 @@ async def test_a_write_to_a_reset_connection_is_the_stdlib_oserror() -> None:
     ours.close()
 
 
+async def test_a_write_waiting_for_room_can_be_cancelled() -> None:
+    # As trio's send_all: a peer that never reads must not hang the writer
+    # (the engine's request, an answer to an agent that stopped reading).
+    ours, peer = tcp_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_all, ours, b"x" * 20_000_000)
+        await trio.testing.wait_all_tasks_blocked()  # the buffers are full: it waits
+        nursery.cancel_scope.cancel()
+    assert nursery.cancel_scope.cancelled_caught
+    ours.close()
+    peer.close()
+
+
 async def test_a_cancelled_write_writes_nothing() -> None:
     ours, peer = tcp_pair()
     with trio.CancelScope() as scope:

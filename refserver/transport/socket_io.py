@@ -21,10 +21,13 @@ trip through trio's run loop; ``benchmarks/request_cpu.py`` measures it).
   when the socket is closed while the read waits, and ``b""`` at the end of
   the stream. It yields in its wait, or (when the bytes were there at once)
   in a shielded checkpoint after the read.
-- ``send_all`` writes everything, waiting while the socket's buffer is full.
-  It is cancellable only before it has written anything, and it yields only
-  when it waits: its caller (an answer's last write, an engine request
-  followed by a read) reaches a schedule point of its own straight after.
+- ``send_all`` behaves as ``trio.SocketStream.send_all`` does: it writes
+  everything, waiting while the socket's buffer is full; it is cancellable
+  before it writes and while it waits (cancelled after part of the bytes went
+  out, the connection is of no further use: close it); a reset or a closed
+  socket is the stdlib's ``OSError``. It yields only when it waits: its
+  caller (an answer's last write, a request followed by the read of its
+  answer) reaches a schedule point of its own straight after.
 
 POSIX only, as the server is: both use ``os.read`` and ``os.write`` on the
 socket's descriptor.
@@ -64,7 +67,4 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
             try:
                 sent += os.write(sock.fileno(), whole[sent:])
             except BlockingIOError:
-                # Shielded once something is written: a cancel now would leave
-                # half an answer on the connection.
-                with trio.CancelScope(shield=sent > 0):
-                    await trio.lowlevel.wait_writable(sock)
+                await trio.lowlevel.wait_writable(sock)
