@@ -3,8 +3,9 @@
 Owns: ``hypercorn_compat`` (hypercorn kept to the contract and lean: its own
 400/431 answers in the OpenAI shape, a client's disconnect delivered to the
 turn, less memory per waiting connection), ``engine_http`` (HTTP/1.1 to the
-engine on h11 and trio sockets) and ``socket_io`` (a read from a trio socket
-below trio's layers: what a waiting connection costs). ``wire.listening``
+engine on h11 and trio sockets) and ``socket_io`` (reads and writes on a
+trio socket below trio's layers: what a waiting connection costs, and one
+scheduler round per call at most). ``wire.listening``
 (accepting connections in bursts) is the one piece shared with the chaos
 upstream, so it lives in ``wire``.
 
