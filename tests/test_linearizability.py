@@ -327,14 +327,36 @@ def test_a_retry_does_not_inherit_the_cancellation_of_the_turn_it_retries() -> N
 def test_the_search_gives_up_with_unknown_rather_than_hang() -> None:
     h = History()
     h.add("create", 0, 1, 201)
-    for _ in range(12):  # concurrent reads that fit in any order: 2^12 subsets to try
-        h.add("get", 2, 100, 200, messages=[], num_assistant=0)
+    for _ in range(12):  # concurrent DELETEs of unknown outcome: 2^12 subsets to try
+        h.add("delete", 2, None, None)
     h.add("get", 101, 102, 200, messages=[U1, A1], num_assistant=1)  # fits nowhere
     assert check_session(h.ops, budget=50)[0] == "unknown"
     verdict, finding = check_session(h.ops)
     assert verdict == "invalid"
     assert finding is not None
     assert finding.window[-1].id == 13
+
+
+def test_reads_and_refusals_beside_a_pending_chat_are_placed_once() -> None:
+    # From a chaos run at 300 clients on 100 sessions: a chat of unknown outcome
+    # stays pending to the end, and every read and refusal overlapping it was
+    # tried in every order (one session of 86 operations took 15 s, another
+    # run's gave up as "unknown"). A read or a refusal that rules out no state
+    # is placed where it is first possible, once.
+    h = History()
+    h.add("create", 0, 1, 201)
+    h.add("chat", 2, 3, 200, messages=[U1], answer=A1)
+    h.add("chat", 4, None, None, messages=[U1, A1, U2], answer_if_committed=A2)
+    for n in range(16):  # stale writers, each overlapping the next
+        h.add("chat", 5 + n, 6.5 + n, 409, messages=[W], client=n + 1)
+        h.add("get", 5.2 + n, 6.7 + n, 200, messages=[U1, A1], num_assistant=1, client=n + 20)
+    h.add("get", 30, 31, 200, messages=[U1, A1, U2, A2], num_assistant=2)
+    assert check_session(h.ops, budget=2_000) == ("valid", None)
+    h.add("get", 32, 33, 200, messages=[U1, A1, W], num_assistant=1)  # fits nowhere
+    verdict, finding = check_session(h.ops, budget=2_000)
+    assert verdict == "invalid"
+    assert finding is not None
+    assert finding.window[-1].id == len(h.ops) - 1
 
 
 def test_histories_round_trip_through_json_lines(tmp_path: Path) -> None:

@@ -353,8 +353,11 @@ def check_session(
     initial = NOT_CREATED if any(o.op == "create" for o in ops) else GONE
     forced = _forced(ops, model)
     head = _entries(ops)
+    observers = frozenset(i for i, o in enumerate(ops) if _observes(o, model))
     cache: set[tuple[int, frozenset[State]]] = set()
-    stack: list[tuple[_Entry, frozenset[State]]] = []
+    stack: list[tuple[_Entry, frozenset[State], bool]] = []
+    """Each placement tried: the call, the states before it, and whether it was
+    the only placement to try (forced, or an observer that changed nothing)."""
     states: frozenset[State] = frozenset({initial})
     linearized = 0
     deepest = (0, states, -1)  # how far the search got, to explain a failure
@@ -371,7 +374,10 @@ def check_session(
             key = (linearized | (1 << entry.op_index), successors)
             if successors and key not in cache:
                 cache.add(key)
-                stack.append((entry, states))
+                only = entry.op_index in forced or (
+                    entry.op_index in observers and successors == states
+                )
+                stack.append((entry, states, only))
                 states = successors
                 linearized |= 1 << entry.op_index
                 _lift(entry)
@@ -384,11 +390,11 @@ def check_session(
             while True:
                 if not stack:
                     return "invalid", _explain(ops, deepest, model)
-                entry, states = stack.pop()
+                entry, states, only = stack.pop()
                 linearized &= ~(1 << entry.op_index)
                 _unlift(entry)
-                if entry.op_index not in forced:
-                    break  # a forced operation's one placement failed: backtrack further
+                if not only:
+                    break  # an only placement failed: backtrack further
             entry = entry.next
     return "valid", None
 
@@ -404,6 +410,27 @@ def _forced(ops: Sequence[Operation], model: TrajectoryModel) -> frozenset[int]:
     if model != "tree" or any(o.op == "create" and o.implicit for o in ops):
         return frozenset()
     return frozenset(i for i, o in enumerate(ops) if o.op == "chat" and o.unknown)
+
+
+def _observes(op: Operation, model: TrajectoryModel) -> bool:
+    """Whether ``op`` never changes a session's state, only rules states out: a
+    read (on a tree, one that lists no turns: a listing settles which unknown
+    turns committed), or a refusal whose outcome is known.
+
+    Such an operation, where it rules nothing out, is placed as early as it can be
+    and never tried later. Nothing is lost: take any valid order that places it
+    later; move it to the front. Every operation between sees the same states
+    as before; where it was, the states are now a superset of what they were
+    (it did not run there to rule some out), and from a superset of states
+    every later operation still has somewhere to go. Without this, the reads
+    and refusals overlapping a chat of unknown outcome (pending to the end)
+    were tried in every order: one session of 86 operations took 15 s to check
+    (300 clients on 100 sessions)."""
+    if op.op == "get":
+        return model == "linear" or not op.ok or op.turns is None
+    if op.op == "create" and op.implicit:
+        return False
+    return not op.unknown and not op.ok
 
 
 def _successors(
