@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,19 @@ def worktree_at(revision: str) -> Iterator[Path]:
                 check=False,
                 capture_output=True,
             )
+
+
+def run_beside_baseline(
+    main: Callable[[argparse.Namespace, Path | None], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    """``main(args, worktree)`` under trio: the worktree of ``args.baseline_rev`` when
+    one was asked for (a baseline measured side by side), else None."""
+    import trio
+
+    if not args.baseline_rev:
+        return trio.run(main, args, None)
+    with worktree_at(args.baseline_rev) as worktree:
+        return trio.run(main, args, worktree)
 
 
 def percentile(samples: list[float], q: float) -> float:

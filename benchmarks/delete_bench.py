@@ -38,7 +38,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Child, percentile, sessctl_process, worktree_at
+from common import Child, percentile, run_beside_baseline, sessctl_process
 from scale_bench import (
     AGENTS_PER_CLIENT,
     PEER,
@@ -187,11 +187,7 @@ def run() -> int:
     parser.add_argument("--levels", default="1,100,1000")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--baseline-rev", default=None)
-    args = parser.parse_args()
-    if not args.baseline_rev:
-        return trio.run(main, args, None)
-    with worktree_at(args.baseline_rev) as worktree:
-        return trio.run(main, args, worktree)
+    return run_beside_baseline(main, parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import worktree_at
+from common import run_beside_baseline
 from delete_bench import Server, servers
 from scale_bench import marker
 
@@ -128,11 +127,7 @@ def run() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block", type=int, default=100)
     parser.add_argument("--baseline-rev", default=None)
-    args = parser.parse_args()
-    if not args.baseline_rev:
-        return trio.run(main, args, None)
-    with worktree_at(args.baseline_rev) as worktree:
-        return trio.run(main, args, worktree)
+    return run_beside_baseline(main, parser.parse_args())
 
 
 if __name__ == "__main__":
