@@ -9,11 +9,12 @@ the task itself; ``wait_readable`` alone costs about 1 KB.
 ``tests/test_socket_io.py`` measures both, and ``benchmarks/scale_bench.py``
 the server's RSS.
 
-Each call is a checkpoint, as trio's are, but yields to the scheduler once,
-not twice. trio's ``recv`` and ``send`` yield after the system call even when
-they already waited for the socket: a request the server answers at once then
-cost four scheduler rounds more than it needs (each an ``epoll_wait`` and a
-trip through trio's run loop; ``benchmarks/request_cpu.py`` measures it).
+Each call is cancellable before it acts, as trio's are, and yields to the
+scheduler at most once. trio's ``recv`` and ``send`` yield after the system
+call even when they already waited for the socket: with them (and hypercorn's
+memory channel), a request the server answers at once cost five scheduler
+rounds where two do (each an ``epoll_wait`` and a trip through trio's run loop;
+``hypercorn_compat`` item 12, ``benchmarks/request_cpu.py``).
 
 - ``receive`` behaves as ``trio.socket.SocketType.recv`` does: cancellable
   before the read, never after it (what was read is returned), the stdlib's
