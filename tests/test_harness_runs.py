@@ -54,10 +54,16 @@ async def test_the_builtin_library_passes_against_the_embedded_reference() -> No
 async def test_an_auto_creating_server_fails_exactly_the_no_auto_create_scenarios() -> None:
     target = Target("autocreate", None, emulate="autocreate-after-delete")
     result = await run_suite(load_scenarios([]), [target], DEFAULT)
-    assert failing(result, "autocreate") == {
+    found = failing(result, "autocreate")
+    # chat-during-delete leaves its race free on purpose: c2 is sent just after d1,
+    # and when both reach the server in one wakeup, trio runs their handlers in a
+    # random order. Only a c2 handled after the DELETE recreates the session, so
+    # in some runs all five repetitions take the other order (16 of 40 single
+    # repetitions did, in one count) and the scenario passes on this variant.
+    assert found.pop("chat-during-delete", "fail") == "fail"
+    assert found == {
         "chat-and-get-after-delete": "fail",
         "chat-never-existed": "fail",
-        "chat-during-delete": "fail",
         "no-resurrection-after-preempt": "fail",
     }
     assert result.exit_code == 1
