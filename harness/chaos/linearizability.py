@@ -414,8 +414,9 @@ def _forced(ops: Sequence[Operation], model: TrajectoryModel) -> frozenset[int]:
 
 def _observes(op: Operation, model: TrajectoryModel) -> bool:
     """Whether ``op`` never changes a session's state, only rules states out: a
-    read (on a tree, one that lists no turns: a listing settles which unknown
-    turns committed), or a refusal whose outcome is known.
+    read (on a tree, only one that carries no listing of turns: a listing, even
+    an empty one, settles which unknown turns committed), or a refusal whose
+    outcome is known.
 
     Such an operation, where it rules nothing out, is placed as early as it can be
     and never tried later. Nothing is lost: take any valid order that places it
