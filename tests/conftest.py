@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -32,11 +33,32 @@ HANG_GUARD = 10.0
 
 def free_port() -> int:
     """A loopback port free right now, for a chaos upstream that a server under test
-    must be told about before it starts (as a user's server would be)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    must be told about before it starts (as a user's server would be).
+
+    Drawn below the kernel's ephemeral range: a port the kernel handed out (bind
+    to port 0) is free again once the probe closes, and under ``-n 4`` another
+    test's outgoing connection took one as its source port before the upstream
+    could listen on it ("Address already in use", once in a CI run). Below the
+    range only another ``free_port`` can take it."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10_000, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port between 10000 and {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            low = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768  # Linux's default
+    return max(low, 10_001)
 
 
 async def sessctl_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
