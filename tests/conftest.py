@@ -31,6 +31,19 @@ NO_UPSTREAM_DEADLINE = 3600.0
 HANG_GUARD = 10.0
 
 
+class TaskSteps(trio.abc.Instrument):
+    """How many steps trio ran of the tasks whose name contains each key: how many
+    scheduler rounds they took (add with ``trio.lowlevel.add_instrument``)."""
+
+    def __init__(self, *keys: str) -> None:
+        self.steps = dict.fromkeys(keys, 0)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        for key in self.steps:
+            if key in task.name:
+                self.steps[key] += 1
+
+
 def free_port() -> int:
     """A loopback port free right now, for a chaos upstream that a server under test
     must be told about before it starts (as a user's server would be).

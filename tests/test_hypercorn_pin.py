@@ -24,7 +24,7 @@ from hypercorn.trio import task_group, tcp_server
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
-from .conftest import HANG_GUARD
+from .conftest import HANG_GUARD, TaskSteps
 
 WRAPPED = [
     # (where, what, the parameters hypercorn_compat relies on)
@@ -110,6 +110,12 @@ def test_the_lean_config_sends_one_date_and_hypercorns_other_headers() -> None:
     assert (b"server", b"hypercorn-h11") in headers
 
 
+async def _lifespan(receive: Any, send: Any) -> None:
+    """A test app's lifespan: each message acknowledged until shutdown, which ends it."""
+    while (message := await receive())["type"] != "lifespan.shutdown":
+        await send({"type": message["type"] + ".complete"})
+
+
 async def test_an_answer_leaves_before_a_task_it_made_ready_runs(nursery: trio.Nursery) -> None:
     # Item 11: hypercorn takes its send lock with trio's Lock.acquire, which
     # yields even when the lock is free. A DELETE's 204 then waited behind the
@@ -123,8 +129,7 @@ async def test_an_answer_leaves_before_a_task_it_made_ready_runs(nursery: trio.N
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
+            await _lifespan(receive, send)
             return
         made_ready.set()
         await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -155,18 +160,6 @@ async def test_an_answer_leaves_before_a_task_it_made_ready_runs(nursery: trio.N
     nursery.cancel_scope.cancel()
 
 
-class _Steps(trio.abc.Instrument):
-    """How many times tasks whose name contains each key ran a step."""
-
-    def __init__(self, *keys: str) -> None:
-        self.steps = dict.fromkeys(keys, 0)
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        for key in self.steps:
-            if key in task.name:
-                self.steps[key] += 1
-
-
 async def _answer(client: trio.socket.SocketType) -> None:
     received = b""
     while not received.endswith(b"ok"):
@@ -183,8 +176,7 @@ async def test_a_request_answered_at_once_runs_each_server_task_once(nursery: tr
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
+            await _lifespan(receive, send)
             return
         await receive()  # the (empty) body, queued before the app ran
         headers = [(b"content-length", b"2")]
@@ -197,7 +189,7 @@ async def test_a_request_answered_at_once_runs_each_server_task_once(nursery: tr
     client = trio.socket.socket()
     await client.connect(("127.0.0.1", int(binds[0].rsplit(":", 1)[1])))
     requests = 20
-    steps = _Steps("_run_handler", "task_group._handle")
+    steps = TaskSteps("_run_handler", "task_group._handle")
     with trio.fail_after(HANG_GUARD):
         await client.send(b"GET /warm-up HTTP/1.1\r\nhost: x\r\n\r\n")  # the first connects
         await _answer(client)

@@ -16,6 +16,8 @@ import trio.testing
 
 from refserver.transport.socket_io import receive, send_all
 
+from .conftest import TaskSteps
+
 
 def tcp_pair() -> tuple[trio.socket.SocketType, socket.socket]:
     """A connected TCP pair on loopback: the trio end, and the peer's plain socket."""
@@ -86,22 +88,6 @@ async def test_a_cancelled_read_loses_nothing_whether_or_not_it_waits() -> None:
     peer.close()
 
 
-class _Resumes(trio.abc.Instrument):
-    """How many times a task of this name was stepped after its first step."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith(self.name):
-            self.steps += 1
-
-    @property
-    def resumes(self) -> int:
-        return self.steps - 1
-
-
 async def test_each_call_yields_once_whether_or_not_it_waits() -> None:
     # trio's recv and send yield after the system call even when they waited
     # already: two scheduler rounds where one is a checkpoint (hypercorn_compat
@@ -121,7 +107,7 @@ async def test_each_call_yields_once_whether_or_not_it_waits() -> None:
     for task, before in ((read_ready, b"ready"), (read_waiting, b""), (write_at_once, b"")):
         if before:
             peer.sendall(before)
-        counted = _Resumes(task.__name__)
+        counted = TaskSteps(task.__name__)
         trio.lowlevel.add_instrument(counted)
         try:
             async with trio.open_nursery() as nursery:
@@ -131,7 +117,8 @@ async def test_each_call_yields_once_whether_or_not_it_waits() -> None:
                     peer.sendall(b"later")
         finally:
             trio.lowlevel.remove_instrument(counted)
-        assert counted.resumes == (0 if task is write_at_once else 1), task.__name__
+        resumes = counted.steps[task.__name__] - 1  # after the step that started it
+        assert resumes == (0 if task is write_at_once else 1), task.__name__
     assert peer.recv(100) == b"at once"
     ours.close()
     peer.close()
