@@ -67,9 +67,9 @@
    that turn unwound and answered its 410 before the 204 left (a trio
    ``Instrument`` showed the order; ``benchmarks/delete_bench.py`` the cost).
    ``serve``'s connections take a free lock without yielding and write at
-   once: still cancellable before the write, as ``acquire`` is, and trio's
-   send still yields once the bytes are out. A write that finds the lock
-   taken waits as before.
+   once: still cancellable before the write, as ``acquire`` is (after the
+   write no round either: item 12). A write that finds the lock taken waits
+   as before.
 
 12. A request answered at once took five scheduler rounds (each an
    ``epoll_wait`` and a trip through trio's run loop): the connection task
