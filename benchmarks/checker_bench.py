@@ -16,6 +16,13 @@ chats streamed) against every known-broken variant and, as the baseline, the
 clean reference server, each seed; reported per server: how long checking the
 history took (median, max) and the verdicts. Goal (issue 31): at most 1 s for
 every history.
+
+    python benchmarks/checker_bench.py --histories FILE... --baseline-rev REV
+
+Instead: each saved history (``sessctl chaos --history FILE``) checked by this
+code and by the code at git revision REV (a temporary worktree), each in a
+process of its own: the seconds each took and both verdicts, which must agree
+wherever the baseline reached one ("unknown" is its search giving up).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import statistics
 import sys
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from harness.chaos.history import Operation
@@ -119,6 +127,52 @@ def variants(seeds: list[int]) -> int:
     return 0 if ok else 1
 
 
+TIMED_CHECK = """
+import json, sys, time
+from pathlib import Path
+from harness.chaos.history import read_history
+from harness.chaos.linearizability import check_history
+history = read_history(Path(sys.argv[1]))
+start = time.perf_counter()
+result = check_history(history)
+print(json.dumps({"verdict": result.verdict, "seconds": time.perf_counter() - start}))
+"""
+
+
+def histories(files: list[str], baseline_rev: str) -> int:
+    """Each saved history checked by this code and by ``baseline_rev``'s."""
+    import json
+    import os
+    import subprocess
+
+    from common import ROOT, worktree_at
+
+    def timed(code: Path, file: str) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", TIMED_CHECK, str(Path(file).resolve())],
+            cwd=code,
+            env={**os.environ, "PYTHONPATH": str(code)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return found
+
+    agree = True
+    with worktree_at(baseline_rev) as baseline:
+        for file in files:
+            ours, theirs = timed(ROOT, file), timed(baseline, file)
+            agree &= theirs["verdict"] in (ours["verdict"], "unknown")
+            print(
+                f"{Path(file).name:<36} this code {ours['seconds']:7.2f} s {ours['verdict']:<8}"
+                f"  {baseline_rev} {theirs['seconds']:7.2f} s {theirs['verdict']}",
+                flush=True,
+            )
+    print("verdicts agree" if agree else "verdicts DIFFER")
+    return 0 if agree else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=10_000)
@@ -126,7 +180,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--variants", action="store_true")
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--histories", nargs="+", metavar="FILE")
+    parser.add_argument("--baseline-rev", default="HEAD")
     args = parser.parse_args()
+    if args.histories:
+        return histories(args.histories, args.baseline_rev)
     if args.variants:
         return variants([int(s) for s in args.seeds.split(",")])
     history = synthetic_history(args.ops, args.seed)
