@@ -21,8 +21,9 @@ when it completed (monotonic seconds), its arguments and what came back::
 * ``upstream``: the chaos upstream's events for this operation's calls.
 * ``stream`` (chat sent with ``stream: true``): how the stream ended, as the
   client saw it: ``done`` ([DONE] arrived), ``error:TYPE`` (an error event),
-  ``cut``, ``not streamed`` (one JSON answer), or ``no stream`` (refused with a
-  status, or hung up on before any answer); ``assembled``: the assistant
+  ``cut``, ``not streamed`` (one JSON answer), ``no stream`` (refused with a
+  status, or hung up on before any answer), or ``hung up`` (the client hung up
+  after a chunk: status null, outcome unknown); ``assembled``: the assistant
   message its chunks made. A 2xx stream that did not end with ``done`` has an
   unknown outcome, as a timeout has.
 * ``after_error`` (chat): what the client read after its stream's error event,
@@ -141,7 +142,7 @@ class Operation:
 
     def describe(self) -> str:
         outcome = "unknown outcome" if self.status is None else str(self.status)
-        if self.stream is not None and self.status is not None:
+        if self.stream is not None and (self.status is not None or self.stream == "hung up"):
             outcome += f" (stream: {self.stream})"
         return f"#{self.id} client {self.client} {self.op} -> {outcome}"
 

@@ -33,7 +33,7 @@ import trio
 
 from harness.errors import TargetUnreachable, UsageError
 from harness.model.profile import AGENT_TOOLS, REFERENCE_PROFILE, Profile, next_message
-from harness.results import Observation, answer_of
+from harness.results import Observation, StreamEnd, answer_of
 from harness.run.client import StreamProgress, TargetClient
 from harness.run.lifecycle import Lifecycle
 from harness.run.patience import HarnessClock
@@ -217,6 +217,11 @@ class ChaosRun:
         self._in_flight: Counter[str] = Counter()
         """Session -> its chats in flight."""
         self._held: dict[str, set[str]] = {}
+        self._hang_ups_judged: dict[str, list[trio.Event]] = {}
+        """Session -> an event per held chat whose client is to hang up, set once the
+        harness has judged whether the server stopped that call: DELETEs of the
+        session wait for it, since a DELETE ends the call whatever the server does
+        about the hang-up, and would hide a server that ignores it."""
         """Session -> the tags of its chats scripted to be held, not yet released."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
@@ -352,6 +357,7 @@ class ChaosRun:
             # Held at the engine, not only scripted to be: a chat still on its way
             # (late, on a loaded machine) is not yet a turn the DELETE can race.
             and any(self.upstream.call_in_flight(t) for t in self._held.get(slot.session, ()))
+            and slot.session not in self._hang_ups_judged
         ]
         queued = [index for index, session in held if self._in_flight[session] >= 2]
         busy = queued or [index for index, _ in held]
@@ -445,7 +451,11 @@ class ChaosRun:
         # An exact retry carries the original's marker, so the upstream files its
         # calls under the original's tag: that is the tag to script for this attempt.
         tag = tag_of({"messages": messages}) or self._tag(ticket)
-        script = self._script(planned, tag, session, ticket)
+        hangs_up = planned.kind == "hangup"
+        # Set once the client has hung up (or had its answer first): a hold on this
+        # chat's call stays until then, so the hang-up comes while the call is held.
+        client_done = trio.Event() if hangs_up else None
+        script = self._script(planned, tag, session, ticket, client_done)
         self.upstream.script(tag, [parse_behaviour(spec) for spec in script])
         body: dict[str, Any] = {"model": "sessctl-chaos", "messages": messages}
         if self.settings.profile.appends_tool_results:
@@ -455,14 +465,22 @@ class ChaosRun:
             body["stream"] = True
         agent = self.lifecycle.agent_of(session)
         path, headers, body = self.settings.profile.chat_request(agent, body)
-        patience = planned.patience if planned.kind == "hangup" else float("inf")
+        patience = planned.patience if hangs_up else float("inf")
+        hang_up_after = None
+        if hangs_up and planned.stream and planned.after_chunk:
+            # Mid-stream: after the chunk its fault comes after (a hold there is the
+            # moment a server must notice a client that left while nothing is sent).
+            # Patience is only the backstop for a stream that never gets that far.
+            hang_up_after, patience = planned.after_chunk, PATIENCE
         self._in_flight[session] += 1
         try:
-            observation = await self._send_chat(patience, path, body, headers)
+            observation = await self._send_chat(patience, path, body, headers, hang_up_after)
+            if observation.cancelled_by_scenario:
+                self._hung_up.add(ticket)
         finally:
             self._in_flight[session] -= 1
-        if observation.cancelled_by_scenario:
-            self._hung_up.add(ticket)
+            if client_done is not None:
+                client_done.set()
         answer = answer_of(observation)
         if observation.status == 200 and answer is not None:
             client.views[session] = [*messages, answer]
@@ -485,15 +503,31 @@ class ChaosRun:
         self._op_tags[ticket] = tag
 
     async def _send_chat(
-        self, patience: float, path: str, body: dict[str, Any], headers: dict[str, str]
+        self,
+        patience: float,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        hang_up_after: int | None = None,
     ) -> Observation:
-        """Send a chat (streamed if ``body`` says so); hang up after ``patience`` s."""
+        """Send a chat (streamed if ``body`` says so); hang up after ``patience`` s,
+        or once a stream has brought ``hang_up_after`` chunks."""
         started = trio.current_time()
         with trio.move_on_after(patience):
             if body.get("stream") is True:
-                return await self.client.send_stream(
-                    "chaos", path, body, StreamProgress(), headers=headers
+                observation = await self.client.send_stream(
+                    "chaos",
+                    path,
+                    body,
+                    StreamProgress(),
+                    headers=headers,
+                    hang_up_after=hang_up_after,
                 )
+                if observation.stream is not None and observation.stream.end is StreamEnd.HUNG_UP:
+                    # A hang-up like any other: the outcome is unknown (the chunks
+                    # read so far stay in the record).
+                    return replace(observation, status=None, cancelled_by_scenario=True)
+                return observation
             return await self.client.send(
                 "chaos", "chat", "POST", path, json_body=body, headers=headers
             )
@@ -518,6 +552,8 @@ class ChaosRun:
         )
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
+        for judged in list(self._hang_ups_judged.get(session, ())):
+            await judged.wait()  # bounded: the judgment waits at most PATIENCE twice
         pending = _PendingDelete()
         self._pending_deletes.setdefault(session, []).append(pending)
         observation: Observation | None = None
@@ -540,7 +576,14 @@ class ChaosRun:
 
     # -- upstream scripts -----------------------------------------------------------------
 
-    def _script(self, planned: PlannedOp, tag: str, session: str, ticket: int) -> list[Any]:
+    def _script(
+        self,
+        planned: PlannedOp,
+        tag: str,
+        session: str,
+        ticket: int,
+        client_done: trio.Event | None = None,
+    ) -> list[Any]:
         """The upstream script for one chat, in scenario syntax (it is recorded too)."""
         fault = planned.fault
         # The answer, when one comes: text, or a tool call.
@@ -554,7 +597,7 @@ class ChaosRun:
                 return [delayed | ({"tool_call": True} if planned.tool_call else {})]
             return [{"delay": planned.delay}]
         if fault is Fault.HOLD:
-            self._release_later(tag, session, ticket, planned.release_after)
+            self._release_later(tag, session, ticket, planned.release_after, client_done)
             held: dict[str, Any] = {"chunks": 3, "hold_after": after or 0}
             if planned.tool_call:
                 held["tool_call"] = True
@@ -572,8 +615,16 @@ class ChaosRun:
             return ["abort", answer]
         return [fault.value]  # reset, garbage: every attempt
 
-    def _release_later(self, tag: str, session: str, ticket: int, after: float) -> None:
-        """Release a hold at a random moment, unless the server still has to act on it:
+    def _release_later(
+        self,
+        tag: str,
+        session: str,
+        ticket: int,
+        after: float,
+        client_done: trio.Event | None = None,
+    ) -> None:
+        """Release a hold at a random moment (a chat whose client is to hang up: once
+        it has, or after ``PATIENCE``), unless the server still has to act on it:
 
         * while a DELETE of its session is pending, only once that DELETE is
           answered. A server that preempts answers it while the call is held; one
@@ -592,8 +643,35 @@ class ChaosRun:
         The races are made structural, as a scenario's hold does."""
         assert self._nursery is not None
 
+        judged: trio.Event | None = None
+        if client_done is not None:
+            judged = trio.Event()
+            self._hang_ups_judged.setdefault(session, []).append(judged)
+
+        def end_judgment() -> None:
+            if judged is not None and not judged.is_set():
+                judged.set()
+                judgments = self._hang_ups_judged[session]
+                judgments.remove(judged)
+                if not judgments:
+                    del self._hang_ups_judged[session]
+
         async def release() -> None:
-            await trio.sleep(after)
+            try:
+                await judge_and_release()
+            finally:
+                end_judgment()
+
+        async def judge_and_release() -> None:
+            if client_done is None:
+                await trio.sleep(after)
+            else:
+                await self.clock.within(PATIENCE, client_done.wait)
+                if ticket not in self._hung_up or not self.upstream.call_in_flight(tag):
+                    # Answered, or hung up before the server made the call: nothing
+                    # held for a DELETE to hide (the call may still come; that
+                    # judgment takes its chances with DELETEs, as before).
+                    end_judgment()
             # One after another: each DELETE gets at least PATIENCE from its sending.
             for pending in list(self._pending_deletes.get(session, ())):
                 await pending.sent.wait()
