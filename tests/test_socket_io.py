@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from refserver.transport.socket_io import receive, send_all
+from refserver.transport.socket_io import receive, send_all, write_now
 
 from .conftest import TaskSteps
 
@@ -181,6 +181,30 @@ async def test_a_cancelled_write_writes_nothing() -> None:
     assert peer.recv(100) == b"sent"
     ours.close()
     peer.close()
+
+
+async def test_write_now_takes_what_the_buffer_takes_and_never_waits() -> None:
+    # Synchronous: hypercorn_compat writes an answer with it outside any shield
+    # (item 13), so it must neither wait nor pretend to have written more.
+    ours, peer = tcp_pair()
+    assert write_now(ours, b"hello") == 5
+    assert peer.recv(100) == b"hello"
+    data = b"x" * 20_000_000  # more than both sockets' buffers
+    first = write_now(ours, data)
+    assert 0 < first < len(data)
+    while write_now(ours, data) > 0:
+        pass  # fill what is left of the buffer
+    assert write_now(ours, b"more") == 0  # full: nothing written, no wait
+    ours.close()
+    peer.close()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        write_now(ours, b"x")  # a closed socket
+    ours, peer = tcp_pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # with linger 0: an RST
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        write_now(ours, b"x" * 100)
+    ours.close()
 
 
 async def _append(into: list[bytes], read: Awaitable[bytes]) -> None:

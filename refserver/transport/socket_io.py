@@ -29,6 +29,9 @@ rounds where two do (each an ``epoll_wait`` and a trip through trio's run loop;
   socket is the stdlib's ``OSError``. It yields only when it waits: its
   caller (an answer's last write, a request followed by the read of its
   answer) reaches a schedule point of its own straight after.
+- ``write_now`` is the write alone, synchronous: what the buffer takes at once.
+  A write that must not be cancelled half-way needs no shielded cancel scope
+  when it is done before any wait (nothing can cancel synchronous code).
 
 POSIX only, as the server is: both use ``os.read`` and ``os.write`` on the
 socket's descriptor.
@@ -56,6 +59,16 @@ async def receive(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
             return data
         await trio.lowlevel.wait_readable(sock)
         waited = True
+
+
+def write_now(sock: trio.socket.SocketType, data: bytes) -> int:
+    """As much of ``data`` as the socket's buffer takes at once, with no wait and no
+    schedule point: the number of bytes written (0 when the buffer is full); a reset
+    or a closed socket is the stdlib's ``OSError``."""
+    try:
+        return os.write(sock.fileno(), data)
+    except BlockingIOError:
+        return 0
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
