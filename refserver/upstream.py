@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -106,7 +107,8 @@ class HttpUpstream:
         for number in range(1, self._retry.attempts + 1):
             shielded = number > 1 and self._retry.shield_retries
             try:
-                with trio.CancelScope(shield=shielded):
+                # No scope unless shielded: one per engine call costs for nothing.
+                with trio.CancelScope(shield=True) if shielded else nullcontext():
                     return await attempt()
             except (_Retryable, EngineTransportError) as failure:
                 unless(failure)
