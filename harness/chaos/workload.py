@@ -217,12 +217,12 @@ class ChaosRun:
         self._in_flight: Counter[str] = Counter()
         """Session -> its chats in flight."""
         self._held: dict[str, set[str]] = {}
+        """Session -> the tags of its chats scripted to be held, not yet released."""
         self._hang_ups_judged: dict[str, list[trio.Event]] = {}
         """Session -> an event per held chat whose client is to hang up, set once the
         harness has judged whether the server stopped that call: DELETEs of the
         session wait for it, since a DELETE ends the call whatever the server does
         about the hang-up, and would hide a server that ignores it."""
-        """Session -> the tags of its chats scripted to be held, not yet released."""
         self._op_tags: dict[int, str] = {}
         """Chat ticket -> the tag its messages carry (an exact retry carries the original's)."""
         self.clock = HarnessClock()
@@ -553,7 +553,7 @@ class ChaosRun:
 
     async def _delete(self, client: _Client, slot: _Slot, session: str, ticket: int) -> None:
         for judged in list(self._hang_ups_judged.get(session, ())):
-            await judged.wait()  # bounded: the judgment waits at most PATIENCE twice
+            await judged.wait()  # bounded: each wait of the judgment lasts at most PATIENCE
         pending = _PendingDelete()
         self._pending_deletes.setdefault(session, []).append(pending)
         observation: Observation | None = None
