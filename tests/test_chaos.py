@@ -222,10 +222,11 @@ async def test_a_server_that_runs_on_a_stream_its_client_left_is_caught_mid_stre
     assert mid_stream, "no hang-up after a chunk was judged"
     clean = await run_chaos(settings(1))
     assert clean.result.verdict == "valid", clean.result.findings[:3]
+    # Hung up after a chunk: an unknown outcome (a hang-up while the rest of an
+    # unheld stream flows may be too late to stop it, so nothing more is asked).
     hung_up = [op for op in clean.history if op.stream == "hung up"]
     assert hung_up
-    assert all(op.unknown for op in hung_up)
-    assert any(e.kind == "cancelled" for op in hung_up for e in op.upstream)
+    assert all(op.unknown and op.status is None for op in hung_up)
 
 
 async def test_three_hundred_clients_raise_no_false_alarm() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import socket
 import time
@@ -30,10 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.lock
 from gevent.event import Event
 from geventhttpclient import HTTPClient
 from locust import FastHttpUser, constant, events, task
 from locust.env import Environment
+from locust.exception import StopUser
 
 from harness.model.profile import (
     AGENT_TOOLS,
@@ -243,9 +246,19 @@ class WorkerState:
 _state: WorkerState | None = None
 
 
+_state_read = gevent.lock.Semaphore()
+"""One reading of the settings at a time: it talks to the upstream, so it yields."""
+
+
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
     """Each worker (and a master, which runs no users) reads the settings the master sent."""
+    with _state_read:
+        if _state is None:
+            _read_state(environment)
+
+
+def _read_state(environment: Environment) -> None:
     global _state
     runner = environment.runner
     options = environment.parsed_options
@@ -327,7 +340,19 @@ class SessionAgent(FastHttpUser):
     def live_a_session(self) -> None:
         state = _state
         if state is None:
-            raise RuntimeError("sessctl load: this worker never received its settings")
+            # Locust's test_start found no settings (once, on a loaded CI machine,
+            # every agent of a worker met this and the run recorded nothing): they
+            # travel in the spawn message that started this agent, so read them now.
+            with _state_read:
+                if _state is None:
+                    logging.getLogger(__name__).warning(
+                        "sessctl load: no settings at test start; read when the agents start"
+                    )
+                    _read_state(self.environment)
+            state = _state
+        if state is None:
+            self.environment.runner.quit()
+            raise StopUser("sessctl load: this worker never received its settings")
         seed = f"{state.settings.seed} {state.index} {self.number} {self.lives}"
         self.lives += 1
         SessionLife(self, state, random.Random(seed)).run()
