@@ -229,6 +229,30 @@ async def test_a_server_that_runs_on_a_stream_its_client_left_is_caught_mid_stre
     assert all(op.unknown and op.status is None for op in hung_up)
 
 
+async def test_a_server_that_answers_with_an_aborted_completion_is_caught() -> None:
+    # The contract retries an aborted completion (finish_reason "abort": SGLang's
+    # answer while it updates weights) and never answers with it. commit-aborted does;
+    # in statuses alone that is a plain 200, so chaos missed it. The history now
+    # records, for a 200 whose answer the engine gave on no successful attempt, the
+    # answers it did give, and the checker (sessctl check too) names it.
+    from harness.chaos.history import operation_from_json
+    from harness.chaos.linearizability import check_history
+    from harness.chaos.workload import Fault
+
+    settings = ChaosSettings(seed=1, ops=400, faults=frozenset({Fault.ABORT}))
+    report = await run_chaos(settings, emulate="commit-aborted")
+    assert report.result.verdict == "invalid"
+    assert {f.kind for f in report.result.findings} == {"answer-not-from-engine"}
+    assert "which the engine never answered on a successful attempt (no attempt succeeded" in (
+        report.result.findings[0].explanation
+    )
+    saved = [operation_from_json(json.loads(json.dumps(op.to_json()))) for op in report.history]
+    assert check_history(saved).findings == report.result.findings
+    clean = await run_chaos(settings)
+    assert clean.result.verdict == "valid", clean.result.findings[:3]
+    assert not any(op.engine_answers is not None for op in clean.history)
+
+
 async def test_three_hundred_clients_raise_no_false_alarm() -> None:
     # Hundreds of clients in one trio loop make every request wait its turn in
     # the harness: a DELETE answered at once is read seconds later. Before the

@@ -33,6 +33,9 @@ when it completed (monotonic seconds), its arguments and what came back::
   (counted from when it was sent, on ``harness.run.patience``'s clock);
   (chat): its tag, if its client hung up and the server had not stopped its
   held upstream call 2 s later.
+* ``engine_answers`` (chat answered 2xx): present only when its answer is none of
+  those the engine gave on a successful attempt; they are listed (an empty list:
+  no attempt succeeded, as when every attempt aborted).
 * ``script`` (chat): the upstream script the chaos upstream played for it;
   ``gave_up``: when the client stopped waiting, if the outcome is unknown.
   Shrinking a failing run to a scenario replays both.
@@ -117,6 +120,10 @@ class Operation:
     after_error: list[str] | None = None
     """``chat`` whose stream ended with an error event: what arrived after it (``[DONE]``,
     a data event...), read on to the stream's end; nothing may."""
+    engine_answers: list[dict[str, Any]] | None = None
+    """``chat`` answered 2xx with an answer the engine gave on none of its successful
+    attempts (an aborted completion passed on, say): the answers it did give (empty:
+    no attempt succeeded). Absent when the answer is one of them."""
     outwaited: list[str] | None = None
     """``delete``: tags of held upstream calls the harness released because this
     DELETE had not been answered within its patience (it waited for the engine).
@@ -202,6 +209,7 @@ def operation_from_json(data: dict[str, Any]) -> Operation:
         stream=None if data.get("stream") is None else str(data["stream"]),
         assembled=data.get("assembled"),
         outwaited=data.get("outwaited"),
+        engine_answers=data.get("engine_answers"),
         after_error=data.get("after_error"),
         refusal=None if data.get("refusal") is None else str(data["refusal"]),
         implicit=bool(data.get("implicit", False)),

@@ -310,9 +310,10 @@ class Finding:
         "llm-leak",
         "data-after-error",
         "committed-after-error",
-        # Found by ``sessctl explore``, which knows what the engine answered and
-        # what the harness held, beyond what a history records:
+        # From the engine's answers (a chaos history records them where they differ):
         "answer-not-from-engine",
+        # Found by ``sessctl explore``, which knows what the harness held and sent,
+        # beyond what a history records:
         "other-session-waits",
         "accepted-malformed",
     ]
@@ -527,6 +528,7 @@ def check_invariants(
         findings.extend(_committed_after_error(session, ops, model))
         findings.extend(_delete_waits(session, ops))
         findings.extend(_hangups_ignored(session, ops))
+        findings.extend(_answers_not_from_engine(ops))
         findings.extend(_success_after_delete(session, ops))
         findings.extend(_llm_leaks(session, ops, leak_bound))
     return findings
@@ -723,6 +725,34 @@ def _hangups_ignored(session: str, ops: list[Operation]) -> Iterable[Finding]:
                 "released it): a turn run on for nobody, which may commit",
                 (chat,),
             )
+
+
+def _answers_not_from_engine(ops: list[Operation]) -> Iterable[Finding]:
+    for chat in ops:
+        if chat.op == "chat" and chat.engine_answers is not None:
+            yield answer_not_from_engine(chat, chat.engine_answers, chat.script)
+
+
+def answer_not_from_engine(chat: Operation, given: Sequence[Any], script: Any) -> Finding:
+    """A chat answered 2xx with none of the answers ``given`` by the engine on a
+    successful attempt (``sessctl explore`` judges this from its upstream, chaos mode
+    from the history's ``engine_answers``)."""
+    answered = f"it answered {_short(given[-1])}" if given else "no attempt succeeded"
+    return Finding(
+        "answer-not-from-engine",
+        chat.session,
+        f"{chat.describe()} answered {_short(chat.answer)}, which the engine never "
+        f"answered on a successful attempt ({answered}; its script: {script})",
+        (chat,),
+    )
+
+
+def _short(message: Any) -> str:
+    text = repr(message.get("content") if isinstance(message, dict) else message)
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if calls:
+        text += f" with {len(calls)} tool call(s)"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _success_after_delete(session: str, ops: list[Operation]) -> Iterable[Finding]:

@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from harness.errors import TargetUnreachable, UsageError
+from harness.model.messages import message_key
 from harness.model.profile import AGENT_TOOLS, REFERENCE_PROFILE, Profile, next_message
 from harness.results import Observation, StreamEnd, answer_of
 from harness.run.client import StreamProgress, TargetClient
@@ -262,12 +263,27 @@ class ChaosRun:
                 ),
                 outwaited=[self._op_tags[op.id]] if op.id in self._outwaited_hangups else None,
                 answer_if_committed=self._answer_if_committed(op),
+                engine_answers=self._engine_answers_unlike(op),
             )
             if op.id in self._op_tags
             else op
             for op in self.history
         ]
         return sorted(history, key=lambda op: op.invoke)
+
+    def _engine_answers_unlike(self, op: Operation) -> list[dict[str, Any]] | None:
+        """For a chat answered 2xx whose engine was called: the answers the engine gave
+        on its successful attempts, if the chat's answer is none of them (an aborted
+        completion passed on, say); else None, and the history says nothing."""
+        if not op.ok or op.answer is None:
+            return None
+        tag = self._op_tags[op.id]
+        if self.upstream.count(tag, EventKind.RECEIVED) == 0:
+            return None  # no call made: an exact retry answered from the stored turn
+        given = self.upstream.answers(tag)
+        if message_key(op.answer) in {message_key(answer) for answer in given}:
+            return None
+        return given
 
     def _drain_backstop(self) -> float:
         """Seconds after the deadline before operations still in flight are cut off:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import trio
 
 from harness.chaos.history import Operation, recorded, stream_fields, upstream_events
-from harness.chaos.linearizability import Finding, check_history
+from harness.chaos.linearizability import Finding, answer_not_from_engine, check_history
 from harness.model.messages import message_key
 from harness.model.profile import AGENT_TOOLS, Profile, next_message
 from harness.results import Observation, answer_of, describe
@@ -193,16 +193,7 @@ class CellRun:
             keys = {message_key(a) for a in given}
             called = self.upstream.count(tag, EventKind.RECEIVED) > 0
             if called and message_key(op.answer) not in keys:
-                found.append(
-                    Finding(
-                        "answer-not-from-engine",
-                        op.session,
-                        f"{op.describe()} answered {_short(op.answer)}, which the engine never "
-                        f"answered on a successful attempt ({_answered(given)}; its script: "
-                        f"{request.script})",
-                        (op,),
-                    )
-                )
+                found.append(answer_not_from_engine(op, given, request.script))
         malformed = self._malformed
         if malformed is not None and malformed.observation is not None:
             status = malformed.observation.status
@@ -751,17 +742,3 @@ class CellRun:
 
 
 __all__ = ["PATIENCE", "CellResult", "CellRun", "Outcome"]
-
-
-def _short(message: Any) -> str:
-    text = repr(message.get("content") if isinstance(message, dict) else message)
-    calls = message.get("tool_calls") if isinstance(message, dict) else None
-    if calls:
-        text += f" with {len(calls)} tool call(s)"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _answered(given: list[dict[str, Any]]) -> str:
-    if not given:
-        return "no attempt succeeded"
-    return f"it answered {_short(given[-1])}"
