@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import trio
+import trio.testing
 import yaml
 
 from harness.chaos.workload import ChaosSettings, run_chaos
@@ -279,3 +282,39 @@ async def test_a_run_that_ends_on_its_deadline_loses_no_operation_in_flight() ->
     tickets = sorted(op.id for op in report.history)
     assert tickets == list(range(1, len(tickets) + 1))
     assert len(tickets) > 60
+
+
+async def test_a_delete_waits_while_a_hang_up_on_its_session_is_judged(
+    nursery: trio.Nursery,
+) -> None:
+    # The gate the mid-stream test above relies on, without a server: a DELETE of a
+    # session whose held call is waiting for its client to hang up is not sent until
+    # that hang-up is judged (here: at once, since no call is in flight).
+    from harness.chaos.workload import ChaosRun
+    from harness.results import Observation
+    from harness.run.client import TargetClient
+    from harness.upstream.chaos_upstream import ChaosUpstream
+
+    client = TargetClient("http://127.0.0.1:9", request_timeout=1.0)  # never sent to
+    run = ChaosRun(client, ChaosUpstream(), ChaosSettings())
+    run._nursery = nursery
+    nursery.start_soon(run.clock.run)
+    sent: list[str] = []
+
+    async def end(step: str, session: str, *, on_sent: Any = None) -> Observation:
+        sent.append(session)
+        now = trio.current_time()
+        return Observation("chaos", "delete", None, 204, now, now)
+
+    run.lifecycle.end = end  # type: ignore[method-assign]
+    client_done = trio.Event()
+    run._release_later("chaos.1", "s", 1, 0.0, client_done)
+    nursery.start_soon(run._delete, run.clients[0], run._slots[0], "s", 2)
+    nursery.start_soon(run._delete, run.clients[1], run._slots[1], "other", 3)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sent == ["other"]  # another session's DELETE is not held up
+    client_done.set()  # the client hung up (or had its answer)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sent == ["other", "s"]
+    assert run._hang_ups_judged == {}
+    await client.aclose()
