@@ -380,3 +380,43 @@ async def test_a_hang_up_before_the_release_is_a_cancel_whoever_runs_first(
                 await trio.lowlevel.checkpoint()
         kinds = [e.kind for e in chaos.events(tag)]
         assert kinds == [EventKind.RECEIVED, EventKind.CANCELLED], (attempt, kinds)
+
+
+class _LateExchange:
+    """An exchange whose server hangs up while the upstream's task waits to write
+    the stream's head: the moment a loaded upstream comes round to it late."""
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.parts: list[bytes] = []
+
+    async def start_stream(self) -> None:
+        self.gone = True
+
+    def hung_up_already(self) -> bool:
+        return self.gone
+
+    async def send_part(self, part: bytes) -> None:
+        self.parts.append(part)  # a write after a FIN succeeds once: nobody reads it
+
+
+async def test_a_chunk_is_not_written_once_the_server_has_hung_up() -> None:
+    # Recorded as sent, such a chunk read as engine work for a deleted session (a
+    # false llm-leak at 2,000 clients, the harness lagging 10 s): the server had
+    # closed the connection when the upstream's task came round to write it.
+    from harness.upstream.chaos_upstream import _ChatDialect
+
+    chaos = ChaosUpstream()
+    exchange = _LateExchange()
+    behaviour = parse_behaviour({"chunks": 3})
+    finished = await chaos._stream(
+        exchange,  # type: ignore[arg-type]
+        body("t", stream=True),
+        "t",
+        1,
+        behaviour,
+        _ChatDialect("openai"),
+    )
+    assert not finished
+    assert exchange.parts == []
+    assert [e.kind for e in chaos.events("t")] == [EventKind.CANCELLED]

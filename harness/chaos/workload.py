@@ -206,6 +206,8 @@ class ChaosRun:
         ]
         self._issued = 0
         self._nursery: trio.Nursery | None = None
+        self._ending = trio.Event()
+        """Set when the clients are done: holds waiting for a random moment let go."""
         self._hung_up: set[int] = set()
         """Chats whose client hung up."""
         self._outwaited_hangups: set[int] = set()
@@ -242,13 +244,20 @@ class ChaosRun:
         # is cut off after the backstop all the same.
         backstop = float("inf") if deadline is None else deadline + self._drain_backstop()
         with trio.move_on_after(backstop):
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self.clock.run)
-                async with trio.open_nursery() as clients:
-                    for client in self.clients:
-                        clients.start_soon(self._client_loop, client)
-                nursery.cancel_scope.cancel()  # stop the hold releasers
+            async with trio.open_nursery() as timing:
+                await timing.start(self.clock.run)
+                async with trio.open_nursery() as releasers:
+                    self._nursery = releasers
+                    async with trio.open_nursery() as clients:
+                        for client in self.clients:
+                            clients.start_soon(self._client_loop, client)
+                    # A hold still waiting for its random moment is released now; one
+                    # waiting for the server to act (to hang up on a deleted session's
+                    # call, or on a client's that left) finishes that wait, on the same
+                    # patience. Cut short, a server merely slow to hang up under load
+                    # read as leaking (a 2,000-client run beside busy loops).
+                    self._ending.set()
+                timing.cancel_scope.cancel()
         # Holds still in place answer now (a server may retry a call whose client
         # is gone). Only this run's tags: the upstream may serve more runs after.
         for tag in self.tags():
@@ -680,7 +689,8 @@ class ChaosRun:
 
         async def judge_and_release() -> None:
             if client_done is None:
-                await trio.sleep(after)
+                with trio.move_on_after(after):
+                    await self._ending.wait()
             else:
                 await self.clock.within(PATIENCE, client_done.wait)
                 if ticket not in self._hung_up or not self.upstream.call_in_flight(tag):
@@ -712,9 +722,17 @@ class ChaosRun:
         makes it for a client who is gone runs the turn on too."""
         if not self.upstream.call_in_flight(tag):
             arrived = self.upstream.count(tag, EventKind.RECEIVED) + 1
-            await self.clock.within(
-                PATIENCE, partial(self.upstream.wait_for, tag, EventKind.RECEIVED, arrived)
-            )
+
+            async def arrives_or_run_ends() -> None:
+                # On a conforming server the call never comes: at the run's end this
+                # wait stops (as the run ends it always did), where the waits for a
+                # server to hang up on a call in flight go on (``run``).
+                async with trio.open_nursery() as race:
+                    race.start_soon(_cancel_when, self._ending, race.cancel_scope)
+                    await self.upstream.wait_for(tag, EventKind.RECEIVED, arrived)
+                    race.cancel_scope.cancel()
+
+            await self.clock.within(PATIENCE, arrives_or_run_ends)
             if not self.upstream.call_in_flight(tag):
                 return False
         return not await self._hung_up_on_within_patience(tag)
@@ -745,6 +763,11 @@ class ChaosRun:
         **fields: Any,
     ) -> None:
         self.history.append(recorded(ticket, client.index, op, session, observation, **fields))
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 @dataclass(frozen=True)

@@ -308,6 +308,12 @@ class ChaosUpstream:
                 if not await self._wait_unless_hung_up(exchange, pause):
                     self._record(tag, EventKind.CANCELLED, call, behaviour)
                     return False
+            elif exchange.hung_up_already():
+                # Each write yields, and under load this task may come round long
+                # after the server hung up: a chunk written then goes nowhere, and
+                # recorded as sent it read as work done for a deleted session.
+                self._record(tag, EventKind.CANCELLED, call, behaviour)
+                return False
             await exchange.send_part(part)
             self._record(tag, EventKind.SENT, call, behaviour)
         # ``after`` past every part: act after the finish, before the stream's end.
