@@ -420,3 +420,32 @@ async def test_a_chunk_is_not_written_once_the_server_has_hung_up() -> None:
     assert not finished
     assert exchange.parts == []
     assert [e.kind for e in chaos.events("t")] == [EventKind.CANCELLED]
+
+
+class _SlowWrite:
+    """An exchange whose answer's write takes 5 s to return (a loop that lags)."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+
+    def hung_up_already(self) -> bool:
+        return False
+
+    async def respond(self, status: int, payload: bytes) -> None:
+        await trio.sleep(5)
+
+
+async def test_an_answer_is_recorded_when_it_was_handed_to_the_socket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Recorded when the task came round after the write, an answer given before a
+    # DELETE reached the server read as given after it: a false llm-leak.
+    from harness.upstream.http11 import HttpRequest
+
+    chaos = ChaosUpstream()
+    request = HttpRequest("POST", "/v1/chat/completions", {}, json.dumps(body("t")).encode())
+    started = trio.current_time()
+    await chaos.handle(_SlowWrite(request))  # type: ignore[arg-type]
+    answered = [e for e in chaos.events("t") if e.kind is EventKind.ANSWERED]
+    assert [e.at for e in answered] == [started]
+    assert trio.current_time() == started + 5

@@ -170,8 +170,10 @@ class ChaosUpstream:
         call: int,
         behaviour: Behaviour,
         sent_after: float | None = None,
+        at: float | None = None,
     ) -> None:
-        event = StepEvent(tag, kind, call, trio.current_time(), behaviour.describe(), sent_after)
+        when = trio.current_time() if at is None else at
+        event = StepEvent(tag, kind, call, when, behaviour.describe(), sent_after)
         self._events.append(event)
         self._events_by_tag.setdefault(tag, []).append(event)
         for waiter in self._waiters:
@@ -267,10 +269,15 @@ class ChaosUpstream:
                 Action.STATUS,
                 Action.GARBAGE if before else Action.RESPOND,
             ):
-                if not await self._stream(exchange, body, tag, call, behaviour, dialect):
+                answered_at = await self._stream(exchange, body, tag, call, behaviour, dialect)
+                if answered_at is None:
                     return
             else:
                 status, payload = self._answer(body, behaviour, dialect)
+                # When the answer was handed to the socket, not when this task came
+                # round again after the write: under load that can be seconds later,
+                # after a DELETE the server had already let win (a false llm-leak).
+                answered_at = trio.current_time()
                 await exchange.respond(status, payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The server hung up while the answer was being written: it stopped
@@ -280,7 +287,7 @@ class ChaosUpstream:
         if behaviour.action not in (Action.STATUS, Action.GARBAGE, Action.ABORT):
             answer = self._completion(body, behaviour)["choices"][0]["message"]
             self._answers.setdefault(tag, []).append(answer)
-        self._record(tag, EventKind.ANSWERED, call, behaviour)
+        self._record(tag, EventKind.ANSWERED, call, behaviour, at=answered_at)
 
     async def _stream(
         self,
@@ -290,16 +297,18 @@ class ChaosUpstream:
         call: int,
         behaviour: Behaviour,
         dialect: _Dialect,
-    ) -> bool:
-        """Stream the answer, acting after chunk ``behaviour.after``; False if the
-        stream was stopped (held and hung up on, reset, spoiled) before its end."""
+    ) -> float | None:
+        """Stream the answer, acting after chunk ``behaviour.after``: when its end was
+        handed to the socket, or None if the stream was stopped (held and hung up on,
+        reset, spoiled) before its end. Each chunk is recorded as sent when it is
+        handed to the socket, as the answer is (see ``_chat``)."""
         encoded = dialect.stream(self._completion(body, behaviour), behaviour, _wants_usage(body))
         await exchange.start_stream()
         for number, part in enumerate(encoded, 1):
             if number == (behaviour.after or 0) + 1 and not await self._act_mid_stream(
                 exchange, tag, call, behaviour
             ):
-                return False
+                return None
             if number > 1 and behaviour.chunk_delay:
 
                 async def pause() -> None:
@@ -307,23 +316,25 @@ class ChaosUpstream:
 
                 if not await self._wait_unless_hung_up(exchange, pause):
                     self._record(tag, EventKind.CANCELLED, call, behaviour)
-                    return False
+                    return None
             elif exchange.hung_up_already():
                 # Each write yields, and under load this task may come round long
                 # after the server hung up: a chunk written then goes nowhere, and
                 # recorded as sent it read as work done for a deleted session.
                 self._record(tag, EventKind.CANCELLED, call, behaviour)
-                return False
+                return None
+            sent_at = trio.current_time()
             await exchange.send_part(part)
-            self._record(tag, EventKind.SENT, call, behaviour)
+            self._record(tag, EventKind.SENT, call, behaviour, at=sent_at)
         # ``after`` past every part: act after the finish, before the stream's end.
         if (behaviour.after or 0) >= len(encoded) and not await self._act_mid_stream(
             exchange, tag, call, behaviour
         ):
-            return False
+            return None
+        answered_at = trio.current_time()
         await exchange.send_part(dialect.end())
         await exchange.end()
-        return True
+        return answered_at
 
     async def _act_mid_stream(
         self, exchange: Exchange, tag: str, call: int, behaviour: Behaviour
