@@ -61,7 +61,7 @@ async def receive(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
         waited = True
 
 
-def write_now(sock: trio.socket.SocketType, data: bytes) -> int:
+def write_now(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
     """As much of ``data`` as the socket's buffer takes at once, with no wait and no
     schedule point: the number of bytes written (0 when the buffer is full); a reset
     or a closed socket is the stdlib's ``OSError``."""
@@ -78,7 +78,7 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     with memoryview(data) as whole:
         sent = 0
         while sent < len(whole):
-            try:
-                sent += os.write(sock.fileno(), whole[sent:])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+            written = write_now(sock, whole[sent:])
+            if not written:
+                await trio.lowlevel.wait_writable(sock)  # the buffer is full
+            sent += written
