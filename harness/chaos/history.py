@@ -47,11 +47,15 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import ScenarioFileError
+from harness.model.messages import message_key
 from harness.results import Observation, StreamEnd, describe
-from harness.upstream.script import StepEvent
+from harness.upstream.script import EventKind, StepEvent
+
+if TYPE_CHECKING:  # the history is read (``sessctl check``) without the engine
+    from harness.upstream.chaos_upstream import ChaosUpstream
 
 OPS = frozenset({"create", "chat", "get", "delete"})
 
@@ -250,6 +254,21 @@ def stream_fields(observation: Observation) -> dict[str, Any]:
     if record.after_error:
         fields["after_error"] = list(record.after_error)
     return fields
+
+
+def engine_answers_unlike(
+    upstream: ChaosUpstream, tag: str, answer: dict[str, Any]
+) -> list[dict[str, Any]] | None:
+    """The answers the engine gave for ``tag`` on its successful attempts, if it was
+    called and ``answer`` (a 2xx chat's) is none of them: an aborted completion passed
+    on, say. None otherwise, and for a chat whose engine was never called (an exact
+    retry answered from the stored turn)."""
+    if upstream.count(tag, EventKind.RECEIVED) == 0:
+        return None
+    given = upstream.answers(tag)
+    if message_key(answer) in {message_key(a) for a in given}:
+        return None
+    return given
 
 
 def upstream_events(events: Iterable[StepEvent], since: float) -> list[UpstreamEvent]:

@@ -32,7 +32,6 @@ from typing import Any
 import trio
 
 from harness.errors import TargetUnreachable, UsageError
-from harness.model.messages import message_key
 from harness.model.profile import AGENT_TOOLS, REFERENCE_PROFILE, Profile, next_message
 from harness.results import Observation, StreamEnd, answer_of
 from harness.run.client import StreamProgress, TargetClient
@@ -50,7 +49,13 @@ from wire.engine import Flavor, completion_for
 from wire.ids import new_session_id
 
 from .case import ScenarioText, shrunk_text
-from .history import Operation, recorded, stream_fields, upstream_events
+from .history import (
+    Operation,
+    engine_answers_unlike,
+    recorded,
+    stream_fields,
+    upstream_events,
+)
 from .linearizability import CheckResult, Finding, check_history
 from .shrink import Replayer, ShrinkResult, ShrinkSettings, shrink
 
@@ -286,13 +291,7 @@ class ChaosRun:
         completion passed on, say); else None, and the history says nothing."""
         if not op.ok or op.answer is None:
             return None
-        tag = self._op_tags[op.id]
-        if self.upstream.count(tag, EventKind.RECEIVED) == 0:
-            return None  # no call made: an exact retry answered from the stored turn
-        given = self.upstream.answers(tag)
-        if message_key(op.answer) in {message_key(answer) for answer in given}:
-            return None
-        return given
+        return engine_answers_unlike(self.upstream, self._op_tags[op.id], op.answer)
 
     def _drain_backstop(self) -> float:
         """Seconds after the deadline before operations still in flight are cut off:

@@ -16,9 +16,14 @@ from typing import Any, Literal
 
 import trio
 
-from harness.chaos.history import Operation, recorded, stream_fields, upstream_events
+from harness.chaos.history import (
+    Operation,
+    engine_answers_unlike,
+    recorded,
+    stream_fields,
+    upstream_events,
+)
 from harness.chaos.linearizability import Finding, answer_not_from_engine, check_history
-from harness.model.messages import message_key
 from harness.model.profile import AGENT_TOOLS, Profile, next_message
 from harness.results import Observation, answer_of, describe
 from harness.run.client import BodyGate, StreamProgress, TargetClient
@@ -188,11 +193,8 @@ class CellRun:
             op = by_ticket.get(ticket)
             if op is None or op.op != "chat" or not op.ok or op.answer is None:
                 continue
-            tag = request.tag or ""
-            given = self.upstream.answers(tag)
-            keys = {message_key(a) for a in given}
-            called = self.upstream.count(tag, EventKind.RECEIVED) > 0
-            if called and message_key(op.answer) not in keys:
+            given = engine_answers_unlike(self.upstream, request.tag or "", op.answer)
+            if given is not None:
                 found.append(answer_not_from_engine(op, given, request.script))
         malformed = self._malformed
         if malformed is not None and malformed.observation is not None:
