@@ -253,9 +253,20 @@ _state_read = gevent.lock.Semaphore()
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
     """Each worker (and a master, which runs no users) reads the settings the master sent."""
+    _ensure_state(environment)
+
+
+def _ensure_state(environment: Environment, *, late: bool = False) -> WorkerState | None:
+    """The worker's state, read from the settings the master sent if not yet read
+    (``late``: by an agent, test_start having found none; said in the log)."""
     with _state_read:
         if _state is None:
+            if late:
+                logging.getLogger(__name__).warning(
+                    "sessctl load: no settings at test start; read when the agents start"
+                )
             _read_state(environment)
+    return _state
 
 
 def _read_state(environment: Environment) -> None:
@@ -343,13 +354,7 @@ class SessionAgent(FastHttpUser):
             # Locust's test_start found no settings (once, on a loaded CI machine,
             # every agent of a worker met this and the run recorded nothing): they
             # travel in the spawn message that started this agent, so read them now.
-            with _state_read:
-                if _state is None:
-                    logging.getLogger(__name__).warning(
-                        "sessctl load: no settings at test start; read when the agents start"
-                    )
-                    _read_state(self.environment)
-            state = _state
+            state = _ensure_state(self.environment, late=True)
         if state is None:
             self.environment.runner.quit()
             raise StopUser("sessctl load: this worker never received its settings")
