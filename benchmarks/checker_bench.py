@@ -141,23 +141,10 @@ print(json.dumps({"verdict": result.verdict, "seconds": time.perf_counter() - st
 
 def histories(files: list[str], baseline_rev: str) -> int:
     """Each saved history checked by this code and by ``baseline_rev``'s."""
-    import json
-    import os
-    import subprocess
-
-    from common import ROOT, worktree_at
+    from common import ROOT, json_from_code, worktree_at
 
     def timed(code: Path, file: str) -> dict[str, Any]:
-        done = subprocess.run(
-            [sys.executable, "-c", TIMED_CHECK, str(Path(file).resolve())],
-            cwd=code,
-            env={**os.environ, "PYTHONPATH": str(code)},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return found
+        return json_from_code(code, TIMED_CHECK, str(Path(file).resolve()))
 
     agree = True
     with worktree_at(baseline_rev) as baseline:

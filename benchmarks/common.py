@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,22 @@ def worktree_at(revision: str) -> Iterator[Path]:
                 check=False,
                 capture_output=True,
             )
+
+
+def json_from_code(code: Path, snippet: str, *args: str) -> dict[str, Any]:
+    """Run ``snippet`` (Python, with ``args`` as its argv) against the code at ``code``
+    (this checkout, or a baseline's worktree) in a process of its own; the JSON object
+    it printed last."""
+    done = subprocess.run(
+        [sys.executable, "-c", snippet, *args],
+        cwd=code,
+        env={**os.environ, "PYTHONPATH": str(code)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
 
 
 def run_beside_baseline(

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, worktree_at
+from common import ROOT, json_from_code, worktree_at
 
 MEASURE = """
 import json, resource, sys, trio
@@ -56,16 +54,7 @@ trio.run(main, instruments=[Rounds()])
 
 
 def measure(code: Path, ops: int) -> dict[str, float | str]:
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(ops)],
-        cwd=code,
-        env={"PYTHONPATH": str(code), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, float | str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return json_from_code(code, MEASURE, str(ops))
 
 
 def spread(values: list[float], digits: int = 0) -> str:
