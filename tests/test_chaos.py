@@ -351,3 +351,35 @@ async def test_at_the_runs_end_a_deleted_sessions_held_call_still_gets_its_patie
     await trio.testing.wait_all_tasks_blocked()
     assert upstream._release_event("chaos.1").is_set()
     await client.aclose()
+
+
+def test_the_cli_reports_an_aborted_answer_and_a_mid_stream_hang_up(tmp_path: Path) -> None:
+    # The two findings this change added, as a user meets them: the rendered report,
+    # the saved history, and `sessctl check` of that history.
+    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
+        )
+
+    out = tmp_path / "aborted"
+    done = sessctl(
+        "chaos", "--ops", "400", "--faults", "abort", "--emulate", "commit-aborted",
+        "--no-shrink", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    shown = " ".join(done.stdout.split())
+    assert "answer-not-from-engine" in shown
+    assert "which the engine never answered on a successful attempt (no attempt succeeded" in shown
+    assert '"engine_answers":[]' in (out / "history.jsonl").read_text()
+    rechecked = sessctl("check", str(out / "history.jsonl"))
+    assert rechecked.returncode == 1
+    assert "answer-not-from-engine" in rechecked.stdout
+    out = tmp_path / "abandoned"
+    done = sessctl(
+        "chaos", "--ops", "600", "--sessions", "16", "--stream-ratio", "1",
+        "--faults", "hold,disconnect", "--emulate", "commit-abandoned-stream",
+        "--no-shrink", "--out", str(out), "--seed", "4",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "hangup-ignored" in done.stdout
+    assert '"stream":"hung up"' in (out / "history.jsonl").read_text()
