@@ -449,3 +449,44 @@ async def test_an_answer_is_recorded_when_it_was_handed_to_the_socket(
     answered = [e for e in chaos.events("t") if e.kind is EventKind.ANSWERED]
     assert [e.at for e in answered] == [started]
     assert trio.current_time() == started + 5
+
+
+class _HangsUpWhileTheWatcherUnwinds:
+    """An exchange whose server hangs up in the scheduler round the upstream takes to
+    put away its hang-up watcher once a hold has ended: under load, seconds."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.gone = False
+        self.answered = False
+
+    async def wait_for_hangup(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.gone = True  # cancelled: the server's FIN arrives while this unwinds
+
+    def hung_up_already(self) -> bool:
+        return self.gone
+
+    async def respond(self, status: int, payload: bytes) -> None:
+        self.answered = True  # a write after a FIN succeeds once: nobody reads it
+
+
+@pytest.mark.parametrize("spec", ["hold", {"delay": 0}])
+async def test_a_hang_up_while_a_hold_is_put_away_is_a_cancel(spec: object) -> None:
+    # Seen at 2,000 clients with the harness lagging seconds: the hold ended (released
+    # before the call arrived), the upstream peeked (no FIN yet), then waited a round
+    # for its watcher to unwind, and the server's close after a DELETE came in that
+    # round. The answer written then was recorded as engine work for a deleted
+    # session: a false llm-leak. The peek that decides is the one after the last wait.
+    from harness.upstream.http11 import HttpRequest
+
+    chaos = ChaosUpstream()
+    script(chaos, "t", spec)
+    chaos.release("t")
+    request = HttpRequest("POST", "/v1/chat/completions", {}, json.dumps(body("t")).encode())
+    exchange = _HangsUpWhileTheWatcherUnwinds(request)
+    await chaos.handle(exchange)  # type: ignore[arg-type]
+    assert not exchange.answered
+    assert [e.kind for e in chaos.events("t")] == [EventKind.RECEIVED, EventKind.CANCELLED]

@@ -381,12 +381,16 @@ class ChaosUpstream:
 
             nursery.start_soon(watch_hangup)
             await wait()
-            # A hang-up already in the socket came before the wait ended, however
-            # late a busy loop would come round to the watcher: the server stopped
-            # the call (under load, a released hold otherwise won that race).
-            finished = not exchange.hung_up_already()
+            finished = True
             nursery.cancel_scope.cancel()
-        return finished
+        # Decided after the last wait, the watcher's unwinding (a scheduler round:
+        # under load, seconds). A hang-up in the socket by now, whether a busy loop
+        # had brought it to the watcher or not, came before the answer this call
+        # would write next: the server stopped the call. (Peeked before the
+        # unwinding, a close that came during it was missed, and the answer then
+        # written into the closed connection read as engine work for a deleted
+        # session: a false llm-leak at 2,000 clients.)
+        return finished and not exchange.hung_up_already()
 
     def _completion(self, body: dict[str, Any], behaviour: Behaviour) -> dict[str, Any]:
         finish_reason = "abort" if behaviour.action is Action.ABORT else "stop"
