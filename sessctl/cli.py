@@ -504,8 +504,8 @@ def chaos_command(
     duration: Annotated[
         float | None, typer.Option(help="Run for this many seconds instead.", metavar="SECONDS")
     ] = None,
-    clients: Annotated[int, typer.Option(help="Concurrent clients.", metavar="N")] = 8,
-    sessions: Annotated[int, typer.Option(help="Sessions the clients share.", metavar="N")] = 4,
+    clients: Annotated[int, typer.Option(help="Concurrent clients.", metavar="N")] = 16,
+    sessions: Annotated[int, typer.Option(help="Sessions the clients share.", metavar="N")] = 8,
     faults: Annotated[
         str,
         typer.Option(
