@@ -869,9 +869,7 @@ async def run_chaos(
         check_seconds = trio.current_time() - checked
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
-        skipped = unshrinkable(settings.profile) if attempt else None
-        if attempt and should_stop():
-            skipped = "interrupted (Ctrl-C): the history so far is checked, not shrunk"
+        skipped = why_not_shrunk(settings.profile, interrupted=should_stop()) if attempt else None
         attempt = attempt and skipped is None
         if attempt:
             assert shrink_settings is not None
@@ -920,6 +918,15 @@ def chaos_cannot_check(profile: Profile) -> str | None:
             "with this profile."
         )
     return None
+
+
+def why_not_shrunk(profile: Profile, *, interrupted: bool, cannot: str | None = None) -> str | None:
+    """Why a run's findings are not shrunk (None: they are), the first that applies:
+    the user interrupted the run, the run's own reason (``cannot``: load's engine in
+    another process, say), or a profile the reference server does not speak."""
+    if interrupted:
+        return "interrupted (Ctrl-C): the history so far is checked, not shrunk"
+    return cannot or unshrinkable(profile)
 
 
 def unshrinkable(profile: Profile) -> str | None:
@@ -1067,4 +1074,5 @@ __all__ = [
     "serve_embedded",
     "shrink_on",
     "unshrinkable",
+    "why_not_shrunk",
 ]

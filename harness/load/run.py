@@ -33,7 +33,7 @@ from harness.chaos.workload import (
     describe_target,
     serve_embedded,
     shrink_on,
-    unshrinkable,
+    why_not_shrunk,
 )
 from harness.errors import LoadFailed, TargetUnreachable, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile
@@ -419,16 +419,19 @@ async def run_load(
         notes = locust.notes(stats)
         shrunk = None
         attempt = shrink_settings is not None and bool(result.findings)
-        skipped = unshrinkable(setup.profile) if attempt else None
-        if attempt and upstream is None:
-            skipped = (
+        cannot = None
+        if upstream is None:
+            cannot = (
                 "not shrunk: a real engine cannot be scripted to replay it"
                 if setup.real_engine
                 else "not shrunk: the chaos upstream runs in another process (--engine), "
                 "and shrinking replays against one it scripts here"
             )
-        if attempt and should_stop():
-            skipped = "interrupted (Ctrl-C): the history so far is checked, not shrunk"
+        skipped = (
+            why_not_shrunk(setup.profile, interrupted=should_stop(), cannot=cannot)
+            if attempt
+            else None
+        )
         attempt = attempt and skipped is None
         if attempt:
             assert shrink_settings is not None
