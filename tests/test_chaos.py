@@ -383,3 +383,20 @@ def test_the_cli_reports_an_aborted_answer_and_a_mid_stream_hang_up(tmp_path: Pa
     assert done.returncode == 1, done.stdout + done.stderr
     assert "hangup-ignored" in done.stdout
     assert '"stream":"hung up"' in (out / "history.jsonl").read_text()
+
+
+def test_sessctl_chaos_and_run_chaos_have_the_same_defaults() -> None:
+    # Written twice, since the CLI shows its defaults without importing the harness:
+    # one changed without the other (16 clients on 8 sessions, once 8 on 4) would make
+    # `sessctl chaos` run another workload than the library and the benchmarks.
+    import inspect
+
+    from harness.chaos.workload import Fault
+    from sessctl.cli import chaos_command
+
+    cli = {name: p.default for name, p in inspect.signature(chaos_command).parameters.items()}
+    library = ChaosSettings()
+    names = ("seed", "ops", "duration", "clients", "sessions", "stream_ratio", "request_timeout")
+    for name in (*names, "target_wait"):
+        assert cli[name] == getattr(library, name), name
+    assert {Fault(f) for f in cli["faults"].split(",")} == set(library.faults)
