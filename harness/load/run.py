@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from harness.run.preflight import require_target, wait_until_up
 from harness.upstream.chaos_upstream import ChaosUpstream
 from refserver.server import ServerConfig
 
-from .settings import DEFAULT_MIX, LoadSettings, clock_offset, engine_urls
+from .settings import LoadSettings, Workload, clock_offset, engine_urls
 
 CHECK_EVERY = 5.0
 """Seconds between checks of the sessions that arrived while the run goes on."""
@@ -76,23 +76,12 @@ class LoadPlan:
     """Where the Locust processes write (default: a temporary directory)."""
 
 
-@dataclass(frozen=True)
-class LoadSetup:
-    """What the load runs against."""
+@dataclass(frozen=True, kw_only=True)
+class LoadSetup(Workload):
+    """What the load runs against, and the agents' workload."""
 
     profile: Profile = REFERENCE_PROFILE
-    flavor: str = "openai"
-    seed: int = 1
-    request_timeout: float = 30.0
-    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
-    turns: tuple[int, int] = (2, 6)
-    fault_rate: float = 0.2
-    think: float = 0.0
-    stream_ratio: float = 0.3
     target_wait: float = 5.0
-    real_engine: bool = False
-    """``engine_url`` is a real engine: nothing scripted, held or observed."""
-    model: str = "sessctl-load"
 
 
 @dataclass(frozen=True)
@@ -329,16 +318,7 @@ async def run_load(
             upstream=engine_url,
             profile=setup.profile.model_dump(mode="json"),
             run_id=run_id,
-            flavor=setup.flavor,
-            seed=setup.seed,
-            request_timeout=setup.request_timeout,
-            mix=setup.mix,
-            turns=setup.turns,
-            fault_rate=setup.fault_rate,
-            think=setup.think,
-            stream_ratio=setup.stream_ratio,
-            real_engine=setup.real_engine,
-            model=setup.model,
+            **setup.workload(),
         )
         events = _Events(upstream, [] if setup.real_engine else controls, run_id)
         await events.start()

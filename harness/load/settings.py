@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from harness.errors import UsageError
@@ -43,17 +43,11 @@ DEFAULT_MIX = {
 }
 
 
-@dataclass(frozen=True)
-class LoadSettings:
-    target: str
-    """The session server's URL, as the workers reach it."""
-    upstream: str
-    """The chaos upstream's OpenAI base URL (``.../v1``), as the workers reach it:
-    they script its calls and time their operations on its clock. Several, comma
-    separated, where the server spreads its calls over them (``engine_urls``)."""
-    profile: dict[str, Any]
-    """The target's profile, as JSON (a worker elsewhere has no profile file)."""
-    run_id: str
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """What the agents do: the same on both sides of the process line (the run's
+    ``LoadSetup`` and the workers' ``LoadSettings`` are each one of these and more)."""
+
     flavor: str = "openai"
     seed: int = 1
     request_timeout: float = 30.0
@@ -73,6 +67,23 @@ class LoadSettings:
     DELETE)."""
     model: str = "sessctl-load"
     """The ``model`` of every chat (a real engine wants its own)."""
+
+    def workload(self) -> dict[str, Any]:
+        """This workload's fields alone, to build the other side's settings from."""
+        return {f.name: getattr(self, f.name) for f in fields(Workload)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSettings(Workload):
+    target: str
+    """The session server's URL, as the workers reach it."""
+    upstream: str
+    """The chaos upstream's OpenAI base URL (``.../v1``), as the workers reach it:
+    they script its calls and time their operations on its clock. Several, comma
+    separated, where the server spreads its calls over them (``engine_urls``)."""
+    profile: dict[str, Any]
+    """The target's profile, as JSON (a worker elsewhere has no profile file)."""
+    run_id: str
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
