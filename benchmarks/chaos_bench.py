@@ -7,7 +7,7 @@
    (which runs in a child process), with the default fault mix, against two
    baselines measured side by side, interleaved run by run: the same
    workload with the server in the clients' trio loop (the design it
-   replaced), and the same eight clients sending plain GET /healthz to the
+   replaced), and the same clients (16 by default) sending plain GET /healthz to the
    same kind of server, the floor of what client and server can do at all.
    Goal: >= 2,000 operations/s (issue 31).
 2. For split-lock, autocreate-after-delete and queued-proceed, with default
