@@ -15,6 +15,13 @@ import yaml
 from harness.chaos.workload import ChaosSettings, run_chaos
 
 
+def sessctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``sessctl ARGS`` in a child process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 async def test_the_reference_server_gives_a_valid_history() -> None:
     # Any finding here is a real bug in the reference server or the checker.
     # 2,400 operations: enough that the rarer outcomes below are there under
@@ -45,11 +52,6 @@ async def test_a_seed_always_makes_the_same_plan() -> None:
 
 
 def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: Path) -> None:
-    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
-        )
-
     out = tmp_path / "run"
     done = sessctl(
         "chaos", "--ops", "300", "--emulate", "autocreate-after-delete", "--out", str(out)
@@ -84,20 +86,15 @@ def test_sessctl_chaos_saves_a_history_that_sessctl_check_agrees_with(tmp_path: 
 
 
 def test_unreachable_targets_and_bad_options_are_clear_errors() -> None:
-    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=60
-        )
-
     dead = ["--target", "http://127.0.0.1:9", "--upstream-listen", "127.0.0.1:0"]
     for args in (["chaos", "--ops", "20", *dead], ["profile", "check", *dead]):
-        done = sessctl(*args)
+        done = sessctl(*args, timeout=60)
         # Not "VALID, 0 operations", and not a traceback from inside a nursery.
         assert done.returncode == 3, args
         assert "is unreachable" in done.stderr, args
         assert "Traceback" not in done.stderr + done.stdout, args
         assert "listening on http://127.0.0.1:0/" not in done.stdout, args  # the bound port
-    bad = sessctl("chaos", "--duration", "-1")
+    bad = sessctl("chaos", "--duration", "-1", timeout=60)
     assert bad.returncode == 2
     assert "--duration must be a positive number" in bad.stderr
 
@@ -127,11 +124,6 @@ async def test_streamed_chats_of_the_reference_server_give_a_valid_history() -> 
 
 
 def test_a_server_that_commits_a_cut_stream_is_caught_and_shrunk(tmp_path: Path) -> None:
-    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
-        )
-
     # Which finding shrinks depends on the run's timing: a finding whose window
     # holds cannot force is reported unshrunk (seen in about one run in five here),
     # so the next seed is tried for the scenario. A run may also miss the bug: of
@@ -356,11 +348,6 @@ async def test_at_the_runs_end_a_deleted_sessions_held_call_still_gets_its_patie
 def test_the_cli_reports_an_aborted_answer_and_a_mid_stream_hang_up(tmp_path: Path) -> None:
     # The two findings this change added, as a user meets them: the rendered report,
     # the saved history, and `sessctl check` of that history.
-    def sessctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sessctl", *args], capture_output=True, text=True, timeout=120
-        )
-
     out = tmp_path / "aborted"
     done = sessctl(
         "chaos", "--ops", "400", "--faults", "abort", "--emulate", "commit-aborted",
