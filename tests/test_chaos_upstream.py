@@ -473,8 +473,8 @@ class _HangsUpWhileTheWatcherUnwinds:
         self.answered = True  # a write after a FIN succeeds once: nobody reads it
 
 
-@pytest.mark.parametrize("spec", ["hold", {"delay": 0}])
-async def test_a_hang_up_while_a_hold_is_put_away_is_a_cancel(spec: object) -> None:
+@pytest.mark.parametrize("spec", ["hold", {"delay": 0}, "respond"])
+async def test_a_hang_up_in_the_last_wait_before_the_answer_is_a_cancel(spec: object) -> None:
     # Seen at 2,000 clients with the harness lagging seconds: the hold ended (released
     # before the call arrived), the upstream peeked (no FIN yet), then waited a round
     # for its watcher to unwind, and the server's close after a DELETE came in that
@@ -482,11 +482,14 @@ async def test_a_hang_up_while_a_hold_is_put_away_is_a_cancel(spec: object) -> N
     # session: a false llm-leak. The peek that decides is the one after the last wait.
     from harness.upstream.http11 import HttpRequest
 
+    # "respond": no hold, so the last wait was the read of the call, and the server
+    # hung up while this task waited to come round to it.
     chaos = ChaosUpstream()
     script(chaos, "t", spec)
     chaos.release("t")
     request = HttpRequest("POST", "/v1/chat/completions", {}, json.dumps(body("t")).encode())
     exchange = _HangsUpWhileTheWatcherUnwinds(request)
+    exchange.gone = spec == "respond"
     await chaos.handle(exchange)  # type: ignore[arg-type]
     assert not exchange.answered
     assert [e.kind for e in chaos.events("t")] == [EventKind.RECEIVED, EventKind.CANCELLED]

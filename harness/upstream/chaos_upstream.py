@@ -370,8 +370,11 @@ class ChaosUpstream:
     async def _wait_unless_hung_up(
         self, exchange: Exchange, wait: Callable[[], Awaitable[None]] | None
     ) -> bool:
+        """Whether the call may be answered now: ``wait`` ended, and the server has not
+        hung up. With no wait, the last one was the read of the call, which under load
+        can also be seconds before this task comes round to answer it."""
         if wait is None:
-            return True
+            return not exchange.hung_up_already()
         finished = False
         async with trio.open_nursery() as nursery:
 
