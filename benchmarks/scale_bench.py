@@ -2,6 +2,7 @@
 
     python benchmarks/scale_bench.py [--levels 1,100,1000,10000] [--samples 50] [--gc]
                                      [--churn 20] [--server-args "--python-gc"]
+                                     [--peer | --versus-peer]
 
 The server (``sessctl serve``, default settings), the chaos upstream (``sessctl
 upstream``) and this load generator each run in their own process. At each
@@ -39,7 +40,14 @@ the time a collection (``gc.collect()``) takes then. ``--server-args
 --python-gc`` runs the server with CPython's own collection schedule: the
 baseline for ``refserver/collector.py``. ``--peer`` runs the same load against
 ``benchmarks/peer_server.py`` (Starlette on uvicorn, httpx to the engine): the
-baseline a team's own server would be.
+baseline a team's own server would be. ``--versus-peer`` runs ``sessctl serve``
+and then the peer in one invocation, at the same levels, and ends with every row
+of issue 31 as a ratio (peer / sessctl) and the better server named (``even``
+within 5%); it exits 1 unless ``sessctl serve`` met its goals and the peer is
+ahead on no row. One server at a
+time, not side by side: at 10,000 held both would need twice the open files, and
+on two cores each would take CPU from the other's timings (``delete_bench.py`` is
+the side-by-side DELETE comparison, at levels both fit).
 """
 
 from __future__ import annotations
@@ -366,45 +374,158 @@ async def churn_at_level(
     }
 
 
-async def main(args: argparse.Namespace) -> int:
-    # This process's own full collections (of thousands of sessions and clients)
-    # would be timed as the server's latency: its start-up is frozen and its
-    # oldest generation never collected (it lives for one run).
-    gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, 1_000_000_000)
-    admitted = default_max_turns_in_flight()
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = [int(x) for x in args.levels.split(",")]
-    # Room for the samples' turns and, at the last level, the churning ones.
-    room = admitted - args.samples - (CHURN_AGENTS + 1 if args.churn else 0)
-    levels = [min(level, room) for level in wanted]
-    somaxconn = listen_backlog_cap()
+@dataclass(frozen=True)
+class Measured:
+    """One server's run through the levels: its rows (``run_level``'s) and idle RSS."""
+
+    name: str
+    idle_rss_mb: float
+    rows: list[dict[str, float]]
+    met: bool
+    """The goals: 0 lost, RSS <= 300 MB, DELETE within 20 ms and 3x healthz."""
+
+    def top(self) -> dict[str, float]:
+        return self.rows[-1]
+
+    def per_turn_kb(self, row: dict[str, float]) -> float:
+        return 1024 * (row["rss_mb"] - self.idle_rss_mb) / max(1, int(row["level"]))
+
+
+EVEN_WITHIN = 0.05
+"""Two figures closer than this (relative) are even: one run's noise names no winner
+(the churning agents' turns/s, for one, is bound by the engine's 0.5 s for both)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row of ``--versus-peer``: the two figures and which server is ahead."""
+
+    row: str
+    ours: float
+    peer: float
+    unit: str
+    higher_is_better: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """peer / sessctl (above 1: the peer's figure is the larger)."""
+        return self.peer / self.ours if self.ours else float("inf")
+
+    @property
+    def verdict(self) -> str:
+        """``sessctl``, ``peer`` or ``even``: the better of the two by more than EVEN_WITHIN."""
+        if abs(self.peer - self.ours) <= EVEN_WITHIN * max(abs(self.ours), abs(self.peer)):
+            return "even"
+        ours_better = self.ours > self.peer if self.higher_is_better else self.ours < self.peer
+        return "sessctl" if ours_better else "peer"
+
+
+def compare(ours: Measured, peer: Measured) -> list[Comparison]:
+    """The rows of issue 31, each for both servers from one invocation. Levels
+    are matched by position (both ran the same list); the top level's ramp and
+    the churn come from the last row."""
+    top_ours, top_peer = ours.top(), peer.top()
+    rows = [
+        Comparison(
+            f"time to reach the top level ({int(top_ours['level'])} / "
+            f"{int(top_peer['level'])} held)",
+            top_ours["reached_s"],
+            top_peer["reached_s"],
+            "s",
+        ),
+        Comparison(
+            "server CPU per held turn, to reach it",
+            1000 * top_ours["ramp_cpu_s"] / max(1, int(top_ours["level"])),
+            1000 * top_peer["ramp_cpu_s"] / max(1, int(top_peer["level"])),
+            "ms",
+        ),
+        Comparison(
+            "memory per held turn (RSS over idle)",
+            ours.per_turn_kb(top_ours),
+            peer.per_turn_kb(top_peer),
+            "KB",
+        ),
+        Comparison("RSS at the top level", top_ours["rss_mb"], top_peer["rss_mb"], "MB"),
+    ]
+    for row_ours, row_peer in zip(ours.rows, peer.rows, strict=True):
+        if "delete_p99" in row_ours and "delete_p99" in row_peer:
+            rows.append(
+                Comparison(
+                    f"DELETE p99 at {int(row_ours['level'])} held",
+                    row_ours["delete_p99"],
+                    row_peer["delete_p99"],
+                    "ms",
+                )
+            )
+    if "churn_delete_p99" in top_ours and "churn_delete_p99" in top_peer:
+        rows += [
+            Comparison(
+                "DELETE p99 with turns starting and ending",
+                top_ours["churn_delete_p99"],
+                top_peer["churn_delete_p99"],
+                "ms",
+            ),
+            Comparison(
+                "turns/s the churning agents got",
+                top_ours["churn_turns_per_s"],
+                top_peer["churn_turns_per_s"],
+                "/s",
+                higher_is_better=True,
+            ),
+            Comparison(
+                "server CPU per churning turn",
+                top_ours["churn_cpu_ms_per_turn"],
+                top_peer["churn_cpu_ms_per_turn"],
+                "ms",
+            ),
+        ]
+    return rows
+
+
+def print_comparison(rows: list[Comparison]) -> bool:
+    """The table, and whether the peer is ahead on no row."""
     print(
-        f"sessctl scale benchmark: the server admits {admitted} turns in flight "
-        f"(open-file limit {soft}, two descriptors a turn); listen backlogs capped at "
-        f"{somaxconn} (net.core.somaxconn)"
+        "sessctl serve against the peer, this run (the ratio is peer / sessctl; "
+        f"within {EVEN_WITHIN:.0%} is even):"
     )
-    if levels != wanted:
-        print(f"levels capped to what the limit admits: {levels} (asked for {wanted})")
-    ok = True
-    gc_report = Path(f"/tmp/sessctl-gc-{os.getpid()}.json") if args.gc else None
+    for row in rows:
+        named = "even" if row.verdict == "even" else f"{row.verdict} ahead"
+        print(
+            f"  {row.row:<50} {row.ours:9.2f} {row.unit:<3} {row.peer:9.2f} {row.unit:<3}"
+            f" x{row.ratio:5.2f}  {named}"
+        )
+    ahead = sum(row.verdict == "sessctl" for row in rows)
+    even = sum(row.verdict == "even" for row in rows)
+    behind = [row.row for row in rows if row.verdict == "peer"]
+    print(
+        f"sessctl serve ahead on {ahead} of {len(rows)} rows, even on {even}, "
+        f"behind on {len(behind)}{': ' + '; '.join(behind) if behind else ''}"
+    )
+    return not behind
+
+
+async def measure(
+    args: argparse.Namespace, levels: list[int], *, peer: bool, gc_report: Path | None
+) -> Measured:
+    """Every level against one server (``sessctl serve``, or the peer), printed as it goes."""
     launcher = ("-m", "sessctl") if gc_report is None else (GC_PROBE, str(gc_report))
     announced = "sessctl reference server on"
-    if args.peer:
-        if gc_report is not None:
-            raise SystemExit("--gc probes sessctl's own server, not the peer")
+    if peer:
         launcher, announced = (PEER,), "peer session server on"
+    name = "peer" if peer else "sessctl serve"
+    server_args = () if peer else tuple(args.server_args.split())
+    ok = True
+    rows: list[dict[str, float]] = []
     with (
         sessctl_process("upstream", "--listen", "127.0.0.1:0", url_prefix="chaos upstream") as up,
         sessctl_process(
-            "serve", "--port", "0", "--upstream", up.url, *args.server_args.split(),
+            "serve", "--port", "0", "--upstream", up.url, *server_args,
             url_prefix=announced, launcher=launcher,
         ) as served,
     ):  # fmt: skip
         upstream_root = up.url.removesuffix("/v1")
         idle_rss = rss_mb(served.pid)
-        print(f"server RSS before any turn: {idle_rss:.0f} MB")
+        print(f"{name}: RSS before any turn: {idle_rss:.0f} MB")
         if gc_report is not None:
             print(f"  idle, {await collections(served.pid, gc_report)}")
         for level in levels:
@@ -412,6 +533,7 @@ async def main(args: argparse.Namespace) -> int:
             row = await run_level(
                 served.url, upstream_root, served.pid, level, args.samples, gc_report, churn
             )
+            rows.append(row)
             per_turn_kb = 1024 * (float(row["rss_mb"]) - idle_rss) / max(1, int(row["level"]))
             cpu_ms = 1000 * float(row["ramp_cpu_s"]) / max(1, int(row["level"]))
             print(
@@ -450,8 +572,46 @@ async def main(args: argparse.Namespace) -> int:
                     f"({row[f'{prefix}samples']:.0f} samples){extra}"
                     f"{'' if met else '  <- goal missed'}"
                 )
-    print("goals met" if ok else "goals NOT met")
-    return 0 if ok else 1
+    return Measured(name, idle_rss, rows, ok)
+
+
+async def main(args: argparse.Namespace) -> int:
+    # This process's own full collections (of thousands of sessions and clients)
+    # would be timed as the server's latency: its start-up is frozen and its
+    # oldest generation never collected (it lives for one run).
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1_000_000_000)
+    admitted = default_max_turns_in_flight()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = [int(x) for x in args.levels.split(",")]
+    # Room for the samples' turns and, at the last level, the churning ones.
+    room = admitted - args.samples - (CHURN_AGENTS + 1 if args.churn else 0)
+    levels = [min(level, room) for level in wanted]
+    somaxconn = listen_backlog_cap()
+    print(
+        f"sessctl scale benchmark: the server admits {admitted} turns in flight "
+        f"(open-file limit {soft}, two descriptors a turn); listen backlogs capped at "
+        f"{somaxconn} (net.core.somaxconn)"
+    )
+    if levels != wanted:
+        print(f"levels capped to what the limit admits: {levels} (asked for {wanted})")
+    gc_report = Path(f"/tmp/sessctl-gc-{os.getpid()}.json") if args.gc else None
+    if args.peer and gc_report is not None:
+        raise SystemExit("--gc probes sessctl's own server, not the peer")
+    if args.peer:
+        peer = await measure(args, levels, peer=True, gc_report=None)
+        print("goals met" if peer.met else "goals NOT met")
+        return 0 if peer.met else 1
+    ours = await measure(args, levels, peer=False, gc_report=gc_report)
+    print("goals met" if ours.met else "goals NOT met")
+    if not args.versus_peer:
+        return 0 if ours.met else 1
+    # One server at a time: both at 10,000 held would need twice the open files,
+    # and on two cores each would take CPU from the other's timings.
+    peer = await measure(args, levels, peer=True, gc_report=None)
+    never_behind = print_comparison(compare(ours, peer))
+    return 0 if ours.met and never_behind else 1
 
 
 if __name__ == "__main__":
@@ -464,6 +624,11 @@ if __name__ == "__main__":
         "--peer",
         action="store_true",
         help="run benchmarks/peer_server.py (Starlette, uvicorn, httpx) instead: the baseline",
+    )
+    parser.add_argument(
+        "--versus-peer",
+        action="store_true",
+        help="run sessctl serve, then the peer, and print every row as a ratio",
     )
     parser.add_argument(
         "--churn",
