@@ -8,7 +8,8 @@ against the peer compares two different minutes of this machine, and a p99 of
 200 samples moves by more than the difference looked for. Here every server
 runs at once, each with its own chaos upstream and the same number of turns
 held at it; then one sample (the scale benchmark's: a chat held on a fresh
-session, GET /healthz, then that session's DELETE, timed from this process)
+session, once the upstream has received it, GET /healthz, then that session's
+DELETE, timed from this process)
 is taken of each server in turn, ``--samples`` rounds. Whatever the machine
 does during a round, every server meets it.
 
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import Child, percentile, run_beside_baseline, sessctl_process
 from scale_bench import (
     AGENTS_PER_CLIENT,
+    AT_LEVEL_TAG,
     PEER,
     RAMP_LIMIT,
     SAMPLE_TAG,
@@ -89,7 +91,7 @@ def servers(baseline: Path | None, baseline_name: str) -> Iterator[list[Server]]
 
 async def bring_to(run: Level, nursery: trio.Nursery, level: int) -> list[str]:
     """``level`` chats held at the server's upstream, each on a session of its own."""
-    for tag in (TAG, SAMPLE_TAG):
+    for tag in (TAG, SAMPLE_TAG, run.at_level_tag):
         await run.client.post(f"{run.upstream}/_sessctl/steps/{tag}", json={"script": ["hold"]})
     already = await run.received()
     sessions = [await run.create() for _ in range(level)]
@@ -120,7 +122,12 @@ async def compare_at(
                 made = httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout)
                 return await stack.enter_async_context(made)
 
-            run = Level(await client(), [await client() for _ in range(count)], server.upstream)
+            run = Level(
+                await client(),
+                [await client() for _ in range(count)],
+                server.upstream,
+                AT_LEVEL_TAG.format(level=level),
+            )
             runs[server.name] = run
             held[server.name] = await bring_to(run, nursery, level)
         memory = {

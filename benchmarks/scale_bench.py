@@ -15,7 +15,12 @@ was sent to be held, each beside GET /healthz (the baseline) timed just before i
   garbage collector's full collections used to stop the server. The DELETE
   goes 20 ms after its chat, not once the server says the chat is in flight:
   a pause would end that poll, untimed, and the timing would never see it;
-- at the level, ``--samples`` times, once the server says the chat is in flight;
+- at the level, ``--samples`` times, once the upstream has received the chat:
+  the DELETE ends a turn held at the engine, and the server has nothing else to
+  do. (Until 2026-12-06 these waited until the server said the turn was in
+  flight, which both servers say once the turn holds the session's lock, before
+  the engine call is sent: a DELETE was then often timed beside the server's
+  own sending of that call, not beside held turns alone.)
 - at the last level, for ``--churn`` seconds while 32 agents run whole turns
   (create, chat, delete; the engine answers each after 0.5 s, so a turn's
   objects grow old as an LLM call's do) beside the held ones, timed as during
@@ -81,6 +86,9 @@ SAMPLE_DELAY = 0.02
 arrive and under churn."""
 SAMPLE_TAG = "sample"
 """The timed DELETEs' held chats: apart, so the level's count of held chats is exact."""
+AT_LEVEL_TAG = "sample-at-{level}"
+"""The held chats of the samples at a level, one tag a level: each sample waits
+until the upstream has received as many as that level has sent."""
 GC_PROBE = str(Path(__file__).resolve().parent / "gc_probe.py")
 PEER = str(Path(__file__).resolve().parent / "peer_server.py")
 
@@ -112,12 +120,20 @@ measure httpcore's own queue scan (quadratic in its length), not the server."""
 
 class Level:
     def __init__(
-        self, control: httpx.AsyncClient, clients: list[httpx.AsyncClient], upstream: str
+        self,
+        control: httpx.AsyncClient,
+        clients: list[httpx.AsyncClient],
+        upstream: str,
+        at_level_tag: str = AT_LEVEL_TAG.format(level="any"),
     ) -> None:
         self.client = control
         """Creates, reads and deletes; never carries a held chat (see run_level)."""
         self.clients = clients
         self.upstream = upstream
+        self.at_level_tag = at_level_tag
+        """The polled samples' tag: its ``hold`` script is the caller's to set."""
+        self.at_level_sent = 0
+        """Chats sent under ``at_level_tag``: the upstream's count of received ones to wait for."""
         self._next = 0
         self.outcomes: dict[str, str] = {}
         """Session -> how its held chat ended (a status, or the exception's name)."""
@@ -160,21 +176,33 @@ class Level:
 
     async def sample(self, nursery: trio.Nursery, samples: Samples, *, poll: bool = True) -> None:
         """One more chat held on a fresh session; then healthz and that session's
-        DELETE, timed one after the other. With ``poll``, once the server says the
-        turn is in flight; else ``SAMPLE_DELAY`` after the chat was sent, so the
-        timed requests land at moments the server's pauses do not choose (a pause
-        that ends a poll is never timed)."""
+        DELETE, timed one after the other. With ``poll``, once the upstream has
+        received the chat (not once the server says the turn is in flight: a
+        server says so before it sends the engine call, and the DELETE would be
+        timed beside that work); else ``SAMPLE_DELAY`` after the chat was sent,
+        so the timed requests land at moments the server's pauses do not choose
+        (a pause that ends a wait is never timed)."""
         extra = await self.create()
         self.extras.append(extra)
         if not poll:
             self.unpolled.add(extra)
-        nursery.start_soon(self.held_chat, extra, SAMPLE_TAG)
-        if poll:
-            # The extra turn is at the upstream once GET says it is in flight.
-            while not (await self.client.get(f"/sessions/{extra}")).json()["in_flight"]:  # noqa: ASYNC110
-                await trio.sleep(0.001)
-        else:
+            nursery.start_soon(self.held_chat, extra, SAMPLE_TAG)
             await trio.sleep(SAMPLE_DELAY)
+        else:
+            self.at_level_sent += 1
+            nursery.start_soon(self.held_chat, extra, self.at_level_tag)
+            # The upstream answers once it has received that many (a wait there,
+            # not a poll of the server, which would add requests to its work).
+            waited = await self.client.get(
+                f"{self.upstream}/_sessctl/steps/{self.at_level_tag}/wait",
+                params={"until": "received", "count": self.at_level_sent, "timeout": 30},
+            )
+            if not waited.json()["reached"]:
+                outcome = self.outcomes.get(extra, "no answer yet")
+                raise SystemExit(
+                    f"a sample's chat did not reach the upstream within 30 s "
+                    f"(the server's answer: {outcome}); its DELETE is not timed"
+                )
         start = time.perf_counter()
         await self.client.get("/healthz")
         samples.healthz.append((time.perf_counter() - start) * 1000)
@@ -254,8 +282,8 @@ async def run_level(
         client = await stack.enter_async_context(
             httpx.AsyncClient(base_url=server, limits=limits, timeout=timeout)
         )
-        run = Level(client, clients, upstream)
-        for tag in (TAG, SAMPLE_TAG):
+        run = Level(client, clients, upstream, AT_LEVEL_TAG.format(level=level))
+        for tag in (TAG, SAMPLE_TAG, run.at_level_tag):
             await client.post(f"{upstream}/_sessctl/steps/{tag}", json={"script": ["hold"]})
         already = await run.received()
         sessions = [await run.create() for _ in range(level)]

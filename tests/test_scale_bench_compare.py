@@ -1,5 +1,6 @@
-"""``scale_bench.py --versus-peer`` names the better server per row: a row read the
-wrong way round (turns/s, where higher is better) would claim a lead it does not have."""
+"""``scale_bench.py``: ``--versus-peer`` names the better server per row (a row read the
+wrong way round, turns/s where higher is better, would claim a lead it does not
+have), and a sample at a level times the DELETE of a turn the engine holds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
+
+from harness.upstream.chaos_upstream import ChaosUpstream
+from harness.upstream.script import EventKind
+from refserver.server import RunningServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -96,3 +103,33 @@ def test_the_verdict_line_lists_the_rows_the_peer_leads(
     )
     assert scale_bench.print_comparison(rows[1:]) is True
     assert "behind on 0\n" in capsys.readouterr().out
+
+
+async def test_a_sample_at_the_level_deletes_a_turn_the_engine_already_holds(
+    server: RunningServer, chaos: ChaosUpstream
+) -> None:
+    """The timed DELETE goes once the upstream has received the sample's chat: a
+    server says a turn is in flight before it sends the engine call, and a DELETE
+    timed then is timed beside that work, not beside held turns alone."""
+    tag = scale_bench.AT_LEVEL_TAG.format(level=1)
+    received_at_delete: list[int] = []
+
+    async def note(request: httpx.Request) -> None:
+        if request.method == "DELETE":
+            received_at_delete.append(chaos.count(tag, EventKind.RECEIVED))
+
+    assert chaos.url is not None
+    upstream = chaos.url.removesuffix("/v1")
+    async with (
+        httpx.AsyncClient(base_url=server.url, event_hooks={"request": [note]}) as control,
+        httpx.AsyncClient(base_url=server.url) as agents,
+    ):
+        run = scale_bench.Level(control, [agents], upstream, tag)
+        await control.post(f"{upstream}/_sessctl/steps/{tag}", json={"script": ["hold"]})
+        samples = scale_bench.Samples()
+        async with trio.open_nursery() as chats:
+            for _ in range(3):
+                await run.sample(chats, samples)
+    assert received_at_delete == [1, 2, 3]
+    assert len(samples.deletes) == len(samples.healthz) == 3
+    assert [run.outcomes[session_id] for session_id in run.extras] == ["410"] * 3
