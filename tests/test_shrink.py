@@ -155,6 +155,30 @@ def test_a_chat_overtaken_in_flight_can_be_sent_when_the_upstream_saw_it() -> No
     assert sent == ["c1", "c2", "c3", "g5"]
 
 
+def test_a_retry_that_overtook_its_original_still_starts_after_it() -> None:
+    """Placed by its arrival at the upstream, the original chat would start after
+    its retry, and the scenario would name a step not yet defined (a CI run's
+    shrink stopped with "'c176' is not an earlier step")."""
+    original = chat(1, 1.0, 1.9, 200, [U0], [("received", 1.5), ("answered", 1.8)], ["hold"])
+    retry = chat(2, 1.1, None, None, [U0], [], ["respond"], gave_up=1.2)  # hung up
+    history = [plain(0, "create", 0.0, 0.1, 201), original, retry]
+    case = case_from_history(history, Finding("durability", S, "x", (original, retry)), "upstream")
+    assert case.op("c2").retry == "c1"
+    assert case.points == (
+        Point("start", "c1"),
+        Point("start", "c2"),  # not at 1.1, before c1 reached the upstream
+        Point("cancel", "c2"),  # not at its 1.2 either: after its own start
+        Point("release", "c1"),
+        Point("release", "c2"),  # never answered: released at the end
+    )
+    scenario = parse_scenario(render(case, TEXT), "<test>")
+    assert [step.op for step in scenario.steps if step.op != "settle"][:3] == [
+        "create",
+        "chat",
+        "chat",
+    ]
+
+
 def test_removing_an_operation_rebases_what_was_built_on_it() -> None:
     case = Case(
         (

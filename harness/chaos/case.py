@@ -163,12 +163,15 @@ def case_from_history(
     """Request + answer -> the chat whose turn that is."""
     case_ops: list[CaseOp] = []
     timed: list[tuple[float, float, int, Point]] = []
+    started: dict[str, float] = {}
+    """Op -> when its start point is placed."""
     for o in ops:
         name = f"{o.op[0]}{o.id}"
-        timed.append((_sent_at(o, arrival), o.invoke, 0, Point("start", name)))
-        if o.unknown and o.gave_up is not None:
-            timed.append((o.gave_up, o.invoke, 2, Point("cancel", name)))
+        start = started[name] = _sent_at(o, arrival)
         if o.op != "chat":
+            timed.append((start, o.invoke, 0, Point("start", name)))
+            if o.unknown and o.gave_up is not None:
+                timed.append((max(o.gave_up, start), o.invoke, 2, Point("cancel", name)))
             case_ops.append(CaseOp(name, o.op))
             continue
         messages = o.messages or []
@@ -185,9 +188,19 @@ def case_from_history(
             case_op = CaseOp(name, "chat", after=after, faults=faults, final=final, stream=streamed)
             if o.answer_if_committed is not None:
                 turn_of.setdefault(_key([*messages, o.answer_if_committed]), name)
+        # A scenario step names only earlier steps. Placed by its arrival, a chat
+        # can come before the one it retries (a retry that overtook its original,
+        # or never reached the upstream): it starts with it then, just after it
+        # (ties go by send time), and so do its release and cancel.
+        for earlier in (case_op.retry, case_op.after):
+            if earlier is not None:
+                start = started[name] = max(start, started[earlier])
+        timed.append((start, o.invoke, 0, Point("start", name)))
+        if o.unknown and o.gave_up is not None:
+            timed.append((max(o.gave_up, start), o.invoke, 2, Point("cancel", name)))
         case_ops.append(case_op)
         if case_op.held:
-            timed.append((_answered_at(o), o.invoke, 1, Point("release", name)))
+            timed.append((max(_answered_at(o), start), o.invoke, 1, Point("release", name)))
     timed.sort(key=lambda t: (t[0], t[1], t[2]))
     return Case(tuple(case_ops), tuple(point for *_, point in timed))
 
