@@ -12,7 +12,9 @@ import trio
 import trio.testing
 import yaml
 
+from harness.chaos.shrink import ShrinkSettings
 from harness.chaos.workload import ChaosSettings, run_chaos
+from harness.errors import ScenarioFileError
 
 
 def sessctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -387,3 +389,28 @@ def test_sessctl_chaos_and_run_chaos_have_the_same_defaults() -> None:
     for name in (*names, "target_wait"):
         assert cli[name] == getattr(library, name), name
     assert {Fault(f) for f in cli["faults"].split(",")} == set(library.faults)
+
+
+async def test_a_scenario_the_shrinker_cannot_read_leaves_the_verdict_and_the_history(
+    monkeypatch: Any,
+) -> None:
+    """A shrinker bug (CI once had one: "'c176' is not an earlier step") must not
+    turn a found failure into an error that loses the run: the verdict and the
+    history stand, and the report says why there is no scenario."""
+
+    def refuse(text: str, source: str) -> Any:
+        raise ScenarioFileError(source, 14, 12, "'c176' is not an earlier step")
+
+    monkeypatch.setattr("harness.chaos.shrink.parse_scenario", refuse)
+    report = await run_chaos(
+        ChaosSettings(seed=1, ops=300),
+        emulate="autocreate-after-delete",
+        shrink_settings=ShrinkSettings(),
+    )
+    assert report.result.verdict == "invalid"
+    assert len(report.history) == 300
+    assert report.shrunk is None
+    assert not report.shrink_attempted
+    assert report.shrink_skipped is not None
+    assert "could not read" in report.shrink_skipped
+    assert "'c176' is not an earlier step" in report.shrink_skipped

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from harness.errors import TargetUnreachable, UsageError
+from harness.errors import ScenarioFileError, TargetUnreachable, UsageError
 from harness.model.profile import AGENT_TOOLS, REFERENCE_PROFILE, Profile, next_message
 from harness.results import Observation, StreamEnd, answer_of
 from harness.run.client import StreamProgress, TargetClient
@@ -875,17 +875,20 @@ async def run_chaos(
             assert shrink_settings is not None
             if on_shrinking is not None:
                 on_shrinking()
-            shrunk = await _shrink(
-                nursery,
-                upstream,
-                target_url,
-                embedded,
-                history,
-                result,
-                settings,
-                emulate,
-                shrink_settings,
-            )
+            try:
+                shrunk = await _shrink(
+                    nursery,
+                    upstream,
+                    target_url,
+                    embedded,
+                    history,
+                    result,
+                    settings,
+                    emulate,
+                    shrink_settings,
+                )
+            except ScenarioFileError as error:
+                attempt, skipped = False, shrinker_wrote_unreadable(error)
         nursery.cancel_scope.cancel()
     return ChaosReport(
         history,
@@ -918,6 +921,15 @@ def chaos_cannot_check(profile: Profile) -> str | None:
             "with this profile."
         )
     return None
+
+
+def shrinker_wrote_unreadable(error: ScenarioFileError) -> str:
+    """Why there is no scenario when the shrinker wrote one its own loader refused:
+    a sessctl bug, which must not cost the run its verdict and history."""
+    return (
+        f"not shrunk: sessctl wrote a scenario it could not read ({error}); "
+        "this is a sessctl bug, please report it with the saved history"
+    )
 
 
 def why_not_shrunk(profile: Profile, *, interrupted: bool, cannot: str | None = None) -> str | None:
@@ -1073,6 +1085,7 @@ __all__ = [
     "run_chaos",
     "serve_embedded",
     "shrink_on",
+    "shrinker_wrote_unreadable",
     "unshrinkable",
     "why_not_shrunk",
 ]
