@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.chaos.shrink import ShrinkSettings
+from harness.errors import ScenarioFileError
 from harness.explore.cells import (
     BEHAVIOURS,
     INTERFERERS,
@@ -217,3 +219,26 @@ async def test_run_scenarios_names_what_follows_an_error_event(tmp_path: Path) -
         "run-scenarios", "scenarios/32-stream-cut-then-engine-recovers.yaml"
     )
     assert code == 0, text
+
+
+async def test_a_scenario_the_shrinker_cannot_read_leaves_the_failed_cell_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As in chaos and load (one mechanism, ``shrink_on``): a shrinker bug must not
+    turn a failed cell into an error that loses the run."""
+
+    def refuse(text: str, source: str) -> None:
+        raise ScenarioFileError(source, 14, 12, "'c176' is not an earlier step")
+
+    monkeypatch.setattr("harness.chaos.shrink.parse_scenario", refuse)
+    settings = ExploreSettings(cells=tuple(select(all_cells(), ["held/writer-same/text"])))
+    report = await run_explore(
+        settings, emulate="split-lock", shrink_settings=ShrinkSettings(time_budget=30)
+    )
+    (result,) = report.results
+    assert result.outcome == "failed"
+    assert report.shrunk is None
+    assert report.shrunk_cell is None
+    assert report.shrink_skipped is not None
+    assert "could not read" in report.shrink_skipped
+    assert "'c176' is not an earlier step" in report.shrink_skipped

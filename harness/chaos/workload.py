@@ -875,20 +875,19 @@ async def run_chaos(
             assert shrink_settings is not None
             if on_shrinking is not None:
                 on_shrinking()
-            try:
-                shrunk = await _shrink(
-                    nursery,
-                    upstream,
-                    target_url,
-                    embedded,
-                    history,
-                    result,
-                    settings,
-                    emulate,
-                    shrink_settings,
-                )
-            except ScenarioFileError as error:
-                attempt, skipped = False, shrinker_wrote_unreadable(error)
+            shrunk, unreadable = await _shrink(
+                nursery,
+                upstream,
+                target_url,
+                embedded,
+                history,
+                result,
+                settings,
+                emulate,
+                shrink_settings,
+            )
+            if unreadable is not None:
+                attempt, skipped = False, unreadable
         nursery.cancel_scope.cancel()
     return ChaosReport(
         history,
@@ -1008,7 +1007,7 @@ async def _shrink(
     settings: ChaosSettings,
     emulate: str | None,
     shrink_settings: ShrinkSettings,
-) -> ShrinkResult | None:
+) -> tuple[ShrinkResult | None, str | None]:
     against = describe_target(target_url, emulate)
 
     def text_for(finding: Finding) -> ScenarioText:
@@ -1043,9 +1042,11 @@ async def shrink_on(
     request_timeout: float,
     shrink_settings: ShrinkSettings,
     text_for: Callable[[Finding], ScenarioText],
-) -> ShrinkResult | None:
+) -> tuple[ShrinkResult | None, str | None]:
     """Shrink ``findings`` of ``history`` against the same target, judged by a fresh
-    reference server (for chaos runs and explored cells alike).
+    reference server (for chaos and load runs and explored cells alike): the
+    scenario (None if none replays), and why there is none when the shrinker
+    wrote one its own loader refused (``shrinker_wrote_unreadable``).
 
     The embedded server (the reference, or a variant) is replayed in-process,
     where settling is exact; an external target is replayed where it runs.
@@ -1069,7 +1070,9 @@ async def shrink_on(
             profile=profile,
         )
         replayer = Replayer(upstream, target, reference, run_settings)
-        return await shrink(history, findings, replayer, text_for, shrink_settings)
+        return await shrink(history, findings, replayer, text_for, shrink_settings), None
+    except ScenarioFileError as error:
+        return None, shrinker_wrote_unreadable(error)
     finally:
         await target.aclose()
         await reference.aclose()
@@ -1085,7 +1088,6 @@ __all__ = [
     "run_chaos",
     "serve_embedded",
     "shrink_on",
-    "shrinker_wrote_unreadable",
     "unshrinkable",
     "why_not_shrunk",
 ]

@@ -204,7 +204,7 @@ async def _shrink_first(
                 finding,
             )
 
-        shrunk = await shrink_on(
+        shrunk, unreadable = await shrink_on(
             nursery,
             upstream,
             target_url,
@@ -216,6 +216,8 @@ async def _shrink_first(
             shrink_settings,
             text_for,
         )
+        if unreadable is not None:  # a sessctl bug: the next cell would meet it too
+            return None, None, unreadable
         if shrunk is not None:
             return shrunk, result, None
         if tried >= SHRINK_CELLS_TRIED:

@@ -33,10 +33,9 @@ from harness.chaos.workload import (
     describe_target,
     serve_embedded,
     shrink_on,
-    shrinker_wrote_unreadable,
     why_not_shrunk,
 )
-from harness.errors import LoadFailed, ScenarioFileError, TargetUnreachable, UsageError
+from harness.errors import LoadFailed, TargetUnreachable, UsageError
 from harness.model.profile import REFERENCE_PROFILE, Profile
 from harness.run.client import TargetClient
 from harness.run.preflight import require_target, wait_until_up
@@ -426,21 +425,20 @@ async def run_load(
                     f"load-{finding.kind}", f"sessctl load (against {against})", finding
                 )
 
-            try:
-                shrunk = await shrink_on(
-                    nursery,
-                    upstream,
-                    target_url,
-                    embedded,
-                    operations,
-                    result.findings,
-                    setup.profile,
-                    min(setup.request_timeout, 5.0),
-                    shrink_settings,
-                    text_for,
-                )
-            except ScenarioFileError as error:
-                attempt, skipped = False, shrinker_wrote_unreadable(error)
+            shrunk, unreadable = await shrink_on(
+                nursery,
+                upstream,
+                target_url,
+                embedded,
+                operations,
+                result.findings,
+                setup.profile,
+                min(setup.request_timeout, 5.0),
+                shrink_settings,
+                text_for,
+            )
+            if unreadable is not None:
+                attempt, skipped = False, unreadable
         nursery.cancel_scope.cancel()
     return LoadReport(
         operations,
