@@ -167,39 +167,39 @@ def case_from_history(
     """Op -> when its start point is placed."""
     for o in ops:
         name = f"{o.op[0]}{o.id}"
-        start = started[name] = _sent_at(o, arrival)
+        start = _sent_at(o, arrival)
         if o.op != "chat":
-            timed.append((start, o.invoke, 0, Point("start", name)))
-            if o.unknown and o.gave_up is not None:
-                timed.append((max(o.gave_up, start), o.invoke, 2, Point("cancel", name)))
-            case_ops.append(CaseOp(name, o.op))
-            continue
-        messages = o.messages or []
-        sent = _key(messages)
-        faults, final = _held(o.script or ["respond"])
-        streamed = o.stream is not None
-        if sent in sent_by:
-            case_op = CaseOp(
-                name, "chat", retry=sent_by[sent], faults=faults, final=final, stream=streamed
-            )
+            case_op = CaseOp(name, o.op)
         else:
-            sent_by[sent] = name
-            after = turn_of.get(_key(messages[:-1])) if len(messages) > 1 else None
-            case_op = CaseOp(name, "chat", after=after, faults=faults, final=final, stream=streamed)
-            if o.answer_if_committed is not None:
-                turn_of.setdefault(_key([*messages, o.answer_if_committed]), name)
-        # A scenario step names only earlier steps. Placed by its arrival, a chat
-        # can come before the one it retries (a retry that overtook its original,
-        # or never reached the upstream): it starts with it then, just after it
-        # (ties go by send time), and so do its release and cancel.
-        for earlier in (case_op.retry, case_op.after):
-            if earlier is not None:
-                start = started[name] = max(start, started[earlier])
+            messages = o.messages or []
+            sent = _key(messages)
+            faults, final = _held(o.script or ["respond"])
+            streamed = o.stream is not None
+            if sent in sent_by:
+                case_op = CaseOp(
+                    name, "chat", retry=sent_by[sent], faults=faults, final=final, stream=streamed
+                )
+            else:
+                sent_by[sent] = name
+                after = turn_of.get(_key(messages[:-1])) if len(messages) > 1 else None
+                case_op = CaseOp(
+                    name, "chat", after=after, faults=faults, final=final, stream=streamed
+                )
+                if o.answer_if_committed is not None:
+                    turn_of.setdefault(_key([*messages, o.answer_if_committed]), name)
+            # A scenario step names only earlier steps. Placed by its arrival, a chat
+            # can come before the one it retries (a retry that overtook its original,
+            # or never reached the upstream): it starts with it then, just after it
+            # (ties go by send time), and so do its release and cancel.
+            for earlier in (case_op.retry, case_op.after):
+                if earlier is not None:
+                    start = max(start, started[earlier])
+        started[name] = start
         timed.append((start, o.invoke, 0, Point("start", name)))
         if o.unknown and o.gave_up is not None:
             timed.append((max(o.gave_up, start), o.invoke, 2, Point("cancel", name)))
         case_ops.append(case_op)
-        if case_op.held:
+        if o.op == "chat" and case_op.held:  # a non-chat's CaseOp keeps the default script
             timed.append((max(_answered_at(o), start), o.invoke, 1, Point("release", name)))
     timed.sort(key=lambda t: (t[0], t[1], t[2]))
     return Case(tuple(case_ops), tuple(point for *_, point in timed))
